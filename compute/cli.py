@@ -1,0 +1,40 @@
+"""The `engram` console script: one entry point, a subcommand per job."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Each module registers its own subcommand(s) through ``register(subparsers)``; imports are lazy so
+# that `engram hash` does not pay for Ray, and `engram memory` does not pay for the model.
+COMMAND_MODULES = {
+    "hash": "compute.hash_command",
+    "model-demo": "compute.model_demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="engram", description="Engram memory: sharded n-gram tables for MoE models")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMAND_MODULES.items():
+        importlib.import_module(module).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"engram {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
