@@ -1,0 +1,57 @@
+"""Mixture-of-experts feed-forward: shared SwiGLU experts plus routed top-k experts."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden_size: int, inner_size: int):
+        super().__init__()
+        self.gate_up = nn.Linear(hidden_size, 2 * inner_size, bias=False)
+        self.down = nn.Linear(inner_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class MoEFeedForward(nn.Module):
+    """Shared experts see every token; each token also goes to its top-k routed experts.
+
+    ``forward(x [B, T, D]) -> (y [B, T, D], load_balance_loss)``. The balance term is Switch
+    Transformer's: ``E * sum_e f_e * p_e`` (share of routed slots times mean router probability),
+    1.0 when routing is perfectly even.
+    """
+
+    def __init__(self, hidden_size: int, expert_hidden_size: int, num_routed: int, top_k: int, num_shared: int):
+        super().__init__()
+        self.num_routed, self.top_k = num_routed, top_k
+        self.router = nn.Linear(hidden_size, num_routed, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(hidden_size, expert_hidden_size) for _ in range(num_routed))
+        self.shared = SwiGLU(hidden_size, expert_hidden_size * num_shared) if num_shared else None
+
+    def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k expert ids ``[N, k]``, their renormalised weights ``[N, k]``, and the balance loss."""
+        probs = self.router(tokens).float().softmax(dim=-1)
+        weights, expert_ids = probs.topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        routed_share = torch.bincount(expert_ids.flatten(), minlength=self.num_routed).float() / expert_ids.numel()
+        balance_loss = self.num_routed * (routed_share * probs.mean(dim=0)).sum()
+        return expert_ids, weights, balance_loss
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = x.reshape(-1, x.shape[-1])
+        expert_ids, weights, balance_loss = self.route(tokens)
+        out = self.shared(tokens) if self.shared is not None else torch.zeros_like(tokens)
+        token_index = torch.arange(tokens.shape[0], device=x.device).repeat_interleave(self.top_k)
+        flat_experts, flat_weights = expert_ids.flatten(), weights.flatten()
+        for expert_id in torch.unique(flat_experts).tolist():
+            picks = (flat_experts == expert_id).nonzero(as_tuple=True)[0]
+            rows = token_index[picks]
+            contribution = self.experts[expert_id](tokens[rows]) * flat_weights[picks, None].to(x.dtype)
+            out = out.index_add(0, rows, contribution)
+        return out.reshape_as(x), balance_loss

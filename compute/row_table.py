@@ -1,0 +1,63 @@
+"""Where an Engram layer's rows come from: the table interface and its in-process implementation."""
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclasses.dataclass
+class EngramRows:
+    """The rows a batch touches: each distinct row once, plus where every (token, head) finds its row."""
+
+    unique_rows: torch.Tensor  # [U, dim]; differentiable when the table is trainable in-process
+    inverse: torch.Tensor  # [B, T, heads] int64 indices into unique_rows
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "EngramRows":
+        return EngramRows(
+            self.unique_rows.to(device, non_blocking=non_blocking),
+            self.inverse.to(device, non_blocking=non_blocking),
+        )
+
+
+class RowTable(abc.ABC):
+    """One Engram layer's table of ``num_rows`` rows of ``dim`` values."""
+
+    num_rows: int
+    dim: int
+
+    @abc.abstractmethod
+    def lookup(self, row_ids: torch.Tensor) -> EngramRows:
+        """Rows for ``row_ids [B, T, heads]`` as unique rows plus an inverse index."""
+
+
+def check_row_ids(row_ids: torch.Tensor, num_rows: int) -> None:
+    """Reject ids a table cannot serve, naming the field."""
+    if row_ids.dtype != torch.int64:
+        raise ValueError(f"row_ids: expected int64, got {row_ids.dtype}")
+    if row_ids.numel() and (int(row_ids.min()) < 0 or int(row_ids.max()) >= num_rows):
+        raise ValueError(
+            f"row_ids: values must lie in [0, {num_rows}), got [{int(row_ids.min())}, {int(row_ids.max())}]"
+        )
+
+
+class LocalRowTable(nn.Module, RowTable):
+    """An in-process table trained with sparse gradients (``torch.optim.SparseAdam`` and friends)."""
+
+    def __init__(self, num_rows: int, dim: int, init_std: float = 0.02, seed: int = 0):
+        super().__init__()
+        self.num_rows, self.dim = num_rows, dim
+        generator = torch.Generator().manual_seed(seed)
+        self.weight = nn.Parameter(torch.randn(num_rows, dim, generator=generator) * init_std)
+
+    def lookup(self, row_ids: torch.Tensor) -> EngramRows:
+        check_row_ids(row_ids, self.num_rows)
+        unique_ids, inverse = torch.unique(row_ids, return_inverse=True)
+        unique_rows = F.embedding(unique_ids.to(self.weight.device), self.weight, sparse=True)
+        return EngramRows(unique_rows, inverse.to(self.weight.device))
+
+    def extra_repr(self) -> str:
+        return f"num_rows={self.num_rows}, dim={self.dim}"

@@ -1,0 +1,117 @@
+"""The EngramMoE model: shapes, gradients everywhere (table rows included), routing, hyper-connections."""
+from __future__ import annotations
+
+import torch
+
+from compute.config import EngramConfig, EngramModelConfig, ModelConfig
+from compute.hyper_connections import HyperConnection
+from compute.model import EngramMoEModel, build_local_tables
+from compute.moe import MoEFeedForward
+
+TABLE_ROWS = 997
+
+
+def tiny_model(hc_mult: int = 4, seed: int = 0) -> EngramMoEModel:
+    torch.manual_seed(seed)
+    config = EngramModelConfig(
+        model=ModelConfig(vocab_size=211, hidden_size=32, num_layers=3, num_attention_heads=4, hc_mult=hc_mult,
+                          max_seq_len=64, num_routed_experts=5, num_experts_per_token=2, expert_hidden_size=24),
+        engram=EngramConfig(engram_vocab_size=(101, 103), max_ngram_size=3, n_embed_per_ngram=16,
+                            n_head_per_ngram=2, layer_ids=(0, 2), kernel_size=3),
+    )
+    tables = build_local_tables({layer: TABLE_ROWS for layer in config.engram.layer_ids}, config.engram.row_dim)
+    return EngramMoEModel(config, tables)
+
+
+def random_batch(model: EngramMoEModel, batch: int = 2, seq: int = 11):
+    input_ids = torch.randint(0, model.config.model.vocab_size, (batch, seq))
+    heads = model.config.engram.heads_per_layer
+    row_ids = {layer: torch.randint(0, TABLE_ROWS, (batch, seq, heads)) for layer in model.config.engram.layer_ids}
+    return input_ids, row_ids
+
+
+def test_forward_backward_gives_finite_gradients_everywhere():
+    model = tiny_model()
+    input_ids, row_ids = random_batch(model)
+    output = model(input_ids, engram_row_ids=row_ids, labels=input_ids)
+    assert output.logits.shape == (2, 11, 211)
+    assert torch.isfinite(output.loss) and torch.isfinite(output.balance_loss)
+    output.loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, f"{name} got no gradient"
+        grad = param.grad.coalesce().values() if param.grad.is_sparse else param.grad
+        assert torch.isfinite(grad).all(), f"{name} has a non-finite gradient"
+    for layer in model.config.engram.layer_ids:
+        table_grad = model.local_tables[str(layer)].weight.grad.coalesce()
+        touched = set(table_grad.indices()[0].tolist())
+        assert touched == set(row_ids[layer].flatten().tolist()), "row gradients must land on the looked-up rows"
+        assert table_grad.values().abs().sum() > 0
+
+
+def test_routing_picks_exactly_top_k_distinct_experts_and_a_finite_balance_term():
+    torch.manual_seed(1)
+    moe = MoEFeedForward(hidden_size=16, expert_hidden_size=8, num_routed=6, top_k=3, num_shared=1)
+    tokens = torch.randn(50, 16)
+    expert_ids, weights, balance = moe.route(tokens)
+    assert expert_ids.shape == (50, 3)
+    assert all(len(set(row)) == 3 for row in expert_ids.tolist())
+    torch.testing.assert_close(weights.sum(-1), torch.ones(50))
+    probs = moe.router(tokens).softmax(-1)
+    assert torch.equal(expert_ids.sort(-1).values, probs.topk(3, -1).indices.sort(-1).values)
+    assert torch.isfinite(balance) and balance >= 1.0 - 1e-5  # 1 is the perfectly balanced minimum
+    out, _ = moe(tokens.view(5, 10, 16))
+    assert out.shape == (5, 10, 16)
+
+
+def test_moe_output_is_shared_plus_weighted_top_k_experts():
+    torch.manual_seed(2)
+    moe = MoEFeedForward(hidden_size=8, expert_hidden_size=4, num_routed=4, top_k=2, num_shared=1)
+    tokens = torch.randn(7, 8)
+    expert_ids, weights, _ = moe.route(tokens)
+    expected = torch.stack([
+        moe.shared(t) + sum(w * moe.experts[e](t) for e, w in zip(ids.tolist(), ws))
+        for t, ids, ws in zip(tokens, expert_ids, weights)
+    ])
+    out, _ = moe(tokens.view(1, 7, 8))
+    torch.testing.assert_close(out.view(7, 8), expected)
+
+
+def test_single_branch_hyper_connection_is_a_plain_residual():
+    hc = HyperConnection(1)
+    branches = torch.randn(2, 3, 1, 4)
+    output = torch.randn(2, 3, 4)
+    assert list(hc.parameters()) == []
+    torch.testing.assert_close(hc.read_input(branches), branches[:, :, 0])
+    torch.testing.assert_close(hc.write_output(branches, output), branches + output.unsqueeze(2))
+
+
+def test_multi_branch_hyper_connection_starts_as_a_residual_on_every_branch():
+    hc = HyperConnection(4)
+    stream = torch.randn(2, 3, 4)
+    branches = stream.unsqueeze(2).expand(-1, -1, 4, -1)
+    output = torch.randn(2, 3, 4)
+    torch.testing.assert_close(hc.read_input(branches), stream)
+    torch.testing.assert_close(hc.write_output(branches, output), (stream + output).unsqueeze(2).expand(-1, -1, 4, -1))
+
+
+def test_model_is_causal():
+    model = tiny_model(hc_mult=2).eval()
+    input_ids, row_ids = random_batch(model, batch=1, seq=9)
+    changed_ids = input_ids.clone()
+    changed_ids[0, -1] = (changed_ids[0, -1] + 1) % 211
+    changed_rows = {k: v.clone() for k, v in row_ids.items()}
+    for rows in changed_rows.values():
+        rows[0, -1] = (rows[0, -1] + 1) % TABLE_ROWS
+    with torch.no_grad():
+        before = model(input_ids, engram_row_ids=row_ids).logits
+        after = model(changed_ids, engram_row_ids=changed_rows).logits
+    torch.testing.assert_close(before[:, :-1], after[:, :-1])
+    assert not torch.allclose(before[:, -1], after[:, -1])
+
+
+def test_parameter_counts_split_dense_from_engram():
+    model = tiny_model()
+    counts = model.parameter_counts()
+    assert counts["engram_tables"] == 2 * TABLE_ROWS * model.config.engram.row_dim
+    total = sum(p.numel() for p in model.parameters())
+    assert counts["dense"] + counts["engram_module"] + counts["engram_tables"] == total
