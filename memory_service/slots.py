@@ -1,0 +1,113 @@
+"""Slot arithmetic and the slot -> shard routing table.
+
+A row lives in slot ``row % num_slots`` at local index ``row // num_slots`` of that slot. Shards
+are numbered ``0..num_shards-1``; scaling down removes the highest-numbered shards. A fresh map
+has epoch 1, so a protobuf default of 0 can mean "no routing seen yet".
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import numpy as np
+
+Move = tuple[int, int, int]  # (slot, from_shard, to_shard)
+
+
+def slot_of(row_ids, num_slots: int) -> np.ndarray:
+    """The slot of each row id."""
+    return np.asarray(row_ids, dtype=np.int64) % num_slots
+
+
+def slot_local_index(row_ids, num_slots: int) -> np.ndarray:
+    """Each row's index inside its slot's dense storage."""
+    return np.asarray(row_ids, dtype=np.int64) // num_slots
+
+
+def slot_row_ids(slot: int, rows_in_slot: int, num_slots: int) -> np.ndarray:
+    """The row ids of ``slot`` in local-index order."""
+    return slot + num_slots * np.arange(rows_in_slot, dtype=np.int64)
+
+
+@dataclasses.dataclass
+class SlotMap:
+    """Which shard owns each slot, versioned by ``epoch``."""
+
+    epoch: int
+    owners: np.ndarray  # int32 [num_slots]: owning shard index
+
+    def __post_init__(self):
+        self.owners = np.asarray(self.owners, dtype=np.int32)
+        if self.owners.ndim != 1 or self.owners.size == 0:
+            raise ValueError(f"owners must be a non-empty 1-D array, got shape {self.owners.shape}")
+        if self.owners.min() < 0:
+            raise ValueError(f"owners must be shard indices >= 0, got {int(self.owners.min())}")
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.owners.size)
+
+    @property
+    def num_shards(self) -> int:
+        """One more than the highest shard index that owns a slot."""
+        return int(self.owners.max()) + 1
+
+    @classmethod
+    def even(cls, num_slots: int, num_shards: int) -> "SlotMap":
+        """Contiguous, equal-as-possible blocks of slots per shard, at epoch 1."""
+        if num_shards < 1 or num_shards > num_slots:
+            raise ValueError(f"num_shards must be in [1, num_slots={num_slots}], got {num_shards}")
+        owners = np.arange(num_slots, dtype=np.int64) * num_shards // num_slots
+        return cls(epoch=1, owners=owners)
+
+    def slots_of(self, shard: int) -> np.ndarray:
+        """The slots ``shard`` owns, ascending."""
+        return np.flatnonzero(self.owners == shard)
+
+    def split(self, row_ids) -> dict[int, np.ndarray]:
+        """Positions into ``row_ids`` grouped by owning shard (only shards that get rows appear)."""
+        shards = self.owners[slot_of(row_ids, self.num_slots)]
+        order = np.argsort(shards, kind="stable")
+        present, starts = np.unique(shards[order], return_index=True)
+        groups = np.split(order, starts[1:])
+        return {int(shard): positions for shard, positions in zip(present, groups)}
+
+    def rebalanced(self, num_shards: int) -> tuple["SlotMap", list[Move]]:
+        """A balanced map over ``num_shards`` shards reached by moving as few slots as possible.
+
+        Each shard ends with floor or ceil of ``num_slots / num_shards`` slots; the larger quotas go to
+        the shards already holding most, and a shard gives away its highest-numbered slots.
+        """
+        if num_shards < 1 or num_shards > self.num_slots:
+            raise ValueError(f"num_shards must be in [1, num_slots={self.num_slots}], got {num_shards}")
+        held = np.bincount(self.owners, minlength=num_shards)[:num_shards]
+        base, extra = divmod(self.num_slots, num_shards)
+        quota = np.full(num_shards, base, dtype=np.int64)
+        quota[np.argsort(-held, kind="stable")[:extra]] += 1
+
+        freed: list[tuple[int, int]] = []  # (slot, from_shard)
+        for slot in range(self.num_slots - 1, -1, -1):
+            shard = int(self.owners[slot])
+            if shard >= num_shards or held[shard] > quota[shard]:
+                freed.append((slot, shard))
+                if shard < num_shards:
+                    held[shard] -= 1
+        owners = self.owners.copy()
+        moves: list[Move] = []
+        receivers = (shard for shard in range(num_shards) for _ in range(quota[shard] - held[shard]))
+        for (slot, source), target in zip(sorted(freed), receivers):
+            owners[slot] = target
+            moves.append((slot, source, target))
+        return SlotMap(epoch=self.epoch + 1, owners=owners), moves
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": int(self.epoch), "owners": self.owners.tolist()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "SlotMap":
+        return cls(epoch=int(values["epoch"]), owners=np.asarray(values["owners"], dtype=np.int32))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SlotMap):
+            return NotImplemented
+        return self.epoch == other.epoch and np.array_equal(self.owners, other.owners)
