@@ -11,6 +11,7 @@ import sys
 COMMAND_MODULES = {
     "hash": "compute.hash_command",
     "model-demo": "compute.model_demo",
+    "memory": "memory_service.cli",
 }
 
 
