@@ -1,0 +1,351 @@
+"""The rows a shard holds: per table, the dense rows and optimizer state of the slots it owns.
+
+Storage is one flat tensor per table (and per optimizer state) with each owned slot's rows
+contiguous, so a lookup is ``position = slot_base[row % num_slots] + row // num_slots`` and one
+``index_select``. Every call validates all of its input before changing anything; errors carry a
+gRPC-style ``code`` and the ``field`` at fault. Methods are thread-safe (one call at a time).
+
+Exported slots are ``{"slots": int64 [k], "rows": [m, dim], "state.<name>": [m, ...]}`` with the
+slots' rows in the order of ``slots``, each slot's rows by local index; bfloat16 rows travel as
+their uint16 bit patterns because numpy has no bfloat16.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import threading
+import warnings
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from memory_service.optimizers import SparseOptimizer, make_optimizer
+from memory_service.row_init import fill_initial_rows
+from memory_service.slots import slot_row_ids
+from memory_service.table_spec import TableSpec
+
+log = logging.getLogger(__name__)
+
+TRANSPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STATE_PREFIX = "state."
+
+
+class RowStoreError(Exception):
+    """A refused call: ``code`` is a gRPC status name, ``field`` the input at fault."""
+
+    def __init__(self, code: str, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.code = code
+        self.field = field
+
+
+class SlotNotOwned(RowStoreError):
+    """Rows or slots that this shard does not own (any more); the client should refresh its routing."""
+
+    def __init__(self, table: str, slots: Iterable[int], field: str = "row_ids"):
+        self.slots = sorted(int(slot) for slot in slots)
+        shown = self.slots[:8] + (["..."] if len(self.slots) > 8 else [])
+        super().__init__("FAILED_PRECONDITION", field,
+                         f"table {table!r}: slots {shown} are not owned by this shard")
+
+
+def _invalid(field: str, message: str) -> RowStoreError:
+    return RowStoreError("INVALID_ARGUMENT", field, message)
+
+
+@dataclasses.dataclass
+class _TableShard:
+    """One table's share on this shard: rows and state of ``slots``, stored in that order."""
+
+    spec: TableSpec
+    optimizer: SparseOptimizer | None  # None for read-only (bfloat16) tables
+    slots: list[int]
+    rows: torch.Tensor
+    state: dict[str, torch.Tensor]
+    slot_base: torch.Tensor = dataclasses.field(init=False)  # int64 [num_slots]; -1 where not owned
+
+    def __post_init__(self):
+        self.index_slots()
+
+    def index_slots(self) -> None:
+        """Recompute ``slot_base`` from the storage order of ``slots``."""
+        self.slot_base = torch.full((self.spec.num_slots,), -1, dtype=torch.int64)
+        offset = 0
+        for slot in self.slots:
+            self.slot_base[slot] = offset
+            offset += self.spec.rows_in_slot(slot)
+
+    def slot_positions(self, slots: Iterable[int]) -> torch.Tensor:
+        """Storage positions of the rows of ``slots`` (owned), slot after slot."""
+        pieces = [torch.arange(self.rows_of(slot), dtype=torch.int64) + int(self.slot_base[slot]) for slot in slots]
+        return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int64)
+
+    def rows_of(self, slot: int) -> int:
+        return self.spec.rows_in_slot(slot)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Rows and each state, keyed as in an export."""
+        return {"rows": self.rows, **{STATE_PREFIX + name: tensor for name, tensor in self.state.items()}}
+
+
+def _to_tensor(values) -> torch.Tensor:
+    """A tensor sharing memory with ``values``; read-only arrays (from wire bytes) are never written."""
+    if isinstance(values, torch.Tensor):
+        return values
+    array = np.asarray(values)
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """How a storage dtype appears in exported arrays."""
+    return np.dtype(np.uint16) if dtype == torch.bfloat16 else np.dtype(np.float32)
+
+
+def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy view; bfloat16 as its uint16 bit patterns."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
+def _as_tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of ``_as_numpy``."""
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+class ShardStore:
+    """Many tables' rows for the slots this shard owns: lookup, sparse updates and slot moves."""
+
+    def __init__(self):
+        self._tables: dict[str, _TableShard] = {}
+        self._lock = threading.Lock()
+
+    # ----- tables -----
+
+    def add_table(self, spec: TableSpec, slots: Iterable[int]) -> None:
+        """Hold ``slots`` of a new table, with freshly initialised rows and optimizer state."""
+        with self._lock:
+            if spec.name in self._tables:
+                raise RowStoreError("FAILED_PRECONDITION", "name", f"table {spec.name!r} already exists")
+            slots = self._checked_new_slots(spec, slots, owned=())
+            row_ids = np.concatenate([slot_row_ids(slot, spec.rows_in_slot(slot), spec.num_slots) for slot in slots]
+                                     or [np.empty(0, dtype=np.int64)])
+            rows = torch.empty(len(row_ids), spec.dim, dtype=_STORAGE_DTYPES[spec.storage_dtype])
+            fill_initial_rows(rows, spec.seed, row_ids, spec.init_std)
+            optimizer = None if spec.read_only else make_optimizer(spec.optimizer)
+            state = optimizer.initial_state(len(row_ids), spec.dim) if optimizer else {}
+            self._tables[spec.name] = _TableShard(spec, optimizer, slots, rows, state)
+            log.info("table %s: holding %d slots, %d rows", spec.name, len(slots), len(row_ids))
+
+    def drop_table(self, name: str) -> None:
+        with self._lock:
+            self._table(name)
+            del self._tables[name]
+
+    def specs(self) -> list[TableSpec]:
+        with self._lock:
+            return [table.spec for table in self._tables.values()]
+
+    def spec(self, name: str) -> TableSpec:
+        with self._lock:
+            return self._table(name).spec
+
+    def owned_slots(self, name: str) -> list[int]:
+        """The slots of ``name`` held here, ascending."""
+        with self._lock:
+            return sorted(self._table(name).slots)
+
+    def num_rows(self, name: str) -> int:
+        with self._lock:
+            return len(self._table(name).rows)
+
+    def memory_bytes(self) -> int:
+        """Bytes of all rows and optimizer state held."""
+        with self._lock:
+            return sum(tensor.nbytes for table in self._tables.values() for tensor in table.tensors().values())
+
+    # ----- lookup and update -----
+
+    def gather(self, name: str, row_ids, dtype: str = "float32") -> torch.Tensor:
+        """The rows ``row_ids`` [n] as a [n, dim] tensor of transport ``dtype``."""
+        transport = TRANSPORT_DTYPES.get(dtype)
+        if transport is None:
+            raise _invalid("dtype", f"must be one of {list(TRANSPORT_DTYPES)}, got {dtype!r}")
+        with self._lock:
+            table = self._table(name)
+            positions = self._positions(table, self._checked_row_ids(table.spec, row_ids))
+            return table.rows.index_select(0, positions).to(transport)
+
+    def check_gradients(self, name: str, row_ids, grads) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate an update as ``apply_gradients`` would; return it as (int64 [n], float32 [n, dim]) tensors."""
+        with self._lock:
+            table = self._updatable_table(name)
+            return self._checked_update(table, row_ids, grads)[:2]
+
+    def apply_gradients(self, name: str, row_ids, grads) -> None:
+        """Apply the table's optimizer to the unique ``row_ids`` with ``grads``; all-or-nothing."""
+        with self._lock:
+            table = self._updatable_table(name)
+            _, grads, positions = self._checked_update(table, row_ids, grads)
+            rows = table.rows.index_select(0, positions)
+            state = {key: tensor.index_select(0, positions) for key, tensor in table.state.items()}
+            table.optimizer.apply(rows, state, grads)
+            table.rows.index_copy_(0, positions, rows)
+            for key, tensor in state.items():
+                table.state[key].index_copy_(0, positions, tensor)
+
+    # ----- slot moves -----
+
+    def export_slots(self, name: str, slots: Iterable[int]) -> dict[str, np.ndarray]:
+        """Copies of the rows and optimizer state of owned ``slots``, enough to rebuild them exactly."""
+        with self._lock:
+            table = self._table(name)
+            slots = self._checked_owned_slots(table, slots)
+            positions = table.slot_positions(slots)
+            exported = {key: _as_numpy(tensor.index_select(0, positions)) for key, tensor in table.tensors().items()}
+            return {"slots": np.asarray(slots, dtype=np.int64), **exported}
+
+    def import_slots(self, name: str, data: Mapping[str, np.ndarray]) -> None:
+        """Take over slots exported by another shard's ``export_slots`` (the table must exist here)."""
+        with self._lock:
+            table = self._table(name)
+            if "slots" not in data:
+                raise _invalid("slots", "missing from the imported data")
+            slots = self._checked_new_slots(table.spec, np.asarray(data["slots"]).tolist(), owned=table.slots)
+            incoming = self._checked_import_tensors(table, slots, data)
+            merged = {key: torch.cat([tensor, incoming[key]]) for key, tensor in table.tensors().items()}
+            self._replace_storage(table, table.slots + slots, merged)
+
+    def release_slots(self, name: str, slots: Iterable[int]) -> None:
+        """Forget owned ``slots`` (after they were exported and imported elsewhere)."""
+        with self._lock:
+            table = self._table(name)
+            released = set(self._checked_owned_slots(table, slots))
+            kept = [slot for slot in table.slots if slot not in released]
+            positions = table.slot_positions(kept)
+            self._replace_storage(table, kept, {key: t.index_select(0, positions) for key, t in table.tensors().items()})
+
+    def checksum(self, name: str) -> str:
+        """sha256 over the owned slots in slot order: each slot's rows, then each optimizer state."""
+        with self._lock:
+            table = self._table(name)
+            digest = hashlib.sha256()
+            for slot in sorted(table.slots):
+                start, length = int(table.slot_base[slot]), table.rows_of(slot)
+                for tensor in table.tensors().values():
+                    digest.update(_as_numpy(tensor.narrow(0, start, length)).tobytes())
+            return digest.hexdigest()
+
+    # ----- validation helpers (called with the lock held) -----
+
+    def _table(self, name: str) -> _TableShard:
+        table = self._tables.get(name)
+        if table is None:
+            raise RowStoreError("NOT_FOUND", "table", f"no table named {name!r} on this shard")
+        return table
+
+    def _updatable_table(self, name: str) -> _TableShard:
+        table = self._table(name)
+        if table.optimizer is None:
+            raise RowStoreError("FAILED_PRECONDITION", "table",
+                                f"table {name!r} is stored as {table.spec.storage_dtype} for read-only serving")
+        return table
+
+    @staticmethod
+    def _checked_row_ids(spec: TableSpec, row_ids) -> torch.Tensor:
+        ids = _to_tensor(row_ids)
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise _invalid("row_ids", f"must be integers, got {ids.dtype}")
+        if ids.dim() != 1:
+            raise _invalid("row_ids", f"must be one-dimensional, got shape {tuple(ids.shape)}")
+        ids = ids.to(torch.int64)
+        if len(ids):
+            low, high = torch.aminmax(ids)
+            if low < 0 or high >= spec.rows:
+                bad = int(low) if low < 0 else int(high)
+                raise _invalid("row_ids", f"row id {bad} outside table {spec.name!r} of {spec.rows} rows")
+        return ids
+
+    @staticmethod
+    def _positions(table: _TableShard, ids: torch.Tensor) -> torch.Tensor:
+        """Storage positions of in-range ``ids``; SlotNotOwned if any slot is not here."""
+        num_slots = table.spec.num_slots
+        slots = ids % num_slots
+        base = table.slot_base.index_select(0, slots)
+        missing = base < 0
+        if missing.any():
+            raise SlotNotOwned(table.spec.name, torch.unique(slots[missing]).tolist())
+        return base.add_(ids // num_slots)
+
+    def _checked_update(self, table: _TableShard, row_ids, grads):
+        """(ids, float32 grads, storage positions) of a valid update."""
+        ids = self._checked_row_ids(table.spec, row_ids)
+        if len(torch.unique(ids)) != len(ids):
+            raise _invalid("row_ids", "must be unique within one update")
+        grads = _to_tensor(grads)
+        if grads.dtype != torch.float32:
+            raise _invalid("grads", f"must be float32, got {grads.dtype}")
+        expected = (len(ids), table.spec.dim)
+        if tuple(grads.shape) != expected:
+            raise _invalid("grads", f"must have shape {expected} (row_ids x dim), got {tuple(grads.shape)}")
+        if not torch.isfinite(grads).all():
+            raise _invalid("grads", "holds NaN or Inf values")
+        return ids, grads, self._positions(table, ids)
+
+    @staticmethod
+    def _checked_new_slots(spec: TableSpec, slots: Iterable[int], owned: Iterable[int]) -> list[int]:
+        slots = [int(slot) for slot in slots]
+        bad = [slot for slot in slots if not 0 <= slot < spec.num_slots]
+        if bad:
+            raise _invalid("slots", f"slot {bad[0]} outside [0, {spec.num_slots}) of table {spec.name!r}")
+        if len(set(slots)) != len(slots):
+            raise _invalid("slots", "must be unique")
+        already = sorted(set(slots) & set(owned))
+        if already:
+            raise RowStoreError("FAILED_PRECONDITION", "slots",
+                                f"table {spec.name!r}: slots {already[:8]} are already owned by this shard")
+        return slots
+
+    @staticmethod
+    def _checked_owned_slots(table: _TableShard, slots: Iterable[int]) -> list[int]:
+        slots = [int(slot) for slot in slots]
+        if len(set(slots)) != len(slots):
+            raise _invalid("slots", "must be unique")
+        missing = set(slots) - set(table.slots)
+        if missing:
+            raise SlotNotOwned(table.spec.name, missing, field="slots")
+        return slots
+
+    @staticmethod
+    def _checked_import_tensors(table: _TableShard, slots: list[int], data: Mapping[str, np.ndarray]):
+        num_rows = sum(table.rows_of(slot) for slot in slots)
+        expected = {key: (tensor.dtype, (num_rows, *tensor.shape[1:])) for key, tensor in table.tensors().items()}
+        unknown = sorted(set(data) - set(expected) - {"slots"})
+        if unknown:
+            raise _invalid(unknown[0], f"unexpected in the imported data of table {table.spec.name!r}")
+        incoming = {}
+        for key, (dtype, shape) in expected.items():
+            if key not in data:
+                raise _invalid(key, "missing from the imported data")
+            array = np.asarray(data[key])
+            wanted = _numpy_dtype(dtype)
+            if array.dtype != wanted or array.shape != shape:
+                raise _invalid(key, f"must be {wanted} of shape {shape}, got {array.dtype} of shape {array.shape}")
+            incoming[key] = _as_tensor(array, dtype)
+        return incoming
+
+    @staticmethod
+    def _replace_storage(table: _TableShard, slots: list[int], tensors: dict[str, torch.Tensor]) -> None:
+        table.slots = slots
+        table.rows = tensors["rows"]
+        table.state = {key[len(STATE_PREFIX):]: tensor for key, tensor in tensors.items() if key != "rows"}
+        table.index_slots()
