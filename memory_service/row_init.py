@@ -1,7 +1,7 @@
 """Deterministic row initialisation: a row's values depend only on (table seed, row id).
 
-Value ``(row, col)`` is ``std * sqrt(2) * erfinv(u)``, with ``u`` uniform on (-1, 1) taken from 23 bits
-of a counter-based hash of ``(seed, row, col)``: a normal draw truncated at about 5.3 std. Because
+Value ``(row, col)`` is ``std * sqrt(2) * erfinv(u)``, with ``u`` uniform on (-1, 1) taken from the top
+bits of a counter-based hash of ``(seed, row, col)``: a normal draw truncated at about 5.3 std. Because
 no random generator state is involved, a table's content does not depend on how many shards hold
 it or in which order they fill their slots.
 """
@@ -18,7 +18,6 @@ _SPLITMIX_MUL2 = np.uint64(0x94D049BB133111EB)
 # lowbias32's multipliers (Chris Wellons' hash-prospector), as the int32 values of their bit patterns.
 _MIX32_MUL1 = 0x7FEB352D
 _MIX32_MUL2 = 0x846CA68B - (1 << 32)
-_COLUMN_GAMMA = 0x9E3779B9 - (1 << 32)
 
 # Elements hashed per pass: large enough to amortise op overhead, small enough to stay in cache.
 _CHUNK_ELEMENTS = 1 << 16
@@ -56,19 +55,18 @@ def fill_initial_rows(out: torch.Tensor, seed: int, row_ids: np.ndarray, std: fl
     n, dim = out.shape
     if len(row_ids) != n:
         raise ValueError(f"row_ids has {len(row_ids)} ids but out has {n} rows")
+    # Each row walks its own Weyl sequence: start key_lo, odd stride key_hi | 1, one lowbias32 per value.
     key_lo, key_hi = row_keys(seed, row_ids)
-    column_keys = torch.arange(dim, dtype=torch.int32) * _COLUMN_GAMMA
+    stride = key_hi | 1
+    columns = torch.arange(dim, dtype=torch.int32)
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // dim)
     for start in range(0, n, rows_per_chunk):
         stop = min(n, start + rows_per_chunk)
-        bits = key_lo[start:stop, None] ^ column_keys
-        _mix32_(bits)
-        bits += key_hi[start:stop, None]
-        _mix32_(bits)
-        # 23 high bits -> odd integers in (-2**23, 2**23): exact in float32 and symmetric around 0.
-        bits = ((bits >> 8) & 0xFFFFFE) + (1 - (1 << 23))
-        values = bits.float().mul_(2.0**-23).erfinv_().mul_(std * math.sqrt(2.0))
-        out[start:stop].copy_(values)
+        bits = _mix32_(columns * stride[start:stop, None] + key_lo[start:stop, None])
+        # The top 24 bits as a signed value, made odd: uniform over the odd integers in (-2**23, 2**23),
+        # exact in float32 and symmetric around 0.
+        odd = (bits >> 8) | 1
+        out[start:stop].copy_(odd.float().mul_(2.0**-23).erfinv_().mul_(std * math.sqrt(2.0)))
 
 
 def init_rows(seed: int, row_ids: np.ndarray, dim: int, std: float) -> np.ndarray:

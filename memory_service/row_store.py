@@ -279,12 +279,14 @@ class ShardStore:
     def _positions(table: _TableShard, ids: torch.Tensor) -> torch.Tensor:
         """Storage positions of in-range ``ids``; SlotNotOwned if any slot is not here."""
         num_slots = table.spec.num_slots
-        slots = ids % num_slots
+        if num_slots & (num_slots - 1) == 0:  # a power of two (the default): masks and shifts beat division
+            slots, local = ids & (num_slots - 1), ids >> (num_slots.bit_length() - 1)
+        else:
+            slots, local = ids % num_slots, ids // num_slots
         base = table.slot_base.index_select(0, slots)
-        missing = base < 0
-        if missing.any():
-            raise SlotNotOwned(table.spec.name, torch.unique(slots[missing]).tolist())
-        return base.add_(ids // num_slots)
+        if len(base) and base.min() < 0:
+            raise SlotNotOwned(table.spec.name, torch.unique(slots[base < 0]).tolist())
+        return base.add_(local)
 
     def _checked_update(self, table: _TableShard, row_ids, grads):
         """(ids, float32 grads, storage positions) of a valid update."""

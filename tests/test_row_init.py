@@ -27,10 +27,9 @@ def _reference_rows(seed: int, row_ids: np.ndarray, dim: int, std: float) -> np.
     with np.errstate(over="ignore"):
         keys = _splitmix64(row_ids.astype(np.uint64) ^ _splitmix64(np.array([seed], dtype=np.uint64)))
         key_lo = (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32)[:, None]
-        key_hi = (keys >> np.uint64(32)).astype(np.uint32)[:, None]
-        columns = np.arange(dim, dtype=np.uint32) * np.uint32(0x9E3779B9)
-        bits = _lowbias32(_lowbias32(key_lo ^ columns) + key_hi)
-    odd = 2 * (bits >> np.uint32(9)).astype(np.int64) + 1 - (1 << 23)
+        stride = (keys >> np.uint64(32)).astype(np.uint32)[:, None] | np.uint32(1)
+        bits = _lowbias32(key_lo + np.arange(dim, dtype=np.uint32) * stride)
+    odd = (bits.view(np.int32) >> 8) | 1
     uniform = torch.from_numpy(odd.astype(np.float32) * np.float32(2.0**-23))
     return (torch.erfinv(uniform) * (std * np.sqrt(2.0))).numpy()
 
