@@ -1,0 +1,170 @@
+"""Gradient pushes of one table on one shard, turned into the updates to apply.
+
+Synchronous mode sums a step's contributions and releases them once every rank of the step has
+reported (an empty push counts: in this mode a rank pushes to every shard owning slots of the
+table, each step). Asynchronous mode releases each push on arrival. Either way, rows a rank has
+already contributed to a step are dropped, so a retried push is applied once, and a push re-split
+after a slot move still lands. Released steps are remembered per lane (the whole table when
+synchronous, each rank when asynchronous) for the latest ``remembered_steps`` steps; a push for an
+older step than those counts as already applied and is dropped with a warning.
+
+When slots move, ``export_pending``/``import_pending`` carry the pending partial sums of those slots
+to their new shard; the reported ranks travel with them, so the step completes where it now lives.
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import logging
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from memory_service.row_store import RowStoreError
+
+log = logging.getLogger(__name__)
+
+Update = tuple[torch.Tensor, torch.Tensor]  # (unique int64 row ids [n], float32 grads [n, dim])
+
+
+@dataclasses.dataclass
+class _Step:
+    """One step of one lane: who reported which rows, and what is not yet released."""
+
+    world_size: int
+    released: bool
+    seen: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # rank -> sorted row ids
+    parts: list[tuple[int, torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
+
+    def take_new_rows(self, rank: int, row_ids: torch.Tensor, grads: torch.Tensor) -> Update | None:
+        """Record ``rank``'s push; the rows it had not contributed yet, or None if nothing is new."""
+        known = self.seen.get(rank)
+        if known is not None:
+            fresh = ~torch.isin(row_ids, known)
+            if not fresh.any():
+                return None
+            row_ids, grads = row_ids[fresh], grads[fresh]
+            self.seen[rank] = torch.cat([known, row_ids]).sort().values
+        else:
+            self.seen[rank] = row_ids.sort().values
+        return row_ids, grads
+
+    @property
+    def complete(self) -> bool:
+        return len(self.seen) >= self.world_size
+
+
+def _sum_by_row(parts: list[tuple[int, torch.Tensor, torch.Tensor]], dim: int) -> Update:
+    """Sum the parts' gradients per row, in rank order so the float sum is the same on every replay."""
+    parts = sorted(parts, key=lambda part: part[0])
+    row_ids = torch.cat([ids for _, ids, _ in parts]) if parts else torch.empty(0, dtype=torch.int64)
+    grads = torch.cat([g for _, _, g in parts]) if parts else torch.empty(0, dim)
+    if len(parts) <= 1:
+        return row_ids, grads
+    unique, inverse = torch.unique(row_ids, return_inverse=True)
+    return unique, torch.zeros(len(unique), dim).index_add_(0, inverse, grads)
+
+
+class StepAggregator:
+    """Turns one table's pushes into updates: summed per step (synchronous) or on arrival."""
+
+    def __init__(self, dim: int, synchronous: bool = True, remembered_steps: int = 8):
+        if remembered_steps < 1:
+            raise ValueError(f"remembered_steps must be >= 1, got {remembered_steps}")
+        self.dim = dim
+        self.synchronous = synchronous
+        self.remembered_steps = remembered_steps
+        self._steps: dict[tuple[int, int], _Step] = {}  # (lane, step)
+        self._released: dict[int, list[int]] = {}  # lane -> heap of remembered released steps
+        self._forgotten_up_to: dict[int, int] = {}  # lane -> newest step no longer remembered
+
+    def add(self, step: int, rank: int, world_size: int, row_ids, grads) -> list[Update]:
+        """Take one push (already validated against the table); return the updates to apply now."""
+        self._check_push(step, rank, world_size)
+        row_ids, grads = torch.as_tensor(row_ids, dtype=torch.int64), torch.as_tensor(grads)
+        if len(row_ids) != len(grads):
+            raise RowStoreError("INVALID_ARGUMENT", "grads", f"has {len(grads)} rows for {len(row_ids)} row ids")
+        lane = 0 if self.synchronous else rank
+        if step <= self._forgotten_up_to.get(lane, -1):
+            log.warning("dropping a push for step %d (rank %d): older than the remembered steps", step, rank)
+            return []
+        entry = self._steps.get((lane, step))
+        if entry is None:
+            entry = self._steps[(lane, step)] = _Step(world_size, released=not self.synchronous)
+            if entry.released:  # asynchronous: the step is open for this rank's pushes from now on
+                self._remember_released(lane, step)
+        elif entry.world_size != world_size:
+            raise RowStoreError("INVALID_ARGUMENT", "world_size",
+                                f"step {step} has world size {entry.world_size}, this push says {world_size}")
+        new_rows = entry.take_new_rows(rank, row_ids, grads)
+        if new_rows is None:
+            return []
+        return self._collect(lane, step, entry, [(rank, *new_rows)])
+
+    def pending_steps(self) -> list[int]:
+        """Steps still waiting for ranks (synchronous mode), ascending."""
+        return sorted(step for (_, step), entry in self._steps.items() if not entry.released)
+
+    def export_pending(self, slots: Iterable[int], num_slots: int) -> list[dict[str, Any]]:
+        """Remove and return the pending contributions to rows of ``slots``, with each step's reported ranks."""
+        moving = torch.as_tensor(sorted(int(slot) for slot in slots), dtype=torch.int64)
+        exported = []
+        for (_, step), entry in sorted(self._steps.items()):
+            if entry.released:
+                continue
+            kept, parts = [], []
+            for rank, ids, grads in entry.parts:
+                leaving = torch.isin(ids % num_slots, moving)
+                kept.append((rank, ids[~leaving], grads[~leaving]))
+                parts.append({"rank": rank, "row_ids": ids[leaving].numpy(), "grads": grads[leaving].numpy()})
+            entry.parts = kept
+            exported.append({"step": step, "world_size": entry.world_size, "ranks": sorted(entry.seen), "parts": parts})
+        return exported
+
+    def import_pending(self, exported: list[dict[str, Any]]) -> list[Update]:
+        """Merge another shard's ``export_pending``; return the updates of steps this completes."""
+        ready = []
+        for record in exported:
+            step, world_size = int(record["step"]), int(record["world_size"])
+            self._check_push(step, 0, world_size)
+            parts = [(int(p["rank"]), torch.as_tensor(p["row_ids"]), torch.as_tensor(p["grads"]))
+                     for p in record["parts"]]
+            if step <= self._forgotten_up_to.get(0, -1):
+                ready.append(_sum_by_row(parts, self.dim))  # released here long ago: apply the late rows
+                continue
+            entry = self._steps.setdefault((0, step), _Step(world_size, released=False))
+            for rank in record["ranks"]:
+                entry.seen.setdefault(int(rank), torch.empty(0, dtype=torch.int64))
+            for rank, ids, _ in parts:
+                entry.seen[rank] = torch.cat([entry.seen[rank], ids]).sort().values
+            ready.extend(self._collect(0, step, entry, parts))
+        return [update for update in ready if len(update[0])]
+
+    def _collect(self, lane: int, step: int, entry: _Step, parts) -> list[Update]:
+        """Queue ``parts`` on a pending step, or release them (and the step, once complete)."""
+        if not entry.released:
+            entry.parts.extend(parts)
+            if not entry.complete:
+                return []
+            parts, entry.parts, entry.released = entry.parts, [], True
+            self._remember_released(lane, step)
+        update = _sum_by_row(parts, self.dim)
+        return [update] if len(update[0]) else []
+
+    def _remember_released(self, lane: int, step: int) -> None:
+        heap = self._released.setdefault(lane, [])
+        heapq.heappush(heap, step)
+        if len(heap) > self.remembered_steps:
+            oldest = heapq.heappop(heap)
+            self._forgotten_up_to[lane] = max(self._forgotten_up_to.get(lane, -1), oldest)
+            del self._steps[(lane, oldest)]
+
+    @staticmethod
+    def _check_push(step: int, rank: int, world_size: int) -> None:
+        if step < 0:
+            raise RowStoreError("INVALID_ARGUMENT", "step", f"must be >= 0, got {step}")
+        if world_size < 1:
+            raise RowStoreError("INVALID_ARGUMENT", "world_size", f"must be >= 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise RowStoreError("INVALID_ARGUMENT", "rank", f"must be in [0, {world_size}), got {rank}")

@@ -1,0 +1,154 @@
+"""StepAggregator: synchronous sums equal one big batch, retries apply once, slot moves carry pending sums."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from memory_service.row_store import RowStoreError
+from memory_service.step_aggregator import StepAggregator
+
+DIM = 4
+
+
+def _push(row_ids, seed=0):
+    row_ids = torch.tensor(row_ids, dtype=torch.int64)
+    return row_ids, torch.from_numpy(np.random.default_rng(seed).standard_normal((len(row_ids), DIM)).astype(np.float32))
+
+
+def _dense(updates, rows=64):
+    """Sum a list of (row_ids, grads) into a dense [rows, DIM] table of gradients."""
+    total = torch.zeros(rows, DIM)
+    for row_ids, grads in updates:
+        total.index_add_(0, row_ids, grads)
+    return total
+
+
+def test_synchronous_step_waits_for_every_rank_then_sums():
+    aggregator = StepAggregator(DIM)
+    first, second = _push([1, 5, 9], seed=1), _push([5, 7], seed=2)
+    assert aggregator.add(0, 1, 2, *second) == []
+    assert aggregator.pending_steps() == [0]
+    [(row_ids, grads)] = aggregator.add(0, 0, 2, *first)
+    assert row_ids.tolist() == [1, 5, 7, 9]
+    torch.testing.assert_close(_dense([(row_ids, grads)]), _dense([first, second]))
+    assert aggregator.pending_steps() == []
+
+
+def test_two_half_batches_equal_one_whole_batch():
+    whole = _push(list(range(0, 40, 2)), seed=3)
+    halves = StepAggregator(DIM)
+    assert halves.add(7, 0, 2, whole[0][:10], whole[1][:10]) == []
+    [summed] = halves.add(7, 1, 2, whole[0][10:], whole[1][10:])
+    [single] = StepAggregator(DIM).add(7, 0, 1, *whole)
+    assert torch.equal(summed[0], single[0]) and torch.equal(summed[1], single[1])
+
+
+def test_sum_does_not_depend_on_arrival_order():
+    pushes = [_push([1, 2, 3], seed=rank) for rank in range(3)]
+    results = []
+    for order in ([0, 1, 2], [2, 0, 1]):
+        aggregator = StepAggregator(DIM)
+        for rank in order:
+            released = aggregator.add(0, rank, 3, *pushes[rank])
+        results.append(released[0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_empty_push_counts_as_reporting():
+    aggregator = StepAggregator(DIM)
+    assert aggregator.add(3, 0, 2, *_push([4])) == []
+    [(row_ids, _)] = aggregator.add(3, 1, 2, torch.empty(0, dtype=torch.int64), torch.empty(0, DIM))
+    assert row_ids.tolist() == [4]
+    everyone_empty = StepAggregator(DIM)
+    assert everyone_empty.add(0, 0, 1, torch.empty(0, dtype=torch.int64), torch.empty(0, DIM)) == []
+    assert everyone_empty.pending_steps() == []
+
+
+@pytest.mark.parametrize("synchronous", [True, False])
+def test_retried_push_is_applied_once(synchronous):
+    aggregator = StepAggregator(DIM, synchronous=synchronous)
+    push = _push([3, 8])
+    released = aggregator.add(0, 0, 1, *push)
+    assert len(released) == 1
+    assert aggregator.add(0, 0, 1, *push) == []
+    # A re-split push after a slot move brings new rows for the same (step, rank): only those apply.
+    [(row_ids, grads)] = aggregator.add(0, 0, 1, *_push([3, 11, 8], seed=5))
+    assert row_ids.tolist() == [11] and torch.equal(grads, _push([3, 11, 8], seed=5)[1][1:2])
+
+
+def test_retry_before_the_step_completes_is_applied_once():
+    aggregator = StepAggregator(DIM)
+    push = _push([2, 6], seed=4)
+    aggregator.add(5, 0, 2, *push)
+    assert aggregator.add(5, 0, 2, *push) == []
+    [(row_ids, grads)] = aggregator.add(5, 1, 2, *_push([6], seed=9))
+    torch.testing.assert_close(_dense([(row_ids, grads)]), _dense([push, _push([6], seed=9)]))
+
+
+def test_asynchronous_mode_releases_on_arrival_per_rank():
+    aggregator = StepAggregator(DIM, synchronous=False, remembered_steps=2)
+    assert len(aggregator.add(0, 0, 2, *_push([1]))) == 1
+    assert len(aggregator.add(0, 1, 2, *_push([1]))) == 1  # another rank's push of the same step
+    for step in range(1, 6):
+        assert len(aggregator.add(step, 0, 2, *_push([1]))) == 1
+    # Rank 1 lags behind rank 0 without being dropped: lanes are per rank.
+    assert len(aggregator.add(1, 1, 2, *_push([1]))) == 1
+    assert aggregator.pending_steps() == []
+
+
+def test_memory_of_released_steps_is_bounded():
+    aggregator = StepAggregator(DIM, remembered_steps=3)
+    for step in range(10):
+        aggregator.add(step, 0, 1, *_push([step]))
+    assert aggregator.add(2, 0, 1, *_push([50])) == []  # older than the remembered steps: counts as applied
+    assert len(aggregator.add(9, 0, 1, *_push([50]))) == 1  # still remembered, new row
+
+
+@pytest.mark.parametrize(
+    "step, rank, world_size, field",
+    [(-1, 0, 1, "step"), (0, 2, 2, "rank"), (0, -1, 2, "rank"), (0, 0, 0, "world_size")],
+)
+def test_bad_pushes_name_their_field(step, rank, world_size, field):
+    with pytest.raises(RowStoreError) as caught:
+        StepAggregator(DIM).add(step, rank, world_size, *_push([1]))
+    assert caught.value.field == field and caught.value.code == "INVALID_ARGUMENT"
+
+
+def test_world_size_must_agree_within_a_step():
+    aggregator = StepAggregator(DIM)
+    aggregator.add(0, 0, 3, *_push([1]))
+    with pytest.raises(RowStoreError) as caught:
+        aggregator.add(0, 1, 2, *_push([2]))
+    assert caught.value.field == "world_size"
+    assert aggregator.pending_steps() == [0]
+
+
+def test_pending_sums_follow_moved_slots():
+    """Rank 0 pushed to the old shard; the slot moves; rank 1 pushes to the new one: nothing is lost."""
+    num_slots = 4
+    old, new = StepAggregator(DIM), StepAggregator(DIM)
+    rank0_old = _push([0, 1, 5], seed=1)  # slots 0, 1, 1
+    rank0_new = _push([2], seed=2)  # slot 2, already on the new shard
+    assert old.add(0, 0, 2, *rank0_old) == [] and new.add(0, 0, 2, *rank0_new) == []
+    moved = old.export_pending([1], num_slots)
+    assert [record["step"] for record in moved] == [0] and moved[0]["ranks"] == [0]
+    assert new.import_pending(moved) == []
+    # Rank 1 now pushes its rows of slots 1 and 2 to the new shard, and of slot 0 to the old one.
+    rank1_new, rank1_old = _push([2, 9], seed=3), _push([4], seed=4)
+    [on_new] = new.add(0, 1, 2, *rank1_new)
+    [on_old] = old.add(0, 1, 2, *rank1_old)
+    assert on_new[0].tolist() == [1, 2, 5, 9] and on_old[0].tolist() == [0, 4]
+    everything = [rank0_old, rank0_new, rank1_new, rank1_old]
+    torch.testing.assert_close(_dense([on_new, on_old]), _dense(everything))
+
+
+def test_imported_pending_sum_completes_the_step_when_ranks_are_covered():
+    old, new = StepAggregator(DIM), StepAggregator(DIM)
+    rank0, rank1 = _push([1, 2], seed=1), _push([3], seed=2)
+    assert old.add(0, 0, 2, *rank0) == []  # rank 0 reported to the old shard only
+    assert new.add(0, 1, 2, *rank1) == []  # rank 1 reported to the new shard only
+    [released] = new.import_pending(old.export_pending([1, 2, 3], 4))
+    torch.testing.assert_close(_dense([released]), _dense([rank0, rank1]))
+    assert new.pending_steps() == [] and old.pending_steps() == [0]  # the old one still waits for rank 1
+    assert old.add(0, 1, 2, torch.empty(0, dtype=torch.int64), torch.empty(0, DIM)) == []
