@@ -91,7 +91,7 @@ class _TableShard:
         return {"rows": self.rows, **{STATE_PREFIX + name: tensor for name, tensor in self.state.items()}}
 
 
-def _to_tensor(values) -> torch.Tensor:
+def to_tensor(values) -> torch.Tensor:
     """A tensor sharing memory with ``values``; read-only arrays (from wire bytes) are never written."""
     if isinstance(values, torch.Tensor):
         return values
@@ -262,7 +262,7 @@ class ShardStore:
 
     @staticmethod
     def _checked_row_ids(spec: TableSpec, row_ids) -> torch.Tensor:
-        ids = _to_tensor(row_ids)
+        ids = to_tensor(row_ids)
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise _invalid("row_ids", f"must be integers, got {ids.dtype}")
         if ids.dim() != 1:
@@ -293,7 +293,7 @@ class ShardStore:
         ids = self._checked_row_ids(table.spec, row_ids)
         if len(torch.unique(ids)) != len(ids):
             raise _invalid("row_ids", "must be unique within one update")
-        grads = _to_tensor(grads)
+        grads = to_tensor(grads)
         if grads.dtype != torch.float32:
             raise _invalid("grads", f"must be float32, got {grads.dtype}")
         expected = (len(ids), table.spec.dim)

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from memory_service.row_store import RowStoreError
+from memory_service.row_store import RowStoreError, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +55,23 @@ class _Step:
         return len(self.seen) >= self.world_size
 
 
-def _sum_by_row(parts: list[tuple[int, torch.Tensor, torch.Tensor]], dim: int) -> Update:
-    """Sum the parts' gradients per row, in rank order so the float sum is the same on every replay."""
+def _sum_by_row(parts: list[tuple[int, torch.Tensor, torch.Tensor]]) -> Update:
+    """Sum the (non-empty list of) parts' gradients per row, in rank order so every replay sums alike."""
     parts = sorted(parts, key=lambda part: part[0])
-    row_ids = torch.cat([ids for _, ids, _ in parts]) if parts else torch.empty(0, dtype=torch.int64)
-    grads = torch.cat([g for _, _, g in parts]) if parts else torch.empty(0, dim)
-    if len(parts) <= 1:
+    row_ids = torch.cat([ids for _, ids, _ in parts])
+    grads = torch.cat([g for _, _, g in parts])
+    if len(parts) == 1:
         return row_ids, grads
     unique, inverse = torch.unique(row_ids, return_inverse=True)
-    return unique, torch.zeros(len(unique), dim).index_add_(0, inverse, grads)
+    return unique, torch.zeros(len(unique), grads.shape[1]).index_add_(0, inverse, grads)
 
 
 class StepAggregator:
     """Turns one table's pushes into updates: summed per step (synchronous) or on arrival."""
 
-    def __init__(self, dim: int, synchronous: bool = True, remembered_steps: int = 8):
+    def __init__(self, synchronous: bool = True, remembered_steps: int = 8):
         if remembered_steps < 1:
             raise ValueError(f"remembered_steps must be >= 1, got {remembered_steps}")
-        self.dim = dim
         self.synchronous = synchronous
         self.remembered_steps = remembered_steps
         self._steps: dict[tuple[int, int], _Step] = {}  # (lane, step)
@@ -82,7 +81,7 @@ class StepAggregator:
     def add(self, step: int, rank: int, world_size: int, row_ids, grads) -> list[Update]:
         """Take one push (already validated against the table); return the updates to apply now."""
         self._check_push(step, rank, world_size)
-        row_ids, grads = torch.as_tensor(row_ids, dtype=torch.int64), torch.as_tensor(grads)
+        row_ids, grads = to_tensor(row_ids).to(torch.int64), to_tensor(grads)
         if len(row_ids) != len(grads):
             raise RowStoreError("INVALID_ARGUMENT", "grads", f"has {len(grads)} rows for {len(row_ids)} row ids")
         lane = 0 if self.synchronous else rank
@@ -128,10 +127,10 @@ class StepAggregator:
         for record in exported:
             step, world_size = int(record["step"]), int(record["world_size"])
             self._check_push(step, 0, world_size)
-            parts = [(int(p["rank"]), torch.as_tensor(p["row_ids"]), torch.as_tensor(p["grads"]))
-                     for p in record["parts"]]
+            parts = [(int(p["rank"]), to_tensor(p["row_ids"]), to_tensor(p["grads"])) for p in record["parts"]]
             if step <= self._forgotten_up_to.get(0, -1):
-                ready.append(_sum_by_row(parts, self.dim))  # released here long ago: apply the late rows
+                if parts:  # released here long ago: apply the late rows now
+                    ready.append(_sum_by_row(parts))
                 continue
             entry = self._steps.setdefault((0, step), _Step(world_size, released=False))
             for rank in record["ranks"]:
@@ -149,8 +148,8 @@ class StepAggregator:
                 return []
             parts, entry.parts, entry.released = entry.parts, [], True
             self._remember_released(lane, step)
-        update = _sum_by_row(parts, self.dim)
-        return [update] if len(update[0]) else []
+        update = _sum_by_row(parts) if parts else None
+        return [update] if update is not None and len(update[0]) else []
 
     def _remember_released(self, lane: int, step: int) -> None:
         heap = self._released.setdefault(lane, [])

@@ -25,7 +25,7 @@ def _dense(updates, rows=64):
 
 
 def test_synchronous_step_waits_for_every_rank_then_sums():
-    aggregator = StepAggregator(DIM)
+    aggregator = StepAggregator()
     first, second = _push([1, 5, 9], seed=1), _push([5, 7], seed=2)
     assert aggregator.add(0, 1, 2, *second) == []
     assert aggregator.pending_steps() == [0]
@@ -37,10 +37,10 @@ def test_synchronous_step_waits_for_every_rank_then_sums():
 
 def test_two_half_batches_equal_one_whole_batch():
     whole = _push(list(range(0, 40, 2)), seed=3)
-    halves = StepAggregator(DIM)
+    halves = StepAggregator()
     assert halves.add(7, 0, 2, whole[0][:10], whole[1][:10]) == []
     [summed] = halves.add(7, 1, 2, whole[0][10:], whole[1][10:])
-    [single] = StepAggregator(DIM).add(7, 0, 1, *whole)
+    [single] = StepAggregator().add(7, 0, 1, *whole)
     assert torch.equal(summed[0], single[0]) and torch.equal(summed[1], single[1])
 
 
@@ -48,7 +48,7 @@ def test_sum_does_not_depend_on_arrival_order():
     pushes = [_push([1, 2, 3], seed=rank) for rank in range(3)]
     results = []
     for order in ([0, 1, 2], [2, 0, 1]):
-        aggregator = StepAggregator(DIM)
+        aggregator = StepAggregator()
         for rank in order:
             released = aggregator.add(0, rank, 3, *pushes[rank])
         results.append(released[0])
@@ -56,18 +56,18 @@ def test_sum_does_not_depend_on_arrival_order():
 
 
 def test_empty_push_counts_as_reporting():
-    aggregator = StepAggregator(DIM)
+    aggregator = StepAggregator()
     assert aggregator.add(3, 0, 2, *_push([4])) == []
     [(row_ids, _)] = aggregator.add(3, 1, 2, torch.empty(0, dtype=torch.int64), torch.empty(0, DIM))
     assert row_ids.tolist() == [4]
-    everyone_empty = StepAggregator(DIM)
+    everyone_empty = StepAggregator()
     assert everyone_empty.add(0, 0, 1, torch.empty(0, dtype=torch.int64), torch.empty(0, DIM)) == []
     assert everyone_empty.pending_steps() == []
 
 
 @pytest.mark.parametrize("synchronous", [True, False])
 def test_retried_push_is_applied_once(synchronous):
-    aggregator = StepAggregator(DIM, synchronous=synchronous)
+    aggregator = StepAggregator(synchronous=synchronous)
     push = _push([3, 8])
     released = aggregator.add(0, 0, 1, *push)
     assert len(released) == 1
@@ -78,7 +78,7 @@ def test_retried_push_is_applied_once(synchronous):
 
 
 def test_retry_before_the_step_completes_is_applied_once():
-    aggregator = StepAggregator(DIM)
+    aggregator = StepAggregator()
     push = _push([2, 6], seed=4)
     aggregator.add(5, 0, 2, *push)
     assert aggregator.add(5, 0, 2, *push) == []
@@ -87,7 +87,7 @@ def test_retry_before_the_step_completes_is_applied_once():
 
 
 def test_asynchronous_mode_releases_on_arrival_per_rank():
-    aggregator = StepAggregator(DIM, synchronous=False, remembered_steps=2)
+    aggregator = StepAggregator(synchronous=False, remembered_steps=2)
     assert len(aggregator.add(0, 0, 2, *_push([1]))) == 1
     assert len(aggregator.add(0, 1, 2, *_push([1]))) == 1  # another rank's push of the same step
     for step in range(1, 6):
@@ -98,7 +98,7 @@ def test_asynchronous_mode_releases_on_arrival_per_rank():
 
 
 def test_memory_of_released_steps_is_bounded():
-    aggregator = StepAggregator(DIM, remembered_steps=3)
+    aggregator = StepAggregator(remembered_steps=3)
     for step in range(10):
         aggregator.add(step, 0, 1, *_push([step]))
     assert aggregator.add(2, 0, 1, *_push([50])) == []  # older than the remembered steps: counts as applied
@@ -111,12 +111,12 @@ def test_memory_of_released_steps_is_bounded():
 )
 def test_bad_pushes_name_their_field(step, rank, world_size, field):
     with pytest.raises(RowStoreError) as caught:
-        StepAggregator(DIM).add(step, rank, world_size, *_push([1]))
+        StepAggregator().add(step, rank, world_size, *_push([1]))
     assert caught.value.field == field and caught.value.code == "INVALID_ARGUMENT"
 
 
 def test_world_size_must_agree_within_a_step():
-    aggregator = StepAggregator(DIM)
+    aggregator = StepAggregator()
     aggregator.add(0, 0, 3, *_push([1]))
     with pytest.raises(RowStoreError) as caught:
         aggregator.add(0, 1, 2, *_push([2]))
@@ -127,7 +127,7 @@ def test_world_size_must_agree_within_a_step():
 def test_pending_sums_follow_moved_slots():
     """Rank 0 pushed to the old shard; the slot moves; rank 1 pushes to the new one: nothing is lost."""
     num_slots = 4
-    old, new = StepAggregator(DIM), StepAggregator(DIM)
+    old, new = StepAggregator(), StepAggregator()
     rank0_old = _push([0, 1, 5], seed=1)  # slots 0, 1, 1
     rank0_new = _push([2], seed=2)  # slot 2, already on the new shard
     assert old.add(0, 0, 2, *rank0_old) == [] and new.add(0, 0, 2, *rank0_new) == []
@@ -144,7 +144,7 @@ def test_pending_sums_follow_moved_slots():
 
 
 def test_imported_pending_sum_completes_the_step_when_ranks_are_covered():
-    old, new = StepAggregator(DIM), StepAggregator(DIM)
+    old, new = StepAggregator(), StepAggregator()
     rank0, rank1 = _push([1, 2], seed=1), _push([3], seed=2)
     assert old.add(0, 0, 2, *rank0) == []  # rank 0 reported to the old shard only
     assert new.add(0, 1, 2, *rank1) == []  # rank 1 reported to the new shard only
