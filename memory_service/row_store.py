@@ -118,8 +118,8 @@ def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
 def _as_tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """The inverse of ``_as_numpy``."""
     if dtype == torch.bfloat16:
-        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(array))
+        return to_tensor(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+    return to_tensor(np.ascontiguousarray(array))
 
 
 class ShardStore:
