@@ -1,0 +1,37 @@
+"""Choose between the Triton kernels and the PyTorch references per call, and size the Triton launches."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKEND_ENV = "ENGRAM_KERNELS"
+BACKENDS = ("auto", "triton", "reference")
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def kernel_backend() -> str:
+    """The backend named by ``ENGRAM_KERNELS`` (``auto`` when unset)."""
+    backend = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={backend!r}: expected one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Triton on CUDA tensors (or when forced); float64 always takes the reference, whose math it keeps."""
+    backend = kernel_backend()
+    if backend == "reference" or any(t.dtype == torch.float64 for t in tensors):
+        return False
+    return backend == "triton" or all(t.is_cuda for t in tensors)
+
+
+def programs_and_chunk(total: int, target_programs: int = 512) -> tuple[int, int]:
+    """Split ``total`` work items into about ``target_programs`` contiguous chunks: (programs, chunk)."""
+    chunk = max(1, -(-total // target_programs))
+    return -(-total // chunk), chunk
+
+
+def warps_for_row(block: int) -> int:
+    """Warps for a program that holds one ``block``-wide float32 row per tensor: 8 values a thread."""
+    return max(1, min(16, block // 256))

@@ -1,0 +1,154 @@
+"""Shared checks of each Triton kernel against its PyTorch reference, used on CPU and on the GPU.
+
+Also tests the dispatcher itself (which path runs, bad input named), which needs no Triton.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+
+# Relative error against a float64 evaluation of the reference: float32 math lands near 1e-7, bf16
+# outputs near 4e-3 (the CPU interpreter truncates to bf16 instead of rounding, doubling that).
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert torch.isfinite(actual).all(), "non-finite values"
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def assert_matches_reference(fast, reference, inputs: list[torch.Tensor], *args, **kwargs) -> None:
+    """``fast(*inputs, *args)`` equals the float64 reference, forward and every input gradient."""
+    dtype = inputs[0].dtype
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    out = fast(*leaves, *args, **kwargs)
+    assert out.dtype == dtype
+    grad_out = torch.randn_like(out)
+    wanted = [t for t in leaves if t.requires_grad]
+    grads = torch.autograd.grad(out, wanted, grad_out)
+
+    exact = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    expected = reference(*exact, *args, **kwargs)
+    expected_grads = torch.autograd.grad(expected, [t for t in exact if t.requires_grad], grad_out.double())
+    names = ["output"] + [f"grad of input {i}" for i, t in enumerate(leaves) if t.requires_grad]
+    for name, got, want in zip(names, (out, *grads), (expected, *expected_grads)):
+        error = relative_error(got, want)
+        assert error < TOLERANCE[dtype], f"{name}: relative error {error:.2e} ({dtype})"
+
+
+def gather_inputs(num_rows, dim, tokens, heads, dtype, device):
+    rows = torch.randn(num_rows, dim, dtype=dtype, device=device)
+    inverse = torch.randint(0, num_rows, (tokens, heads), device=device)
+    inverse[0, :] = 0  # a row used many times: the scatter-add must sum, not overwrite
+    return rows, inverse
+
+
+def gate_inputs(tokens, hc, dim, dtype, device):
+    key = torch.randn(tokens, hc, dim, dtype=dtype, device=device)
+    hidden = torch.randn(tokens, hc, dim, dtype=dtype, device=device)
+    value = torch.randn(tokens, dim, dtype=dtype, device=device)
+    key_w = 1 + 0.3 * torch.randn(hc, dim, device=device)
+    hidden_w = 1 + 0.3 * torch.randn(hc, dim, device=device)
+    return [key, hidden, value, key_w, hidden_w]
+
+
+def conv_inputs(batch, seq, hc, dim, kernel, dtype, device):
+    value = torch.randn(batch, seq, hc, dim, dtype=dtype, device=device)
+    norm_w = 1 + 0.3 * torch.randn(hc, dim, device=device)
+    conv_w = 0.5 * torch.randn(hc * dim, kernel, device=device)
+    return [value, norm_w, conv_w]
+
+
+def check_gather(num_rows, dim, tokens, heads, dtype, device) -> None:
+    rows, inverse = gather_inputs(num_rows, dim, tokens, heads, dtype, device)
+    out = kernels.GatherRows.apply(rows, inverse, torch.float32)
+    assert torch.equal(out, kernels.gather_rows_reference(rows, inverse, torch.float32))
+    grad = torch.randn(tokens, heads * dim, dtype=dtype, device=device)
+    expected = kernels.scatter_row_grads_reference(grad.double(), inverse, num_rows)
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            row_grads = kernels.scatter_row_grads_triton(grad, inverse, num_rows)
+            again = kernels.scatter_row_grads_triton(grad, inverse, num_rows)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        assert row_grads.dtype == torch.float32
+        assert relative_error(row_grads, expected) < 1e-6
+        if deterministic:
+            assert torch.equal(row_grads, again)
+
+
+def check_gate(tokens, hc, dim, dtype, device) -> None:
+    assert_matches_reference(kernels.EngramGate.apply, kernels.engram_gate_reference,
+                             gate_inputs(tokens, hc, dim, dtype, device), torch.finfo(dtype).eps)
+
+
+def check_conv(batch, seq, hc, dim, kernel, dilation, dtype, device) -> None:
+    assert_matches_reference(kernels.ShortConv.apply, kernels.short_conv_reference,
+                             conv_inputs(batch, seq, hc, dim, kernel, dtype, device), dilation)
+
+
+def check_model_matches_reference(monkeypatch, device) -> None:
+    """The EngramMoE model's logits and every parameter gradient: Triton path == reference path."""
+    from test_model import random_batch, tiny_model
+
+    results = {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("ENGRAM_KERNELS", backend)
+        torch.manual_seed(0)
+        model = tiny_model().to(device)
+        input_ids, row_ids = random_batch(model)
+        output = model(input_ids.to(device), engram_row_ids=row_ids, labels=input_ids.to(device))
+        output.loss.backward()
+        grads = {name: p.grad.to_dense() for name, p in model.named_parameters()}
+        results[backend] = (output.logits.detach(), grads)
+    (expected_logits, expected_grads), (logits, grads) = results["reference"], results["triton"]
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+# The dispatcher: pure Python, no Triton involved.
+
+def test_reference_path_on_cpu_tensors(monkeypatch):
+    monkeypatch.delenv("ENGRAM_KERNELS", raising=False)
+    rows, inverse = gather_inputs(5, 4, 3, 2, torch.float32, "cpu")
+    assert not kernels.use_triton(rows)
+    assert torch.equal(kernels.gather_rows(rows, inverse, torch.float32), rows[inverse].reshape(3, 8))
+
+
+def test_forced_backends(monkeypatch):
+    rows = torch.zeros(2, 2)
+    monkeypatch.setenv("ENGRAM_KERNELS", "triton")
+    assert kernels.use_triton(rows)
+    assert not kernels.use_triton(rows.double()), "float64 keeps the reference's float64 math"
+    monkeypatch.setenv("ENGRAM_KERNELS", "reference")
+    assert not kernels.use_triton(rows)
+    monkeypatch.setenv("ENGRAM_KERNELS", "fast")
+    with pytest.raises(ValueError, match="ENGRAM_KERNELS"):
+        kernels.use_triton(rows)
+
+
+@pytest.mark.parametrize("call, field", [
+    (lambda: kernels.gather_rows(torch.zeros(4), torch.zeros(2, 2, dtype=torch.long), torch.float32), "unique_rows"),
+    (lambda: kernels.gather_rows(torch.zeros(4, 2), torch.zeros(2, 2), torch.float32), "inverse"),
+    (lambda: kernels.engram_gate(*gate_inputs(3, 2, 4, torch.float32, "cpu")[:2], torch.zeros(3, 5),
+                                 torch.ones(2, 4), torch.ones(2, 4)), "value"),
+    (lambda: kernels.engram_gate(*gate_inputs(3, 2, 4, torch.float32, "cpu")[:3], torch.ones(4), torch.ones(2, 4)),
+     "key_norm_w"),
+    (lambda: kernels.short_conv(torch.zeros(1, 3, 2, 4), torch.ones(2, 4), torch.ones(7, 4), 1), "conv_w"),
+    (lambda: kernels.short_conv(torch.zeros(1, 3, 2, 4), torch.ones(2, 4), torch.ones(8, 4), 0), "dilation"),
+])
+def test_bad_input_names_the_field(call, field):
+    with pytest.raises(ValueError, match=field):
+        call()
