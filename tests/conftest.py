@@ -15,3 +15,18 @@ def golden_dir() -> Path:
     if not (GOLDEN_DIR / "hash_demo_config.json").exists():
         pytest.fail(f"golden vectors not found in {GOLDEN_DIR}; set ENGRAM_GOLDEN_DIR")
     return GOLDEN_DIR
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session; the local node can host memory shards.
+
+    Yields the cluster's GCS address (for CLI subprocesses, which join it with ``--address``).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 resources={"engram_memory": 16}, namespace="engram-tests")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

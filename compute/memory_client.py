@@ -1,0 +1,370 @@
+"""MemoryClient: looks Engram rows up from the memory shards and pushes their gradients, over gRPC.
+
+Talks to the memory service only through the ``engram.memory.v1`` protos: the directory gives the
+routing (slot -> shard, with an epoch), the shards serve rows. Calls run on a private event loop
+thread and return ``concurrent.futures.Future``s, so a training step can overlap them with compute.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import random
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from protos import engram_memory_v1_pb2 as pb
+from protos import engram_memory_v1_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+# The controller's Ray name and namespace (memory_service.controller), for clients inside Ray.
+CONTROLLER_NAME = "engram-memory-controller"
+NAMESPACE = "engram"
+ROUTING_EPOCH_KEY = "engram-routing-epoch"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+WIRE_DTYPES = {torch.float32: pb.FLOAT32, torch.bfloat16: pb.BFLOAT16, torch.float16: pb.FLOAT16}
+LOOKUP_METHOD = "/engram.memory.v1.ShardService/Lookup"
+TRANSIENT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+# Rows arrive as immutable bytes and are viewed without a copy, then copied once into the result.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+class MemoryServiceError(RuntimeError):
+    """A call the memory service refused; ``code`` is the gRPC status, the message is the server's."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.details = message
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff for routing changes and transient failures: exponential with jitter, bounded in time."""
+
+    initial_s: float = 0.005
+    max_s: float = 0.5
+    deadline_s: float = 60.0
+
+    def delays(self):
+        delay, start = self.initial_s, time.monotonic()
+        while time.monotonic() - start < self.deadline_s:
+            yield delay * (0.5 + random.random())
+            delay = min(delay * 2, self.max_s)
+
+
+@dataclasses.dataclass(frozen=True)
+class PushResult:
+    applied_rows: int
+    duplicate: bool
+    pending: bool
+
+
+@dataclasses.dataclass
+class _TableRoute:
+    num_slots: int
+    dim: int
+    rows: int
+    owners: np.ndarray  # int32 [num_slots]
+
+
+class _Retry(Exception):
+    """A part of a call must be resent after the routing is refreshed."""
+
+
+class MemoryClient:
+    """Client of one memory deployment, addressed by its directory (``host:port``)."""
+
+    def __init__(self, directory: str, token: str | None = None, *, tls_cert_file: str | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_rows_per_request: int = 65536,
+                 retry: RetryPolicy = RetryPolicy()):
+        self._directory_address = directory
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._credentials = grpc.ssl_channel_credentials(Path(tls_cert_file).read_bytes()) if tls_cert_file else None
+        self._options = [("grpc.max_send_message_length", max_message_bytes),
+                         ("grpc.max_receive_message_length", max_message_bytes)]
+        self._max_message_bytes = max_message_bytes
+        self._max_rows_per_request = max_rows_per_request
+        self._retry = retry
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, pb_grpc.ShardServiceStub] = {}
+        self._epoch = 0
+        self._tables: dict[str, _TableRoute] = {}
+        self._shard_addresses: dict[int, str] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="memory-client", daemon=True)
+        self._thread.start()
+        self._run(self._refresh_routing()).result()
+
+    @classmethod
+    def from_controller(cls, name: str = CONTROLLER_NAME, namespace: str = NAMESPACE, **kwargs) -> "MemoryClient":
+        """Inside a Ray cluster: ask the controller actor for the directory address and token."""
+        import ray
+
+        info = ray.get(ray.get_actor(name, namespace=namespace).connection_info.remote())
+        return cls(info["directory"], info["token"], tls_cert_file=info["tls_cert_file"], **kwargs)
+
+    # ---- public API -------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        """The routing epoch this client currently uses."""
+        return self._epoch
+
+    def table_dim(self, table: str) -> int:
+        return self._route(table).dim
+
+    def lookup(self, table: str, row_ids, dtype: torch.dtype = torch.bfloat16,
+               pin_memory: bool = False) -> concurrent.futures.Future:
+        """A future of the rows of ``row_ids`` ([n, dim] in ``dtype``), in the caller's order."""
+        if dtype not in WIRE_DTYPES:
+            raise ValueError(f"dtype: must be one of {list(WIRE_DTYPES)}, got {dtype}")
+        ids = _as_int64(row_ids, "row_ids")
+        return self._run(self._lookup(table, ids, dtype, pin_memory))
+
+    def push(self, table: str, row_ids, grads, step: int, rank: int = 0, world_size: int = 1,
+             synchronous: bool = True) -> concurrent.futures.Future:
+        """Send the gradients of unique ``row_ids`` for (step, rank); a future of the combined PushResult."""
+        ids = _as_int64(row_ids, "row_ids")
+        grads = torch.as_tensor(grads).detach().to("cpu", torch.float32).contiguous()
+        if grads.ndim != 2 or grads.shape[0] != len(ids):
+            raise ValueError(f"grads: expected shape [{len(ids)}, dim], got {tuple(grads.shape)}")
+        return self._run(self._push(table, ids, grads, step, rank, world_size, synchronous))
+
+    def tables(self) -> list[pb.TableSpecInfo]:
+        """The deployed tables' specs, from the directory."""
+        return list(self._run(self._directory_call("ListTables", pb.ListTablesRequest())).result().tables)
+
+    def refresh_routing(self) -> int:
+        """Fetch the routing now; return its epoch."""
+        self._run(self._refresh_routing()).result()
+        return self._epoch
+
+    def close(self) -> None:
+        async def close_channels():
+            for channel in self._channels.values():
+                await channel.close()
+
+        if self._loop.is_running():
+            self._run(close_channels()).result()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> "MemoryClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- plumbing ---------------------------------------------------------------------------
+
+    def _run(self, coroutine) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            if self._credentials is not None:
+                channel = grpc.aio.secure_channel(address, self._credentials, options=self._options)
+            else:
+                channel = grpc.aio.insecure_channel(address, options=self._options)
+            self._channels[address] = channel
+        return self._channels[address]
+
+    def _stub(self, shard: int) -> pb_grpc.ShardServiceStub:
+        address = self._shard_addresses[shard]
+        if address not in self._stubs:
+            stub = pb_grpc.ShardServiceStub(self._channel(address))
+            # Same bytes on the wire; only the reply's rows are read as a view instead of parsed.
+            stub.Lookup = self._channel(address).unary_unary(
+                LOOKUP_METHOD, request_serializer=pb.LookupRequest.SerializeToString, response_deserializer=_lookup_rows)
+            self._stubs[address] = stub
+        return self._stubs[address]
+
+    async def _directory_call(self, method: str, request):
+        stub = pb_grpc.DirectoryServiceStub(self._channel(self._directory_address))
+        try:
+            return await getattr(stub, method)(request, metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            raise MemoryServiceError(error.code(), error.details()) from None
+
+    async def _refresh_routing(self) -> None:
+        routing = await self._directory_call("GetRouting", pb.GetRoutingRequest())
+        self._shard_addresses = {s.index: s.address for s in routing.shards}
+        self._tables = {t.name: _TableRoute(t.num_slots, t.dim, t.rows, np.frombuffer(t.owners, dtype="<i4"))
+                        for t in routing.tables}
+        if routing.epoch != self._epoch:
+            log.debug("routing epoch %d -> %d", self._epoch, routing.epoch)
+        self._epoch = routing.epoch
+
+    def _route(self, table: str) -> _TableRoute:
+        if table not in self._tables:
+            raise MemoryServiceError(grpc.StatusCode.NOT_FOUND,
+                                     f"table: unknown table {table!r}; deployed: {sorted(self._tables)}")
+        return self._tables[table]
+
+    def _split(self, route: _TableRoute, ids: np.ndarray, positions: np.ndarray) -> dict[int, np.ndarray]:
+        """``positions`` (into ``ids``) grouped by owning shard, each group cut to the request size."""
+        shards = route.owners[ids[positions] % route.num_slots]
+        order = np.argsort(shards, kind="stable")
+        present, starts = np.unique(shards[order], return_index=True)
+        return {int(shard): positions[group] for shard, group in zip(present, np.split(order, starts[1:]))}
+
+    async def _with_retries(self, attempt, pending: np.ndarray):
+        """Run ``attempt(pending)`` -> positions still to resend, refreshing routing between tries."""
+        delays = self._retry.delays()
+        while True:
+            pending = await attempt(pending)
+            if not len(pending):
+                return
+            delay = next(delays, None)
+            if delay is None:
+                raise MemoryServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                         f"gave up after {self._retry.deadline_s}s of routing changes/failures")
+            await asyncio.sleep(delay)
+            try:
+                await self._refresh_routing()
+            except MemoryServiceError as error:
+                if error.code not in TRANSIENT_CODES:
+                    raise
+
+    async def _call_shard(self, shard: int, method: str, request):
+        """One RPC; raises _Retry for routing refusals and transient failures, MemoryServiceError else."""
+        try:
+            return await getattr(self._stub(shard), method)(request, metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            trailing = dict(error.trailing_metadata() or ())
+            if error.code() in TRANSIENT_CODES or ROUTING_EPOCH_KEY in trailing:
+                log.debug("shard %d %s: %s; will retry", shard, method, error.details())
+                raise _Retry() from None
+            raise MemoryServiceError(error.code(), error.details()) from None
+
+    async def _gather_parts(self, parts: list[tuple[np.ndarray, Any]]) -> np.ndarray:
+        """Await (positions, coroutine) parts; return the positions of the parts to resend."""
+        results = await asyncio.gather(*(coroutine for _, coroutine in parts), return_exceptions=True)
+        retry = [positions for (positions, _), result in zip(parts, results) if isinstance(result, _Retry)]
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, _Retry):
+                raise result
+        return np.concatenate(retry) if retry else np.empty(0, dtype=np.int64)
+
+    # ---- lookup -----------------------------------------------------------------------------
+
+    async def _lookup(self, table: str, ids: np.ndarray, dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
+        route = self._route(table)
+        unique, inverse = torch.unique(torch.from_numpy(ids), sorted=True, return_inverse=True)
+        unique = unique.numpy()
+        # Received rows land shard after shard in `received`; `where[p]` is the row of unique id p there.
+        layout = np.concatenate([*self._split(route, unique, np.arange(len(unique))).values(), np.empty(0, np.int64)])
+        where = np.empty(len(unique), dtype=np.int64)
+        where[layout] = np.arange(len(unique))
+        received = torch.empty((len(unique), route.dim), dtype=dtype)
+        wire_dtype = WIRE_DTYPES[dtype]
+        per_request = max(1, min(self._max_rows_per_request,
+                                 self._max_message_bytes // 2 // (route.dim * received.element_size())))
+
+        async def fetch(shard: int, positions: np.ndarray) -> None:
+            request = pb.LookupRequest(table=table, row_ids=unique[positions].tobytes(), dtype=wire_dtype)
+            payload = await self._call_shard(shard, "Lookup", request)
+            rows = torch.frombuffer(payload, dtype=dtype).view(len(positions), route.dim)
+            destination = where[positions]
+            if destination[-1] - destination[0] + 1 == len(destination):  # the usual case: one slice
+                received[destination[0]:destination[-1] + 1].copy_(rows)
+            else:  # a retry after a routing change: scattered
+                _as_words(received).index_copy_(0, torch.from_numpy(destination), _as_words(rows))
+
+        async def attempt(pending: np.ndarray) -> np.ndarray:
+            parts = [(chunk, fetch(shard, chunk))
+                     for shard, positions in self._split(self._route(table), unique, pending).items()
+                     for chunk in np.array_split(positions, -(-len(positions) // per_request))]
+            return await self._gather_parts(parts)
+
+        await self._with_retries(attempt, np.arange(len(unique)))
+        order = torch.from_numpy(where).index_select(0, inverse)
+        out = _as_words(received).index_select(0, order).view(dtype)
+        if pin_memory and torch.cuda.is_available():
+            out = out.pin_memory()
+        return out
+
+    # ---- push -------------------------------------------------------------------------------
+
+    async def _push(self, table: str, ids: np.ndarray, grads: torch.Tensor, step: int, rank: int,
+                    world_size: int, synchronous: bool) -> PushResult:
+        self._route(table)
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError("row_ids: a push must name each row once (sum duplicate rows' gradients first)")
+        totals = {"applied": 0, "duplicate": False, "pending": False}
+
+        async def send(shard: int, positions: np.ndarray) -> None:
+            request = pb.UpdateRequest(
+                table=table, row_ids=ids[positions].tobytes(), grads=_tensor_bytes(grads[torch.from_numpy(positions)]),
+                grad_dtype=pb.FLOAT32, step=step, rank=rank, world_size=world_size, synchronous=synchronous)
+            reply = await self._call_shard(shard, "Update", request)
+            totals["applied"] += reply.applied_rows
+            totals["duplicate"] |= reply.duplicate
+            totals["pending"] |= reply.pending
+
+        async def attempt(pending: np.ndarray) -> np.ndarray:
+            route_now = self._route(table)
+            groups = self._split(route_now, ids, pending)
+            if synchronous:  # every owner of the table's slots must hear from every rank, rows or not
+                for shard in np.unique(route_now.owners).tolist():
+                    groups.setdefault(shard, np.empty(0, dtype=np.int64))
+            return await self._gather_parts([(positions, send(shard, positions)) for shard, positions in groups.items()])
+
+        await self._with_retries(attempt, np.arange(len(ids)))
+        return PushResult(totals["applied"], totals["duplicate"], totals["pending"])
+
+
+def _as_int64(row_ids, field: str) -> np.ndarray:
+    ids = row_ids.detach().cpu().numpy() if isinstance(row_ids, torch.Tensor) else np.asarray(row_ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{field}: expected a 1-D array of integers, got {ids.dtype} with shape {ids.shape}")
+    return np.ascontiguousarray(ids, dtype="<i8")
+
+
+def _as_words(rows: torch.Tensor) -> torch.Tensor:
+    """Rows viewed as int64 words when they fit (row copies by index run several times faster)."""
+    return rows.view(torch.int64) if rows.shape[-1] * rows.element_size() % 8 == 0 else rows
+
+
+def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = view[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _lookup_rows(data: bytes) -> memoryview:
+    """The ``rows`` field of ``LookupResponse`` bytes as a view, without the two copies protobuf makes."""
+    view, pos, rows = memoryview(data), 0, memoryview(b"")
+    while pos < len(view):
+        key, pos = _read_varint(view, pos)
+        if key & 7 == 2:
+            length, pos = _read_varint(view, pos)
+            if key >> 3 == 1:
+                rows = view[pos:pos + length]
+            pos += length
+        elif key & 7 == 0:
+            _, pos = _read_varint(view, pos)
+        else:
+            raise ValueError(f"LookupResponse: unexpected wire type {key & 7} of field {key >> 3}")
+    return rows
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().view(torch.uint8).numpy().tobytes()

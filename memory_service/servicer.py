@@ -1,0 +1,276 @@
+"""The ShardService: one shard's tables behind gRPC, with routing epochs, moves and push dedup.
+
+Handlers do their work without awaiting, so each request is atomic with respect to the others on
+the shard's event loop: a freeze, export or checkpoint never interleaves with half an update.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+from memory_service import checkpoint
+from memory_service.metrics import ShardMetrics
+from memory_service.row_store import RowStoreError, ShardStore, SlotNotOwned
+from memory_service.server import DEFAULT_MAX_MESSAGE_BYTES
+from memory_service.slots import slot_of
+from memory_service.step_aggregator import StepAggregator
+from memory_service.table_spec import SpecError, TableSpec
+from memory_service.wire import (DTYPE_NAMES, arrays_from_proto, arrays_to_proto, encode_lookup_response,
+                                 pending_from_arrays, pending_to_arrays, tensor_from_bytes)
+from protos import engram_memory_v1_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+# Trailing metadata on routing refusals: clients refresh the routing and retry only these.
+ROUTING_EPOCH_KEY = "engram-routing-epoch"
+
+
+class RequestRejected(Exception):
+    """A request the servicer refuses before touching the store; ``code`` is a grpc.StatusCode name."""
+
+    def __init__(self, code: str, field: str, message: str, routing: bool = False):
+        super().__init__(message)
+        self.code, self.field, self.routing = code, field, routing
+
+
+def _handler(method: str):
+    """Run a synchronous handler body, map refusals to status codes and record metrics."""
+
+    def decorate(body):
+        @functools.wraps(body)
+        async def handler(self: "ShardServicer", request, context: grpc.aio.ServicerContext):
+            start = time.perf_counter()
+            try:
+                response, rows = body(self, request)
+            except (RowStoreError, RequestRejected, SpecError) as error:
+                await self._refuse(context, error)
+            self.metrics.record(method, time.perf_counter() - start, rows)
+            return response
+
+        return handler
+
+    return decorate
+
+
+class ShardServicer:
+    """Serves the tables of one ShardStore; ``shard_index`` and ``epoch`` name it in routing errors."""
+
+    def __init__(self, shard_index: int, metrics: ShardMetrics | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.shard_index = shard_index
+        self.epoch = 0
+        self.address = ""
+        self.node = ""
+        self.store = ShardStore()
+        self.metrics = metrics or ShardMetrics()
+        self.max_message_bytes = max_message_bytes
+        self._frozen: dict[str, set[int]] = {}
+        self._aggregators: dict[tuple[str, bool], StepAggregator] = {}  # (table, synchronous)
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register every ShardService method; Lookup replies skip protobuf's copies (same bytes)."""
+        service = pb.DESCRIPTOR.services_by_name["ShardService"]
+        handlers = {
+            method.name: grpc.unary_unary_rpc_method_handler(
+                getattr(self, method.name), request_deserializer=getattr(pb, method.input_type.name).FromString,
+                response_serializer=getattr(pb, method.output_type.name).SerializeToString)
+            for method in service.methods
+        }
+        handlers["Lookup"] = grpc.unary_unary_rpc_method_handler(
+            self.Lookup, request_deserializer=pb.LookupRequest.FromString,
+            response_serializer=lambda reply: encode_lookup_response(*reply))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+    # ---- errors ---------------------------------------------------------------------------
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
+        if isinstance(error, SpecError):
+            code, message = "INVALID_ARGUMENT", str(error)
+        else:
+            code, message = error.code, str(error)
+        if isinstance(error, SlotNotOwned) or getattr(error, "routing", False):
+            message = f"{message} (shard {self.shard_index}, routing epoch {self.epoch}); refresh the routing"
+            context.set_trailing_metadata(((ROUTING_EPOCH_KEY, str(self.epoch)),))
+        log.debug("refused with %s: %s", code, message)
+        await context.abort(getattr(grpc.StatusCode, code), message)
+
+    def _spec(self, table: str) -> TableSpec:
+        if not table:
+            raise RequestRejected("INVALID_ARGUMENT", "table", "table: must name a table")
+        return self.store.spec(table)
+
+    @staticmethod
+    def _row_ids(data: bytes) -> np.ndarray:
+        if len(data) % 8:
+            raise RequestRejected("INVALID_ARGUMENT", "row_ids",
+                                  f"row_ids: {len(data)} bytes is not a whole number of int64 ids")
+        return np.frombuffer(data, dtype="<i8")
+
+    @staticmethod
+    def _dtype(value: int, field: str) -> str:
+        if value not in DTYPE_NAMES:
+            raise RequestRejected("INVALID_ARGUMENT", field,
+                                  f"{field}: must be one of {sorted(DTYPE_NAMES.values())}, got enum value {value}")
+        return DTYPE_NAMES[value]
+
+    # ---- data plane -----------------------------------------------------------------------
+
+    @_handler("lookup")
+    def Lookup(self, request: pb.LookupRequest):
+        spec = self._spec(request.table)
+        dtype = self._dtype(request.dtype, "dtype")
+        ids = self._row_ids(request.row_ids)
+        reply_bytes = len(ids) * spec.dim * torch.finfo(getattr(torch, dtype)).bits // 8
+        if reply_bytes > self.max_message_bytes:
+            raise RequestRejected(
+                "RESOURCE_EXHAUSTED", "row_ids",
+                f"row_ids: {len(ids)} rows make a {reply_bytes}-byte reply, over max_message_bytes="
+                f"{self.max_message_bytes}; split the lookup")
+        rows = self.store.gather(request.table, ids, dtype)
+        return (rows, request.dtype, self.epoch), len(ids)  # encoded by encode_lookup_response
+
+    @_handler("update")
+    def Update(self, request: pb.UpdateRequest):
+        spec = self._spec(request.table)
+        ids = self._row_ids(request.row_ids)
+        grads = self._grads(request, spec, len(ids))
+        self._check_not_frozen(request.table, np.unique(slot_of(ids, spec.num_slots)))
+        ids, grads = self.store.check_gradients(request.table, ids, grads)
+        aggregator = self._aggregator(request.table, request.synchronous)
+        ready = aggregator.add(request.step, request.rank, request.world_size, ids, grads)
+        applied = self._apply(request.table, ready)
+        pending = request.synchronous and request.step in aggregator.pending_steps()
+        duplicate = not ready and not pending and len(ids) > 0
+        return pb.UpdateResponse(applied_rows=applied, duplicate=duplicate, pending=pending, epoch=self.epoch), len(ids)
+
+    def _grads(self, request: pb.UpdateRequest, spec: TableSpec, num_rows: int) -> torch.Tensor:
+        dtype = self._dtype(request.grad_dtype, "grad_dtype")
+        expected = num_rows * spec.dim * torch.finfo(getattr(torch, dtype)).bits // 8
+        if len(request.grads) != expected:
+            raise RequestRejected(
+                "INVALID_ARGUMENT", "grads",
+                f"grads: expected {expected} bytes ({num_rows} rows x dim {spec.dim} x {dtype}), got {len(request.grads)}")
+        return tensor_from_bytes(request.grads, dtype, (num_rows, spec.dim)).float()
+
+    def _aggregator(self, table: str, synchronous: bool) -> StepAggregator:
+        key = (table, synchronous)
+        if key not in self._aggregators:
+            self._aggregators[key] = StepAggregator(synchronous=synchronous)
+        return self._aggregators[key]
+
+    def _apply(self, table: str, updates) -> int:
+        for row_ids, summed in updates:
+            self.store.apply_gradients(table, row_ids, summed)
+        return sum(len(row_ids) for row_ids, _ in updates)
+
+    def _check_not_frozen(self, table: str, slots: np.ndarray) -> None:
+        moving = self._frozen.get(table, set()).intersection(slots.tolist())
+        if moving:
+            raise RequestRejected("FAILED_PRECONDITION", "row_ids",
+                                  f"row_ids: slots {sorted(moving)} of table '{table}' are moving to another shard",
+                                  routing=True)
+
+    @_handler("stats")
+    def Stats(self, request: pb.StatsRequest):
+        tables = [
+            pb.TableStats(name=spec.name, rows=self.store.num_rows(spec.name),
+                          slots=len(self.store.owned_slots(spec.name)),
+                          bytes=self.store.num_rows(spec.name) * spec.bytes_per_row())
+            for spec in self.store.specs()
+        ]
+        p50, p99 = self.metrics.lookup_percentiles_ms()
+        response = pb.StatsResponse(
+            shard_index=self.shard_index, address=self.address, node=self.node, epoch=self.epoch,
+            memory_bytes=self.store.memory_bytes(), tables=tables, requests_total=self.metrics.requests_total,
+            requests_per_s=self.metrics.requests_per_s(), p50_lookup_ms=p50, p99_lookup_ms=p99)
+        return response, 0
+
+    @_handler("checksum")
+    def Checksum(self, request: pb.ChecksumRequest):
+        self._spec(request.table)
+        return pb.ChecksumResponse(sha256=self.store.checksum(request.table)), 0
+
+    # ---- control plane --------------------------------------------------------------------
+
+    @_handler("add_table")
+    def AddTable(self, request: pb.AddTableRequest):
+        try:
+            spec = TableSpec.from_dict(json.loads(request.spec_json))
+        except json.JSONDecodeError as error:
+            raise RequestRejected("INVALID_ARGUMENT", "spec_json", f"spec_json: not JSON ({error})") from None
+        self.store.add_table(spec, list(request.slots))
+        self.epoch = max(self.epoch, request.epoch)
+        return pb.AddTableResponse(), 0
+
+    @_handler("drop_table")
+    def DropTable(self, request: pb.DropTableRequest):
+        self._spec(request.table)
+        self.store.drop_table(request.table)
+        self._frozen.pop(request.table, None)
+        for synchronous in (False, True):
+            self._aggregators.pop((request.table, synchronous), None)
+        return pb.DropTableResponse(), 0
+
+    @_handler("set_epoch")
+    def SetEpoch(self, request: pb.SetEpochRequest):
+        self.epoch = request.epoch
+        return pb.SetEpochResponse(), 0
+
+    @_handler("freeze_slots")
+    def FreezeSlots(self, request: pb.FreezeSlotsRequest):
+        self._spec(request.table)
+        frozen = self._frozen.setdefault(request.table, set())
+        if request.frozen:
+            frozen.update(request.slots)
+        else:
+            frozen.difference_update(request.slots)
+        return pb.FreezeSlotsResponse(), 0
+
+    @_handler("export_slots")
+    def ExportSlots(self, request: pb.ExportSlotsRequest):
+        spec = self._spec(request.table)
+        arrays = self.store.export_slots(request.table, list(request.slots))
+        # Partial sums of synchronous steps travel with their slots; the step completes on the target.
+        pending = self._aggregator(request.table, True).export_pending(request.slots, spec.num_slots)
+        arrays.update(pending_to_arrays(pending))
+        return pb.ExportSlotsResponse(arrays=arrays_to_proto(arrays)), 0
+
+    @_handler("import_slots")
+    def ImportSlots(self, request: pb.ImportSlotsRequest):
+        self._spec(request.table)
+        arrays = arrays_from_proto(request.arrays)
+        pending = pending_from_arrays(arrays)  # removes the pending entries from `arrays`
+        self.store.import_slots(request.table, arrays)
+        self._apply(request.table, self._aggregator(request.table, True).import_pending(pending))
+        return pb.ImportSlotsResponse(), 0
+
+    @_handler("release_slots")
+    def ReleaseSlots(self, request: pb.ReleaseSlotsRequest):
+        self._spec(request.table)
+        self.store.release_slots(request.table, list(request.slots))
+        self._frozen.get(request.table, set()).difference_update(request.slots)
+        return pb.ReleaseSlotsResponse(), 0
+
+    @_handler("checkpoint")
+    def Checkpoint(self, request: pb.CheckpointRequest):
+        files = []
+        for spec in self.store.specs():
+            slots = self.store.owned_slots(spec.name)
+            path = checkpoint.write_shard_file(Path(request.directory), spec.name, self.shard_index,
+                                               self.store.export_slots(spec.name, slots))
+            files.append(pb.CheckpointFile(table=spec.name, path=path, slots=slots))
+        return pb.CheckpointResponse(files=files), 0
+
+    @_handler("restore")
+    def Restore(self, request: pb.RestoreRequest):
+        spec = self._spec(request.table)
+        for arrays in checkpoint.read_slots(Path(request.directory), spec, list(request.paths), list(request.slots)):
+            self.store.import_slots(request.table, arrays)
+        return pb.RestoreResponse(), 0
