@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from compute.config import EngramConfig
+from compute import ngram_hash
 from compute.ngram_hash import NgramHasher, is_prime
 
 DEMO_VOCAB, DEMO_PAD = 99092, 2
@@ -99,9 +100,18 @@ def test_head_primes_are_distinct_primes_above_each_order_size(config):
             assert np.all(np.diff(order_primes) > 0)
 
 
+@pytest.fixture(params=["default", "tiny"])
+def block_sizes(request, monkeypatch):
+    """Run with the real block and chunk sizes, and with tiny ones that put boundaries everywhere."""
+    if request.param == "tiny":
+        monkeypatch.setattr(ngram_hash, "_BLOCK_TOKENS", 50)
+        monkeypatch.setattr(ngram_hash, "_CHUNK_TOKENS", 16)
+    return request.param
+
+
 @pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("shape", [(3, 37), (1, 5000), (700, 7)])  # column windows and row blocks
-def test_random_ids_match_reference(config, shape):
+@pytest.mark.parametrize("shape", [(3, 37), (1, 5000), (700, 7)])  # one long row, many short ones
+def test_random_ids_match_reference(config, shape, block_sizes):
     vocab = 50 if shape == (700, 7) else DEMO_VOCAB  # tiny vocab: large multipliers, mixes near 2^63
     hasher = NgramHasher(config, vocab, vocab - 1)
     ids = np.random.default_rng(sum(shape)).integers(0, vocab, size=shape)
@@ -141,6 +151,18 @@ def test_left_context_continues_a_sequence(config):
         hasher.hash(ids[:, 5:], left_context=context)[layer_id],
         reference_hash_ids(hasher, ids[:, 5:], layer_id, context=context.tolist())[:, :, :],
     )
+
+
+def test_results_can_land_in_a_reused_buffer(demo_hasher, golden):
+    ids = np.array([golden["cases"][0]["compressed_ids"]])
+    buffer = np.full((2, *ids.shape, 16), -1, dtype=np.int64)
+    for _ in range(2):
+        rows = demo_hasher.row_ids(ids, out=buffer)
+        for index, layer_id in enumerate(demo_hasher.layer_ids):
+            assert np.shares_memory(rows[layer_id], buffer[index])
+            assert rows[layer_id][0].tolist() == golden["cases"][0]["layers"][str(layer_id)]["row_ids"]
+    with pytest.raises(ValueError, match="out"):
+        demo_hasher.row_ids(ids, out=np.empty((2, *ids.shape, 15), dtype=np.int64))
 
 
 def test_empty_batches(demo_hasher):
