@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/engram demo
+	$(VENV)/bin/engram model-demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
