@@ -20,7 +20,7 @@ _MIX32_MUL1 = 0x7FEB352D
 _MIX32_MUL2 = 0x846CA68B - (1 << 32)
 
 # Elements hashed per pass: large enough to amortise op overhead, small enough to stay in cache.
-_CHUNK_ELEMENTS = 1 << 16
+_CHUNK_ELEMENTS = 1 << 18
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
