@@ -1,6 +1,7 @@
 """EngramMoE: a decoder-only MoE transformer with hyper-connections and Engram memory layers."""
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from typing import Mapping
 
@@ -90,9 +91,11 @@ class EngramMoEModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         engram_row_ids: Mapping[int, torch.Tensor] | None = None,
-        engram_rows: Mapping[int, EngramRows] | None = None,
+        engram_rows: Mapping[int, EngramRows | concurrent.futures.Future] | None = None,
         labels: torch.Tensor | None = None,
     ) -> ModelOutput:
+        """Rows given as futures (``RowTable.lookup_async``) are awaited only when their layer runs, so
+        a remote fetch overlaps the layers before it."""
         if engram_rows is None:
             if engram_row_ids is None:
                 raise ValueError("forward needs engram_row_ids or prefetched engram_rows")
@@ -102,7 +105,10 @@ class EngramMoEModel(nn.Module):
         branches = tokens.unsqueeze(2).expand(-1, -1, hc, -1).contiguous()
         balance_losses = []
         for layer, block in enumerate(self.blocks):
-            branches, balance_loss = block(branches, engram_rows.get(layer) if block.engram else None)
+            rows = engram_rows[layer] if block.engram else None
+            if isinstance(rows, concurrent.futures.Future):
+                rows = rows.result()
+            branches, balance_loss = block(branches, rows)
             balance_losses.append(balance_loss)
         logits = self.lm_head(self.final_norm(branches.mean(dim=2)))
         output = ModelOutput(logits=logits, balance_loss=torch.stack(balance_losses).mean())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import abc
+import concurrent.futures
 import dataclasses
 
 import torch
@@ -32,6 +33,12 @@ class RowTable(abc.ABC):
     @abc.abstractmethod
     def lookup(self, row_ids: torch.Tensor) -> EngramRows:
         """Rows for ``row_ids [B, T, heads]`` as unique rows plus an inverse index."""
+
+    def lookup_async(self, row_ids: torch.Tensor) -> concurrent.futures.Future:
+        """A future of ``lookup(row_ids)``; remote tables override it to overlap the fetch with compute."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_result(self.lookup(row_ids))
+        return future
 
 
 def check_row_ids(row_ids: torch.Tensor, num_rows: int) -> None:

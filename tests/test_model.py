@@ -115,3 +115,13 @@ def test_parameter_counts_split_dense_from_engram():
     assert counts["engram_tables"] == 2 * TABLE_ROWS * model.config.engram.row_dim
     total = sum(p.numel() for p in model.parameters())
     assert counts["dense"] + counts["engram_module"] + counts["engram_tables"] == total
+
+
+def test_rows_given_as_futures_equal_rows_looked_up_in_place():
+    model = tiny_model(hc_mult=2).eval()
+    input_ids, row_ids = random_batch(model)
+    futures = {layer: model.row_tables[layer].lookup_async(ids) for layer, ids in row_ids.items()}
+    with torch.no_grad():
+        direct = model(input_ids, engram_row_ids=row_ids).logits
+        prefetched = model(input_ids, engram_rows=futures).logits
+    torch.testing.assert_close(direct, prefetched, rtol=0, atol=0)
