@@ -269,9 +269,9 @@ class ShardStore:
             raise _invalid("row_ids", f"must be one-dimensional, got shape {tuple(ids.shape)}")
         ids = ids.to(torch.int64)
         if len(ids):
-            low, high = torch.aminmax(ids)
+            low, high = (int(value) for value in torch.aminmax(ids))
             if low < 0 or high >= spec.rows:
-                bad = int(low) if low < 0 else int(high)
+                bad = low if low < 0 else high
                 raise _invalid("row_ids", f"row id {bad} outside table {spec.name!r} of {spec.rows} rows")
         return ids
 
@@ -284,7 +284,7 @@ class ShardStore:
         else:
             slots, local = ids % num_slots, ids // num_slots
         base = table.slot_base.index_select(0, slots)
-        if len(base) and base.min() < 0:
+        if len(base) and int(base.min()) < 0:
             raise SlotNotOwned(table.spec.name, torch.unique(slots[base < 0]).tolist())
         return base.add_(local)
 
