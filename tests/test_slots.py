@@ -34,29 +34,43 @@ def test_split_groups_positions_by_owner():
     assert np.array_equal(groups[0], [0, 5])  # caller order kept inside a shard
 
 
+def _minimum_moves(before: SlotMap, num_shards: int) -> int:
+    """A lower bound: every slot of a removed shard, plus each kept shard's excess over its best quota."""
+    held = np.bincount(before.owners, minlength=max(num_shards, before.num_shards))
+    base, extra = divmod(before.num_slots, num_shards)
+    quotas = np.array([base + 1] * extra + [base] * (num_shards - extra))
+    kept = np.sort(held[:num_shards])[::-1]  # the largest holders keep the larger quotas
+    return int(held[num_shards:].sum() + np.maximum(kept - quotas, 0).sum())
+
+
+def _check_rebalance(before: SlotMap, num_shards: int) -> SlotMap:
+    after, moves = before.rebalanced(num_shards)
+    assert after.epoch == before.epoch + 1
+    counts = np.bincount(after.owners, minlength=num_shards)
+    assert len(counts) == num_shards and counts.max() - counts.min() <= 1
+    assert len(moves) == _minimum_moves(before, num_shards)
+    for slot, source, target in moves:
+        assert before.owners[slot] == source and after.owners[slot] == target and source != target
+    changed = np.flatnonzero(before.owners != after.owners)
+    assert sorted(slot for slot, _, _ in moves) == changed.tolist()
+    return after
+
+
 @pytest.mark.parametrize("path", [[2, 3, 1], [1, 4, 7, 2], [5, 5, 6], [3, 8, 1, 8]])
 def test_rebalance_moves_the_minimum(path):
-    num_slots = 1024
-    slot_map = SlotMap.even(num_slots, path[0])
+    slot_map = SlotMap.even(1024, path[0])
     for num_shards in path[1:]:
-        before = slot_map
-        slot_map, moves = before.rebalanced(num_shards)
-        assert slot_map.epoch == before.epoch + 1
-        counts = np.bincount(slot_map.owners, minlength=num_shards)
-        assert len(counts) == num_shards and counts.max() - counts.min() <= 1
-        # A lower bound on moves: everything on removed shards plus each kept shard's excess over ceil quota.
-        held = np.bincount(before.owners, minlength=max(num_shards, before.num_shards))
-        ceil_quota = -(-num_slots // num_shards)
-        floor_quota = num_slots // num_shards
-        extra = num_slots % num_shards
-        kept = np.sort(held[:num_shards])[::-1]
-        quotas = np.array([ceil_quota] * extra + [floor_quota] * (num_shards - extra))
-        minimum = held[num_shards:].sum() + np.maximum(kept - quotas, 0).sum()
-        assert len(moves) == minimum
-        for slot, source, target in moves:
-            assert before.owners[slot] == source and slot_map.owners[slot] == target and source != target
-        changed = np.flatnonzero(before.owners != slot_map.owners)
-        assert sorted(slot for slot, _, _ in moves) == changed.tolist()
+        slot_map = _check_rebalance(slot_map, num_shards)
+
+
+def test_rebalance_is_minimal_from_random_layouts():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        num_slots = int(rng.integers(1, 200))
+        slot_map = SlotMap(epoch=int(rng.integers(1, 9)),
+                           owners=rng.integers(0, min(num_slots, 6), num_slots))  # unbalanced, maybe gaps
+        for num_shards in rng.integers(1, min(num_slots, 9) + 1, 3):
+            slot_map = _check_rebalance(slot_map, int(num_shards))
 
 
 def test_rebalance_to_same_count_moves_nothing():
