@@ -23,8 +23,9 @@ class MoEFeedForward(nn.Module):
     """Shared experts see every token; each token also goes to its top-k routed experts.
 
     ``forward(x [B, T, D]) -> (y [B, T, D], load_balance_loss)``. The balance term is Switch
-    Transformer's: ``E * sum_e f_e * p_e`` (share of routed slots times mean router probability),
-    1.0 when routing is perfectly even.
+    Transformer's ``E * sum_e f_e * p_e`` (share of routed slots times mean router probability, 1.0 when
+    routing is perfectly even), taken per sequence and averaged, as DeepSeek-V3's sequence-wise term: a
+    mean over sequences splits exactly across data-parallel ranks.
     """
 
     def __init__(self, hidden_size: int, expert_hidden_size: int, num_routed: int, top_k: int, num_shared: int):
@@ -34,18 +35,19 @@ class MoEFeedForward(nn.Module):
         self.experts = nn.ModuleList(SwiGLU(hidden_size, expert_hidden_size) for _ in range(num_routed))
         self.shared = SwiGLU(hidden_size, expert_hidden_size * num_shared) if num_shared else None
 
-    def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Top-k expert ids ``[N, k]``, their renormalised weights ``[N, k]``, and the balance loss."""
-        probs = self.router(tokens).float().softmax(dim=-1)
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For ``x [B, T, D]``: top-k expert ids ``[B*T, k]``, their renormalised weights, the balance loss."""
+        probs = self.router(x).float().softmax(dim=-1)  # [B, T, E]
         weights, expert_ids = probs.topk(self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
-        routed_share = torch.bincount(expert_ids.flatten(), minlength=self.num_routed).float() / expert_ids.numel()
-        balance_loss = self.num_routed * (routed_share * probs.mean(dim=0)).sum()
-        return expert_ids, weights, balance_loss
+        picks = torch.zeros_like(probs).scatter_(-1, expert_ids, 1.0)
+        routed_share = picks.mean(dim=1) / self.top_k  # [B, E]
+        balance_loss = self.num_routed * (routed_share * probs.mean(dim=1)).sum(-1).mean()
+        return expert_ids.flatten(0, 1), weights.flatten(0, 1), balance_loss
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = x.reshape(-1, x.shape[-1])
-        expert_ids, weights, balance_loss = self.route(tokens)
+        expert_ids, weights, balance_loss = self.route(x)
         out = self.shared(tokens) if self.shared is not None else torch.zeros_like(tokens)
         token_index = torch.arange(tokens.shape[0], device=x.device).repeat_interleave(self.top_k)
         flat_experts, flat_weights = expert_ids.flatten(), weights.flatten()

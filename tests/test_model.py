@@ -51,23 +51,37 @@ def test_forward_backward_gives_finite_gradients_everywhere():
 def test_routing_picks_exactly_top_k_distinct_experts_and_a_finite_balance_term():
     torch.manual_seed(1)
     moe = MoEFeedForward(hidden_size=16, expert_hidden_size=8, num_routed=6, top_k=3, num_shared=1)
-    tokens = torch.randn(50, 16)
+    tokens = torch.randn(5, 10, 16)
     expert_ids, weights, balance = moe.route(tokens)
     assert expert_ids.shape == (50, 3)
     assert all(len(set(row)) == 3 for row in expert_ids.tolist())
     torch.testing.assert_close(weights.sum(-1), torch.ones(50))
-    probs = moe.router(tokens).softmax(-1)
+    probs = moe.router(tokens).softmax(-1).flatten(0, 1)
     assert torch.equal(expert_ids.sort(-1).values, probs.topk(3, -1).indices.sort(-1).values)
-    assert torch.isfinite(balance) and balance >= 1.0 - 1e-5  # 1 is the perfectly balanced minimum
-    out, _ = moe(tokens.view(5, 10, 16))
+    assert torch.isfinite(balance) and balance > 0
+    out, _ = moe(tokens)
     assert out.shape == (5, 10, 16)
+
+
+def test_balance_term_is_a_mean_over_sequences_so_it_splits_across_ranks():
+    torch.manual_seed(3)
+    moe = MoEFeedForward(hidden_size=16, expert_hidden_size=8, num_routed=6, top_k=2, num_shared=0)
+    batch = torch.randn(4, 9, 16)
+    whole = moe.route(batch)[2]
+    halves = (moe.route(batch[:2])[2] + moe.route(batch[2:])[2]) / 2
+    torch.testing.assert_close(whole, halves)
+    # One sequence routed evenly over all experts scores the minimum, 1.0.
+    even = MoEFeedForward(hidden_size=6, expert_hidden_size=4, num_routed=6, top_k=1, num_shared=0)
+    with torch.no_grad():
+        even.router.weight.copy_(torch.eye(6) * 50)
+    assert abs(even.route(torch.eye(6).unsqueeze(0))[2].item() - 1.0) < 1e-4
 
 
 def test_moe_output_is_shared_plus_weighted_top_k_experts():
     torch.manual_seed(2)
     moe = MoEFeedForward(hidden_size=8, expert_hidden_size=4, num_routed=4, top_k=2, num_shared=1)
     tokens = torch.randn(7, 8)
-    expert_ids, weights, _ = moe.route(tokens)
+    expert_ids, weights, _ = moe.route(tokens.view(1, 7, 8))
     expected = torch.stack([
         moe.shared(t) + sum(w * moe.experts[e](t) for e, w in zip(ids.tolist(), ws))
         for t, ids, ws in zip(tokens, expert_ids, weights)
