@@ -10,6 +10,8 @@ older step than those counts as already applied and is dropped with a warning.
 
 When slots move, ``export_pending``/``import_pending`` carry the pending partial sums of those slots
 to their new shard; the reported ranks travel with them, so the step completes where it now lives.
+``export_applied``/``import_applied`` carry the rows already applied in remembered steps, so a retry
+that follows its slot to the new shard is still dropped.
 """
 from __future__ import annotations
 
@@ -45,10 +47,13 @@ class _Step:
             if not fresh.any():
                 return None
             row_ids, grads = row_ids[fresh], grads[fresh]
-            self.seen[rank] = torch.cat([known, row_ids]).sort().values
-        else:
-            self.seen[rank] = row_ids.sort().values
+        self.mark_seen(rank, row_ids)
         return row_ids, grads
+
+    def mark_seen(self, rank: int, row_ids: torch.Tensor) -> None:
+        """Count ``rank`` as reported, with ``row_ids`` among its contributed rows."""
+        known = self.seen.get(rank)
+        self.seen[rank] = (row_ids if known is None else torch.cat([known, row_ids])).sort().values
 
     @property
     def complete(self) -> bool:
@@ -134,11 +139,51 @@ class StepAggregator:
                 continue
             entry = self._steps.setdefault((0, step), _Step(world_size, released=False))
             for rank in record["ranks"]:
-                entry.seen.setdefault(int(rank), torch.empty(0, dtype=torch.int64))
+                entry.mark_seen(int(rank), torch.empty(0, dtype=torch.int64))
             for rank, ids, _ in parts:
-                entry.seen[rank] = torch.cat([entry.seen[rank], ids]).sort().values
+                entry.mark_seen(rank, ids)
             ready.extend(self._collect(0, step, entry, parts))
         return [update for update in ready if len(update[0])]
+
+    def export_applied(self, slots: Iterable[int], num_slots: int) -> dict[str, np.ndarray]:
+        """Rows of ``slots`` that each rank contributed to remembered released steps, as flat arrays.
+
+        ``lane``, ``step``, ``world_size``, ``rank`` and ``row_count`` have one entry per (step, rank);
+        ``row_ids`` holds their rows one after another.
+        """
+        moving = torch.as_tensor(sorted(int(slot) for slot in slots), dtype=torch.int64)
+        columns = {name: [] for name in ("lane", "step", "world_size", "rank", "row_count")}
+        row_ids = []
+        for (lane, step), entry in sorted(self._steps.items()):
+            if not entry.released:
+                continue  # pending rows travel with export_pending
+            for rank, known in sorted(entry.seen.items()):
+                rows = known[torch.isin(known % num_slots, moving)]
+                if len(rows):
+                    for name, value in zip(columns, (lane, step, entry.world_size, rank, len(rows))):
+                        columns[name].append(value)
+                    row_ids.append(rows)
+        arrays = {name: np.asarray(values, dtype=np.int64) for name, values in columns.items()}
+        arrays["row_ids"] = torch.cat(row_ids).numpy() if row_ids else np.empty(0, dtype=np.int64)
+        return arrays
+
+    def import_applied(self, arrays: dict[str, np.ndarray]) -> None:
+        """Merge another shard's ``export_applied`` so retries of those pushes are dropped here too.
+
+        A step still pending here is left alone: counting the exporter's ranks as reported to it
+        would release it early.
+        """
+        row_ids = torch.split(to_tensor(arrays["row_ids"]), np.asarray(arrays["row_count"]).tolist())
+        for lane, step, world_size, rank, rows in zip(*(np.asarray(arrays[name]).tolist() for name in
+                                                        ("lane", "step", "world_size", "rank")), row_ids):
+            if step <= self._forgotten_up_to.get(lane, -1):
+                continue
+            entry = self._steps.get((lane, step))
+            if entry is None:
+                entry = self._steps[(lane, step)] = _Step(world_size, released=True)
+                self._remember_released(lane, step)
+            if entry.released:
+                entry.mark_seen(rank, rows)
 
     def _collect(self, lane: int, step: int, entry: _Step, parts) -> list[Update]:
         """Queue ``parts`` on a pending step, or release them (and the step, once complete)."""

@@ -152,3 +152,28 @@ def test_imported_pending_sum_completes_the_step_when_ranks_are_covered():
     torch.testing.assert_close(_dense([released]), _dense([rank0, rank1]))
     assert new.pending_steps() == [] and old.pending_steps() == [0]  # the old one still waits for rank 1
     assert old.add(0, 1, 2, torch.empty(0, dtype=torch.int64), torch.empty(0, DIM)) == []
+
+
+@pytest.mark.parametrize("synchronous", [True, False])
+def test_applied_rows_follow_moved_slots_so_retries_stay_dropped(synchronous):
+    num_slots = 4
+    old, new = StepAggregator(synchronous=synchronous), StepAggregator(synchronous=synchronous)
+    push = _push([1, 2, 5], seed=1)  # slots 1, 2, 1
+    assert len(old.add(0, 0, 1, *push)) == 1
+    moved = old.export_applied([1], num_slots)
+    assert moved["row_ids"].tolist() == [1, 5] and moved["row_count"].tolist() == [2]
+    new.import_applied({key: np.frombuffer(value.tobytes(), dtype=value.dtype) for key, value in moved.items()})
+    # The client's retry, re-split after the move, sends the slot-1 rows to the new shard: dropped.
+    assert new.add(0, 0, 1, push[0][[0, 2]], push[1][[0, 2]]) == []
+    [(row_ids, _)] = new.add(0, 0, 1, *_push([9], seed=2))  # a row this rank never sent: applied
+    assert row_ids.tolist() == [9]
+
+
+def test_applied_rows_leave_a_step_pending_here_alone():
+    old, new = StepAggregator(), StepAggregator()
+    old.add(0, 0, 2, *_push([1], seed=1))
+    old.add(0, 1, 2, *_push([5], seed=2))  # released on the old shard
+    new.add(0, 0, 2, *_push([2], seed=3))  # still waiting for rank 1 here
+    new.import_applied(old.export_applied([1], 4))
+    assert new.pending_steps() == [0]
+    assert len(new.add(0, 1, 2, *_push([6], seed=4))) == 1
