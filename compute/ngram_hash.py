@@ -15,9 +15,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from compute.config import EngramConfig
+
+if TYPE_CHECKING:
+    from compute.tokenizer_compression import TokenizerCompressor
 
 INT64_MAX = int(np.iinfo(np.int64).max)
 _LAYER_SEED_STRIDE = 10007  # the demo's per-layer seed offset
@@ -164,8 +169,8 @@ class NgramHasher:
         )
 
     @classmethod
-    def from_compressor(cls, config: EngramConfig, compressor) -> "NgramHasher":
-        """A hasher for ids compressed by `compressor` (a `TokenizerCompressor`)."""
+    def from_compressor(cls, config: EngramConfig, compressor: "TokenizerCompressor") -> "NgramHasher":
+        """A hasher for ids compressed by `compressor`, its pad id being config.pad_id compressed."""
         pad = int(compressor.compress(np.array([config.pad_id]))[0])
         return cls(config, compressor.compressed_vocab_size, pad)
 
