@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
@@ -14,16 +15,15 @@ T = TypeVar("T")
 
 def dataclass_from_mapping(cls: type[T], values: Mapping[str, Any]) -> T:
     """Build a (possibly nested) frozen dataclass, rejecting unknown keys by name."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(fields)}")
     kwargs = {}
     for name, value in values.items():
-        field_type = fields[name].type
-        nested = _DATACLASSES.get(field_type) if isinstance(field_type, str) else None
-        if nested is not None and isinstance(value, Mapping):
-            value = dataclass_from_mapping(nested, value)
+        if dataclasses.is_dataclass(hints[name]) and isinstance(value, Mapping):
+            value = dataclass_from_mapping(hints[name], value)
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[name] = value
@@ -143,5 +143,3 @@ class EngramModelConfig:
         data = load_yaml(path)
         return dataclass_from_mapping(cls, {k: data[k] for k in ("model", "engram") if k in data})
 
-
-_DATACLASSES = {"ModelConfig": ModelConfig, "EngramConfig": EngramConfig}
