@@ -11,6 +11,25 @@ from compute.config import EngramConfig
 from compute.row_table import EngramRows
 
 
+class ConvHistory:
+    """The short conv's decode state: each row's gated values at its last ``span`` positions.
+
+    The conv normalises each position on its own, so keeping the gated values (not their normalised
+    form) is equivalent; zeros stand for positions before the start, as RMSNorm maps them to zeros.
+    """
+
+    def __init__(self, batch: int, span: int, hc_mult: int, hidden_size: int, dtype: torch.dtype, device=None):
+        self.values = torch.zeros(batch, span, hc_mult, hidden_size, dtype=dtype, device=device)
+
+    def extend(self, gated: torch.Tensor, real_tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, span + T, hc, D]``: the history, then ``gated``; keeps the span before each row's padding."""
+        window = torch.cat([self.values, gated], dim=1)
+        span = self.values.shape[1]
+        kept = real_tokens[:, None] + torch.arange(span, device=window.device)
+        self.values = window.gather(1, kept[:, :, None, None].expand(-1, -1, *window.shape[2:]))
+        return window
+
+
 class Engram(nn.Module):
     """The demo's Engram forward with the key and value projections fused into one GEMM.
 
@@ -35,7 +54,23 @@ class Engram(nn.Module):
             bound = 1 / math.sqrt(config.kernel_size)
             nn.init.uniform_(self.conv_w, -bound, bound)
 
-    def forward(self, hidden: torch.Tensor, rows: EngramRows) -> torch.Tensor:
+    @property
+    def conv_span(self) -> int:
+        """Past positions the causal short conv reads: ``(kernel - 1) * dilation``."""
+        return (self.conv_w.shape[-1] - 1) * self.dilation
+
+    def new_history(self, batch: int, dtype: torch.dtype, device=None) -> ConvHistory:
+        """An empty decode state for ``batch`` sequences."""
+        return ConvHistory(batch, self.conv_span, self.hc_mult, self.hidden_size, dtype, device)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        rows: EngramRows,
+        history: ConvHistory | None = None,
+        real_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """With a ``history``, ``hidden`` continues each row's sequence (its first ``real_tokens [B]`` real)."""
         batch, seq, hc, dim = hidden.shape
         tokens = batch * seq
         embeddings = kernels.gather_rows(rows.unique_rows, rows.inverse.reshape(tokens, self.heads), hidden.dtype)
@@ -45,7 +80,10 @@ class Engram(nn.Module):
         gated = kernels.engram_gate(
             key, hidden.reshape(tokens, hc, dim), value, self.key_norm_w, self.hidden_norm_w
         )
-        return kernels.short_conv(gated.reshape(batch, seq, hc, dim), self.conv_norm_w, self.conv_w, self.dilation)
+        gated = gated.reshape(batch, seq, hc, dim)
+        if history is not None:  # the conv reads earlier positions too; their outputs came out before
+            gated = history.extend(gated, real_tokens)
+        return kernels.short_conv(gated, self.conv_norm_w, self.conv_w, self.dilation)[:, -seq:]
 
     @torch.no_grad()
     def load_demo_weights(self, key_w, key_b, value_w, value_b, norm1_w, norm2_w, conv_norm_w, conv_w) -> None:

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compute.attention import CausalSelfAttention
+from compute.attention import CachePlacement, CausalSelfAttention, KVCache
 from compute.config import EngramModelConfig, ModelConfig
-from compute.engram import Engram
+from compute.engram import ConvHistory, Engram
 from compute.hyper_connections import HyperConnection
 from compute.moe import MoEFeedForward
 from compute.row_table import EngramRows, LocalRowTable, RowTable
@@ -23,6 +23,50 @@ class ModelOutput:
     balance_loss: torch.Tensor  # mean over layers of the MoE load-balancing term
     lm_loss: torch.Tensor | None = None  # next-token cross entropy, when labels are given
     loss: torch.Tensor | None = None  # lm_loss + load_balance_coef * balance_loss
+
+
+@dataclasses.dataclass
+class LayerCache:
+    """One block's generation state."""
+
+    kv: KVCache
+    conv_history: ConvHistory | None  # Engram layers only
+
+
+class DecodeCache:
+    """A batch's generation state: every block's caches and each row's cached length.
+
+    Rows may differ in length: a forward appends right-padded tokens, and each row advances by its
+    real ones, so the next forward overwrites the padding.
+    """
+
+    def __init__(self, model: "EngramMoEModel", batch: int, capacity: int):
+        max_seq_len = model.config.model.max_seq_len
+        if not 1 <= capacity <= max_seq_len:
+            raise ValueError(f"capacity: must lie in [1, max_seq_len={max_seq_len}], got {capacity}")
+        weight = model.embed.weight
+        self.capacity = capacity
+        self.lengths = torch.zeros(batch, dtype=torch.int64, device=weight.device)
+        self.layers = [
+            LayerCache(
+                KVCache(batch, block.attn.num_heads, capacity, block.attn.head_dim, weight.dtype, weight.device),
+                block.engram.new_history(batch, weight.dtype, weight.device) if block.engram else None,
+            )
+            for block in model.blocks
+        ]
+
+    def place(self, num_tokens: int, real_tokens: torch.Tensor | None) -> CachePlacement:
+        """Where the next forward's ``num_tokens`` go; ``real_tokens [B]`` (default all) are not padding."""
+        if real_tokens is None:
+            real_tokens = torch.full_like(self.lengths, num_tokens)
+        elif real_tokens.shape != self.lengths.shape or not ((real_tokens >= 0) & (real_tokens <= num_tokens)).all():
+            raise ValueError(f"real_tokens: expected {len(self.lengths)} counts in [0, {num_tokens}]")
+        if int(self.lengths.max()) + num_tokens > self.capacity:
+            raise ValueError(
+                f"input_ids: {num_tokens} more tokens overflow the cache of {self.capacity} positions "
+                f"(longest row holds {int(self.lengths.max())})"
+            )
+        return CachePlacement.after(self.lengths, num_tokens, real_tokens.to(self.lengths.device))
 
 
 class TransformerBlock(nn.Module):
@@ -42,10 +86,19 @@ class TransformerBlock(nn.Module):
         )
         self.ffn_hc = HyperConnection(config.hc_mult)
 
-    def forward(self, branches: torch.Tensor, rows: EngramRows | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        branches: torch.Tensor,
+        rows: EngramRows | None,
+        cache: LayerCache | None = None,
+        placement: CachePlacement | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """With a ``cache``, ``branches`` hold new tokens at ``placement`` rather than whole sequences."""
         if self.engram is not None:
-            branches = branches + self.engram(branches, rows)
-        attended = self.attn(self.attn_norm(self.attn_hc.read_input(branches)))
+            history = cache.conv_history if cache else None
+            real_tokens = placement.real_tokens if placement else None
+            branches = branches + self.engram(branches, rows, history, real_tokens)
+        attended = self.attn(self.attn_norm(self.attn_hc.read_input(branches)), cache.kv if cache else None, placement)
         branches = self.attn_hc.write_output(branches, attended)
         moe_out, balance_loss = self.moe(self.ffn_norm(self.ffn_hc.read_input(branches)))
         return self.ffn_hc.write_output(branches, moe_out), balance_loss
@@ -93,9 +146,15 @@ class EngramMoEModel(nn.Module):
         engram_row_ids: Mapping[int, torch.Tensor] | None = None,
         engram_rows: Mapping[int, EngramRows | concurrent.futures.Future] | None = None,
         labels: torch.Tensor | None = None,
+        cache: DecodeCache | None = None,
+        real_tokens: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Rows given as futures (``RowTable.lookup_async``) are awaited only when their layer runs, so
-        a remote fetch overlaps the layers before it."""
+        a remote fetch overlaps the layers before it.
+
+        With a ``cache``, ``input_ids`` continue the cached rows (right-padded beyond each row's
+        ``real_tokens``, default all) and the cache advances by the real tokens.
+        """
         if engram_rows is None:
             if engram_row_ids is None:
                 raise ValueError("forward needs engram_row_ids or prefetched engram_rows")
@@ -103,13 +162,16 @@ class EngramMoEModel(nn.Module):
         hc = self.config.model.hc_mult
         tokens = self.embed(input_ids)
         branches = tokens.unsqueeze(2).expand(-1, -1, hc, -1).contiguous()
+        placement = cache.place(input_ids.shape[1], real_tokens) if cache is not None else None
         balance_losses = []
         for layer, block in enumerate(self.blocks):
             rows = engram_rows[layer] if block.engram else None
             if isinstance(rows, concurrent.futures.Future):
                 rows = rows.result()
-            branches, balance_loss = block(branches, rows)
+            branches, balance_loss = block(branches, rows, cache.layers[layer] if cache else None, placement)
             balance_losses.append(balance_loss)
+        if cache is not None:
+            cache.lengths += placement.real_tokens
         logits = self.lm_head(self.final_norm(branches.mean(dim=2)))
         output = ModelOutput(logits=logits, balance_loss=torch.stack(balance_losses).mean())
         if labels is not None:
