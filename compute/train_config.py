@@ -1,0 +1,111 @@
+"""The configuration of a training run: model, data, optimisers, where the Engram rows live, schedule."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from compute.config import EngramConfig, ModelConfig, dataclass_from_mapping, load_yaml
+from compute.data.config import DataConfig
+
+TABLE_KINDS = ("remote", "local")
+WIRE_DTYPES = ("bfloat16", "float32", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW for the dense weights; the shards' sparse optimizer for the Engram rows."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    grad_clip: float = 1.0
+    engram_optimizer: str = "adam"  # sgd | adagrad | adam, applied on the shards
+    engram_lr_mult: float = 5.0  # the paper trains Engram rows at 5x the dense rate, no weight decay
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.engram_lr_mult <= 0:
+            raise ValueError("optim.lr and optim.engram_lr_mult must be positive")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    """Where the Engram tables live and how rows reach the model."""
+
+    tables: str = "remote"  # remote: memory shards over gRPC; local: in-process tables (one worker)
+    shards: int = 2  # shards to deploy when the run starts its own memory service
+    num_slots: int = 256
+    init_std: float = 0.02
+    wire_dtype: str = "bfloat16"  # rows on the wire; float32 makes remote runs match local ones exactly
+    prefetch: bool = True  # issue the next step's lookup before this step's compute
+    staleness: int = 0  # 0: lookups see every earlier step's update; 1: may miss the last one (overlapped)
+
+    def __post_init__(self):
+        if self.tables not in TABLE_KINDS:
+            raise ValueError(f"memory.tables must be one of {TABLE_KINDS}, got {self.tables!r}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"memory.wire_dtype must be one of {WIRE_DTYPES}, got {self.wire_dtype!r}")
+        if self.staleness not in (0, 1):
+            raise ValueError(f"memory.staleness must be 0 or 1, got {self.staleness!r}")
+        if self.shards < 1:
+            raise ValueError(f"memory.shards must be >= 1, got {self.shards}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A whole run. ``steps`` counts optimizer steps over the global batch (``data.batch_size``)."""
+
+    model: ModelConfig = ModelConfig()
+    # Engram in layers 1 and 3 of the default 4-layer model, with CPU-sized tables.
+    engram: EngramConfig = EngramConfig(engram_vocab_size=(20011, 20011), n_embed_per_ngram=128,
+                                        n_head_per_ngram=4, layer_ids=(1, 3))
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    memory: MemoryConfig = MemoryConfig()
+    steps: int = 200
+    num_workers: int = 1  # data-parallel training workers (Ray Train)
+    use_gpu: bool = False
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: only at the end
+    eval_batches: int = 8
+    output_dir: str = "runs/engram"
+
+    def __post_init__(self):
+        if self.steps < 1 or self.num_workers < 1 or self.log_every < 1:
+            raise ValueError("steps, num_workers and log_every must be >= 1")
+        if self.data.batch_size % self.num_workers:
+            raise ValueError(f"data.batch_size ({self.data.batch_size}) must be divisible by num_workers "
+                             f"({self.num_workers})")
+        if self.memory.tables == "local" and self.num_workers > 1:
+            raise ValueError("memory.tables: local tables train on one worker; use remote tables for num_workers > 1")
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        bad = [i for i in self.engram.layer_ids if not 0 <= i < self.model.num_layers]
+        if bad:
+            raise ValueError(f"engram.layer_ids {bad} outside 0..{self.model.num_layers - 1}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        return dataclass_from_mapping(cls, load_yaml(path))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections) -> "TrainConfig":
+        """A copy with whole fields or ``section__field`` values replaced (e.g. ``memory__staleness=1``)."""
+        top = {k: v for k, v in sections.items() if "__" not in k}
+        for key, value in sections.items():
+            if "__" in key:
+                section, field = key.split("__", 1)
+                top[section] = dataclasses.replace(top.get(section, getattr(self, section)), **{field: value})
+        return dataclasses.replace(self, **top)
+
+
+def table_name(layer_id: int) -> str:
+    """The memory service's name for an Engram layer's table."""
+    return f"engram_layer_{layer_id}"

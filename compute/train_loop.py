@@ -1,0 +1,262 @@
+"""One data-parallel worker's training loop: dense weights by (DDP) AdamW, Engram rows on the shards.
+
+Step s: the rows of step s were requested earlier (prefetch) and are awaited only at the first Engram
+layer; backward yields each unique row's gradient, pushed to the shards without waiting; the dense
+optimizer steps meanwhile. With ``staleness=0`` the next lookup is issued once this step's updates are
+applied on every shard (exact); with ``staleness=1`` it is issued before this step's compute, so it
+overlaps the whole step but may miss this step's update.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from compute.checkpoints import TrainerState, load_trainer_state, save_checkpoint
+from compute.config import EngramModelConfig
+from compute.data import HashedBatch, hashed_batches
+from compute.local_table_training import LocalTableOptimizer, service_initialised_table
+from compute.model import EngramMoEModel
+from compute.ngram_hash import NgramHasher
+from compute.remote_row_table import RemoteRowTable
+from compute.row_table import EngramRows
+from compute.tokenizer_compression import TokenizerCompressor
+from compute.train_config import TrainConfig, table_name
+from compute.train_memory import MemoryHandle, engram_table_specs
+
+log = logging.getLogger(__name__)
+WIRE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class WorkerContext:
+    """Where this worker stands in the run."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    memory: MemoryHandle | None = None  # None with local tables
+    report: Callable[[dict], None] | None = None  # Ray Train's report on workers
+
+
+class _WaitClock(concurrent.futures.Future):
+    """A future that adds the time its ``result()`` blocks to ``clock['wait_s']``."""
+
+    def __init__(self, inner: concurrent.futures.Future, clock: dict):
+        super().__init__()
+        self._clock = clock
+        inner.add_done_callback(self._settle)
+
+    def _settle(self, inner: concurrent.futures.Future) -> None:
+        error = inner.exception()
+        self.set_exception(error) if error else self.set_result(inner.result())
+
+    def result(self, timeout=None):
+        start = time.perf_counter()
+        try:
+            return super().result(timeout)
+        finally:
+            self._clock["wait_s"] += time.perf_counter() - start
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak."""
+    optim = config.optim
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    progress = (step - optim.warmup_steps) / max(1, config.steps - optim.warmup_steps)
+    return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class EngramTrainer:
+    """Builds the model, its tables and optimisers for one worker, and runs steps."""
+
+    def __init__(self, config: TrainConfig, ctx: WorkerContext):
+        self.config, self.ctx = config, ctx
+        torch.manual_seed(config.seed)
+        compressor = TokenizerCompressor.from_file(config.data.tokenizer_path)
+        self.hasher = NgramHasher.from_compressor(config.engram, compressor)
+        specs = engram_table_specs(config, {layer: self.hasher.table_rows(layer) for layer in config.engram.layer_ids})
+        self.client = None
+        if config.memory.tables == "remote":
+            self.client = ctx.memory.client()
+            wire = WIRE_DTYPES[config.memory.wire_dtype]
+            self.tables = {layer: RemoteRowTable(self.client, table_name(layer), ctx.device, wire)
+                           for layer in config.engram.layer_ids}
+            self.table_optimizer = None
+        else:
+            self.tables = {layer: service_initialised_table(spec) for layer, spec in zip(config.engram.layer_ids, specs)}
+            self.table_optimizer = LocalTableOptimizer(self.tables, specs[0].optimizer)
+        self.model = EngramMoEModel(EngramModelConfig(model=config.model, engram=config.engram),
+                                    self.tables).to(ctx.device)
+        # DDP averages the dense gradients across ranks; experts no token picked this step get none.
+        self.forward_model = self.model if ctx.world_size == 1 else DistributedDataParallel(
+            self.model, find_unused_parameters=True)
+        table_params = {id(p) for p in self.model.local_tables.parameters()}
+        self.dense_params = [p for p in self.model.parameters() if id(p) not in table_params]
+        self.dense_optimizer = torch.optim.AdamW(
+            self.dense_params, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
+            weight_decay=config.optim.weight_decay)
+        self.step = 0
+        self.data_position = None
+        self.totals = {"tokens": 0, "wait_s": 0.0, "rows": 0, "bytes": 0, "compute_s": 0.0}
+
+    # ---- state ----------------------------------------------------------------------------------
+
+    def load(self, checkpoint: Path) -> None:
+        """Continue from a checkpoint of this run (the memory tables are restored by the driver)."""
+        state = load_trainer_state(checkpoint, map_location=self.ctx.device)
+        self.model.load_state_dict(state.model)
+        self.dense_optimizer.load_state_dict(state.dense_optimizer)
+        if self.table_optimizer is not None:
+            self.table_optimizer.load_state_dict(state.table_optimizer)
+        self.step, self.data_position = state.step, state.data_position
+        torch.set_rng_state(state.rng)
+
+    def save(self, directory: Path, loader) -> Path:
+        """Every rank calls this after a step's updates are applied; rank 0 writes model and tables."""
+        self._barrier()
+        path = None
+        if self.ctx.rank == 0:
+            state = TrainerState(
+                step=self.step, config=self.config.to_dict(), model=self.model.state_dict(),
+                dense_optimizer=self.dense_optimizer.state_dict(),
+                table_optimizer=self.table_optimizer.state_dict() if self.table_optimizer else None,
+                data_position=loader.state_dict(), rng=torch.get_rng_state())
+            path = save_checkpoint(directory, state, self.ctx.memory)
+        self._barrier()
+        return path
+
+    # ---- steps ----------------------------------------------------------------------------------
+
+    def batches(self, split: str = "train", num_steps: int | None = None, position=None):
+        data = dataclasses.replace(self.config.data, split=split)
+        return hashed_batches(data, self.config.engram, rank=self.ctx.rank, world_size=self.ctx.world_size,
+                              position=position, num_steps=num_steps)
+
+    def fetch(self, batch: HashedBatch) -> dict[int, concurrent.futures.Future]:
+        """Start every Engram layer's lookup for ``batch``."""
+        rows = {}
+        for layer, layer_rows in batch.layers.items():
+            table = self.tables[layer]
+            if isinstance(table, RemoteRowTable):
+                future = table.fetch(layer_rows.unique, layer_rows.inverse)
+            else:
+                future = table.lookup_async(layer_rows.row_ids.to(self.ctx.device))
+            rows[layer] = _WaitClock(future, self.totals)
+            self.totals["rows"] += len(layer_rows.unique)
+            self.totals["bytes"] += len(layer_rows.unique) * table.dim * _wire_bytes(self.config)
+        return rows
+
+    def train(self, on_step: Callable[[dict], None] | None = None) -> list[float]:
+        """Run to ``config.steps``; return this rank's loss per step."""
+        config, losses = self.config, []
+        loader = self.batches("train", num_steps=config.steps - self.step, position=self.data_position)
+        batches = iter(loader)
+        pending_pushes: list[concurrent.futures.Future] = []
+        next_batch = next(batches, None)
+        next_rows = self.fetch(next_batch) if next_batch is not None and config.memory.prefetch else None
+        checkpoint_dir = Path(config.output_dir) / "checkpoints"
+        while next_batch is not None:
+            started = time.perf_counter()
+            batch, rows = next_batch, next_rows if next_rows is not None else self.fetch(next_batch)
+            next_batch = next(batches, None)
+            next_rows = None
+            if next_batch is not None and config.memory.prefetch and config.memory.staleness == 1:
+                self._settle(pending_pushes, barrier=False)  # bounded: at most this step's update is missed
+                next_rows = self.fetch(next_batch)
+            loss = self._train_step(batch, rows, pending_pushes)
+            losses.append(loss)
+            if config.memory.staleness == 0 or next_batch is None:
+                self._settle(pending_pushes, barrier=config.memory.staleness == 0)
+            if next_batch is not None and config.memory.prefetch and next_rows is None:
+                next_rows = self.fetch(next_batch)
+            self.step += 1
+            self.totals["compute_s"] += time.perf_counter() - started
+            self.totals["tokens"] += batch.input_ids.numel() * self.ctx.world_size
+            metrics = self._metrics(loss)
+            if on_step:
+                on_step(metrics)
+            if self.ctx.report and (self.step % config.log_every == 0 or next_batch is None):
+                self.ctx.report(metrics)
+            if config.checkpoint_every and self.step % config.checkpoint_every == 0 and next_batch is not None:
+                self._settle(pending_pushes, barrier=True)
+                self.save(checkpoint_dir, loader)
+        self._settle(pending_pushes, barrier=True)
+        self.data_position = loader.state_dict()
+        self.last_checkpoint = self.save(checkpoint_dir, loader)
+        return losses
+
+    def _train_step(self, batch: HashedBatch, rows: dict, pending_pushes: list) -> float:
+        device = self.ctx.device
+        for group in self.dense_optimizer.param_groups:
+            group["lr"] = learning_rate(self.config, self.step)
+        output = self.forward_model(batch.input_ids.to(device), engram_rows=rows, labels=batch.labels.to(device))
+        output.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.dense_params, self.config.optim.grad_clip)
+        if self.table_optimizer is not None:
+            self.table_optimizer.step()
+        else:
+            for layer, future in rows.items():
+                engram_rows: EngramRows = future.result()
+                grads = engram_rows.unique_rows.grad / self.ctx.world_size
+                pending_pushes.append(self.tables[layer].push(
+                    batch.layers[layer].unique, grads, self.step, self.ctx.rank, self.ctx.world_size))
+        self.dense_optimizer.step()
+        self.dense_optimizer.zero_grad(set_to_none=True)
+        return output.lm_loss.item()
+
+    def _settle(self, pending_pushes: list, barrier: bool) -> None:
+        """Wait for this rank's pushes; with ``barrier`` for every rank's too, so the step is applied everywhere."""
+        for future in pending_pushes:
+            future.result()
+        pending_pushes.clear()
+        if barrier:
+            self._barrier()
+
+    def _barrier(self) -> None:
+        if self.ctx.world_size > 1:
+            dist.barrier()
+
+    def _metrics(self, loss: float) -> dict:
+        totals = self.totals
+        return {"step": self.step, "loss": loss, "lr": learning_rate(self.config, self.step - 1),
+                "tokens_per_s": totals["tokens"] / max(totals["compute_s"], 1e-9),
+                "lookup_wait_share": totals["wait_s"] / max(totals["compute_s"], 1e-9),
+                "rows_looked_up": totals["rows"], "bytes_moved": totals["bytes"]}
+
+    # ---- evaluation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, num_batches: int) -> dict:
+        """Mean validation loss and perplexity over ``num_batches`` batches (no updates)."""
+        self.model.eval()
+        losses = []
+        for batch in self.batches("validation", num_steps=num_batches):
+            rows = self.fetch(batch)
+            output = self.model(batch.input_ids.to(self.ctx.device), engram_rows=rows,
+                                 labels=batch.labels.to(self.ctx.device))
+            losses.append(output.lm_loss.item())
+        self.model.train()
+        loss = sum(losses) / len(losses)
+        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_batches": len(losses)}
+
+    def close(self) -> None:
+        for table in self.tables.values():
+            if isinstance(table, RemoteRowTable):
+                table.close()
+        if self.client is not None:
+            self.client.close()
+
+
+
+def _wire_bytes(config: TrainConfig) -> int:
+    return 4 if config.memory.tables == "local" else WIRE_DTYPES[config.memory.wire_dtype].itemsize
