@@ -10,7 +10,8 @@ import torch
 
 from compute.config import EngramConfig, EngramModelConfig, ModelConfig
 from compute.generation import (
-    DecodeSession, Generator, SamplingParams, TokenChooser, add_generation_arguments, sampling_from_args,
+    Completion, DecodeSession, Generator, SamplingParams, TokenChooser, add_generation_arguments, print_completions,
+    sampling_from_args,
 )
 from compute.model import DecodeCache, EngramMoEModel, build_local_tables
 from compute.ngram_hash import NgramHasher
@@ -228,10 +229,12 @@ def test_a_full_cache_refuses_more_tokens_and_stays_as_it_was():
     assert np.array_equal(session.recent_ids, recent_ids)
 
 
-def test_command_line_options_become_sampling_params():
+def test_command_line_options_become_sampling_params(capsys):
     parser = argparse.ArgumentParser()
     add_generation_arguments(parser)
     args = parser.parse_args(["--prompt", "a", "--prompt", "b", "--temperature", "0.8", "--top-k", "40",
                               "--top-p", "0.9", "--seed", "3", "--max-new-tokens", "5"])
     assert args.prompt == ["a", "b"] and args.max_new_tokens == 5
     assert sampling_from_args(args) == SamplingParams(temperature=0.8, top_k=40, top_p=0.9, seed=3)
+    print_completions(["Once upon"], [Completion([11, 12], " a time", "eos")])
+    assert capsys.readouterr().out == "Once upon a time\n  [2 tokens, eos]\n"
