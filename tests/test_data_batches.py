@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 
 import numpy as np
 import pytest
@@ -113,6 +114,16 @@ def test_same_seed_same_batches_with_or_without_workers():
         assert_batches_equal(a, b)
     other_seed = take(hashed_batches(dataclasses.replace(DATA, seed=4), ENGRAM), 1)[0]
     assert not torch.equal(other_seed.input_ids, in_process[0].input_ids)
+
+
+def test_dataset_pickles_without_its_token_stream():
+    """Workers started by spawn or forkserver receive the dataset pickled: the stream travels as its path."""
+    small = hashed_batches(DATA, ENGRAM, routing=ROUTING).dataset
+    large = hashed_batches(dataclasses.replace(DATA, max_files=40), ENGRAM, routing=ROUTING).dataset
+    pickled = pickle.dumps(large)
+    stream_growth = 4 * (len(large.packed.tokens) - len(small.packed.tokens))  # int32 ids
+    assert len(pickled) - len(pickle.dumps(small)) < stream_growth / 10
+    assert_batches_equal(pickle.loads(pickled)[5], large[5])
 
 
 def test_two_ranks_with_half_batches_cover_one_rank_with_the_whole_batch():

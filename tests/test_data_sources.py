@@ -99,6 +99,8 @@ def test_data_config_reads_yaml_and_names_bad_fields(tmp_path):
         DataConfig(seq_len=0)
     with pytest.raises(ValueError, match="split"):
         DataConfig(split="test")
+    with pytest.raises(ValueError, match="worker_start_method"):
+        DataConfig(worker_start_method="vfork")
     path.write_text("data:\n  seq_lenn: 64\n")
     with pytest.raises(ValueError, match="seq_lenn"):
         DataConfig.from_yaml(path)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 from pathlib import Path
 
 from compute.config import dataclass_from_mapping, load_yaml
@@ -25,6 +26,9 @@ class DataConfig:
     seq_len: int = 256  # tokens per packed sequence (the model sees seq_len inputs and seq_len labels)
     batch_size: int = 8  # sequences per step across all data-parallel ranks
     num_workers: int = 1  # DataLoader worker processes; 0 builds batches on the calling thread
+    # How workers start: None is the platform's default (fork on Linux, quickest); "forkserver" or
+    # "spawn" keep them clear of the threads (gRPC, Ray) of the process that builds the loader.
+    worker_start_method: str | None = None
     seed: int = 0  # shuffles the order of packed sequences, anew each epoch
     shuffle: bool = True
     max_files: int | None = None  # keep this many files, evenly spread over the sorted list
@@ -42,6 +46,9 @@ class DataConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if self.worker_start_method not in (None, *multiprocessing.get_all_start_methods()):
+            raise ValueError(f"worker_start_method must be null or one of {multiprocessing.get_all_start_methods()}, "
+                             f"got {self.worker_start_method!r}")
         if self.max_files is not None and (not isinstance(self.max_files, int) or self.max_files < 1):
             raise ValueError(f"max_files must be a positive integer or null, got {self.max_files!r}")
         if not 0.0 <= self.validation_fraction < 1.0:

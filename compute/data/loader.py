@@ -47,7 +47,8 @@ class HashedBatchLoader:
     """
 
     def __init__(self, dataset: StepDataset, corpus: str, position: Mapping[str, Any] | None = None,
-                 num_steps: int | None = None, num_workers: int = 0, pin_memory: bool = False):
+                 num_steps: int | None = None, num_workers: int = 0, pin_memory: bool = False,
+                 worker_start_method: str | None = None):
         """Starts at step 0, or where a saved `position` left off; runs `num_steps` (None: endlessly).
 
         `corpus` names the token stream, so that a position is never applied to other data.
@@ -60,6 +61,7 @@ class HashedBatchLoader:
         self.stop_step = None if num_steps is None else self.next_step + num_steps
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.worker_start_method = worker_start_method
 
     @property
     def steps_per_epoch(self) -> int:
@@ -68,7 +70,8 @@ class HashedBatchLoader:
     def __iter__(self) -> Iterator[HashedBatch]:
         steps = itertools.count(self.next_step) if self.stop_step is None else range(self.next_step, self.stop_step)
         loader = DataLoader(self.dataset, batch_size=None, sampler=steps, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, collate_fn=_as_is)
+                            pin_memory=self.pin_memory, collate_fn=_as_is,
+                            multiprocessing_context=self.worker_start_method if self.num_workers else None)
         for batch in loader:
             self.next_step = batch.step + 1
             yield batch
@@ -118,11 +121,12 @@ def hashed_batches(data: DataConfig, engram: EngramConfig, *, rank: int = 0, wor
         raise ValueError(f"{data.split} split: the sources {list(data.split_sources)} hold no files")
     stream = load_token_stream(files, tokenizer_path, data.eos_token)
     batch_hasher = BatchHasher(compressor, NgramHasher.from_compressor(engram, compressor), routing)
-    packed = PackedSequences(stream.ids, data.seq_len, batch_hasher.context_len, engram.pad_id)
+    packed = PackedSequences(stream, data.seq_len, batch_hasher.context_len, engram.pad_id)
     dataset = StepDataset(packed, StepSchedule(len(packed), data.batch_size, data.seed, data.shuffle),
                           batch_hasher, rank, world_size)
     loader = HashedBatchLoader(dataset, stream.key, position, num_steps, data.num_workers,
-                               pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory)
+                               pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                               worker_start_method=data.worker_start_method)
     logger.info("%s data: %d files, %d tokens, %d sequences of %d, %d steps per epoch, rank %d of %d, from step %d",
                 data.split, len(files), len(stream), len(packed), data.seq_len, loader.steps_per_epoch,
                 rank, world_size, loader.next_step)

@@ -10,8 +10,8 @@ class PackedSequences:
     Consecutive windows share one token, so every token of the stream is a label exactly once.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, context_len: int, pad_id: int):
-        """`context_len` tokens before a window are its left context; before the stream's start, `pad_id`."""
+    def __init__(self, tokens, seq_len: int, context_len: int, pad_id: int):
+        """`tokens`: an id array or a `TokenStream`; `context_len` tokens before a window are its left context."""
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         self.tokens = tokens

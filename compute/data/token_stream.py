@@ -38,6 +38,9 @@ class TokenStream:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def __getitem__(self, index) -> np.ndarray:
+        return self.ids[index]
+
     def __reduce__(self):
         if self.path is None:  # the cache could not be written: ship the array itself
             return TokenStream, (np.asarray(self.ids), self.key)
