@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -34,6 +35,8 @@ from compute.train_memory import MemoryHandle, engram_table_specs
 
 log = logging.getLogger(__name__)
 WIRE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
 
 
 @dataclasses.dataclass
@@ -107,6 +110,8 @@ class EngramTrainer:
             weight_decay=config.optim.weight_decay)
         self.step = 0
         self.data_position = None
+        self.last_metrics: dict = {}
+        self.last_checkpoint: Path | None = None
         self.totals = {"tokens": 0, "wait_s": 0.0, "rows": 0, "bytes": 0, "compute_s": 0.0}
 
     # ---- state ----------------------------------------------------------------------------------
@@ -173,7 +178,7 @@ class EngramTrainer:
             if next_batch is not None and config.memory.prefetch and config.memory.staleness == 1:
                 self._settle(pending_pushes, barrier=False)  # bounded: at most this step's update is missed
                 next_rows = self.fetch(next_batch)
-            loss = self._train_step(batch, rows, pending_pushes)
+            loss = self._mean_over_ranks(self._train_step(batch, rows, pending_pushes))
             losses.append(loss)
             if config.memory.staleness == 0 or next_batch is None:
                 self._settle(pending_pushes, barrier=config.memory.staleness == 0)
@@ -182,11 +187,11 @@ class EngramTrainer:
             self.step += 1
             self.totals["compute_s"] += time.perf_counter() - started
             self.totals["tokens"] += batch.input_ids.numel() * self.ctx.world_size
-            metrics = self._metrics(loss)
+            metrics = self.last_metrics = self._metrics(loss)
             if on_step:
                 on_step(metrics)
-            if self.ctx.report and (self.step % config.log_every == 0 or next_batch is None):
-                self.ctx.report(metrics)
+            if self.step % config.log_every == 0 or next_batch is None:
+                self._log(metrics)
             if config.checkpoint_every and self.step % config.checkpoint_every == 0 and next_batch is not None:
                 self._settle(pending_pushes, barrier=True)
                 self.save(checkpoint_dir, loader)
@@ -222,6 +227,23 @@ class EngramTrainer:
         if barrier:
             self._barrier()
 
+    def _log(self, metrics: dict) -> None:
+        """Report to Ray Train; rank 0 also appends to ``<output_dir>/metrics.jsonl``."""
+        if self.ctx.report:
+            self.ctx.report(metrics)
+        if self.ctx.rank == 0:
+            path = Path(self.config.output_dir) / METRICS_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    def _mean_over_ranks(self, value: float) -> float:
+        if self.ctx.world_size == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(total)
+        return total.item() / self.ctx.world_size
+
     def _barrier(self) -> None:
         if self.ctx.world_size > 1:
             dist.barrier()
@@ -246,7 +268,7 @@ class EngramTrainer:
                                  labels=batch.labels.to(self.ctx.device))
             losses.append(output.lm_loss.item())
         self.model.train()
-        loss = sum(losses) / len(losses)
+        loss = self._mean_over_ranks(sum(losses) / len(losses))
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_batches": len(losses)}
 
     def close(self) -> None:

@@ -1,0 +1,152 @@
+"""A training run on Ray: the memory service for its tables, then Ray Train workers running the loop."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from compute.checkpoints import memory_checkpoint, resolve_checkpoint
+from compute.config import dataclass_from_mapping
+from compute.ngram_hash import NgramHasher
+from compute.tokenizer_compression import TokenizerCompressor
+from compute.train_config import TrainConfig
+from compute.train_loop import SUMMARY_FILE, EngramTrainer, WorkerContext
+from compute.train_memory import MemoryHandle, deploy_or_join, engram_table_specs
+from memory_service.controller import NAMESPACE, stop_controller
+
+log = logging.getLogger(__name__)
+SHARD_RESOURCE = "engram_memory"
+
+
+def connect_ray(address: str | None, shards: int) -> None:
+    """Join the cluster at ``address``, or start an embedded local one whose node hosts memory shards."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, namespace=NAMESPACE, log_to_driver=True,
+                 resources={SHARD_RESOURCE: max(8, shards)})
+
+
+@dataclasses.dataclass
+class RunMemory:
+    """The run's memory service and whether the run deployed it (then it takes it down at the end)."""
+
+    handle: MemoryHandle | None
+    owned: bool = False
+
+    def close(self) -> None:
+        if self.owned:
+            stop_controller(self.handle.controller, self.handle.namespace)
+
+
+def prepare_memory(config: TrainConfig, controller: str | None = None, resume: Path | None = None) -> RunMemory:
+    """Deploy (or join) the tables a run needs; on ``resume``, load them from the checkpoint."""
+    if config.memory.tables == "local":
+        return RunMemory(None)
+    hasher = NgramHasher.from_compressor(config.engram, TokenizerCompressor.from_file(config.data.tokenizer_path))
+    specs = engram_table_specs(config, {layer: hasher.table_rows(layer) for layer in config.engram.layer_ids})
+    handle, owned = deploy_or_join(specs, config.memory.shards, controller, NAMESPACE)
+    memory = RunMemory(handle, owned)
+    if resume is not None:
+        tables = memory_checkpoint(resume)
+        if tables is None:
+            memory.close()
+            raise ValueError(f"resume: {resume} holds no memory tables checkpoint")
+        handle.restore(str(tables))
+        log.info("restored the Engram tables from %s", tables)
+    return memory
+
+
+def run_training(config: TrainConfig, *, resume: str | Path | None = None, memory: RunMemory | None = None) -> dict[str, Any]:
+    """Train with ``config.num_workers`` Ray Train workers; return the last reported metrics."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resume_path = resolve_checkpoint(resume) if resume else None
+    owns_memory = memory is None
+    memory = memory or prepare_memory(config, resume=resume_path)
+    output_dir = Path(config.output_dir).resolve()
+    try:
+        trainer = TorchTrainer(
+            _train_worker,
+            train_loop_config={"config": config.to_dict(), "memory": memory.handle,
+                               "resume": str(resume_path) if resume_path else None},
+            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                         resources_per_worker={"CPU": _cpus_per_worker(config)}),
+            run_config=RunConfig(name=output_dir.name, storage_path=str(output_dir.parent / "ray_train")),
+        )
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        return json.loads((output_dir / SUMMARY_FILE).read_text())
+    finally:
+        if owns_memory:
+            memory.close()
+
+
+def _cpus_per_worker(config: TrainConfig) -> int:
+    """Share the local machine's cores among workers (a cluster's workers get one core each)."""
+    available = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, available // config.num_workers) if not config.use_gpu else 1
+
+
+def _train_worker(loop_config: dict) -> None:
+    """Ray Train's per-worker entry: the loop, a progress bar on rank 0, reports to Ray Train."""
+    import ray.train
+    import ray.train.torch
+
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = dataclass_from_mapping(TrainConfig, loop_config["config"])
+    context = ray.train.get_context()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    ctx = WorkerContext(rank=context.get_world_rank(), world_size=context.get_world_size(),
+                        device=ray.train.torch.get_device(), memory=loop_config["memory"], report=ray.train.report)
+    trainer = EngramTrainer(config, ctx)
+    try:
+        if loop_config["resume"]:
+            trainer.load(Path(loop_config["resume"]))
+        with progress_bar(config, ctx.rank, trainer.step) as on_step:
+            trainer.train(on_step=on_step)
+        summary = {**trainer.last_metrics, **trainer.evaluate(config.eval_batches),
+                   "checkpoint": str(trainer.last_checkpoint)}
+        ray.train.report(summary)
+        if ctx.rank == 0:
+            (Path(config.output_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    finally:
+        trainer.close()
+
+
+class progress_bar:
+    """A tqdm bar of steps on rank 0 that shows loss, tokens/s and the lookup-wait share."""
+
+    def __init__(self, config: TrainConfig, rank: int, start: int):
+        self.config, self.rank, self.start = config, rank, start
+        self.bar = None
+
+    def __enter__(self):
+        if self.rank == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.config.steps, initial=self.start, desc="train", unit="step",
+                            file=sys.stdout, mininterval=2.0, dynamic_ncols=False, ncols=110)
+        return self.update
+
+    def update(self, metrics: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                                 wait=f"{100 * metrics['lookup_wait_share']:.1f}%", refresh=False)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
