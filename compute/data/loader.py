@@ -40,7 +40,7 @@ class StepDataset(Dataset):
 
 
 class HashedBatchLoader:
-    """Iterates this rank's batches from `start_step`; `state_dict()` is the data position to checkpoint.
+    """Iterates this rank's batches from its position; `state_dict()` is the position to checkpoint.
 
     The position counts batches handed to the caller (not those workers prepared ahead), so a run
     restored from it sees exactly the batches the saved run had not yet consumed.
