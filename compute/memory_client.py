@@ -31,6 +31,7 @@ CONTROLLER_NAME = "engram-memory-controller"
 NAMESPACE = "engram"
 ROUTING_EPOCH_KEY = "engram-routing-epoch"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_FRAME_BYTES = (1 << 24) - 1  # HTTP/2's largest frame: big replies in few frames
 WIRE_DTYPES = {torch.float32: pb.FLOAT32, torch.bfloat16: pb.BFLOAT16, torch.float16: pb.FLOAT16}
 LOOKUP_METHOD = "/engram.memory.v1.ShardService/Lookup"
 TRANSIENT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -92,7 +93,8 @@ class MemoryClient:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._credentials = grpc.ssl_channel_credentials(Path(tls_cert_file).read_bytes()) if tls_cert_file else None
         self._options = [("grpc.max_send_message_length", max_message_bytes),
-                         ("grpc.max_receive_message_length", max_message_bytes)]
+                         ("grpc.max_receive_message_length", max_message_bytes),
+                         ("grpc.http2.max_frame_size", MAX_FRAME_BYTES)]
         self._max_message_bytes = max_message_bytes
         self._max_rows_per_request = max_rows_per_request
         self._retry = retry
@@ -265,7 +267,8 @@ class MemoryClient:
         unique, inverse = torch.unique(torch.from_numpy(ids), sorted=True, return_inverse=True)
         unique = unique.numpy()
         # Received rows land shard after shard in `received`; `where[p]` is the row of unique id p there.
-        layout = np.concatenate([*self._split(route, unique, np.arange(len(unique))).values(), np.empty(0, np.int64)])
+        first_split = [self._split(route, unique, np.arange(len(unique)))]  # reused by the first attempt only
+        layout = np.concatenate([*first_split[0].values(), np.empty(0, np.int64)])
         where = np.empty(len(unique), dtype=np.int64)
         where[layout] = np.arange(len(unique))
         received = torch.empty((len(unique), route.dim), dtype=dtype)
@@ -284,8 +287,8 @@ class MemoryClient:
                 _as_words(received).index_copy_(0, torch.from_numpy(destination), _as_words(rows))
 
         async def attempt(pending: np.ndarray) -> np.ndarray:
-            parts = [(chunk, fetch(shard, chunk))
-                     for shard, positions in self._split(self._route(table), unique, pending).items()
+            groups = first_split.pop() if first_split else self._split(self._route(table), unique, pending)
+            parts = [(chunk, fetch(shard, chunk)) for shard, positions in groups.items()
                      for chunk in np.array_split(positions, -(-len(positions) // per_request))]
             return await self._gather_parts(parts)
 

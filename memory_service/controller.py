@@ -20,7 +20,7 @@ import ray
 from memory_service import checkpoint
 from memory_service.auth import TlsFiles, bearer_metadata, new_token
 from memory_service.directory import DirectoryServicer
-from memory_service.server import DEFAULT_MAX_MESSAGE_BYTES, message_size_options, start_server
+from memory_service.server import DEFAULT_MAX_MESSAGE_BYTES, transport_options, start_server
 from memory_service.shard_actor import ShardActor
 from memory_service.slots import SlotMap
 from memory_service.table_spec import TableSpec
@@ -121,7 +121,7 @@ class MemoryController:
             resources={self._options.shard_resource: 1}, memory=max(reserve_bytes, 1 << 20),
         ).remote(index, self._token, self._options.tls, self._options.host, self._options.max_message_bytes)
         info = await actor.start.remote()
-        options = message_size_options(self._options.max_message_bytes)
+        options = transport_options(self._options.max_message_bytes)
         if self._options.tls:
             credentials = grpc.ssl_channel_credentials(Path(self._options.tls.cert_file).read_bytes())
             channel = grpc.aio.secure_channel(info["address"], credentials, options=options)

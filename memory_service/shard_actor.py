@@ -1,7 +1,9 @@
 """A memory shard as a Ray actor: a ShardServicer behind a grpc.aio server on its node's address."""
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 
 import ray
 
@@ -14,6 +16,18 @@ from protos import engram_memory_v1_pb2 as pb
 log = logging.getLogger(__name__)
 
 
+# glibc mallopt parameters: serve large buffers from the heap and keep freed ones there.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_large_buffers_mapped() -> None:
+    """Stop glibc from unmapping each freed lookup buffer, which made every lookup page-fault its rows anew."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum: batches up to 32 MiB reuse heap memory
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+
+
 @ray.remote(num_cpus=0)
 class ShardActor:
     """Owns one ShardServicer; the controller talks to it over gRPC, Ray only starts and stops it."""
@@ -21,6 +35,7 @@ class ShardActor:
     def __init__(self, shard_index: int, token: str, tls: TlsFiles | None = None, host: str | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         logging.basicConfig(level=logging.INFO)
+        keep_large_buffers_mapped()
         self._token, self._tls = token, tls
         self._host = host or ray.util.get_node_ip_address()
         self._servicer = ShardServicer(shard_index, ShardMetrics(RayMetricsExporter(shard_index)), max_message_bytes)

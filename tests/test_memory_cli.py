@@ -12,8 +12,6 @@ import pytest
 pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGRAM = ("import sys; from compute import cli; cli.COMMAND_MODULES = {'memory': 'memory_service.cli'}; "
-          "sys.exit(cli.main(sys.argv[1:]))")
 TABLES = """\
 tables:
   - name: layer2
@@ -31,8 +29,8 @@ def test_up_status_scale_checkpoint_restore_down(ray_cluster, tmp_path):
     common = ["--address", ray_cluster, "--name", f"cli-{uuid.uuid4().hex[:8]}"]
 
     def engram(*args: str) -> str:
-        # The real `engram` entry point, with only the memory command registered (the others are not under test).
-        done = subprocess.run([sys.executable, "-c", ENGRAM, "memory", *args, *common], cwd=ROOT, env=env,
+        # The `engram` console script is compute.cli:main.
+        done = subprocess.run([sys.executable, "-m", "compute.cli", "memory", *args, *common], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         return done.stdout
