@@ -6,20 +6,20 @@ import importlib
 import logging
 import sys
 
-# Each module registers its own subcommand(s) through ``register(subparsers)``; imports are lazy so
-# that `engram hash` does not pay for Ray, and `engram memory` does not pay for the model.
-COMMAND_MODULES = {
-    "hash": "compute.hash_command",
-    "model-demo": "compute.model_demo",
-    "memory": "memory_service.cli",
-}
+# Each module registers its own subcommands through ``register(subparsers)``.
+COMMAND_MODULES = (
+    "compute.hash_command",  # hash
+    "compute.model_demo",  # model-demo
+    "compute.train_command",  # train, eval, generate
+    "memory_service.cli",  # memory up|status|scale|checkpoint|restore|down
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram", description="Engram memory: sharded n-gram tables for MoE models")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in COMMAND_MODULES.items():
+    for module in COMMAND_MODULES:
         importlib.import_module(module).register(subparsers)
     return parser
 

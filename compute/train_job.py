@@ -18,7 +18,7 @@ from compute.ngram_hash import NgramHasher
 from compute.tokenizer_compression import TokenizerCompressor
 from compute.train_config import TrainConfig
 from compute.train_loop import SUMMARY_FILE, EngramTrainer, WorkerContext
-from compute.train_memory import MemoryHandle, deploy_or_join, engram_table_specs
+from compute.train_memory import MemoryHandle, deploy_from_checkpoint, deploy_or_join, engram_table_specs
 from memory_service.controller import NAMESPACE, stop_controller
 
 log = logging.getLogger(__name__)
@@ -49,21 +49,17 @@ class RunMemory:
 
 
 def prepare_memory(config: TrainConfig, controller: str | None = None, resume: Path | None = None) -> RunMemory:
-    """Deploy (or join) the tables a run needs; on ``resume``, load them from the checkpoint."""
+    """Deploy (or join) the tables a run needs; to ``resume``, deploy them from the checkpoint instead."""
     if config.memory.tables == "local":
         return RunMemory(None)
-    hasher = NgramHasher.from_compressor(config.engram, TokenizerCompressor.from_file(config.data.tokenizer_path))
-    specs = engram_table_specs(config, {layer: hasher.table_rows(layer) for layer in config.engram.layer_ids})
-    handle, owned = deploy_or_join(specs, config.memory.shards, controller, NAMESPACE)
-    memory = RunMemory(handle, owned)
     if resume is not None:
         tables = memory_checkpoint(resume)
         if tables is None:
-            memory.close()
-            raise ValueError(f"resume: {resume} holds no memory tables checkpoint")
-        handle.restore(str(tables))
-        log.info("restored the Engram tables from %s", tables)
-    return memory
+            raise ValueError(f"resume: {resume} holds no checkpoint of the memory tables")
+        return RunMemory(deploy_from_checkpoint(str(tables), config.memory.shards, NAMESPACE), owned=True)
+    hasher = NgramHasher.from_compressor(config.engram, TokenizerCompressor.from_file(config.data.tokenizer_path))
+    specs = engram_table_specs(config, {layer: hasher.table_rows(layer) for layer in config.engram.layer_ids})
+    return RunMemory(*deploy_or_join(specs, config.memory.shards, controller, NAMESPACE))
 
 
 def run_training(config: TrainConfig, *, resume: str | Path | None = None, memory: RunMemory | None = None) -> dict[str, Any]:

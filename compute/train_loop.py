@@ -22,19 +22,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from compute.checkpoints import TrainerState, load_trainer_state, save_checkpoint
-from compute.config import EngramModelConfig
 from compute.data import HashedBatch, hashed_batches
-from compute.local_table_training import LocalTableOptimizer, service_initialised_table
-from compute.model import EngramMoEModel
-from compute.ngram_hash import NgramHasher
+from compute.engram_runtime import WIRE_DTYPES, build_runtime
+from compute.local_table_training import LocalTableOptimizer
 from compute.remote_row_table import RemoteRowTable
 from compute.row_table import EngramRows
-from compute.tokenizer_compression import TokenizerCompressor
-from compute.train_config import TrainConfig, table_name
-from compute.train_memory import MemoryHandle, engram_table_specs
+from compute.train_config import TrainConfig
+from compute.train_memory import MemoryHandle
 
 log = logging.getLogger(__name__)
-WIRE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
@@ -84,22 +80,11 @@ class EngramTrainer:
 
     def __init__(self, config: TrainConfig, ctx: WorkerContext):
         self.config, self.ctx = config, ctx
-        torch.manual_seed(config.seed)
-        compressor = TokenizerCompressor.from_file(config.data.tokenizer_path)
-        self.hasher = NgramHasher.from_compressor(config.engram, compressor)
-        specs = engram_table_specs(config, {layer: self.hasher.table_rows(layer) for layer in config.engram.layer_ids})
-        self.client = None
-        if config.memory.tables == "remote":
-            self.client = ctx.memory.client()
-            wire = WIRE_DTYPES[config.memory.wire_dtype]
-            self.tables = {layer: RemoteRowTable(self.client, table_name(layer), ctx.device, wire)
-                           for layer in config.engram.layer_ids}
-            self.table_optimizer = None
-        else:
-            self.tables = {layer: service_initialised_table(spec) for layer, spec in zip(config.engram.layer_ids, specs)}
-            self.table_optimizer = LocalTableOptimizer(self.tables, specs[0].optimizer)
-        self.model = EngramMoEModel(EngramModelConfig(model=config.model, engram=config.engram),
-                                    self.tables).to(ctx.device)
+        self.runtime = build_runtime(config, ctx.device, ctx.memory)
+        self.model, self.tables = self.runtime.model, self.runtime.tables
+        self.table_optimizer = None
+        if config.memory.tables == "local":
+            self.table_optimizer = LocalTableOptimizer(self.tables, self.runtime.specs[0].optimizer)
         # DDP averages the dense gradients across ranks; experts no token picked this step get none.
         self.forward_model = self.model if ctx.world_size == 1 else DistributedDataParallel(
             self.model, find_unused_parameters=True)
@@ -147,6 +132,10 @@ class EngramTrainer:
         return hashed_batches(data, self.config.engram, rank=self.ctx.rank, world_size=self.ctx.world_size,
                               position=position, num_steps=num_steps)
 
+    @property
+    def _wire_bytes(self) -> int:
+        return 4 if self.config.memory.tables == "local" else WIRE_DTYPES[self.config.memory.wire_dtype].itemsize
+
     def fetch(self, batch: HashedBatch) -> dict[int, concurrent.futures.Future]:
         """Start every Engram layer's lookup for ``batch``."""
         rows = {}
@@ -158,7 +147,7 @@ class EngramTrainer:
                 future = table.lookup_async(layer_rows.row_ids.to(self.ctx.device))
             rows[layer] = _WaitClock(future, self.totals)
             self.totals["rows"] += len(layer_rows.unique)
-            self.totals["bytes"] += len(layer_rows.unique) * table.dim * _wire_bytes(self.config)
+            self.totals["bytes"] += len(layer_rows.unique) * table.dim * self._wire_bytes
         return rows
 
     def train(self, on_step: Callable[[dict], None] | None = None) -> list[float]:
@@ -272,13 +261,6 @@ class EngramTrainer:
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_batches": len(losses)}
 
     def close(self) -> None:
-        for table in self.tables.values():
-            if isinstance(table, RemoteRowTable):
-                table.close()
-        if self.client is not None:
-            self.client.close()
+        self.runtime.close()
 
 
-
-def _wire_bytes(config: TrainConfig) -> int:
-    return 4 if config.memory.tables == "local" else WIRE_DTYPES[config.memory.wire_dtype].itemsize

@@ -43,10 +43,6 @@ class MemoryHandle:
         """Write every table, as of now, into ``directory`` (the shards write in parallel)."""
         ray.get(get_controller(self.controller, self.namespace).checkpoint.remote(directory))
 
-    def restore(self, directory: str) -> None:
-        """Replace every table by the checkpoint in ``directory``, keeping the shard count."""
-        ray.get(get_controller(self.controller, self.namespace).restore.remote(directory))
-
 
 def deploy_or_join(specs: list[TableSpec], shards: int, controller: str | None, namespace: str) -> tuple[MemoryHandle, bool]:
     """Join the controller named ``controller`` (its tables must match), or deploy a new one on ``shards``.
@@ -67,6 +63,15 @@ def deploy_or_join(specs: list[TableSpec], shards: int, controller: str | None, 
     ray.get(actor.deploy.remote([spec.to_dict() for spec in specs], shards))
     log.info("deployed %d Engram tables on %d memory shards (controller %s)", len(specs), shards, name)
     return _handle(actor, name, namespace), True
+
+
+def deploy_from_checkpoint(directory: str, shards: int, namespace: str) -> MemoryHandle:
+    """A new memory service holding the tables of a checkpoint, on ``shards`` shards."""
+    name = f"engram-run-{uuid.uuid4().hex[:8]}"
+    actor = start_controller(ControllerOptions(), name=name, namespace=namespace)
+    ray.get(actor.restore.remote(directory, shards))
+    log.info("restored the Engram tables of %s onto %d memory shards (controller %s)", directory, shards, name)
+    return _handle(actor, name, namespace)
 
 
 def _handle(actor, name: str, namespace: str) -> MemoryHandle:

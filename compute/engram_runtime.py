@@ -1,0 +1,68 @@
+"""A model together with where its Engram rows live: what training, evaluation and generation share."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from compute.config import EngramModelConfig, dataclass_from_mapping
+from compute.local_table_training import service_initialised_table
+from compute.memory_client import MemoryClient
+from compute.model import EngramMoEModel
+from compute.ngram_hash import NgramHasher
+from compute.remote_row_table import RemoteRowTable
+from compute.row_table import RowTable
+from compute.tokenizer_compression import TokenizerCompressor
+from compute.train_config import TrainConfig, table_name
+from compute.train_memory import MemoryHandle, engram_table_specs
+from memory_service.table_spec import TableSpec
+
+WIRE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class EngramRuntime:
+    config: TrainConfig
+    model: EngramMoEModel
+    tables: dict[int, RowTable]
+    specs: list[TableSpec]  # the tables' specs, in layer order
+    compressor: TokenizerCompressor
+    hasher: NgramHasher
+    client: MemoryClient | None  # set when the rows are remote
+
+    def close(self) -> None:
+        for table in self.tables.values():
+            if isinstance(table, RemoteRowTable):
+                table.close()
+        if self.client is not None:
+            self.client.close()
+
+
+def build_runtime(config: TrainConfig, device: torch.device, memory: MemoryHandle | None) -> EngramRuntime:
+    """The model (seeded by ``config.seed``) on remote tables through ``memory``, or on in-process ones."""
+    torch.manual_seed(config.seed)
+    compressor = TokenizerCompressor.from_file(config.data.tokenizer_path)
+    hasher = NgramHasher.from_compressor(config.engram, compressor)
+    specs = engram_table_specs(config, {layer: hasher.table_rows(layer) for layer in config.engram.layer_ids})
+    client = None
+    if config.memory.tables == "remote":
+        if memory is None:
+            raise ValueError("memory: remote tables need a memory service (deploy one or use memory.tables: local)")
+        client = memory.client()
+        wire = WIRE_DTYPES[config.memory.wire_dtype]
+        tables = {layer: RemoteRowTable(client, table_name(layer), device, wire) for layer in config.engram.layer_ids}
+    else:
+        tables = {layer: service_initialised_table(spec) for layer, spec in zip(config.engram.layer_ids, specs)}
+    model = EngramMoEModel(EngramModelConfig(model=config.model, engram=config.engram), tables).to(device)
+    return EngramRuntime(config, model, tables, specs, compressor, hasher, client)
+
+
+def load_runtime(checkpoint: str | Path, device: torch.device, memory: MemoryHandle | None) -> EngramRuntime:
+    """The model of a training checkpoint, its weights loaded (remote tables: restored by the caller)."""
+    from compute.checkpoints import load_trainer_state
+
+    state = load_trainer_state(checkpoint, map_location=device)
+    runtime = build_runtime(dataclass_from_mapping(TrainConfig, state.config), device, memory)
+    runtime.model.load_state_dict(state.model)
+    return runtime
