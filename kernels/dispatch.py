@@ -32,6 +32,10 @@ def programs_and_chunk(total: int, target_programs: int = 512) -> tuple[int, int
     return -(-total // chunk), chunk
 
 
-def warps_for_row(block: int) -> int:
-    """Warps for a program that holds one ``block``-wide float32 row per tensor: 8 values a thread."""
-    return max(1, min(16, block // 256))
+def warp_choices(*num_warps: int) -> list:
+    """Autotuning choices of ``num_warps``; only the first under the CPU interpreter, where timing means nothing."""
+    import triton  # here, not at module level: importing ``kernels`` must not import Triton
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        num_warps = num_warps[:1]
+    return [triton.Config({}, num_warps=w) for w in num_warps]

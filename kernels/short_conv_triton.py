@@ -11,9 +11,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import programs_and_chunk, warps_for_row
+from kernels.dispatch import programs_and_chunk, warp_choices
 
 TAPS = 4
+PROGRAMS = 1024  # enough to fill the GPU; each re-reads three rows before its chunk (and after, backward)
 
 
 @triton.jit
@@ -57,6 +58,7 @@ def _branch_weights(norm_w_ptr, conv_w_ptr, branch, dim, cols, mask):
     return norm_w, w0, w1, w2, w3
 
 
+@triton.autotune(configs=warp_choices(8, 4, 16), key=["dim"])
 @triton.jit
 def _short_conv_forward_kernel(x_ptr, norm_w_ptr, conv_w_ptr, out_ptr,
                                seq_len, dim, dilation, steps_per_program, eps,
@@ -70,9 +72,13 @@ def _short_conv_forward_kernel(x_ptr, norm_w_ptr, conv_w_ptr, out_ptr,
     n1 = x_hat * norm_w
     x_hat, _ = _normed_row(x_ptr, batch, residue + (first - 1) * dilation, branch, seq_len, dim, cols, mask, eps, HC)
     n2 = x_hat * norm_w
+    x_next = _load_row(x_ptr, batch, residue + first * dilation, branch, seq_len, dim, cols, mask, HC)
     for step in range(first, first + steps_per_program):
         time = residue + step * dilation
-        x = _load_row(x_ptr, batch, time, branch, seq_len, dim, cols, mask, HC)
+        x = x_next
+        # Issue the next row's load before this row's reductions, so it is in flight meanwhile
+        # (on the H200 this took the paper-shape forward from 0.81 to 0.50 ms).
+        x_next = _load_row(x_ptr, batch, time + dilation, branch, seq_len, dim, cols, mask, HC)
         x_hat, _ = _normalise(x, dim, eps)
         n3 = x_hat * norm_w
         conv = w0 * n0 + w1 * n1 + w2 * n2 + w3 * n3
@@ -82,6 +88,7 @@ def _short_conv_forward_kernel(x_ptr, norm_w_ptr, conv_w_ptr, out_ptr,
         n0, n1, n2 = n1, n2, n3
 
 
+@triton.autotune(configs=warp_choices(8, 4, 16), key=["dim"])
 @triton.jit
 def _short_conv_backward_kernel(x_ptr, norm_w_ptr, conv_w_ptr, grad_out_ptr, grad_x_ptr,
                                 norm_w_partial_ptr, conv_w_partial_ptr,
@@ -145,9 +152,8 @@ def _launch(value: torch.Tensor, dilation: int) -> tuple[tuple[int, int, int], i
     """Grid (sequence*branch, residue, chunk), steps per chunk, and the compile-time arguments."""
     batch, seq_len, hc, dim = value.shape
     steps = -(-seq_len // dilation)
-    chunks, steps_per_program = programs_and_chunk(steps, max(1, 512 // (batch * hc * dilation)))
-    block_d = triton.next_power_of_2(dim)
-    meta = dict(HC=hc, BLOCK_D=block_d, num_warps=warps_for_row(block_d))
+    chunks, steps_per_program = programs_and_chunk(steps, max(1, PROGRAMS // (batch * hc * dilation)))
+    meta = dict(HC=hc, BLOCK_D=triton.next_power_of_2(dim))
     return (batch * hc, dilation, chunks), steps_per_program, meta
 
 

@@ -27,22 +27,26 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def assert_matches_reference(fast, reference, inputs: list[torch.Tensor], *args, **kwargs) -> None:
-    """``fast(*inputs, *args)`` equals the float64 reference, forward and every input gradient."""
-    dtype = inputs[0].dtype
-    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
-    out = fast(*leaves, *args, **kwargs)
-    assert out.dtype == dtype
-    grad_out = torch.randn_like(out)
-    wanted = [t for t in leaves if t.requires_grad]
-    grads = torch.autograd.grad(out, wanted, grad_out)
+    """``fast(*inputs, *args)`` is as close to the float64 reference as the reference run at the inputs'
+    precision is (or within ``TOLERANCE``), forward and every input gradient.
 
-    exact = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
-    expected = reference(*exact, *args, **kwargs)
-    expected_grads = torch.autograd.grad(expected, [t for t in exact if t.requires_grad], grad_out.double())
-    names = ["output"] + [f"grad of input {i}" for i, t in enumerate(leaves) if t.requires_grad]
-    for name, got, want in zip(names, (out, *grads), (expected, *expected_grads)):
-        error = relative_error(got, want)
-        assert error < TOLERANCE[dtype], f"{name}: relative error {error:.2e} ({dtype})"
+    The gate's gradient holds ``1/sqrt|score|``: near a zero score any float32 evaluation, the
+    reference's included, drifts from float64, so the bar is the reference's own error.
+    """
+    dtype = inputs[0].dtype
+    grad_out = None
+    results = {}
+    for name, fn, cast in (("fast", fast, None), ("reference", reference, None), ("exact", reference, torch.float64)):
+        leaves = [(t.to(cast) if cast else t).detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+        out = fn(*leaves, *args, **kwargs)
+        grad_out = torch.randn_like(out) if grad_out is None else grad_out
+        grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], grad_out.to(out.dtype))
+        results[name] = (out, *grads)
+    assert results["fast"][0].dtype == dtype
+    names = ["output"] + [f"grad of input {i}" for i, t in enumerate(inputs) if t.is_floating_point()]
+    for name, got, ours, exact in zip(names, results["fast"], results["reference"], results["exact"]):
+        error, bar = relative_error(got, exact), max(TOLERANCE[dtype], 2 * relative_error(ours, exact))
+        assert error < bar, f"{name}: relative error {error:.2e} > {bar:.2e} ({dtype})"
 
 
 def gather_inputs(num_rows, dim, tokens, heads, dtype, device):
@@ -58,6 +62,13 @@ def gate_inputs(tokens, hc, dim, dtype, device):
     value = torch.randn(tokens, dim, dtype=dtype, device=device)
     key_w = 1 + 0.3 * torch.randn(hc, dim, device=device)
     hidden_w = 1 + 0.3 * torch.randn(hc, dim, device=device)
+    # The gate's gradient jumps from 0 to 1/(2 sqrt(1e-6)) where |score| crosses its clamp at 1e-6;
+    # float32 rounding of a 2560-term score (~1e-7) can land either side, so keep scores clear of 0
+    # by letting such rows' hidden state equal their key (score ~ sqrt(D)).
+    normed = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)) * w  # noqa: E731
+    score = (normed(key.double(), key_w.double()) * normed(hidden.double(), hidden_w.double())).sum(-1)
+    near_zero = score.abs() < 1e-3 * dim**0.5
+    hidden[near_zero] = key[near_zero]
     return [key, hidden, value, key_w, hidden_w]
 
 
