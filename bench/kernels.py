@@ -1,0 +1,203 @@
+"""Benchmark the Engram kernels on a CUDA GPU: Triton vs PyTorch eager vs torch.compile of the reference.
+
+    python -m bench.kernels [--out bench/results]
+
+Times forward and backward (backward = forward+backward minus forward, so every path is timed the
+same way) at the paper's and the demo's shapes in bfloat16, and sets the Triton kernels' achieved
+bytes/s against the card's measured device-to-device copy bandwidth. Prints a table, writes
+``kernels.json`` and ``kernels.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import kernels
+
+log = logging.getLogger("bench.kernels")
+
+# name: (tokens per micro-batch, hc branches, hidden D, hash heads, head dim)
+CONFIGS = {"paper": (16384, 4, 2560, 16, 80), "demo": (16384, 4, 1024, 16, 64)}
+SEQUENCES = 4  # the micro-batch's tokens as 4 sequences of T/4 for the short conv
+DILATION, CONV_TAPS = 3, 4
+DTYPE = torch.bfloat16
+
+
+@dataclass
+class Row:
+    config: str
+    kernel: str
+    direction: str
+    triton_ms: float
+    eager_ms: float
+    compiled_ms: float
+    bytes_moved: int
+
+    @property
+    def triton_gbps(self) -> float:
+        return self.bytes_moved / self.triton_ms / 1e6
+
+
+def median_ms(fn) -> float:
+    from triton.testing import do_bench
+
+    fn()  # compile and autotune outside the timing
+    return do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+
+def copy_bandwidth_gbps(num_bytes: int = 4 << 30) -> float:
+    """Device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    return 2 * num_bytes / median_ms(lambda: dst.copy_(src)) / 1e6
+
+
+def _sizes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def kernel_cases(tokens, hc, dim, heads, head_dim):
+    """Per kernel: (name, Triton fn, reference fn, differentiable inputs, other args, fwd bytes, bwd bytes,
+    whether to run under torch's deterministic mode)."""
+    make = lambda *shape, dtype=DTYPE: torch.randn(*shape, dtype=dtype, device="cuda")  # noqa: E731
+    num_rows = tokens * heads // 4
+    rows, inverse = make(num_rows, head_dim), torch.randint(0, num_rows, (tokens, heads), device="cuda")
+    embeddings = torch.empty(tokens, heads * head_dim, dtype=DTYPE)
+    f32_rows = torch.empty(num_rows, head_dim, dtype=torch.float32)
+    for deterministic in (False, True):
+        yield ("gather_rows" + ("[det]" if deterministic else ""), kernels.GatherRows.apply,
+               kernels.gather_rows_reference, [rows], (inverse, DTYPE), _sizes(rows, inverse, embeddings),
+               _sizes(embeddings, inverse, f32_rows), deterministic)
+
+    key, hidden, value = make(tokens, hc, dim), make(tokens, hc, dim), make(tokens, dim)
+    key_w, hidden_w = make(hc, dim, dtype=torch.float32), make(hc, dim, dtype=torch.float32)
+    yield ("engram_gate", kernels.EngramGate.apply, kernels.engram_gate_reference,
+           [key, hidden, value, key_w, hidden_w], (), _sizes(key, hidden, value, key),
+           _sizes(key, hidden, value, key, key, hidden, value), False)
+
+    conv_in = make(SEQUENCES, tokens // SEQUENCES, hc, dim)
+    norm_w, conv_w = make(hc, dim, dtype=torch.float32), make(hc * dim, CONV_TAPS, dtype=torch.float32)
+    yield ("short_conv", kernels.ShortConv.apply, kernels.short_conv_reference, [conv_in, norm_w, conv_w],
+           (DILATION,), _sizes(conv_in, conv_in), _sizes(conv_in, conv_in, conv_in), False)
+
+
+def time_paths(fast, reference, inputs, args) -> dict[str, tuple[float, float]]:
+    """(forward ms, backward ms) for each path."""
+    leaves = [t.requires_grad_() for t in inputs]
+    compiled = torch.compile(reference)
+    results = {}
+    for path, fn in (("triton", fast), ("eager", reference), ("compiled", compiled)):
+        grad_out = torch.randn_like(fn(*leaves, *args))
+
+        def forward():
+            return fn(*leaves, *args)
+
+        def forward_backward():
+            torch.autograd.grad(fn(*leaves, *args), leaves, grad_out)
+
+        fwd, both = median_ms(forward), median_ms(forward_backward)
+        results[path] = (fwd, max(both - fwd, 0.0))
+    return results
+
+
+def tuned_configs() -> dict[str, str]:
+    """The configuration each autotuned kernel settled on (for its last tuning key)."""
+    import importlib
+
+    found = {}
+    for module in ("row_gather_triton", "engram_gate_triton", "short_conv_triton"):
+        for name, obj in vars(importlib.import_module(f"kernels.{module}")).items():
+            if getattr(obj, "best_config", None) is not None:
+                found[name] = str(obj.best_config)
+    return found
+
+
+def run(out_dir: Path) -> dict:
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth_gbps()
+    log.info("device-to-device copy: %.0f GB/s", bandwidth)
+    rows: list[Row] = []
+    for config, shape in CONFIGS.items():
+        for name, fast, reference, inputs, args, fwd_bytes, bwd_bytes, deterministic in kernel_cases(*shape):
+            torch.use_deterministic_algorithms(deterministic)
+            times = time_paths(fast, reference, inputs, args)
+            torch.use_deterministic_algorithms(False)
+            for i, (direction, moved) in enumerate((("forward", fwd_bytes), ("backward", bwd_bytes))):
+                rows.append(Row(config, name, direction, times["triton"][i], times["eager"][i],
+                                times["compiled"][i], moved))
+            torch.cuda.empty_cache()
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "dtype": str(DTYPE),
+        "copy_bandwidth_gbps": bandwidth,
+        "configs": {name: dict(zip(("tokens", "hc", "dim", "heads", "head_dim"), s)) for name, s in CONFIGS.items()},
+        "tuned_configs": tuned_configs(),
+        "rows": [asdict(r) | {"triton_gbps": r.triton_gbps, "fraction_of_copy": r.triton_gbps / bandwidth}
+                 for r in rows],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "kernels.json").write_text(json.dumps(report, indent=2))
+    print_table(report)
+    log.info("tuned configs: %s", report["tuned_configs"])
+    plot(report, out_dir / "kernels.png")
+    return report
+
+
+def print_table(report: dict) -> None:
+    print(f"{report['device']}, {report['dtype']}, copy bandwidth {report['copy_bandwidth_gbps']:.0f} GB/s")
+    header = (f"{'config':6} {'kernel':17} {'pass':8} {'triton ms':>9} {'eager ms':>9} {'compile ms':>10} "
+              f"{'x eager':>7} {'x compile':>9} {'GB/s':>6} {'% copy':>6}")
+    print(header)
+    for r in report["rows"]:
+        print(f"{r['config']:6} {r['kernel']:17} {r['direction']:8} {r['triton_ms']:9.3f} {r['eager_ms']:9.3f} "
+              f"{r['compiled_ms']:10.3f} {r['eager_ms'] / r['triton_ms']:7.2f} "
+              f"{r['compiled_ms'] / r['triton_ms']:9.2f} {r['triton_gbps']:6.0f} {100 * r['fraction_of_copy']:6.1f}")
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    labels = [f"{r['config']}\n{r['kernel']}\n{r['direction']}" for r in rows]
+    fig, (speed, band) = plt.subplots(2, 1, figsize=(14, 8))
+    width = 0.4
+    x = range(len(rows))
+    speed.bar([i - width / 2 for i in x], [r["eager_ms"] / r["triton_ms"] for r in rows], width, label="vs eager")
+    speed.bar([i + width / 2 for i in x], [r["compiled_ms"] / r["triton_ms"] for r in rows], width,
+              label="vs torch.compile")
+    speed.axhline(1.0, color="grey", linewidth=0.8)
+    speed.set_ylabel("Triton speed-up")
+    speed.set_xticks(list(x), labels, fontsize=7)
+    speed.legend()
+    band.bar(list(x), [100 * r["fraction_of_copy"] for r in rows])
+    band.axhline(70, color="red", linewidth=0.8, label="70% target")
+    band.set_ylabel("% of copy bandwidth")
+    band.set_xticks(list(x), labels, fontsize=7)
+    band.legend()
+    fig.suptitle(f"Engram kernels, {report['device']}, {report['dtype']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.kernels needs a CUDA GPU")
+    run(args.out)
+
+
+if __name__ == "__main__":
+    main()
