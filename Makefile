@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/engram model-demo
+	$(VENV)/bin/engram demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -11,6 +11,7 @@ COMMAND_MODULES = (
     "compute.hash_command",  # hash
     "compute.model_demo",  # model-demo
     "compute.train_command",  # train, eval, generate
+    "compute.demo",  # demo
     "memory_service.cli",  # memory up|status|scale|checkpoint|restore|down
 )
 

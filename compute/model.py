@@ -123,6 +123,7 @@ class EngramMoEModel(nn.Module):
             {str(layer): table for layer, table in row_tables.items() if isinstance(table, nn.Module)}
         )
         self.embed = nn.Embedding(model.vocab_size, model.hidden_size)
+        nn.init.normal_(self.embed.weight, std=0.02)  # small, so a tied LM head starts near uniform
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 model,

@@ -68,9 +68,10 @@ def run_training(config: TrainConfig, *, resume: str | Path | None = None, memor
     from ray.train.torch import TorchTrainer
 
     resume_path = resolve_checkpoint(resume) if resume else None
+    output_dir = Path(config.output_dir).resolve()
+    config = config.replace(output_dir=str(output_dir))  # workers run in Ray Train's own folder
     owns_memory = memory is None
     memory = memory or prepare_memory(config, resume=resume_path)
-    output_dir = Path(config.output_dir).resolve()
     try:
         trainer = TorchTrainer(
             _train_worker,
