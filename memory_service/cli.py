@@ -59,13 +59,12 @@ def _connect(args, *, may_start: bool = False) -> dict[str, Any]:
     address = args.address or state.get("ray_address") or "auto"
     if may_start and not args.address and not _cluster_running(address):
         state["head_pid"], _ = _start_local_head()
-        # Joined as "auto": Ray 2.60 refuses this head's explicit GCS address for want of its auth token.
-        state["ray_address"] = address = "auto"
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     except ConnectionError:
         raise ValueError(f"address: no Ray cluster at {address!r}; run `engram memory up` first") from None
-    state.setdefault("ray_address", ray.get_runtime_context().gcs_address)
+    # Kept as given ("auto" included): Ray 2.60 refuses a local head's explicit GCS address for want of its token.
+    state["ray_address"] = address
     return state
 
 
