@@ -16,40 +16,46 @@ LIVE = spec("live", kind="sgd", lr=0.25, dim=8)
 SAVED = spec("saved", kind="adam", lr=0.01)
 
 
-def test_scaling_2_3_1_under_lookups_and_pushes_loses_and_fails_nothing(ray_cluster):
-    rng = np.random.default_rng(0)
+def _push_rows(rank: int, step: int) -> tuple[np.ndarray, torch.Tensor]:
+    """The rows and gradients rank ``rank`` pushes at ``step``: a pure function, so a lagging rank can catch up."""
+    ids = np.sort(np.random.default_rng([rank, step]).choice(LIVE.rows, size=300, replace=False))
+    return ids, torch.full((len(ids), LIVE.dim), float(rank + 1 + step % 3))
+
+
+@pytest.mark.parametrize("synchronous", [False, True], ids=["asynchronous", "synchronous-2-ranks"])
+def test_scaling_2_3_1_under_lookups_and_pushes_loses_and_fails_nothing(ray_cluster, synchronous):
+    world_size = 2 if synchronous else 1
     with deployment([LIVE], shards=2) as (controller, client):
         stop = threading.Event()
         errors: list[BaseException] = []
-        pushed = torch.zeros(LIVE.rows, LIVE.dim)
+        steps_done = [0] * world_size
         lookups = [0]
 
-        def push_forever():
-            step = 0
-            while not stop.is_set():
-                ids = np.sort(rng.choice(LIVE.rows, size=500, replace=False))
-                grads = torch.full((len(ids), LIVE.dim), float(step % 5 + 1))
-                try:
-                    client.push("live", ids, grads, step=step, synchronous=False).result()
-                except BaseException as error:  # noqa: BLE001 - any failure fails the test below
-                    errors.append(error)
-                    return
-                pushed[torch.from_numpy(ids)] += grads
-                step += 1
+        def push(rank: int, step: int) -> None:
+            ids, grads = _push_rows(rank, step)
+            client.push("live", ids, grads, step=step, rank=rank, world_size=world_size,
+                        synchronous=synchronous).result()
 
-        def look_up_forever():
+        def push_until_stopped(rank: int) -> None:
+            try:
+                while not stop.is_set():
+                    push(rank, steps_done[rank])
+                    steps_done[rank] += 1
+            except BaseException as error:  # noqa: BLE001 - any failure fails the test below
+                errors.append(error)
+
+        def look_up_until_stopped():
             reader_rng = np.random.default_rng(1)
-            while not stop.is_set():
-                ids = reader_rng.integers(0, LIVE.rows, size=2000)
-                try:
-                    rows = client.lookup("live", ids, dtype=torch.float32).result()
-                    assert rows.shape == (len(ids), LIVE.dim)
-                except BaseException as error:  # noqa: BLE001
-                    errors.append(error)
-                    return
-                lookups[0] += 1
+            try:
+                while not stop.is_set():
+                    ids = reader_rng.integers(0, LIVE.rows, size=2000)
+                    assert client.lookup("live", ids, dtype=torch.float32).result().shape == (len(ids), LIVE.dim)
+                    lookups[0] += 1
+            except BaseException as error:  # noqa: BLE001
+                errors.append(error)
 
-        workers = [threading.Thread(target=push_forever), threading.Thread(target=look_up_forever)]
+        workers = [threading.Thread(target=push_until_stopped, args=(rank,)) for rank in range(world_size)]
+        workers.append(threading.Thread(target=look_up_until_stopped))
         for worker in workers:
             worker.start()
         try:
@@ -60,7 +66,16 @@ def test_scaling_2_3_1_under_lookups_and_pushes_loses_and_fails_nothing(ray_clus
             for worker in workers:
                 worker.join()
         assert not errors, errors[0]
-        assert lookups[0] > 0 and client.epoch >= 3
+        assert lookups[0] > 0 and min(steps_done) > 0 and client.epoch >= 3
+        last_step = max(steps_done)
+        for rank in range(world_size):  # a lagging rank completes the steps the other one left pending
+            for step in range(steps_done[rank], last_step):
+                push(rank, step)
+        pushed = torch.zeros(LIVE.rows, LIVE.dim)
+        for rank in range(world_size):
+            for step in range(last_step):
+                ids, grads = _push_rows(rank, step)
+                pushed[torch.from_numpy(ids)] += grads
         every = np.arange(LIVE.rows)
         expected = reference_rows(LIVE, every) - LIVE.optimizer.lr * pushed
         torch.testing.assert_close(client.lookup("live", every, dtype=torch.float32).result(), expected)
