@@ -51,6 +51,9 @@ def _handler(method: str):
                 response, rows = body(self, request)
             except (RowStoreError, RequestRejected, SpecError) as error:
                 await self._refuse(context, error)
+            except Exception as error:  # a bug, not bad input: log it, keep serving, tell the caller plainly
+                log.exception("%s failed", method)
+                await context.abort(grpc.StatusCode.INTERNAL, f"{method}: {type(error).__name__}: {error}")
             self.metrics.record(method, time.perf_counter() - start, rows)
             return response
 
