@@ -102,6 +102,17 @@ def test_health_check_answers_without_a_token(memory):
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_reflection_lists_the_services_to_a_caller_with_the_token(memory):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    _, client, _ = memory
+    with grpc.insecure_channel(client._shard_addresses[0]) as channel:
+        replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), metadata=AUTH)
+        services = {s.name for reply in replies for s in reply.list_services_response.service}
+    assert {"engram.memory.v1.ShardService", "grpc.health.v1.Health"} <= services
+
+
 def test_client_surfaces_the_servers_message(memory):
     _, client, _ = memory
     with pytest.raises(MemoryServiceError) as caught:
