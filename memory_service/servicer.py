@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # Trailing metadata on routing refusals: clients refresh the routing and retry only these.
 ROUTING_EPOCH_KEY = "engram-routing-epoch"
+# Names under which a slot move carries each aggregator's memory of applied pushes.
+APPLIED_PREFIXES = {True: "applied.synchronous.", False: "applied.asynchronous."}
 
 
 class RequestRejected(Exception):
@@ -243,6 +245,10 @@ class ShardServicer:
         # Partial sums of synchronous steps travel with their slots; the step completes on the target.
         pending = self._aggregator(request.table, True).export_pending(request.slots, spec.num_slots)
         arrays.update(pending_to_arrays(pending))
+        # So does the memory of applied pushes: a retry that reaches the new owner is still dropped.
+        for synchronous, prefix in APPLIED_PREFIXES.items():
+            applied = self._aggregator(request.table, synchronous).export_applied(request.slots, spec.num_slots)
+            arrays.update({prefix + name: array for name, array in applied.items()})
         return pb.ExportSlotsResponse(arrays=arrays_to_proto(arrays)), 0
 
     @_handler("import_slots")
@@ -250,7 +256,12 @@ class ShardServicer:
         self._spec(request.table)
         arrays = arrays_from_proto(request.arrays)
         pending = pending_from_arrays(arrays)  # removes the pending entries from `arrays`
+        applied = {prefix: {name[len(prefix):]: arrays.pop(name) for name in list(arrays) if name.startswith(prefix)}
+                   for prefix in APPLIED_PREFIXES.values()}
         self.store.import_slots(request.table, arrays)
+        for synchronous, prefix in APPLIED_PREFIXES.items():
+            if applied[prefix]:
+                self._aggregator(request.table, synchronous).import_applied(applied[prefix])
         self._apply(request.table, self._aggregator(request.table, True).import_pending(pending))
         return pb.ImportSlotsResponse(), 0
 

@@ -101,3 +101,14 @@ def test_checkpoint_on_3_shards_restores_bit_identical_on_2(ray_cluster, tmp_pat
         assert torch.equal(client.lookup("saved", every, dtype=torch.float32).result(), saved_rows)
         ray.get(controller.scale.remote(1))
         assert ray.get(controller.checksums.remote())["saved"] == [original]
+
+
+def test_a_push_retried_after_its_slots_moved_is_still_applied_once(ray_cluster):
+    ids = np.arange(0, LIVE.rows, 7, dtype=np.int64)  # rows in every slot
+    grads = torch.ones(len(ids), LIVE.dim)
+    with deployment([LIVE], shards=1) as (controller, client):
+        assert client.push("live", ids, grads, step=0, synchronous=False).result().applied_rows == len(ids)
+        once = client.lookup("live", ids, dtype=torch.float32).result()
+        assert ray.get(controller.scale.remote(3))["live"] > 0  # most slots now live on new shards
+        assert client.push("live", ids, grads, step=0, synchronous=False).result().applied_rows == 0
+        assert torch.equal(client.lookup("live", ids, dtype=torch.float32).result(), once)
