@@ -33,7 +33,9 @@ class LocalTableOptimizer:
         self.tables = dict(tables)
         self.optimizer = make_optimizer(spec)
         self.state = {
-            layer: self.optimizer.initial_state(table.num_rows, table.dim) for layer, table in self.tables.items()
+            layer: {name: values.to(table.weight.device)
+                    for name, values in self.optimizer.initial_state(table.num_rows, table.dim).items()}
+            for layer, table in self.tables.items()
         }
 
     @torch.no_grad()

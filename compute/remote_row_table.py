@@ -58,6 +58,9 @@ class RemoteRowTable(RowTable):
                 done = torch.cuda.Event()
                 done.record(self._copy_stream)
             done.synchronize()  # blocks this copier thread only; the rows are ready when the future is
+            # The training thread uses them on the default stream: keep their memory until it is done.
+            for tensor in (unique_rows, inverse):
+                tensor.record_stream(torch.cuda.default_stream(self.device))
         return EngramRows(unique_rows.requires_grad_(True), inverse)
 
     def close(self) -> None:

@@ -1,0 +1,134 @@
+"""Training step time with Engram rows on the memory service vs in-process tables.
+
+Variants, side by side in one process on the same model, data and seed: in-process tables (the
+limit); remote rows without prefetch; remote rows prefetched with staleness 0 and with staleness 1.
+Run: ``python -m bench.train_step [--preset cpu|gpu]``; prints a table, writes
+bench/results/train_step[_gpu].json and a PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from compute.config import EngramConfig, ModelConfig
+from compute.data import DataConfig
+from compute.ngram_hash import NgramHasher
+from compute.tokenizer_compression import TokenizerCompressor
+from compute.train_config import MemoryConfig, TrainConfig
+from compute.train_job import connect_ray
+from compute.train_loop import EngramTrainer, WorkerContext
+from compute.train_memory import deploy_or_join, engram_table_specs
+from memory_service.controller import NAMESPACE, stop_controller
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = (  # (name, memory settings)
+    ("in-process tables", dict(tables="local")),
+    ("remote, no prefetch", dict(tables="remote", prefetch=False, staleness=0)),
+    ("remote, prefetch, staleness 0", dict(tables="remote", prefetch=True, staleness=0)),
+    ("remote, prefetch, staleness 1", dict(tables="remote", prefetch=True, staleness=1)),
+)
+PRESETS = {
+    # A CPU-sized model: a few hundred ms a step on 2 cores.
+    "cpu": dict(model=ModelConfig(hidden_size=64, num_layers=4, num_attention_heads=4, hc_mult=4, max_seq_len=128,
+                                  num_routed_experts=8, num_experts_per_token=2, expert_hidden_size=128,
+                                  tie_embeddings=True),
+                engram=EngramConfig(engram_vocab_size=(20011, 20011), n_embed_per_ngram=128, n_head_per_ngram=4,
+                                    layer_ids=(1, 3)),
+                data=DataConfig(max_files=100, seq_len=64, batch_size=8, num_workers=1, worker_start_method="forkserver"),
+                steps=24, warmup=4, device="cpu"),
+    # Large enough to keep an H200 busy; tables of 3.2M rows x 64 per layer held on the host's CPU shards.
+    "gpu": dict(model=ModelConfig(hidden_size=1024, num_layers=8, num_attention_heads=16, hc_mult=4, max_seq_len=1024,
+                                  num_routed_experts=16, num_experts_per_token=2, expert_hidden_size=1024),
+                engram=EngramConfig(engram_vocab_size=(200003, 200003), n_embed_per_ngram=512, n_head_per_ngram=8,
+                                    layer_ids=(1, 5)),
+                data=DataConfig(max_files=400, seq_len=1024, batch_size=8, num_workers=2,
+                                worker_start_method="forkserver"),
+                steps=40, warmup=8, device="cuda"),
+}
+
+
+def step_times(trainer: EngramTrainer, device: torch.device) -> list[float]:
+    """Wall seconds of every step (synchronised with the device), from the trainer's step callback."""
+    times, last = [], [time.perf_counter()]
+
+    def on_step(_metrics: dict) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    trainer.train(on_step=on_step)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, help="steps per variant (default: the preset's)")
+    parser.add_argument("--shards", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    preset = PRESETS["gpu" if args.preset == "cuda" else args.preset]
+    steps, warmup, device = args.steps or preset["steps"], preset["warmup"], torch.device(preset["device"])
+    base = TrainConfig(model=preset["model"], engram=preset["engram"], data=preset["data"], steps=steps,
+                       log_every=steps, output_dir=tempfile.mkdtemp(prefix="engram-train-step-"),
+                       memory=MemoryConfig(shards=args.shards))
+    connect_ray(None, args.shards)
+    hasher = NgramHasher.from_compressor(base.engram, TokenizerCompressor.from_file())
+    specs = engram_table_specs(base, {layer: hasher.table_rows(layer) for layer in base.engram.layer_ids})
+    records = []
+    for name, memory_settings in VARIANTS:
+        config = base.replace(**{f"memory__{k}": v for k, v in memory_settings.items()})
+        handle, _ = deploy_or_join(specs, args.shards, None, NAMESPACE) if config.memory.tables == "remote" else (None, False)
+        trainer = EngramTrainer(config, WorkerContext(device=device, memory=handle))
+        try:
+            times = step_times(trainer, device)[warmup:]
+            wait_share = trainer.last_metrics["lookup_wait_share"]
+        finally:
+            trainer.close()
+            if handle is not None:
+                stop_controller(handle.controller, handle.namespace)
+        records.append({"variant": name, "device": device.type, "steps_timed": len(times),
+                        "step_ms_median": 1e3 * statistics.median(times), "step_ms_mean": 1e3 * statistics.fmean(times),
+                        "lookup_wait_share": wait_share, "tokens_per_step": config.data.batch_size * config.data.seq_len})
+    baseline = records[0]["step_ms_median"]
+    for record in records:
+        record["vs_in_process"] = record["step_ms_median"] / baseline
+    report(records, "train_step" if device.type == "cpu" else "train_step_gpu", device)
+
+
+def report(records: list[dict], stem: str, device: torch.device) -> None:
+    header = f"{'variant':<32}{'median ms':>11}{'mean ms':>10}{'vs local':>10}{'lookup wait':>13}"
+    print(header)
+    for r in records:
+        print(f"{r['variant']:<32}{r['step_ms_median']:>11.1f}{r['step_ms_mean']:>10.1f}{r['vs_in_process']:>9.3f}x"
+              f"{100 * r['lookup_wait_share']:>12.1f}%")
+    RESULTS.mkdir(exist_ok=True)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    meta = {"command": f"python -m bench.train_step --preset {'gpu' if device.type == 'cuda' else 'cpu'}",
+            "device": device_name, "cpu_count": os.cpu_count(), "torch": torch.__version__}
+    (RESULTS / f"{stem}.json").write_text(json.dumps({**meta, "results": records}, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.barh([r["variant"] for r in records][::-1], [r["step_ms_median"] for r in records][::-1], color="#4c72b0")
+    ax.set_xlabel(f"median step time, ms ({device_name})")
+    ax.set_title("Engram training step: remote rows vs in-process tables")
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{stem}.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
