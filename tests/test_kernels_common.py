@@ -120,7 +120,8 @@ def check_model_matches_reference(monkeypatch, device) -> None:
         input_ids, row_ids = random_batch(model)
         output = model(input_ids.to(device), engram_row_ids=row_ids, labels=input_ids.to(device))
         output.loss.backward()
-        grads = {name: p.grad.to_dense() for name, p in model.named_parameters()}
+        # A routed expert that no token picked has no gradient, on both paths alike.
+        grads = {name: p.grad.to_dense() for name, p in model.named_parameters() if p.grad is not None}
         results[backend] = (output.logits.detach(), grads)
     (expected_logits, expected_grads), (logits, grads) = results["reference"], results["triton"]
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-5)
