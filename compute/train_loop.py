@@ -120,7 +120,8 @@ class EngramTrainer:
                 step=self.step, config=self.config.to_dict(), model=self.model.state_dict(),
                 dense_optimizer=self.dense_optimizer.state_dict(),
                 table_optimizer=self.table_optimizer.state_dict() if self.table_optimizer else None,
-                data_position=loader.state_dict(), rng=torch.get_rng_state())
+                # The loader has handed out the prefetched next batch too; training resumes at this step.
+                data_position={**loader.state_dict(), "next_step": self.step}, rng=torch.get_rng_state())
             path = save_checkpoint(directory, state, self.ctx.memory)
         self._barrier()
         return path
@@ -185,7 +186,6 @@ class EngramTrainer:
                 self._settle(pending_pushes, barrier=True)
                 self.save(checkpoint_dir, loader)
         self._settle(pending_pushes, barrier=True)
-        self.data_position = loader.state_dict()
         self.last_checkpoint = self.save(checkpoint_dir, loader)
         return losses
 
