@@ -20,8 +20,6 @@ import torch
 
 from compute.config import EngramConfig, ModelConfig
 from compute.data import DataConfig
-from compute.ngram_hash import NgramHasher
-from compute.tokenizer_compression import TokenizerCompressor
 from compute.train_config import MemoryConfig, TrainConfig
 from compute.train_job import connect_ray
 from compute.train_loop import EngramTrainer, WorkerContext
@@ -83,8 +81,7 @@ def main() -> None:
                        log_every=steps, output_dir=tempfile.mkdtemp(prefix="engram-train-step-"),
                        memory=MemoryConfig(shards=args.shards))
     connect_ray(None, args.shards)
-    hasher = NgramHasher.from_compressor(base.engram, TokenizerCompressor.from_file())
-    specs = engram_table_specs(base, {layer: hasher.table_rows(layer) for layer in base.engram.layer_ids})
+    specs = engram_table_specs(base)
     records = []
     for name, memory_settings in VARIANTS:
         config = base.replace(**{f"memory__{k}": v for k, v in memory_settings.items()})

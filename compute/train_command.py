@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
+import yaml
 
 from compute.checkpoints import load_trainer_state, memory_checkpoint, resolve_checkpoint
 from compute.config import dataclass_from_mapping
@@ -15,7 +16,7 @@ from compute.generation import Generator, add_generation_arguments, print_comple
 from compute.train_config import TrainConfig
 from compute.train_job import RunMemory, connect_ray, prepare_memory, run_training
 from compute.train_loop import EngramTrainer, WorkerContext
-from compute.train_memory import deploy_from_checkpoint
+from compute.train_memory import deploy_from_checkpoint, engram_table_specs
 from memory_service.controller import NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--batches", type=int, help="validation batches (default: the run's eval_batches)")
     _add_cluster_arguments(evaluate)
     evaluate.set_defaults(func=run_eval)
+
+    tables = subparsers.add_parser("tables", help="print the tables.yaml a run needs (for `engram memory up`)")
+    tables.add_argument("--config", required=True, help="run YAML")
+    tables.set_defaults(func=run_tables)
 
     generate = subparsers.add_parser("generate", help="generate text from a checkpoint")
     generate.add_argument("--checkpoint", required=True)
@@ -65,6 +70,12 @@ def run_train(args: argparse.Namespace) -> int:
     finally:
         memory.close()
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_tables(args: argparse.Namespace) -> int:
+    specs = engram_table_specs(TrainConfig.from_yaml(args.config))
+    print(yaml.safe_dump({"tables": [spec.to_dict() for spec in specs]}, sort_keys=False), end="")
     return 0
 
 

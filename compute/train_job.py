@@ -14,8 +14,6 @@ import torch
 
 from compute.checkpoints import memory_checkpoint, resolve_checkpoint
 from compute.config import dataclass_from_mapping
-from compute.ngram_hash import NgramHasher
-from compute.tokenizer_compression import TokenizerCompressor
 from compute.train_config import TrainConfig
 from compute.train_loop import SUMMARY_FILE, EngramTrainer, WorkerContext
 from compute.train_memory import MemoryHandle, deploy_from_checkpoint, deploy_or_join, engram_table_specs
@@ -57,9 +55,7 @@ def prepare_memory(config: TrainConfig, controller: str | None = None, resume: P
         if tables is None:
             raise ValueError(f"resume: {resume} holds no checkpoint of the memory tables")
         return RunMemory(deploy_from_checkpoint(str(tables), config.memory.shards, NAMESPACE), owned=True)
-    hasher = NgramHasher.from_compressor(config.engram, TokenizerCompressor.from_file(config.data.tokenizer_path))
-    specs = engram_table_specs(config, {layer: hasher.table_rows(layer) for layer in config.engram.layer_ids})
-    return RunMemory(*deploy_or_join(specs, config.memory.shards, controller, NAMESPACE))
+    return RunMemory(*deploy_or_join(engram_table_specs(config), config.memory.shards, controller, NAMESPACE))
 
 
 def run_training(config: TrainConfig, *, resume: str | Path | None = None, memory: RunMemory | None = None) -> dict[str, Any]:

@@ -8,6 +8,8 @@ import uuid
 import ray
 
 from compute.memory_client import MemoryClient
+from compute.ngram_hash import NgramHasher
+from compute.tokenizer_compression import TokenizerCompressor
 from compute.train_config import TrainConfig, table_name
 from memory_service.controller import ControllerOptions, get_controller, start_controller
 from memory_service.table_spec import OptimizerSpec, TableSpec
@@ -15,8 +17,15 @@ from memory_service.table_spec import OptimizerSpec, TableSpec
 log = logging.getLogger(__name__)
 
 
-def engram_table_specs(config: TrainConfig, table_rows: dict[int, int]) -> list[TableSpec]:
-    """One table per Engram layer; rows train with the shards' optimizer at ``engram_lr_mult`` x lr."""
+def engram_table_specs(config: TrainConfig, table_rows: dict[int, int] | None = None) -> list[TableSpec]:
+    """One table per Engram layer; rows train with the shards' optimizer at ``engram_lr_mult`` x lr.
+
+    ``table_rows`` (layer -> rows) comes from the run's ``NgramHasher``; without it one is built.
+    """
+    if table_rows is None:
+        compressor = TokenizerCompressor.from_file(config.data.tokenizer_path)
+        hasher = NgramHasher.from_compressor(config.engram, compressor)
+        table_rows = {layer: hasher.table_rows(layer) for layer in config.engram.layer_ids}
     optimizer = OptimizerSpec(kind=config.optim.engram_optimizer, lr=config.optim.lr * config.optim.engram_lr_mult,
                               beta1=config.optim.beta1, beta2=config.optim.beta2, weight_decay=0.0)
     return [
