@@ -1,6 +1,6 @@
 """Data pipeline throughput: tokenizing a corpus cold and from cache, and hashed batches per second.
 
-Run: ``python bench/data_pipeline.py`` (prints a table, writes bench/results/data_pipeline.json and
+Run: ``python -m bench.data_pipeline`` (prints a table, writes bench/results/data_pipeline.json and
 data_pipeline.png). The corpus is the stdlib's training split (``--max-files`` of it) in a fresh
 cache folder, so the first pass is truly cold; batches carry the routing of two shards.
 """
@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -22,8 +20,8 @@ from compute.config import EngramConfig
 from compute.data import DataConfig, hashed_batches, resolve_sources
 from compute.data.token_stream import load_token_stream
 from compute.tokenizer_compression import TokenizerCompressor, default_tokenizer_path
+from bench.results_files import figure, write_json
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NUM_SLOTS, NUM_SHARDS = 1024, 2
 
 
@@ -87,32 +85,23 @@ def main() -> None:
     for row in loading:
         print(f"{row['num_workers']:7d} {row['first_batch_s']:14.3f} {row['batches_per_s']:10.1f} "
               f"{row['tokens_per_s'] / 1e3:8.1f} {row['unique_rows_per_batch']:18.0f}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    summary = {"command": " ".join(["python", "bench/data_pipeline.py", *sys.argv[1:]]), "cpus": os.cpu_count(),
+    summary = {"command": " ".join(["python", "-m", "bench.data_pipeline", *sys.argv[1:]]), "cpus": os.cpu_count(),
                "python": platform.python_version(), "config": args.config, "batch_shape": [args.batch, args.seq_len],
                "tokenization": tokenization, "batches": loading}
-    (RESULTS / "data_pipeline.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot(loading, RESULTS / "data_pipeline.png", f"{args.batch}x{args.seq_len} batches, {args.config}")
-    print(f"\nwrote {RESULTS / 'data_pipeline.json'} and {RESULTS / 'data_pipeline.png'}")
+    path = write_json("data_pipeline", summary)
+    plot(loading, f"{args.batch}x{args.seq_len} batches, {args.config}")
+    print(f"\nwrote {path} and its .png")
 
 
-def plot(loading: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    labels = [f"{row['num_workers']} workers" for row in loading]
-    rates = [row["tokens_per_s"] / 1e3 for row in loading]
-    bars = ax.bar(labels, rates, color="tab:blue")
-    ax.bar_label(bars, labels=[f"{rate:.0f}" for rate in rates], padding=3)
-    ax.set_ylabel("thousand tokens per second")
-    ax.set_title(f"Hashed batches produced, {title}")
-    ax.set_ylim(top=max(rates) * 1.2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def plot(loading: list[dict], title: str) -> None:
+    with figure("data_pipeline", figsize=(7, 3.5)) as (fig, ax):
+        labels = [f"{row['num_workers']} workers" for row in loading]
+        rates = [row["tokens_per_s"] / 1e3 for row in loading]
+        bars = ax.bar(labels, rates, color="tab:blue")
+        ax.bar_label(bars, labels=[f"{rate:.0f}" for rate in rates], padding=3)
+        ax.set_ylabel("thousand tokens per second")
+        ax.set_title(f"Hashed batches produced, {title}")
+        ax.set_ylim(top=max(rates) * 1.2)
 
 
 if __name__ == "__main__":

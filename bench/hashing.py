@@ -1,6 +1,6 @@
 """Hashing throughput on one core: compression + row ids of every Engram layer, vs the demo's numpy code.
 
-Run: ``python bench/hashing.py`` (prints a table, writes bench/results/hashing.json and hashing.png).
+Run: ``python -m bench.hashing`` (prints a table, writes bench/results/hashing.json and hashing.png).
 Tokens come from encoding the Python standard library's source with the DeepSeek tokenizer
 (``--source random`` draws ids uniformly instead); they are hashed in training-sized batches.
 """
@@ -13,7 +13,6 @@ for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_variable] = "1"
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
@@ -26,8 +25,8 @@ import numpy as np  # noqa: E402
 from compute.config import EngramConfig  # noqa: E402
 from compute.ngram_hash import NgramHasher  # noqa: E402
 from compute.tokenizer_compression import TokenizerCompressor  # noqa: E402
+from bench.results_files import figure, write_json  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_TOKENS_PER_S = 10e6
 
 
@@ -182,40 +181,31 @@ def main() -> None:
         print(f"{row['system']:44s} {row['tokens_per_s'] / 1e6:12.2f} {row['tokens_per_s_median'] / 1e6:14.2f} "
               f"{row['ns_per_token']:9.1f} {row['speedup_vs_naive']:8.1f}x {row['page_faults_per_pass']:12.0f}")
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
     summary = {
-        "command": " ".join(["python", "bench/hashing.py", *sys.argv[1:]]),
+        "command": " ".join(["python", "-m", "bench.hashing", *sys.argv[1:]]),
         "tokens": tokens, "batch_shape": [args.batch, args.seq_len], "source": args.source,
         "config": args.config, "layers": len(hasher.layer_ids), "heads_per_layer": config.heads_per_layer,
         "cpu": cpu_model(), "numpy": np.__version__, "python": platform.python_version(), "threads": 1,
         "target_tokens_per_s": TARGET_TOKENS_PER_S, "results": results,
     }
-    (RESULTS / "hashing.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot(results, RESULTS / "hashing.png", f"{tokens:,} tokens, {args.config}, one core")
-    print(f"\nwrote {RESULTS / 'hashing.json'} and {RESULTS / 'hashing.png'}")
+    path = write_json("hashing", summary)
+    plot(results, f"{tokens:,} tokens, {args.config}, one core")
+    print(f"\nwrote {path} and its .png")
 
 
-def plot(results: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 4))
-    names = [row["system"] for row in results]
-    rates = [row["tokens_per_s"] / 1e6 for row in results]
-    bars = ax.barh(names, rates, color=["tab:gray" if "naive" in name else "tab:blue" for name in names])
-    ax.bar_label(bars, labels=[f"{rate:.1f}" for rate in rates], padding=3)
-    ax.axvline(TARGET_TOKENS_PER_S / 1e6, color="tab:red", linestyle="--", label="target: 10M tokens/s")
-    ax.set_xscale("log")
-    ax.set_xlim(right=max(rates) * 3)  # room for the labels
-    ax.invert_yaxis()
-    ax.set_xlabel("million tokens per second, best of repeats (log scale)")
-    ax.set_title(f"Compression + n-gram hashing, {title}")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def plot(results: list[dict], title: str) -> None:
+    with figure("hashing", figsize=(10, 4)) as (fig, ax):
+        names = [row["system"] for row in results]
+        rates = [row["tokens_per_s"] / 1e6 for row in results]
+        bars = ax.barh(names, rates, color=["tab:gray" if "naive" in name else "tab:blue" for name in names])
+        ax.bar_label(bars, labels=[f"{rate:.1f}" for rate in rates], padding=3)
+        ax.axvline(TARGET_TOKENS_PER_S / 1e6, color="tab:red", linestyle="--", label="target: 10M tokens/s")
+        ax.set_xscale("log")
+        ax.set_xlim(right=max(rates) * 3)  # room for the labels
+        ax.invert_yaxis()
+        ax.set_xlabel("million tokens per second, best of repeats (log scale)")
+        ax.set_title(f"Compression + n-gram hashing, {title}")
+        ax.legend(loc="lower right")
 
 
 if __name__ == "__main__":

@@ -10,14 +10,13 @@ bytes/s against the card's measured device-to-device copy bandwidth. Prints a ta
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
 import kernels
+from bench.results_files import figure, write_json
 
 log = logging.getLogger("bench.kernels")
 
@@ -117,7 +116,7 @@ def tuned_configs() -> dict[str, str]:
     return found
 
 
-def run(out_dir: Path) -> dict:
+def run() -> dict:
     torch.manual_seed(0)
     bandwidth = copy_bandwidth_gbps()
     log.info("device-to-device copy: %.0f GB/s", bandwidth)
@@ -142,11 +141,10 @@ def run(out_dir: Path) -> dict:
         "rows": [asdict(r) | {"triton_gbps": r.triton_gbps, "fraction_of_copy": r.triton_gbps / bandwidth}
                  for r in rows],
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "kernels.json").write_text(json.dumps(report, indent=2))
+    write_json("kernels", report)
     print_table(report)
     log.info("tuned configs: %s", report["tuned_configs"])
-    plot(report, out_dir / "kernels.png")
+    plot(report)
     return report
 
 
@@ -161,42 +159,33 @@ def print_table(report: dict) -> None:
               f"{r['compiled_ms'] / r['triton_ms']:9.2f} {r['triton_gbps']:6.0f} {100 * r['fraction_of_copy']:6.1f}")
 
 
-def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(report: dict) -> None:
     rows = report["rows"]
     labels = [f"{r['config']}\n{r['kernel']}\n{r['direction']}" for r in rows]
-    fig, (speed, band) = plt.subplots(2, 1, figsize=(14, 8))
-    width = 0.4
-    x = range(len(rows))
-    speed.bar([i - width / 2 for i in x], [r["eager_ms"] / r["triton_ms"] for r in rows], width, label="vs eager")
-    speed.bar([i + width / 2 for i in x], [r["compiled_ms"] / r["triton_ms"] for r in rows], width,
-              label="vs torch.compile")
-    speed.axhline(1.0, color="grey", linewidth=0.8)
-    speed.set_ylabel("Triton speed-up")
-    speed.set_xticks(list(x), labels, fontsize=7)
-    speed.legend()
-    band.bar(list(x), [100 * r["fraction_of_copy"] for r in rows])
-    band.axhline(70, color="red", linewidth=0.8, label="70% target")
-    band.set_ylabel("% of copy bandwidth")
-    band.set_xticks(list(x), labels, fontsize=7)
-    band.legend()
-    fig.suptitle(f"Engram kernels, {report['device']}, {report['dtype']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with figure("kernels", nrows=2, figsize=(14, 8)) as (fig, (speed, band)):
+        width = 0.4
+        x = range(len(rows))
+        speed.bar([i - width / 2 for i in x], [r["eager_ms"] / r["triton_ms"] for r in rows], width, label="vs eager")
+        speed.bar([i + width / 2 for i in x], [r["compiled_ms"] / r["triton_ms"] for r in rows], width,
+                  label="vs torch.compile")
+        speed.axhline(1.0, color="grey", linewidth=0.8)
+        speed.set_ylabel("Triton speed-up")
+        speed.set_xticks(list(x), labels, fontsize=7)
+        speed.legend()
+        band.bar(list(x), [100 * r["fraction_of_copy"] for r in rows])
+        band.axhline(70, color="red", linewidth=0.8, label="70% target")
+        band.set_ylabel("% of copy bandwidth")
+        band.set_xticks(list(x), labels, fontsize=7)
+        band.legend()
+        fig.suptitle(f"Engram kernels, {report['device']}, {report['dtype']}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    args = parser.parse_args()
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not torch.cuda.is_available():
         raise SystemExit("bench.kernels needs a CUDA GPU")
-    run(args.out)
+    run()
 
 
 if __name__ == "__main__":

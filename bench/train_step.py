@@ -8,13 +8,11 @@ bench/results/train_step[_gpu].json and a PNG.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -25,8 +23,8 @@ from compute.train_job import connect_ray
 from compute.train_loop import EngramTrainer, WorkerContext
 from compute.train_memory import deploy_or_join, engram_table_specs
 from memory_service.controller import NAMESPACE, stop_controller
+from bench.results_files import figure, write_json
 
-RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = (  # (name, memory settings)
     ("in-process tables", dict(tables="local")),
     ("remote, no prefetch", dict(tables="remote", prefetch=False, staleness=0)),
@@ -109,22 +107,14 @@ def report(records: list[dict], stem: str, device: torch.device) -> None:
     for r in records:
         print(f"{r['variant']:<32}{r['step_ms_median']:>11.1f}{r['step_ms_mean']:>10.1f}{r['vs_in_process']:>9.3f}x"
               f"{100 * r['lookup_wait_share']:>12.1f}%")
-    RESULTS.mkdir(exist_ok=True)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     meta = {"command": f"python -m bench.train_step --preset {'gpu' if device.type == 'cuda' else 'cpu'}",
             "device": device_name, "cpu_count": os.cpu_count(), "torch": torch.__version__}
-    (RESULTS / f"{stem}.json").write_text(json.dumps({**meta, "results": records}, indent=2) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.barh([r["variant"] for r in records][::-1], [r["step_ms_median"] for r in records][::-1], color="#4c72b0")
-    ax.set_xlabel(f"median step time, ms ({device_name})")
-    ax.set_title("Engram training step: remote rows vs in-process tables")
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{stem}.png", dpi=120)
+    write_json(stem, {**meta, "results": records})
+    with figure(stem, figsize=(7, 3.2)) as (fig, ax):
+        ax.barh([r["variant"] for r in records][::-1], [r["step_ms_median"] for r in records][::-1], color="#4c72b0")
+        ax.set_xlabel(f"median step time, ms ({device_name})")
+        ax.set_title("Engram training step: remote rows vs in-process tables")
 
 
 if __name__ == "__main__":
