@@ -39,7 +39,9 @@ class Shard:
     index: int
     actor: Any
     address: str
+    local_address: str  # unix:<path> for clients on the shard's machine; '' when there is none
     node: str
+    hostname: str
     stub: pb_grpc.ShardServiceStub
     channel: grpc.aio.Channel
 
@@ -93,7 +95,8 @@ class MemoryController:
     def _routing(self) -> pb.Routing:
         return pb.Routing(
             epoch=self._epoch,
-            shards=[pb.ShardInfo(index=s.index, address=s.address, node=s.node) for s in self._shards],
+            shards=[pb.ShardInfo(index=s.index, address=s.address, node=s.node, local_address=s.local_address,
+                                 hostname=s.hostname) for s in self._shards],
             tables=[pb.TableRouting(name=spec.name, num_slots=spec.num_slots, rows=spec.rows, dim=spec.dim,
                                     owners=slot_map.owners.astype("<i4").tobytes())
                     for spec, slot_map in self._tables.values()])
@@ -128,7 +131,8 @@ class MemoryController:
         else:
             channel = grpc.aio.insecure_channel(info["address"], options=options)
         log.info("shard %d serving on %s (node %s)", index, info["address"], info["node"][:12])
-        return Shard(index, actor, info["address"], info["node"], pb_grpc.ShardServiceStub(channel), channel)
+        return Shard(index, actor, info["address"], info["local_address"], info["node"], info["hostname"],
+                     pb_grpc.ShardServiceStub(channel), channel)
 
     def _reserve_bytes(self, specs: list[TableSpec], num_shards: int) -> int:
         return sum(spec.rows * spec.bytes_per_row() for spec in specs) // num_shards

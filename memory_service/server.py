@@ -40,8 +40,12 @@ async def start_server(
     port: int = 0,
     tls: TlsFiles | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    unix_socket: str | None = None,
 ) -> tuple[grpc.aio.Server, str]:
-    """Start a server whose services ``register(server)`` adds; return it and its ``host:port``."""
+    """Start a server whose services ``register(server)`` adds; return it and its ``host:port``.
+
+    With ``unix_socket`` (a path) it also listens there, without TLS, for clients on the same machine.
+    """
     server = grpc.aio.server(
         interceptors=[BearerTokenInterceptor(token)], options=transport_options(max_message_bytes)
     )
@@ -51,6 +55,8 @@ async def start_server(
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     target = f"{host}:{port}"
     bound = server.add_secure_port(target, tls.server_credentials()) if tls else server.add_insecure_port(target)
+    if unix_socket:
+        server.add_insecure_port(f"unix:{unix_socket}")
     await server.start()
     for name in ["", *service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

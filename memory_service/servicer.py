@@ -19,6 +19,7 @@ from memory_service import checkpoint
 from memory_service.metrics import ShardMetrics
 from memory_service.row_store import RowStoreError, ShardStore, SlotNotOwned
 from memory_service.server import DEFAULT_MAX_MESSAGE_BYTES
+from memory_service.shared_rows import SegmentError, SharedRowSegments
 from memory_service.slots import slot_of
 from memory_service.step_aggregator import StepAggregator
 from memory_service.table_spec import SpecError, TableSpec
@@ -78,6 +79,7 @@ class ShardServicer:
         self.max_message_bytes = max_message_bytes
         self._frozen: dict[str, set[int]] = {}
         self._aggregators: dict[tuple[str, bool], StepAggregator] = {}  # (table, synchronous)
+        self._shared_rows = SharedRowSegments()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register every ShardService method; Lookup replies skip protobuf's copies (same bytes)."""
@@ -138,8 +140,17 @@ class ShardServicer:
                 "RESOURCE_EXHAUSTED", "row_ids",
                 f"row_ids: {len(ids)} rows make a {reply_bytes}-byte reply, over max_message_bytes="
                 f"{self.max_message_bytes}; split the lookup")
+        shared = self._shared_rows_target(request, reply_bytes) if request.HasField("shared_rows") else None
         rows = self.store.gather(request.table, ids, dtype)
-        return (rows, request.dtype, self.epoch), len(ids)  # encoded by encode_lookup_response
+        if shared is not None:
+            shared.copy_(rows.view(torch.uint8).reshape(-1))
+        return (rows, request.dtype, self.epoch, shared is None), len(ids)  # encoded by encode_lookup_response
+
+    def _shared_rows_target(self, request: pb.LookupRequest, nbytes: int) -> torch.Tensor:
+        try:
+            return self._shared_rows.rows(request.shared_rows.name, request.shared_rows.offset, nbytes)
+        except SegmentError as error:
+            raise RequestRejected("INVALID_ARGUMENT", error.field, str(error)) from None
 
     @_handler("update")
     def Update(self, request: pb.UpdateRequest):

@@ -1,9 +1,16 @@
-"""A memory shard as a Ray actor: a ShardServicer behind a grpc.aio server on its node's address."""
+"""A memory shard as a Ray actor: a ShardServicer behind a grpc.aio server on its node's address.
+
+Without TLS the server also listens on a Unix socket in a private temporary directory: clients on
+the same machine skip the TCP stack (same bytes, same token check).
+"""
 from __future__ import annotations
 
 import ctypes
 import logging
+import shutil
+import socket
 import sys
+import tempfile
 
 import ray
 
@@ -41,18 +48,23 @@ class ShardActor:
         self._servicer = ShardServicer(shard_index, ShardMetrics(RayMetricsExporter(shard_index)), max_message_bytes)
         self._servicer.node = ray.get_runtime_context().get_node_id()
         self._server = None
+        self._socket_dir = None if tls else tempfile.mkdtemp(prefix="engram-shard-")  # mode 0700
 
     async def start(self) -> dict[str, str]:
-        """Start serving; return this shard's ``address`` and ``node``."""
+        """Start serving; return this shard's ``address``, ``local_address`` ('' with TLS), ``node`` and ``hostname``."""
+        local_socket = f"{self._socket_dir}/shard-{self._servicer.shard_index}.sock" if self._socket_dir else None
         if self._server is None:
             self._server, self._servicer.address = await start_server(
                 self._servicer.add_to_server,
                 [pb.DESCRIPTOR.services_by_name["ShardService"].full_name],
                 token=self._token, host=self._host, tls=self._tls,
-                max_message_bytes=self._servicer.max_message_bytes)
-        return {"address": self._servicer.address, "node": self._servicer.node}
+                max_message_bytes=self._servicer.max_message_bytes, unix_socket=local_socket)
+        return {"address": self._servicer.address, "local_address": f"unix:{local_socket}" if local_socket else "",
+                "node": self._servicer.node, "hostname": socket.gethostname()}
 
     async def stop(self) -> None:
         if self._server is not None:
             await self._server.stop(grace=1.0)
             self._server = None
+        if self._socket_dir:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)

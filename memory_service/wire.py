@@ -46,13 +46,16 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def encode_lookup_response(rows: torch.Tensor, dtype: int, epoch: int) -> bytes:
+def encode_lookup_response(rows: torch.Tensor, dtype: int, epoch: int, rows_in_reply: bool = True) -> bytes:
     """``LookupResponse`` bytes, identical to protobuf's, built with one copy of the rows.
 
     Protobuf would copy the rows three times (into bytes, into the message, into the wire buffer);
-    at 64K rows of dim 64 that is most of the server's time.
+    at 64K rows of dim 64 that is most of the server's time. Without ``rows_in_reply`` (rows written
+    to the client's shared memory) the ``rows`` field stays empty.
     """
     payload = rows.contiguous().view(torch.uint8).numpy().reshape(-1)
+    if not rows_in_reply:
+        payload = payload[:0]
     num_rows, dim = rows.shape
     head = b"\x0a" + _varint(payload.nbytes) if payload.nbytes else b""
     tail = b"".join(tag + _varint(value) for tag, value in

@@ -31,14 +31,24 @@ class NamedArray(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("table", "row_ids", "dtype")
+    __slots__ = ("table", "row_ids", "dtype", "shared_rows")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     ROW_IDS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_ROWS_FIELD_NUMBER: _ClassVar[int]
     table: str
     row_ids: bytes
     dtype: DType
-    def __init__(self, table: _Optional[str] = ..., row_ids: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    shared_rows: SharedRows
+    def __init__(self, table: _Optional[str] = ..., row_ids: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., shared_rows: _Optional[_Union[SharedRows, _Mapping]] = ...) -> None: ...
+
+class SharedRows(_message.Message):
+    __slots__ = ("name", "offset")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    offset: int
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("rows", "num_rows", "dim", "dtype", "epoch")
@@ -267,14 +277,18 @@ class GetRoutingRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("index", "address", "node")
+    __slots__ = ("index", "address", "node", "local_address", "hostname")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     index: int
     address: str
     node: str
-    def __init__(self, index: _Optional[int] = ..., address: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
+    local_address: str
+    hostname: str
+    def __init__(self, index: _Optional[int] = ..., address: _Optional[str] = ..., node: _Optional[str] = ..., local_address: _Optional[str] = ..., hostname: _Optional[str] = ...) -> None: ...
 
 class TableRouting(_message.Message):
     __slots__ = ("name", "num_slots", "owners", "rows", "dim")
