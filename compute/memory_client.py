@@ -3,6 +3,8 @@
 Talks to the memory service only through the ``engram.memory.v1`` protos: the directory gives the
 routing (slot -> shard, with an epoch), the shards serve rows. Calls run on a private event loop
 thread and return ``concurrent.futures.Future``s, so a training step can overlap them with compute.
+Shards on the client's own machine are reached through their Unix socket, and write looked-up rows
+straight into the client's shared memory instead of sending them through the socket.
 """
 from __future__ import annotations
 
@@ -10,8 +12,13 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import mmap
+import os
 import random
+import socket
+import sys
 import threading
+import uuid
 import time
 import warnings
 from pathlib import Path
@@ -76,7 +83,55 @@ class _TableRoute:
     num_slots: int
     dim: int
     rows: int
-    owners: np.ndarray  # int32 [num_slots]
+    owners: np.ndarray  # int16 [num_slots]: small integers sort by radix, several times faster
+
+
+class _SharedRowSegment:
+    """A POSIX shared-memory segment (``/dev/shm/<name>``) that co-located shards write rows into."""
+
+    PREFIX = "engram-rows-"  # shards open only segments named so
+
+    def __init__(self, nbytes: int):
+        self.name = f"{self.PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        fd = os.open(f"/dev/shm/{self.name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, nbytes)
+            self._map = mmap.mmap(fd, nbytes)
+        finally:
+            os.close(fd)
+        self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+        self.bytes.zero_()  # fault every page in once, not on each lookup
+
+    def rows(self, count: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.bytes[:count * dim * dtype.itemsize].view(dtype).view(count, dim)
+
+    def close(self) -> None:
+        os.unlink(f"/dev/shm/{self.name}")
+        del self.bytes  # the map closes once no tensor views it
+        self._map = None
+
+
+class _SharedRowPool:
+    """Segments reused across lookups, one per lookup in flight; used on the event loop thread only."""
+
+    def __init__(self):
+        self._free: list[_SharedRowSegment] = []
+
+    def acquire(self, nbytes: int) -> _SharedRowSegment:
+        fitting = [segment for segment in self._free if segment.bytes.numel() >= nbytes]
+        if fitting:
+            segment = min(fitting, key=lambda segment: segment.bytes.numel())
+            self._free.remove(segment)
+            return segment
+        return _SharedRowSegment(max(1 << 20, 1 << (nbytes - 1).bit_length()))
+
+    def release(self, segment: _SharedRowSegment) -> None:
+        self._free.append(segment)
+
+    def close(self) -> None:
+        for segment in self._free:
+            segment.close()
+        self._free.clear()
 
 
 class _Retry(Exception):
@@ -88,7 +143,7 @@ class MemoryClient:
 
     def __init__(self, directory: str, token: str | None = None, *, tls_cert_file: str | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_rows_per_request: int = 65536,
-                 retry: RetryPolicy = RetryPolicy()):
+                 retry: RetryPolicy = RetryPolicy(), use_local_transport: bool = True):
         self._directory_address = directory
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._credentials = grpc.ssl_channel_credentials(Path(tls_cert_file).read_bytes()) if tls_cert_file else None
@@ -103,8 +158,12 @@ class MemoryClient:
         self._epoch = 0
         self._tables: dict[str, _TableRoute] = {}
         self._shard_addresses: dict[int, str] = {}
+        self._local_shards: set[int] = set()  # reached by Unix socket, rows through shared memory
+        self._use_local_transport = use_local_transport and self._credentials is None and os.path.isdir("/dev/shm")
+        self._node = _this_node()
+        self._shared_rows = _SharedRowPool()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="memory-client", daemon=True)
+        self._thread = threading.Thread(target=self._serve_calls, name="memory-client", daemon=True)
         self._thread.start()
         self._run(self._refresh_routing()).result()
 
@@ -156,6 +215,7 @@ class MemoryClient:
         async def close_channels():
             for channel in self._channels.values():
                 await channel.close()
+            self._shared_rows.close()
 
         if self._loop.is_running():
             self._run(close_channels()).result()
@@ -170,6 +230,12 @@ class MemoryClient:
         self.close()
 
     # ---- plumbing ---------------------------------------------------------------------------
+
+    def _serve_calls(self) -> None:
+        # One torch thread here (OpenMP's count is per thread): a parallel reorder whose helper waits
+        # for a core held by a shard or the training step took 3-8x longer than this thread alone.
+        torch.set_num_threads(1)
+        self._loop.run_forever()
 
     def _run(self, coroutine) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
@@ -202,12 +268,22 @@ class MemoryClient:
 
     async def _refresh_routing(self) -> None:
         routing = await self._directory_call("GetRouting", pb.GetRoutingRequest())
-        self._shard_addresses = {s.index: s.address for s in routing.shards}
-        self._tables = {t.name: _TableRoute(t.num_slots, t.dim, t.rows, np.frombuffer(t.owners, dtype="<i4"))
+        self._local_shards = {s.index for s in routing.shards if self._is_local(s)}
+        self._shard_addresses = {s.index: s.local_address if s.index in self._local_shards else s.address
+                                 for s in routing.shards}
+        self._tables = {t.name: _TableRoute(t.num_slots, t.dim, t.rows,
+                                            np.frombuffer(t.owners, dtype="<i4").astype(np.int16))
                         for t in routing.tables}
         if routing.epoch != self._epoch:
             log.debug("routing epoch %d -> %d", self._epoch, routing.epoch)
         self._epoch = routing.epoch
+
+    def _is_local(self, shard: pb.ShardInfo) -> bool:
+        """Whether ``shard`` runs on this machine: same Ray node, else same hostname; and its socket is here."""
+        if not (self._use_local_transport and shard.local_address):
+            return False
+        same_machine = shard.node == self._node if self._node else shard.hostname == socket.gethostname()
+        return same_machine and os.path.exists(shard.local_address.removeprefix("unix:"))
 
     def _route(self, table: str) -> _TableRoute:
         if table not in self._tables:
@@ -218,9 +294,10 @@ class MemoryClient:
     def _split(self, route: _TableRoute, ids: np.ndarray, positions: np.ndarray) -> dict[int, np.ndarray]:
         """``positions`` (into ``ids``) grouped by owning shard, each group cut to the request size."""
         shards = route.owners[ids[positions] % route.num_slots]
-        order = np.argsort(shards, kind="stable")
-        present, starts = np.unique(shards[order], return_index=True)
-        return {int(shard): positions[group] for shard, group in zip(present, np.split(order, starts[1:]))}
+        order = positions[np.argsort(shards, kind="stable")]
+        counts = np.bincount(shards)
+        return {shard: order[end - count:end] for shard, (count, end) in
+                enumerate(zip(counts.tolist(), np.cumsum(counts).tolist())) if count}
 
     async def _with_retries(self, attempt, pending: np.ndarray):
         """Run ``attempt(pending)`` -> positions still to resend, refreshing routing between tries."""
@@ -264,26 +341,31 @@ class MemoryClient:
 
     async def _lookup(self, table: str, ids: np.ndarray, dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
         route = self._route(table)
-        unique, inverse = torch.unique(torch.from_numpy(ids), sorted=True, return_inverse=True)
-        unique = unique.numpy()
+        unique, inverse = (ids, None) if _sorted_unique(ids) else np.unique(ids, return_inverse=True)
         # Received rows land shard after shard in `received`; `where[p]` is the row of unique id p there.
         first_split = [self._split(route, unique, np.arange(len(unique)))]  # reused by the first attempt only
         layout = np.concatenate([*first_split[0].values(), np.empty(0, np.int64)])
         where = np.empty(len(unique), dtype=np.int64)
         where[layout] = np.arange(len(unique))
-        received = torch.empty((len(unique), route.dim), dtype=dtype)
+        row_bytes = route.dim * dtype.itemsize
+        segment = self._shared_rows.acquire(len(unique) * row_bytes) if self._local_shards & first_split[0].keys() else None
+        received = segment.rows(len(unique), route.dim, dtype) if segment else torch.empty((len(unique), route.dim), dtype=dtype)
         wire_dtype = WIRE_DTYPES[dtype]
-        per_request = max(1, min(self._max_rows_per_request,
-                                 self._max_message_bytes // 2 // (route.dim * received.element_size())))
+        per_request = max(1, min(self._max_rows_per_request, self._max_message_bytes // 2 // row_bytes))
 
         async def fetch(shard: int, positions: np.ndarray) -> None:
-            request = pb.LookupRequest(table=table, row_ids=unique[positions].tobytes(), dtype=wire_dtype)
-            payload = await self._call_shard(shard, "Lookup", request)
-            rows = torch.frombuffer(payload, dtype=dtype).view(len(positions), route.dim)
             destination = where[positions]
-            if destination[-1] - destination[0] + 1 == len(destination):  # the usual case: one slice
+            in_one_slice = destination[-1] - destination[0] + 1 == len(destination)  # always, but after a move
+            request = pb.LookupRequest(table=table, row_ids=unique[positions].tobytes(), dtype=wire_dtype)
+            if segment and in_one_slice and shard in self._local_shards:
+                request.shared_rows.name, request.shared_rows.offset = segment.name, int(destination[0]) * row_bytes
+            payload = await self._call_shard(shard, "Lookup", request)
+            if request.HasField("shared_rows") and not len(payload):
+                return  # the shard wrote the rows into `received` itself
+            rows = torch.frombuffer(payload, dtype=dtype).view(len(positions), route.dim)
+            if in_one_slice:
                 received[destination[0]:destination[-1] + 1].copy_(rows)
-            else:  # a retry after a routing change: scattered
+            else:
                 _as_words(received).index_copy_(0, torch.from_numpy(destination), _as_words(rows))
 
         async def attempt(pending: np.ndarray) -> np.ndarray:
@@ -292,9 +374,16 @@ class MemoryClient:
                      for chunk in np.array_split(positions, -(-len(positions) // per_request))]
             return await self._gather_parts(parts)
 
-        await self._with_retries(attempt, np.arange(len(unique)))
-        order = torch.from_numpy(where).index_select(0, inverse)
-        out = _as_words(received).index_select(0, order).view(dtype)
+        try:
+            await self._with_retries(attempt, np.arange(len(unique)))
+            order = torch.from_numpy(where if inverse is None else where[inverse])
+            out = _as_words(received).index_select(0, order).view(dtype)
+        except BaseException:
+            if segment:  # a shard may still be writing into it: never reuse it
+                segment.close()
+            raise
+        if segment:
+            self._shared_rows.release(segment)
         if pin_memory and torch.cuda.is_available():
             out = out.pin_memory()
         return out
@@ -334,6 +423,17 @@ def _as_int64(row_ids, field: str) -> np.ndarray:
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"{field}: expected a 1-D array of integers, got {ids.dtype} with shape {ids.shape}")
     return np.ascontiguousarray(ids, dtype="<i8")
+
+
+def _sorted_unique(ids: np.ndarray) -> bool:
+    """Whether ``ids`` are strictly ascending (deduplicated by the caller); costs a few microseconds."""
+    return bool(np.all(ids[1:] > ids[:-1]))
+
+
+def _this_node() -> str:
+    """This process's Ray node id when it runs inside Ray, else ''."""
+    ray = sys.modules.get("ray")
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else ""
 
 
 def _as_words(rows: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,93 @@
+"""Co-located clients: Unix sockets and rows written into the client's shared memory, same results as TCP."""
+from __future__ import annotations
+
+import os
+import uuid
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from compute.memory_client import MemoryClient
+from memory_service.shared_rows import SegmentError, SharedRowSegments
+from protos import engram_memory_v1_pb2 as pb
+from tests.memory_deploy import TOKEN, deployment, reference_rows, shard_stub, spec
+
+TABLE = spec("local", dim=16)
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+@pytest.fixture
+def segment_file():
+    """A client-style segment of 4 KiB in /dev/shm, removed afterwards."""
+    name = f"engram-rows-test-{uuid.uuid4().hex[:8]}"
+    with open(f"/dev/shm/{name}", "wb") as file:
+        file.truncate(4096)
+    yield name
+    if os.path.exists(f"/dev/shm/{name}"):
+        os.unlink(f"/dev/shm/{name}")
+
+
+def test_segments_write_through_and_forget_deleted_segments(segment_file):
+    segments = SharedRowSegments()
+    segments.rows(segment_file, 8, 4).copy_(torch.tensor([1, 2, 3, 4], dtype=torch.uint8))
+    with open(f"/dev/shm/{segment_file}", "rb") as file:
+        assert file.read(16) == bytes(8) + bytes([1, 2, 3, 4]) + bytes(4)
+    os.unlink(f"/dev/shm/{segment_file}")
+    with pytest.raises(SegmentError) as caught:
+        segments.rows(segment_file, 0, 4)
+    assert caught.value.field == "shared_rows.name"
+
+
+@pytest.mark.parametrize("name, offset, nbytes, field", [
+    ("../etc/passwd", 0, 4, "shared_rows.name"),
+    ("engram-rows-absent", 0, 4, "shared_rows.name"),
+    (None, 4090, 8, "shared_rows.offset"),
+    (None, -1, 4, "shared_rows.offset"),
+])
+def test_segments_refuse_foreign_missing_or_overrun_segments(segment_file, name, offset, nbytes, field):
+    with pytest.raises(SegmentError) as caught:
+        SharedRowSegments().rows(name or segment_file, offset, nbytes)
+    assert caught.value.field == field and field in str(caught.value)
+
+
+@pytest.mark.ray
+def test_local_client_gets_rows_through_unix_sockets_and_shared_memory(ray_cluster):
+    with deployment([TABLE], shards=2) as (_, local):
+        assert local._local_shards == {0, 1}
+        assert all(address.startswith("unix:") for address in local._shard_addresses.values())
+        random_ids = np.random.default_rng(1).integers(0, TABLE.rows, size=5000)
+        for ids in (random_ids, np.unique(random_ids)):  # the caller's order, and already deduplicated
+            expected = reference_rows(TABLE, ids)
+            assert torch.equal(local.lookup("local", ids, dtype=torch.float32).result(), expected)
+            assert torch.equal(local.lookup("local", ids, dtype=torch.bfloat16).result(), expected.bfloat16())
+        with MemoryClient(local._directory_address, TOKEN, use_local_transport=False) as remote:
+            assert not remote._local_shards
+            assert all(not address.startswith("unix:") for address in remote._shard_addresses.values())
+            torch.testing.assert_close(remote.lookup("local", random_ids, dtype=torch.float32).result(),
+                                       reference_rows(TABLE, random_ids), rtol=0, atol=0)
+        names = [segment.name for segment in local._shared_rows._free]
+        assert names and all(os.path.exists(f"/dev/shm/{name}") for name in names)
+    assert not any(os.path.exists(f"/dev/shm/{name}") for name in names)  # closing the client removes them
+
+
+@pytest.mark.ray
+def test_shard_refuses_a_bad_segment_with_the_field_named(ray_cluster, segment_file):
+    with deployment([TABLE], shards=1) as (_, client):
+        stub, channel = shard_stub(client)
+        with channel:
+            for shared, field in ((pb.SharedRows(name="engram-rows-absent"), "shared_rows.name"),
+                                  (pb.SharedRows(name=segment_file, offset=4000), "shared_rows.offset")):
+                request = pb.LookupRequest(table="local", row_ids=np.arange(4, dtype="<i8").tobytes(),
+                                           dtype=pb.FLOAT32, shared_rows=shared)
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.Lookup(request, metadata=AUTH)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in caught.value.details()
+            request = pb.LookupRequest(table="local", row_ids=np.arange(4, dtype="<i8").tobytes(), dtype=pb.FLOAT32,
+                                       shared_rows=pb.SharedRows(name=segment_file, offset=64))
+            reply = stub.Lookup(request, metadata=AUTH)
+        assert reply.rows == b"" and (reply.num_rows, reply.dim) == (4, TABLE.dim)
+        with open(f"/dev/shm/{segment_file}", "rb") as file:
+            written = np.frombuffer(file.read(), dtype="<f4")[16:16 + 4 * TABLE.dim].reshape(4, TABLE.dim)
+        assert torch.equal(torch.from_numpy(written.copy()), reference_rows(TABLE, np.arange(4)))
