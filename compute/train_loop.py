@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -47,16 +48,19 @@ class WorkerContext:
 
 
 class _WaitClock(concurrent.futures.Future):
-    """A future that adds the time its ``result()`` blocks to ``clock['wait_s']``."""
+    """A future of rows that adds the time its ``result()`` blocks to ``clock['wait_s']``."""
 
-    def __init__(self, inner: concurrent.futures.Future, clock: dict):
+    def __init__(self, clock: dict):
         super().__init__()
         self._clock = clock
-        inner.add_done_callback(self._settle)
 
-    def _settle(self, inner: concurrent.futures.Future) -> None:
-        error = inner.exception()
-        self.set_exception(error) if error else self.set_result(inner.result())
+    def follow(self, inner: concurrent.futures.Future) -> None:
+        """Settle this future as ``inner`` settles."""
+        def settle(done: concurrent.futures.Future) -> None:
+            error = done.exception()
+            self.set_exception(error) if error is not None else self.set_result(done.result())
+
+        inner.add_done_callback(settle)
 
     def result(self, timeout=None):
         start = time.perf_counter()
@@ -137,18 +141,42 @@ class EngramTrainer:
     def _wire_bytes(self) -> int:
         return 4 if self.config.memory.tables == "local" else WIRE_DTYPES[self.config.memory.wire_dtype].itemsize
 
-    def fetch(self, batch: HashedBatch) -> dict[int, concurrent.futures.Future]:
-        """Start every Engram layer's lookup for ``batch``."""
-        rows = {}
+    def fetch(self, batch: HashedBatch, after: list = ()) -> dict[int, concurrent.futures.Future]:
+        """Start every Engram layer's lookup for ``batch``, once the pushes in ``after`` are done.
+
+        Waiting for ``after`` happens off this thread (the lookups start from the last push's
+        callback), so the step that runs meanwhile is not held up; a failed push fails the rows.
+        """
+        rows = {layer: _WaitClock(self.totals) for layer in batch.layers}
         for layer, layer_rows in batch.layers.items():
-            table = self.tables[layer]
-            if isinstance(table, RemoteRowTable):
-                future = table.fetch(layer_rows.unique, layer_rows.inverse)
-            else:
-                future = table.lookup_async(layer_rows.row_ids.to(self.ctx.device))
-            rows[layer] = _WaitClock(future, self.totals)
             self.totals["rows"] += len(layer_rows.unique)
-            self.totals["bytes"] += len(layer_rows.unique) * table.dim * self._wire_bytes
+            self.totals["bytes"] += len(layer_rows.unique) * self.tables[layer].dim * self._wire_bytes
+
+        def start() -> None:
+            failed = next((push.exception() for push in after if push.exception() is not None), None)
+            for layer, layer_rows in batch.layers.items():
+                table = self.tables[layer]
+                if failed is not None:
+                    rows[layer].set_exception(failed)
+                elif isinstance(table, RemoteRowTable):
+                    rows[layer].follow(table.fetch(layer_rows.unique, layer_rows.inverse))
+                else:
+                    rows[layer].follow(table.lookup_async(layer_rows.row_ids.to(self.ctx.device)))
+
+        if not after:
+            start()
+            return rows
+        left, lock = [len(after)], threading.Lock()
+
+        def on_push_done(_push: concurrent.futures.Future) -> None:
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            start()
+
+        for push in after:
+            push.add_done_callback(on_push_done)
         return rows
 
     def train(self, on_step: Callable[[dict], None] | None = None) -> list[float]:
@@ -166,8 +194,9 @@ class EngramTrainer:
             next_batch = next(batches, None)
             next_rows = None
             if next_batch is not None and config.memory.prefetch and config.memory.staleness == 1:
-                self._settle(pending_pushes, barrier=False)  # bounded: at most this step's update is missed
-                next_rows = self.fetch(next_batch)
+                # Once the previous step's pushes are in, so the rows miss at most this step's update.
+                next_rows = self.fetch(next_batch, after=pending_pushes[:])
+                pending_pushes.clear()
             loss = self._mean_over_ranks(self._train_step(batch, rows, pending_pushes))
             losses.append(loss)
             if config.memory.staleness == 0 or next_batch is None:

@@ -103,3 +103,16 @@ def test_two_workers_on_half_batches_equal_one_worker_on_the_whole_batch(ray_clu
     for layer in rows_1:
         torch.testing.assert_close(rows_2[layer], rows_1[layer], rtol=1e-3, atol=1e-4)
         assert not torch.allclose(rows_1[layer], initial_rows[layer], atol=1e-3), "the rows must have trained"
+
+
+def test_staleness_1_lookups_miss_only_the_latest_update(ray_cluster, tmp_path):
+    exact_config = tiny_run(tmp_path, steps=3)
+    stale_config = exact_config.replace(memory__staleness=1, output_dir=str(tmp_path / "stale"))
+    losses = {}
+    for name, config in (("exact", exact_config), ("stale", stale_config)):
+        with memory_service(deploy_or_join(engram_table_specs(config), 2, None, NAMESPACE)[0]) as handle:
+            losses[name], _ = train(config, handle)
+    # Step 0 reads the initial rows either way; step 1's rows were fetched before step 0's update.
+    assert losses["stale"][0] == losses["exact"][0]
+    assert losses["stale"][1] != losses["exact"][1]
+    assert all(np.isfinite(losses["stale"]))
