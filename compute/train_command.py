@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -18,8 +17,6 @@ from compute.train_job import RunMemory, connect_ray, prepare_memory, run_traini
 from compute.train_loop import EngramTrainer, WorkerContext
 from compute.train_memory import deploy_from_checkpoint, engram_table_specs
 from memory_service.controller import NAMESPACE
-
-log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

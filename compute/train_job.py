@@ -68,6 +68,8 @@ def run_training(config: TrainConfig, *, resume: str | Path | None = None, memor
     config = config.replace(output_dir=str(output_dir))  # workers run in Ray Train's own folder
     owns_memory = memory is None
     memory = memory or prepare_memory(config, resume=resume_path)
+    log.info("training %d steps on %d worker(s), %s Engram tables; output in %s", config.steps,
+             config.num_workers, config.memory.tables, output_dir)
     try:
         trainer = TorchTrainer(
             _train_worker,

@@ -3,8 +3,8 @@
 Step s: the rows of step s were requested earlier (prefetch) and are awaited only at the first Engram
 layer; backward yields each unique row's gradient, pushed to the shards without waiting; the dense
 optimizer steps meanwhile. With ``staleness=0`` the next lookup is issued once this step's updates are
-applied on every shard (exact); with ``staleness=1`` it is issued before this step's compute, so it
-overlaps the whole step but may miss this step's update.
+applied on every shard (exact); with ``staleness=1`` it is issued as soon as the previous step's pushes
+are in, so it overlaps this step's compute but may miss this step's update.
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ class EngramTrainer:
         if self.table_optimizer is not None:
             self.table_optimizer.load_state_dict(state.table_optimizer)
         self.step, self.data_position = state.step, state.data_position
-        torch.set_rng_state(state.rng)
+        torch.set_rng_state(state.rng.cpu())
 
     def save(self, directory: Path, loader) -> Path:
         """Every rank calls this after a step's updates are applied; rank 0 writes model and tables."""
@@ -127,6 +127,7 @@ class EngramTrainer:
                 # The loader has handed out the prefetched next batch too; training resumes at this step.
                 data_position={**loader.state_dict(), "next_step": self.step}, rng=torch.get_rng_state())
             path = save_checkpoint(directory, state, self.ctx.memory)
+            log.info("checkpoint of step %d written to %s", self.step, path)
         self._barrier()
         return path
 

@@ -13,7 +13,7 @@ from compute.generation import (
     Completion, DecodeSession, Generator, SamplingParams, TokenChooser, add_generation_arguments, print_completions,
     sampling_from_args,
 )
-from compute.model import DecodeCache, EngramMoEModel, build_local_tables
+from compute.model import DecodeCache, EngramMoEModel
 from compute.ngram_hash import NgramHasher
 from compute.row_table import LocalRowTable
 from compute.tokenizer_compression import TokenizerCompressor, default_tokenizer_path
