@@ -85,6 +85,11 @@ class _TableRoute:
     rows: int
     owners: np.ndarray  # int16 [num_slots]: small integers sort by radix, several times faster
 
+    def shards_of(self, ids: np.ndarray) -> np.ndarray:
+        """The owning shard of each id; a power-of-two slot count (the default) takes a mask, not a division."""
+        slots = ids & (self.num_slots - 1) if self.num_slots & (self.num_slots - 1) == 0 else ids % self.num_slots
+        return self.owners[slots]
+
 
 class _SharedRowSegment:
     """A POSIX shared-memory segment (``/dev/shm/<name>``) that co-located shards write rows into."""
@@ -292,8 +297,8 @@ class MemoryClient:
         return self._tables[table]
 
     def _split(self, route: _TableRoute, ids: np.ndarray, positions: np.ndarray) -> dict[int, np.ndarray]:
-        """``positions`` (into ``ids``) grouped by owning shard, each group cut to the request size."""
-        shards = route.owners[ids[positions] % route.num_slots]
+        """``positions`` (into ``ids``) grouped by owning shard."""
+        shards = route.shards_of(ids[positions])
         order = positions[np.argsort(shards, kind="stable")]
         counts = np.bincount(shards)
         return {shard: order[end - count:end] for shard, (count, end) in
@@ -342,42 +347,36 @@ class MemoryClient:
     async def _lookup(self, table: str, ids: np.ndarray, dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
         route = self._route(table)
         unique, inverse = (ids, None) if _sorted_unique(ids) else np.unique(ids, return_inverse=True)
-        # Received rows land shard after shard in `received`; `where[p]` is the row of unique id p there.
-        first_split = [self._split(route, unique, np.arange(len(unique)))]  # reused by the first attempt only
-        layout = np.concatenate([*first_split[0].values(), np.empty(0, np.int64)])
-        where = np.empty(len(unique), dtype=np.int64)
-        where[layout] = np.arange(len(unique))
+        # `received` holds the rows of `unique` in its order: co-located shards write theirs in place.
         row_bytes = route.dim * dtype.itemsize
-        segment = self._shared_rows.acquire(len(unique) * row_bytes) if self._local_shards & first_split[0].keys() else None
+        segment = self._shared_rows.acquire(len(unique) * row_bytes) if self._local_shards else None
         received = segment.rows(len(unique), route.dim, dtype) if segment else torch.empty((len(unique), route.dim), dtype=dtype)
         wire_dtype = WIRE_DTYPES[dtype]
         per_request = max(1, min(self._max_rows_per_request, self._max_message_bytes // 2 // row_bytes))
 
         async def fetch(shard: int, positions: np.ndarray) -> None:
-            destination = where[positions]
-            in_one_slice = destination[-1] - destination[0] + 1 == len(destination)  # always, but after a move
             request = pb.LookupRequest(table=table, row_ids=unique[positions].tobytes(), dtype=wire_dtype)
-            if segment and in_one_slice and shard in self._local_shards:
-                request.shared_rows.name, request.shared_rows.offset = segment.name, int(destination[0]) * row_bytes
+            if segment and shard in self._local_shards:
+                request.shared_rows.name = segment.name
+                request.shared_rows.positions = positions.astype("<i8", copy=False).tobytes()
             payload = await self._call_shard(shard, "Lookup", request)
             if request.HasField("shared_rows") and not len(payload):
                 return  # the shard wrote the rows into `received` itself
             rows = torch.frombuffer(payload, dtype=dtype).view(len(positions), route.dim)
-            if in_one_slice:
-                received[destination[0]:destination[-1] + 1].copy_(rows)
-            else:
-                _as_words(received).index_copy_(0, torch.from_numpy(destination), _as_words(rows))
+            _as_words(received).index_copy_(0, torch.from_numpy(positions), _as_words(rows))
 
         async def attempt(pending: np.ndarray) -> np.ndarray:
-            groups = first_split.pop() if first_split else self._split(self._route(table), unique, pending)
+            groups = self._split(self._route(table), unique, pending)
             parts = [(chunk, fetch(shard, chunk)) for shard, positions in groups.items()
                      for chunk in np.array_split(positions, -(-len(positions) // per_request))]
             return await self._gather_parts(parts)
 
         try:
             await self._with_retries(attempt, np.arange(len(unique)))
-            order = torch.from_numpy(where if inverse is None else where[inverse])
-            out = _as_words(received).index_select(0, order).view(dtype)
+            if inverse is not None:
+                out = _as_words(received).index_select(0, torch.from_numpy(inverse)).view(dtype)
+            else:  # a segment is reused by the next lookup, so its rows are copied out
+                out = received.clone() if segment else received
         except BaseException:
             if segment:  # a shard may still be writing into it: never reuse it
                 segment.close()

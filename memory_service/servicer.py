@@ -140,15 +140,15 @@ class ShardServicer:
                 "RESOURCE_EXHAUSTED", "row_ids",
                 f"row_ids: {len(ids)} rows make a {reply_bytes}-byte reply, over max_message_bytes="
                 f"{self.max_message_bytes}; split the lookup")
-        shared = self._shared_rows_target(request, reply_bytes) if request.HasField("shared_rows") else None
         rows = self.store.gather(request.table, ids, dtype)
-        if shared is not None:
-            shared.copy_(rows.view(torch.uint8).reshape(-1))
-        return (rows, request.dtype, self.epoch, shared is None), len(ids)  # encoded by encode_lookup_response
+        shared = request.HasField("shared_rows")
+        if shared:
+            self._write_shared_rows(request.shared_rows, rows)
+        return (rows, request.dtype, self.epoch, not shared), len(ids)  # encoded by encode_lookup_response
 
-    def _shared_rows_target(self, request: pb.LookupRequest, nbytes: int) -> torch.Tensor:
+    def _write_shared_rows(self, shared: pb.SharedRows, rows) -> None:
         try:
-            return self._shared_rows.rows(request.shared_rows.name, request.shared_rows.offset, nbytes)
+            self._shared_rows.write(shared.name, shared.offset, rows, shared.positions)
         except SegmentError as error:
             raise RequestRejected("INVALID_ARGUMENT", error.field, str(error)) from None
 

@@ -1,7 +1,8 @@
 """Co-located clients' shared-memory segments, which a shard writes looked-up rows into.
 
-A client on the shard's machine names a segment (``/dev/shm/<name>``) and an offset in its lookup;
-the shard writes the reply's row bytes there instead of sending them through the socket. Mappings
+A client on the shard's machine names a segment (``/dev/shm/<name>``), an offset and each row's
+place in its lookup; the shard writes the rows there instead of sending them through the socket,
+already in the order the client keeps them. Mappings
 stay open between lookups: mapping a segment anew would page-fault every row of every reply.
 """
 from __future__ import annotations
@@ -11,6 +12,8 @@ import os
 import re
 
 import torch
+
+from memory_service.wire import as_row_words
 
 SEGMENT_NAME = re.compile(r"engram-rows-[A-Za-z0-9_.-]+")
 SHM_DIR = "/dev/shm"
@@ -30,11 +33,42 @@ class SharedRowSegments:
     def __init__(self):
         self._maps: dict[str, tuple[int, mmap.mmap]] = {}  # name -> (inode, mapping)
 
-    def rows(self, name: str, offset: int, nbytes: int) -> torch.Tensor:
-        """The ``nbytes`` bytes at ``offset`` of segment ``name`` as a writable uint8 tensor.
+    def write(self, name: str, offset: int, rows: torch.Tensor, positions: bytes = b"") -> None:
+        """Write ``rows`` [n, dim] into segment ``name`` from byte ``offset``: row i at row ``positions[i]``
+        (int64 little-endian bytes), or one after another when ``positions`` is empty.
 
-        SegmentError when the name is not a client segment's, or the segment is gone or too small.
+        SegmentError naming the field, with nothing written, when the segment is not a client's, is
+        gone, or the rows would not fit.
         """
+        mapping = self._mapping(name)
+        row_bytes = rows.shape[1] * rows.element_size()
+        if not 0 <= offset <= len(mapping):
+            raise SegmentError("shared_rows.offset", f"{offset} is outside the {len(mapping)}-byte segment {name!r}")
+        capacity = (len(mapping) - offset) // row_bytes
+        if positions:
+            where = torch.frombuffer(positions, dtype=torch.int64) if len(positions) % 8 == 0 else None
+            if where is None or len(where) != len(rows):
+                raise SegmentError("shared_rows.positions", f"{len(positions)} bytes for {len(rows)} row ids; "
+                                                            "expected one int64 per id")
+            low, high = (int(value) for value in torch.aminmax(where)) if len(where) else (0, 0)
+            if low < 0 or high >= capacity:
+                raise SegmentError("shared_rows.positions", f"row {low if low < 0 else high} is outside the "
+                                                            f"{capacity} rows of segment {name!r} from offset {offset}")
+        elif len(rows) > capacity:
+            raise SegmentError("shared_rows.offset", f"{len(rows)} rows of {row_bytes} bytes at offset {offset} "
+                                                     f"overrun the {len(mapping)}-byte segment {name!r}")
+        if not len(rows):
+            return
+        target = torch.frombuffer(mapping, dtype=torch.uint8)[offset:offset + capacity * row_bytes].view(capacity, row_bytes)
+        source = rows.contiguous().view(torch.uint8).view(len(rows), row_bytes)
+        if offset % 8 == 0:  # int64 views need aligned words
+            target, source = as_row_words(target), as_row_words(source)
+        if positions:
+            target.index_copy_(0, where, source)
+        else:
+            target[:len(rows)].copy_(source)
+
+    def _mapping(self, name: str) -> mmap.mmap:
         if not SEGMENT_NAME.fullmatch(name):
             raise SegmentError("shared_rows.name", f"{name!r} is not an engram-rows-* segment name")
         self._forget_deleted()
@@ -44,13 +78,7 @@ class SharedRowSegments:
                 self._maps[name] = (inode, self._map(name))
         except (OSError, ValueError) as error:  # ValueError: an empty file cannot be mapped
             raise SegmentError("shared_rows.name", f"cannot map segment {name!r} ({error})") from None
-        mapping = self._maps[name][1]
-        if offset < 0 or offset + nbytes > len(mapping):
-            raise SegmentError("shared_rows.offset", f"{nbytes} bytes at offset {offset} overrun the "
-                                                      f"{len(mapping)}-byte segment {name!r}")
-        if not nbytes:
-            return torch.empty(0, dtype=torch.uint8)
-        return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=offset)
+        return self._maps[name][1]
 
     @staticmethod
     def _map(name: str) -> mmap.mmap:

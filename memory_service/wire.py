@@ -22,6 +22,11 @@ def tensor_from_bytes(data: bytes, dtype: str, shape: tuple[int, ...]) -> torch.
     return torch.frombuffer(data, dtype=TORCH_DTYPES[dtype]).view(shape)
 
 
+def as_row_words(rows: torch.Tensor) -> torch.Tensor:
+    """Contiguous rows viewed as int64 words when a row is whole words (copies by index run several times faster)."""
+    return rows.view(torch.int64) if rows.shape[-1] * rows.element_size() % 8 == 0 else rows
+
+
 def arrays_to_proto(arrays: dict[str, np.ndarray]) -> list[pb.NamedArray]:
     out = []
     for name, array in arrays.items():

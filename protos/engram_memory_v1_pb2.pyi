@@ -43,12 +43,14 @@ class LookupRequest(_message.Message):
     def __init__(self, table: _Optional[str] = ..., row_ids: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., shared_rows: _Optional[_Union[SharedRows, _Mapping]] = ...) -> None: ...
 
 class SharedRows(_message.Message):
-    __slots__ = ("name", "offset")
+    __slots__ = ("name", "offset", "positions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     offset: int
-    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+    positions: bytes
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., positions: _Optional[bytes] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("rows", "num_rows", "dim", "dtype", "epoch")

@@ -29,27 +29,40 @@ def segment_file():
         os.unlink(f"/dev/shm/{name}")
 
 
-def test_segments_write_through_and_forget_deleted_segments(segment_file):
+def segment_bytes(name: str) -> bytes:
+    with open(f"/dev/shm/{name}", "rb") as file:
+        return file.read()
+
+
+def test_segments_write_rows_in_order_or_at_positions_and_forget_deleted_segments(segment_file):
     segments = SharedRowSegments()
-    segments.rows(segment_file, 8, 4).copy_(torch.tensor([1, 2, 3, 4], dtype=torch.uint8))
-    with open(f"/dev/shm/{segment_file}", "rb") as file:
-        assert file.read(16) == bytes(8) + bytes([1, 2, 3, 4]) + bytes(4)
+    rows = torch.arange(12, dtype=torch.int16).view(3, 4)  # rows of 8 bytes
+    segments.write(segment_file, 16, rows)
+    assert segment_bytes(segment_file)[16:40] == rows.numpy().tobytes()
+    segments.write(segment_file, 3, rows, np.array([2, 0, 1], dtype="<i8").tobytes())  # unaligned: bytes path
+    assert segment_bytes(segment_file)[3:27] == rows[[1, 2, 0]].numpy().tobytes()
     os.unlink(f"/dev/shm/{segment_file}")
     with pytest.raises(SegmentError) as caught:
-        segments.rows(segment_file, 0, 4)
+        segments.write(segment_file, 0, rows)
     assert caught.value.field == "shared_rows.name"
 
 
-@pytest.mark.parametrize("name, offset, nbytes, field", [
-    ("../etc/passwd", 0, 4, "shared_rows.name"),
-    ("engram-rows-absent", 0, 4, "shared_rows.name"),
-    (None, 4090, 8, "shared_rows.offset"),
-    (None, -1, 4, "shared_rows.offset"),
+@pytest.mark.parametrize("name, offset, positions, field", [
+    ("../etc/passwd", 0, b"", "shared_rows.name"),
+    ("engram-rows-absent", 0, b"", "shared_rows.name"),
+    (None, 4090, b"", "shared_rows.offset"),
+    (None, -1, b"", "shared_rows.offset"),
+    (None, 0, np.array([0, 512], dtype="<i8").tobytes(), "shared_rows.positions"),  # 512 rows of 8 bytes fit
+    (None, 0, np.array([0, -1], dtype="<i8").tobytes(), "shared_rows.positions"),
+    (None, 0, np.array([0], dtype="<i8").tobytes(), "shared_rows.positions"),
+    (None, 0, b"\x00" * 12, "shared_rows.positions"),
 ])
-def test_segments_refuse_foreign_missing_or_overrun_segments(segment_file, name, offset, nbytes, field):
+def test_segments_refuse_bad_segments_offsets_and_positions_writing_nothing(segment_file, name, offset, positions,
+                                                                             field):
     with pytest.raises(SegmentError) as caught:
-        SharedRowSegments().rows(name or segment_file, offset, nbytes)
+        SharedRowSegments().write(name or segment_file, offset, torch.ones(2, 4, dtype=torch.int16), positions)
     assert caught.value.field == field and field in str(caught.value)
+    assert segment_bytes(segment_file) == bytes(4096)
 
 
 @pytest.mark.ray
@@ -84,10 +97,11 @@ def test_shard_refuses_a_bad_segment_with_the_field_named(ray_cluster, segment_f
                 with pytest.raises(grpc.RpcError) as caught:
                     stub.Lookup(request, metadata=AUTH)
                 assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in caught.value.details()
+            positions = np.array([3, 0, 2, 1], dtype="<i8")
             request = pb.LookupRequest(table="local", row_ids=np.arange(4, dtype="<i8").tobytes(), dtype=pb.FLOAT32,
-                                       shared_rows=pb.SharedRows(name=segment_file, offset=64))
+                                       shared_rows=pb.SharedRows(name=segment_file, offset=64,
+                                                                 positions=positions.tobytes()))
             reply = stub.Lookup(request, metadata=AUTH)
         assert reply.rows == b"" and (reply.num_rows, reply.dim) == (4, TABLE.dim)
-        with open(f"/dev/shm/{segment_file}", "rb") as file:
-            written = np.frombuffer(file.read(), dtype="<f4")[16:16 + 4 * TABLE.dim].reshape(4, TABLE.dim)
-        assert torch.equal(torch.from_numpy(written.copy()), reference_rows(TABLE, np.arange(4)))
+        written = np.frombuffer(segment_bytes(segment_file), dtype="<f4")[16:16 + 4 * TABLE.dim].reshape(4, TABLE.dim)
+        assert torch.equal(torch.from_numpy(written[positions].copy()), reference_rows(TABLE, np.arange(4)))
