@@ -154,7 +154,9 @@ class MemoryClient:
         self._credentials = grpc.ssl_channel_credentials(Path(tls_cert_file).read_bytes()) if tls_cert_file else None
         self._options = [("grpc.max_send_message_length", max_message_bytes),
                          ("grpc.max_receive_message_length", max_message_bytes),
-                         ("grpc.http2.max_frame_size", MAX_FRAME_BYTES)]
+                         ("grpc.http2.max_frame_size", MAX_FRAME_BYTES),
+                         # This client retries by itself; gRPC's own retries would buffer a copy of every request.
+                         ("grpc.enable_retries", 0)]
         self._max_message_bytes = max_message_bytes
         self._max_rows_per_request = max_rows_per_request
         self._retry = retry
