@@ -18,9 +18,10 @@ import random
 import socket
 import sys
 import threading
-import uuid
 import time
+import uuid
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,8 @@ class _SharedRowSegment:
             self._map = mmap.mmap(fd, nbytes)
         finally:
             os.close(fd)
+        # Removed by close(), else when collected or at exit: a client never closed leaves no file behind.
+        self._unlink = weakref.finalize(self, os.unlink, f"/dev/shm/{self.name}")
         self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
         self.bytes.zero_()  # fault every page in once, not on each lookup
 
@@ -111,7 +114,7 @@ class _SharedRowSegment:
         return self.bytes[:count * dim * dtype.itemsize].view(dtype).view(count, dim)
 
     def close(self) -> None:
-        os.unlink(f"/dev/shm/{self.name}")
+        self._unlink()
         del self.bytes  # the map closes once no tensor views it
         self._map = None
 

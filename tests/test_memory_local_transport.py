@@ -1,6 +1,7 @@
 """Co-located clients: Unix sockets and rows written into the client's shared memory, same results as TCP."""
 from __future__ import annotations
 
+import gc
 import os
 import uuid
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from compute.memory_client import MemoryClient
+from compute.memory_client import MemoryClient, _SharedRowSegment
 from memory_service.shared_rows import SegmentError, SharedRowSegments
 from protos import engram_memory_v1_pb2 as pb
 from tests.memory_deploy import TOKEN, deployment, reference_rows, shard_stub, spec
@@ -45,6 +46,16 @@ def test_segments_write_rows_in_order_or_at_positions_and_forget_deleted_segment
     with pytest.raises(SegmentError) as caught:
         segments.write(segment_file, 0, rows)
     assert caught.value.field == "shared_rows.name"
+
+
+def test_client_segment_is_removed_on_close_and_when_dropped_unclosed():
+    closed, dropped = _SharedRowSegment(1 << 20), _SharedRowSegment(1 << 20)
+    paths = [f"/dev/shm/{segment.name}" for segment in (closed, dropped)]
+    assert all(os.path.exists(path) for path in paths)
+    closed.close()
+    del dropped
+    gc.collect()
+    assert not any(os.path.exists(path) for path in paths)
 
 
 @pytest.mark.parametrize("name, offset, positions, field", [
