@@ -31,7 +31,7 @@ class SharedRowSegments:
     """Open mappings of clients' segments by name; a segment deleted by its client is unmapped here."""
 
     def __init__(self):
-        self._maps: dict[str, tuple[int, mmap.mmap]] = {}  # name -> (inode, mapping)
+        self._maps: dict[str, tuple[tuple[int, int], mmap.mmap]] = {}  # name -> ((inode, size), mapping)
 
     def write(self, name: str, offset: int, rows: torch.Tensor, positions: bytes = b"") -> None:
         """Write ``rows`` [n, dim] into segment ``name`` from byte ``offset``: row i at row ``positions[i]``
@@ -73,9 +73,11 @@ class SharedRowSegments:
             raise SegmentError("shared_rows.name", f"{name!r} is not an engram-rows-* segment name")
         self._forget_deleted()
         try:
-            inode = os.stat(f"{SHM_DIR}/{name}").st_ino
-            if name not in self._maps or self._maps[name][0] != inode:
-                self._maps[name] = (inode, self._map(name))
+            # A segment replaced or resized since it was mapped is mapped again: writing past the
+            # end of a shrunk file would kill this process with SIGBUS.
+            stat = os.stat(f"{SHM_DIR}/{name}")
+            if name not in self._maps or self._maps[name][0] != (stat.st_ino, stat.st_size):
+                self._maps[name] = ((stat.st_ino, stat.st_size), self._map(name))
         except (OSError, ValueError) as error:  # ValueError: an empty file cannot be mapped
             raise SegmentError("shared_rows.name", f"cannot map segment {name!r} ({error})") from None
         return self._maps[name][1]

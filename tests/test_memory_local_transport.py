@@ -42,6 +42,10 @@ def test_segments_write_rows_in_order_or_at_positions_and_forget_deleted_segment
     assert segment_bytes(segment_file)[16:40] == rows.numpy().tobytes()
     segments.write(segment_file, 3, rows, np.array([2, 0, 1], dtype="<i8").tobytes())  # unaligned: bytes path
     assert segment_bytes(segment_file)[3:27] == rows[[1, 2, 0]].numpy().tobytes()
+    os.truncate(f"/dev/shm/{segment_file}", 16)  # shrunk by its client: mapped again, not written past its end
+    with pytest.raises(SegmentError) as caught:
+        segments.write(segment_file, 0, rows)
+    assert caught.value.field == "shared_rows.offset"
     os.unlink(f"/dev/shm/{segment_file}")
     with pytest.raises(SegmentError) as caught:
         segments.write(segment_file, 0, rows)
