@@ -61,7 +61,7 @@ def print_report(config: TrainConfig, summary: dict, losses: list[float], sample
         ("validation", f"loss {summary['val_loss']:.3f}, perplexity {summary['val_perplexity']:.1f}"),
         ("tokens/s", f"{summary['tokens_per_s']:.0f}"),
         ("lookup wait", f"{100 * summary['lookup_wait_share']:.1f}% of step time"),
-        ("rows served", f"{summary['rows_looked_up']:,d} ({summary['bytes_moved'] / 1e6:.1f} MB on the wire, "
+        ("rows served", f"{summary['rows_looked_up']:,d} ({summary['bytes_moved'] / 1e6:.1f} MB moved, "
                         f"{config.memory.shards} shards)"),
         ("checkpoint", summary["checkpoint"]),
         ("wall time", f"{seconds:.0f} s"),

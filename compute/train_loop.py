@@ -210,7 +210,7 @@ class EngramTrainer:
             metrics = self.last_metrics = self._metrics(loss)
             if on_step:
                 on_step(metrics)
-            if self.step % config.log_every == 0 or next_batch is None:
+            if self.step % config.log_every == 0 or self.step == 1 or next_batch is None:
                 self._log(metrics)
             if config.checkpoint_every and self.step % config.checkpoint_every == 0 and next_batch is not None:
                 self._settle(pending_pushes, barrier=True)
