@@ -3,16 +3,14 @@
 MemoryClient runs twice per shard count: as a co-located client (Unix socket, rows through shared
 memory; the default on one machine) and forced onto TCP (what a remote client gets). Every system
 also runs, at the target batch, on sorted unique ids: what the training path sends.
-Run: ``python bench/lookup.py`` (prints a table, writes bench/results/lookup.json and lookup.png).
+Run: ``python -m bench.lookup`` (prints a table, writes bench/results/lookup.json and lookup.png).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -24,8 +22,8 @@ from memory_service.row_init import init_rows
 from memory_service.row_store import ShardStore
 from memory_service.shared_rows import SharedRowSegments
 from memory_service.table_spec import OptimizerSpec, TableSpec
+from bench.results_files import figure, write_json
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BATCHES = (1024, 4096, 16384, 65536, 262144)
 TARGET_BATCH = 65536
 
@@ -158,12 +156,11 @@ def main() -> None:
               f"(random ids, p50 {client_ms:.1f} ms):")
         for step, step_ms in steps.items():
             print(f"  {step_ms:7.2f} ms  {step}")
-        (RESULTS / "lookup.breakdown.json").write_text(json.dumps(steps, indent=2))
+        write_json("lookup.breakdown", steps)
 
 
 def report(records: list[dict]) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "lookup.json").write_text(json.dumps(records, indent=2))
+    write_json("lookup", records)
     print(f"{'system':>17} {'shards':>6} {'ids':>13} {'batch':>7} {'rows/s':>12} {'GB/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
     for r in records:
         print(f"{r['system']:>17} {r['shards']:>6} {r['ids']:>13} {r['batch_rows']:>7} {r['rows_per_s']:>12.0f} "
@@ -181,22 +178,15 @@ def report(records: list[dict]) -> None:
 
 
 def plot(records: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key in sorted({(r["system"], r["shards"]) for r in records}):
-        points = sorted((r["batch_rows"], r["rows_per_s"]) for r in records if (r["system"], r["shards"]) == key)
-        label = f"{key[0]}, {key[1]} shard(s)" if key[0].startswith("memory_client") else key[0]
-        ax.plot(*zip(*points), marker="o", label=label)
-    ax.set(xscale="log", yscale="log", xlabel="batch rows", ylabel="rows/s",
-           title="Engram row lookup, dim 64 (bf16 on the wire)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "lookup.png", dpi=120)
+    with figure("lookup", figsize=(7, 4.5)) as (fig, ax):
+        for key in sorted({(r["system"], r["shards"]) for r in records}):
+            points = sorted((r["batch_rows"], r["rows_per_s"]) for r in records if (r["system"], r["shards"]) == key)
+            label = f"{key[0]}, {key[1]} shard(s)" if key[0].startswith("memory_client") else key[0]
+            ax.plot(*zip(*points), marker="o", label=label)
+        ax.set(xscale="log", yscale="log", xlabel="batch rows", ylabel="rows/s",
+               title="Engram row lookup, dim 64 (bf16 on the wire)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
 
 
 if __name__ == "__main__":
