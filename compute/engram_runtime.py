@@ -18,9 +18,6 @@ from compute.train_config import TrainConfig, table_name
 from compute.train_memory import MemoryHandle, engram_table_specs
 from memory_service.table_spec import TableSpec
 
-WIRE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-
-
 @dataclasses.dataclass
 class EngramRuntime:
     config: TrainConfig
@@ -50,8 +47,8 @@ def build_runtime(config: TrainConfig, device: torch.device, memory: MemoryHandl
         if memory is None:
             raise ValueError("memory: remote tables need a memory service (deploy one or use memory.tables: local)")
         client = memory.client()
-        wire = WIRE_DTYPES[config.memory.wire_dtype]
-        tables = {layer: RemoteRowTable(client, table_name(layer), device, wire) for layer in config.engram.layer_ids}
+        tables = {layer: RemoteRowTable(client, table_name(layer), device, config.memory.wire_torch_dtype)
+                  for layer in config.engram.layer_ids}
     else:
         tables = {layer: service_initialised_table(spec) for layer, spec in zip(config.engram.layer_ids, specs)}
     model = EngramMoEModel(EngramModelConfig(model=config.model, engram=config.engram), tables).to(device)

@@ -8,15 +8,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from compute.checkpoints import load_trainer_state, memory_checkpoint, resolve_checkpoint
+from compute.checkpoints import load_trainer_state, resolve_checkpoint
 from compute.config import dataclass_from_mapping
 from compute.engram_runtime import load_runtime
 from compute.generation import Generator, add_generation_arguments, print_completions, sampling_from_args
 from compute.train_config import TrainConfig
 from compute.train_job import RunMemory, connect_ray, prepare_memory, run_training
 from compute.train_loop import EngramTrainer, WorkerContext
-from compute.train_memory import deploy_from_checkpoint, engram_table_specs
-from memory_service.controller import NAMESPACE
+from compute.train_memory import engram_table_specs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -76,21 +75,22 @@ def run_tables(args: argparse.Namespace) -> int:
     return 0
 
 
-def open_checkpoint_memory(checkpoint: Path, address: str | None) -> RunMemory:
+def open_checkpoint_memory(checkpoint: Path, config: TrainConfig, address: str | None) -> RunMemory:
     """A memory service holding a checkpoint's tables (none for a run on in-process tables)."""
-    tables = memory_checkpoint(checkpoint)
-    if tables is None:
-        return RunMemory(None)
-    config = dataclass_from_mapping(TrainConfig, load_trainer_state(checkpoint).config)
-    connect_ray(address, config.memory.shards)
-    return RunMemory(deploy_from_checkpoint(str(tables), config.memory.shards, NAMESPACE), owned=True)
+    if config.memory.tables == "remote":
+        connect_ray(address, config.memory.shards)
+    return prepare_memory(config, resume=checkpoint)
+
+
+def checkpoint_config(checkpoint: Path) -> TrainConfig:
+    return dataclass_from_mapping(TrainConfig, load_trainer_state(checkpoint).config)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)
-    memory = open_checkpoint_memory(checkpoint, args.address)
+    config = checkpoint_config(checkpoint)
+    memory = open_checkpoint_memory(checkpoint, config, args.address)
     try:
-        config = dataclass_from_mapping(TrainConfig, load_trainer_state(checkpoint).config)
         trainer = EngramTrainer(config, WorkerContext(device=torch.device(args.device), memory=memory.handle))
         try:
             trainer.load(checkpoint)
@@ -106,7 +106,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)
-    memory = open_checkpoint_memory(checkpoint, args.address)
+    memory = open_checkpoint_memory(checkpoint, checkpoint_config(checkpoint), args.address)
     try:
         runtime = load_runtime(checkpoint, torch.device(args.device), memory.handle)
         try:

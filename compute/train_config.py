@@ -4,11 +4,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from compute.config import EngramConfig, ModelConfig, dataclass_from_mapping, load_yaml
 from compute.data.config import DataConfig
 
 TABLE_KINDS = ("remote", "local")
-WIRE_DTYPES = ("bfloat16", "float32", "float16")
+WIRE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +50,15 @@ class MemoryConfig:
         if self.tables not in TABLE_KINDS:
             raise ValueError(f"memory.tables must be one of {TABLE_KINDS}, got {self.tables!r}")
         if self.wire_dtype not in WIRE_DTYPES:
-            raise ValueError(f"memory.wire_dtype must be one of {WIRE_DTYPES}, got {self.wire_dtype!r}")
+            raise ValueError(f"memory.wire_dtype must be one of {list(WIRE_DTYPES)}, got {self.wire_dtype!r}")
         if self.staleness not in (0, 1):
             raise ValueError(f"memory.staleness must be 0 or 1, got {self.staleness!r}")
         if self.shards < 1:
             raise ValueError(f"memory.shards must be >= 1, got {self.shards}")
+
+    @property
+    def wire_torch_dtype(self) -> torch.dtype:
+        return WIRE_DTYPES[self.wire_dtype]
 
 
 @dataclasses.dataclass(frozen=True)

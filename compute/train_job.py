@@ -17,10 +17,9 @@ from compute.config import dataclass_from_mapping
 from compute.train_config import TrainConfig
 from compute.train_loop import SUMMARY_FILE, EngramTrainer, WorkerContext
 from compute.train_memory import MemoryHandle, deploy_from_checkpoint, deploy_or_join, engram_table_specs
-from memory_service.controller import NAMESPACE, stop_controller
+from memory_service.controller import NAMESPACE, SHARD_RESOURCE, stop_controller
 
 log = logging.getLogger(__name__)
-SHARD_RESOURCE = "engram_memory"
 
 
 def connect_ray(address: str | None, shards: int) -> None:

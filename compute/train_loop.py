@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from compute.checkpoints import TrainerState, load_trainer_state, save_checkpoint
 from compute.data import HashedBatch, hashed_batches
-from compute.engram_runtime import WIRE_DTYPES, build_runtime
+from compute.engram_runtime import build_runtime
 from compute.local_table_training import LocalTableOptimizer
 from compute.remote_row_table import RemoteRowTable
 from compute.row_table import EngramRows
@@ -140,7 +140,7 @@ class EngramTrainer:
 
     @property
     def _wire_bytes(self) -> int:
-        return 4 if self.config.memory.tables == "local" else WIRE_DTYPES[self.config.memory.wire_dtype].itemsize
+        return 4 if self.config.memory.tables == "local" else self.config.memory.wire_torch_dtype.itemsize
 
     def fetch(self, batch: HashedBatch, after: list = ()) -> dict[int, concurrent.futures.Future]:
         """Start every Engram layer's lookup for ``batch``, once the pushes in ``after`` are done.

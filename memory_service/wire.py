@@ -6,10 +6,10 @@ import warnings
 import numpy as np
 import torch
 
+from memory_service.row_store import TRANSPORT_DTYPES
 from protos import engram_memory_v1_pb2 as pb
 
 DTYPE_NAMES = {pb.FLOAT32: "float32", pb.BFLOAT16: "bfloat16", pb.FLOAT16: "float16"}
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Received payloads are immutable bytes viewed without a copy and only ever read.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -18,8 +18,8 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 def tensor_from_bytes(data: bytes, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     """A read-only-backed tensor view of ``data`` (no copy); callers must not write into it."""
     if not data:
-        return torch.empty(shape, dtype=TORCH_DTYPES[dtype])
-    return torch.frombuffer(data, dtype=TORCH_DTYPES[dtype]).view(shape)
+        return torch.empty(shape, dtype=TRANSPORT_DTYPES[dtype])
+    return torch.frombuffer(data, dtype=TRANSPORT_DTYPES[dtype]).view(shape)
 
 
 def as_row_words(rows: torch.Tensor) -> torch.Tensor:
