@@ -109,7 +109,7 @@ def _train_worker(loop_config: dict) -> None:
     try:
         if loop_config["resume"]:
             trainer.load(Path(loop_config["resume"]))
-        with progress_bar(config, ctx.rank, trainer.step) as on_step:
+        with ProgressBar(config, ctx.rank, trainer.step) as on_step:
             trainer.train(on_step=on_step)
         summary = {**trainer.last_metrics, **trainer.evaluate(config.eval_batches),
                    "checkpoint": str(trainer.last_checkpoint)}
@@ -120,7 +120,7 @@ def _train_worker(loop_config: dict) -> None:
         trainer.close()
 
 
-class progress_bar:
+class ProgressBar:
     """A tqdm bar of steps on rank 0 that shows loss, tokens/s and the lookup-wait share."""
 
     def __init__(self, config: TrainConfig, rank: int, start: int):
