@@ -73,7 +73,8 @@ class Engram(nn.Module):
         """With a ``history``, ``hidden`` continues each row's sequence (its first ``real_tokens [B]`` real)."""
         batch, seq, hc, dim = hidden.shape
         tokens = batch * seq
-        embeddings = kernels.gather_rows(rows.unique_rows, rows.inverse.reshape(tokens, self.heads), hidden.dtype)
+        embeddings = kernels.gather_rows(rows.unique_rows, rows.inverse.reshape(tokens, self.heads), hidden.dtype,
+                                         rows.segments)
         key_value = self.key_value_proj(embeddings)
         key = key_value[:, : hc * dim].reshape(tokens, hc, dim)
         value = key_value[:, hc * dim :]

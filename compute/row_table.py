@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import RowSegments
+
 
 @dataclasses.dataclass
 class EngramRows:
@@ -16,11 +18,15 @@ class EngramRows:
 
     unique_rows: torch.Tensor  # [U, dim]; differentiable when the table is trainable in-process
     inverse: torch.Tensor  # [B, T, heads] int64 indices into unique_rows
+    # The entries grouped by row, built ahead for the GPU backward (``kernels.row_segments``).
+    segments: RowSegments | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "EngramRows":
+        segments = self.segments and RowSegments(*(t.to(device, non_blocking=non_blocking) for t in self.segments))
         return EngramRows(
             self.unique_rows.to(device, non_blocking=non_blocking),
             self.inverse.to(device, non_blocking=non_blocking),
+            segments,
         )
 
 

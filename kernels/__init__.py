@@ -8,6 +8,9 @@ Float32 gradients for bfloat16 rows: autograd hands a leaf its gradient in the l
 caller holding bf16 unique rows gathers them without grad, marks the result as the leaf
 (``emb = gather_rows(rows, inverse, dtype).requires_grad_()``) and after backward calls
 ``scatter_row_grads(emb.grad, inverse, len(rows))``: float32 ``[U, d]``, no float32 copy of the rows.
+
+The row-gradient sum is fastest given the entries grouped by row: pass ``segments=row_segments(
+inverse, len(rows))``, built ahead (row addresses are known before the forward pass) on a side stream.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import torch
 
 from kernels.dispatch import use_triton
 from kernels.engram_gate import engram_gate_reference
-from kernels.row_gather import gather_rows_reference, scatter_row_grads_reference
+from kernels.row_gather import RowSegments, gather_rows_reference, row_segments, scatter_row_grads_reference
 from kernels.short_conv import short_conv_reference
 
 # Public name -> module that defines it; loaded on first use so that importing ``kernels`` never
@@ -47,23 +50,40 @@ def _check_index(inverse: torch.Tensor, field: str) -> None:
     _check(inverse.dim() >= 1, field, "expected shape [..., H]")
 
 
-def gather_rows(unique_rows: torch.Tensor, inverse: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``unique_rows [U, d]``, ``inverse [N, H]`` -> ``[N, H*d]`` in ``out_dtype``; differentiable."""
+def _check_segments(segments: RowSegments | None, inverse: torch.Tensor, num_rows: int) -> None:
+    if segments is None:
+        return
+    _check(isinstance(segments, RowSegments), "segments", f"expected RowSegments, got {type(segments).__name__}")
+    _check(segments.order.shape == (inverse.numel(),) and segments.offsets.shape == (num_rows + 1,), "segments",
+           f"expected order [{inverse.numel()}] and offsets [{num_rows + 1}], got "
+           f"{list(segments.order.shape)} and {list(segments.offsets.shape)}: build them with row_segments(inverse, num_rows)")
+
+
+def gather_rows(unique_rows: torch.Tensor, inverse: torch.Tensor, out_dtype: torch.dtype,
+                segments: RowSegments | None = None) -> torch.Tensor:
+    """``unique_rows [U, d]``, ``inverse [N, H]`` -> ``[N, H*d]`` in ``out_dtype``; differentiable.
+
+    ``segments``: ``row_segments(inverse, U)`` built ahead, which makes the backward a sort-free,
+    reproducible segment sum.
+    """
     _check(unique_rows.dim() == 2, "unique_rows", f"expected shape [U, d], got {list(unique_rows.shape)}")
     _check_index(inverse, "inverse")
+    _check_segments(segments, inverse, unique_rows.shape[0])
     if use_triton(unique_rows):
-        return __getattr__("GatherRows").apply(unique_rows, inverse, out_dtype)
-    return gather_rows_reference(unique_rows, inverse, out_dtype)
+        return __getattr__("GatherRows").apply(unique_rows, inverse, out_dtype, segments)
+    return gather_rows_reference(unique_rows, inverse, out_dtype, segments)
 
 
-def scatter_row_grads(grad_embeddings: torch.Tensor, inverse: torch.Tensor, num_rows: int) -> torch.Tensor:
+def scatter_row_grads(grad_embeddings: torch.Tensor, inverse: torch.Tensor, num_rows: int,
+                      segments: RowSegments | None = None) -> torch.Tensor:
     """Gradient of ``gather_rows``' output -> float32 unique-row gradients ``[num_rows, d]``."""
     _check_index(inverse, "inverse")
     _check(grad_embeddings.shape[:-1] == inverse.shape[:-1] and grad_embeddings.shape[-1] % inverse.shape[-1] == 0,
            "grad_embeddings", f"shape {list(grad_embeddings.shape)} does not match inverse {list(inverse.shape)}")
+    _check_segments(segments, inverse, num_rows)
     if use_triton(grad_embeddings):
-        return __getattr__("scatter_row_grads_triton")(grad_embeddings, inverse, num_rows)
-    return scatter_row_grads_reference(grad_embeddings, inverse, num_rows)
+        return __getattr__("scatter_row_grads_triton")(grad_embeddings, inverse, num_rows, segments)
+    return scatter_row_grads_reference(grad_embeddings, inverse, num_rows, segments)
 
 
 def engram_gate(
@@ -102,7 +122,7 @@ def short_conv(
 
 
 __all__ = [
-    "gather_rows", "engram_gate", "short_conv", "scatter_row_grads",
+    "gather_rows", "engram_gate", "short_conv", "scatter_row_grads", "RowSegments", "row_segments",
     "gather_rows_reference", "engram_gate_reference", "short_conv_reference", "scatter_row_grads_reference",
     "GatherRows", "EngramGate", "ShortConv", "use_triton",
 ]

@@ -1,18 +1,45 @@
 """Row gather: unique table rows plus an inverse index -> each token's concatenated head rows."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
+class RowSegments(NamedTuple):
+    """The inverse index grouped by row (CSR): entries ``order[offsets[u]:offsets[u+1]]`` use row ``u``.
+
+    Within a row the entries keep their index order, so a sum over a segment is the same on every
+    run. Row addresses are known before the forward pass, so a caller can build these ahead
+    (``row_segments`` on a side stream) and spare the backward its sort.
+    """
+
+    order: torch.Tensor  # [N*H] int64: flat entry positions, sorted by row
+    offsets: torch.Tensor  # [num_rows + 1] int64
+
+
+def row_segments(inverse: torch.Tensor, num_rows: int) -> RowSegments:
+    """Group the flat entries of ``inverse`` (indices into ``num_rows`` rows) by row."""
+    flat = inverse.reshape(-1)
+    # 32-bit keys sort in half the radix passes of 64-bit ones.
+    keys = flat.to(torch.int32) if num_rows < 2**31 else flat
+    sorted_rows, order = torch.sort(keys, stable=True)
+    bounds = torch.arange(num_rows + 1, dtype=sorted_rows.dtype, device=flat.device)
+    return RowSegments(order, torch.searchsorted(sorted_rows, bounds))
+
+
 def gather_rows_reference(
-    unique_rows: torch.Tensor, inverse: torch.Tensor, out_dtype: torch.dtype
+    unique_rows: torch.Tensor, inverse: torch.Tensor, out_dtype: torch.dtype, segments: RowSegments | None = None
 ) -> torch.Tensor:
-    """``unique_rows [U, d]``, ``inverse [N, H]`` (indices into U) -> ``[N, H*d]`` in ``out_dtype``."""
+    """``unique_rows [U, d]``, ``inverse [N, H]`` (indices into U) -> ``[N, H*d]`` in ``out_dtype``.
+
+    ``segments`` (unused here) is the Triton path's precomputed backward grouping.
+    """
     return unique_rows[inverse].flatten(-2).to(out_dtype)
 
 
 def scatter_row_grads_reference(
-    grad_embeddings: torch.Tensor, inverse: torch.Tensor, num_rows: int
+    grad_embeddings: torch.Tensor, inverse: torch.Tensor, num_rows: int, segments: RowSegments | None = None
 ) -> torch.Tensor:
     """``grad_embeddings [N, H*d]`` summed into float32 unique-row gradients ``[num_rows, d]``."""
     dim = grad_embeddings.shape[-1] // inverse.shape[-1]

@@ -1,14 +1,25 @@
-"""Triton row gather: forward copies rows by inverse index, backward scatter-adds float32 row gradients."""
+"""Triton row gather: forward copies rows by inverse index, backward sums float32 row gradients.
+
+The backward has two forms. Given the entries grouped by row (``RowSegments``, built ahead by the
+caller or here under deterministic mode), each program sums whole rows' segments: no atomics, no
+zero fill, and the same bits on every run. Without them it scatter-adds with float32 atomics, which
+needs no sort but is bound by the atomic units and not reproducible.
+"""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.row_gather import RowSegments, row_segments
+
 # Rows are short (64-80 values), so a program takes several. Fixed rather than autotuned: on the
 # H200 autotuning these ~20 us kernels picked configurations up to 4x slower than this one.
 ENTRIES_PER_PROGRAM = 16
+# Segment sums: rows per program, and how many of each row's entries are loaded at once (a row is
+# used ~4 times in a training batch, so most rows finish in one round of loads).
 ROWS_PER_SEGMENT_PROGRAM = 16
+SEGMENT_CHUNK = 4
 
 
 @triton.jit
@@ -39,23 +50,27 @@ def _scatter_add_kernel(grad_ptr, inverse_ptr, row_grads_ptr, n_entries, dim,
 
 
 @triton.jit
-def _segment_sum_kernel(grad_ptr, order_ptr, starts_ptr, row_grads_ptr, num_rows, dim,
-                        BLOCK_U: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Each unique row sums its entries in index order: the same bits on every run. A program takes
-    # BLOCK_U rows and walks their entry lists side by side.
+def _segment_sum_kernel(grad_ptr, order_ptr, offsets_ptr, row_grads_ptr, num_rows, dim,
+                        BLOCK_U: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+    # BLOCK_U rows side by side; each round loads CHUNK entries of every row as one [U, CHUNK, D]
+    # tile, so a round has BLOCK_U * CHUNK gradient rows in flight. Fixed shapes and a fixed
+    # reduction tree make every run's sums bitwise equal.
     rows = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
     cols = tl.arange(0, BLOCK_D)
+    steps = tl.arange(0, CHUNK)
     row_ok = rows < num_rows
-    start = tl.load(starts_ptr + rows, mask=row_ok, other=0)
-    count = tl.load(starts_ptr + rows + 1, mask=row_ok, other=0) - start
-    col_ok = cols[None, :] < dim
+    start = tl.load(offsets_ptr + rows, mask=row_ok, other=0)
+    count = tl.load(offsets_ptr + rows + 1, mask=row_ok, other=0) - start
+    col_ok = cols[None, None, :] < dim
     total = tl.zeros([BLOCK_U, BLOCK_D], dtype=tl.float32)
-    for i in range(0, tl.max(count, axis=0)):
-        live = i < count
-        entry = tl.load(order_ptr + start + i, mask=live, other=0).to(tl.int64)
-        total += tl.load(grad_ptr + entry[:, None] * dim + cols[None, :], mask=live[:, None] & col_ok,
-                         other=0.0).to(tl.float32)
-    tl.store(row_grads_ptr + rows[:, None].to(tl.int64) * dim + cols[None, :], total, mask=row_ok[:, None] & col_ok)
+    for first in range(0, tl.max(count, axis=0), CHUNK):
+        live = (first + steps[None, :]) < count[:, None]
+        entry = tl.load(order_ptr + start[:, None] + first + steps[None, :], mask=live, other=0).to(tl.int64)
+        grads = tl.load(grad_ptr + entry[:, :, None] * dim + cols[None, None, :], mask=live[:, :, None] & col_ok,
+                        other=0.0)
+        total += tl.sum(grads.to(tl.float32), axis=1)
+    tl.store(row_grads_ptr + rows[:, None].to(tl.int64) * dim + cols[None, :], total,
+             mask=row_ok[:, None] & (cols[None, :] < dim))
 
 
 def gather_rows_triton(unique_rows: torch.Tensor, inverse: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -70,27 +85,28 @@ def gather_rows_triton(unique_rows: torch.Tensor, inverse: torch.Tensor, out_dty
     return out.reshape(*inverse.shape[:-1], inverse.shape[-1] * dim)
 
 
-def scatter_row_grads_triton(grad_embeddings: torch.Tensor, inverse: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """``grad [..., H*d]`` -> float32 ``[num_rows, d]``; bitwise reproducible under deterministic mode."""
+def scatter_row_grads_triton(grad_embeddings: torch.Tensor, inverse: torch.Tensor, num_rows: int,
+                             segments: RowSegments | None = None) -> torch.Tensor:
+    """``grad [..., H*d]`` -> float32 ``[num_rows, d]``: segment sums when ``segments`` is given or
+    deterministic algorithms are on (bitwise reproducible), float32 atomics otherwise."""
     flat_inverse = inverse.reshape(-1).contiguous()
-    n_entries = flat_inverse.numel()
     dim = grad_embeddings.shape[-1] // inverse.shape[-1]
     grads = grad_embeddings.contiguous()
     block_d = triton.next_power_of_2(dim)
-    if torch.are_deterministic_algorithms_enabled():
+    if segments is None and torch.are_deterministic_algorithms_enabled():
+        segments = row_segments(flat_inverse, num_rows)
+    if segments is not None:
         row_grads = torch.empty(num_rows, dim, dtype=torch.float32, device=grads.device)
-        order = torch.argsort(flat_inverse, stable=True)
-        starts = torch.zeros(num_rows + 1, dtype=torch.int64, device=grads.device)
-        torch.cumsum(torch.bincount(flat_inverse, minlength=num_rows), 0, out=starts[1:])
         if num_rows:
-            grid = (triton.cdiv(num_rows, ROWS_PER_SEGMENT_PROGRAM),)
-            _segment_sum_kernel[grid](grads, order, starts, row_grads, num_rows, dim,
-                                      BLOCK_U=ROWS_PER_SEGMENT_PROGRAM, BLOCK_D=block_d)
+            _segment_sum_kernel[(triton.cdiv(num_rows, ROWS_PER_SEGMENT_PROGRAM),)](
+                grads, segments.order, segments.offsets, row_grads, num_rows, dim,
+                BLOCK_U=ROWS_PER_SEGMENT_PROGRAM, CHUNK=SEGMENT_CHUNK, BLOCK_D=block_d, num_warps=4)
         return row_grads
     row_grads = torch.zeros(num_rows, dim, dtype=torch.float32, device=grads.device)
-    if n_entries:
-        _scatter_add_kernel[(triton.cdiv(n_entries, ENTRIES_PER_PROGRAM),)](
-            grads, flat_inverse, row_grads, n_entries, dim, BLOCK_R=ENTRIES_PER_PROGRAM, BLOCK_D=block_d, num_warps=4)
+    if flat_inverse.numel():
+        _scatter_add_kernel[(triton.cdiv(flat_inverse.numel(), ENTRIES_PER_PROGRAM),)](
+            grads, flat_inverse, row_grads, flat_inverse.numel(), dim,
+            BLOCK_R=ENTRIES_PER_PROGRAM, BLOCK_D=block_d, num_warps=4)
     return row_grads
 
 
@@ -98,12 +114,13 @@ class GatherRows(torch.autograd.Function):
     """Differentiable Triton row gather; the rows' gradient is computed in float32."""
 
     @staticmethod
-    def forward(ctx, unique_rows, inverse, out_dtype):
-        ctx.save_for_backward(inverse)
+    def forward(ctx, unique_rows, inverse, out_dtype, segments=None):
+        ctx.save_for_backward(inverse, *(segments or ()))
         ctx.num_rows = unique_rows.shape[0]
         return gather_rows_triton(unique_rows, inverse, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_embeddings):
-        (inverse,) = ctx.saved_tensors
-        return scatter_row_grads_triton(grad_embeddings, inverse, ctx.num_rows), None, None
+        inverse, *segments = ctx.saved_tensors
+        segments = RowSegments(*segments) if segments else None
+        return scatter_row_grads_triton(grad_embeddings, inverse, ctx.num_rows, segments), None, None, None

@@ -85,17 +85,34 @@ def check_gather(num_rows, dim, tokens, heads, dtype, device) -> None:
     assert torch.equal(out, kernels.gather_rows_reference(rows, inverse, torch.float32))
     grad = torch.randn(tokens, heads * dim, dtype=dtype, device=device)
     expected = kernels.scatter_row_grads_reference(grad.double(), inverse, num_rows)
-    for deterministic in (False, True):
+    segments = kernels.row_segments(inverse, num_rows)
+    # Segment sums (given segments, or built under deterministic mode) are bitwise reproducible.
+    for deterministic, given in ((False, None), (True, None), (False, segments)):
         torch.use_deterministic_algorithms(deterministic)
         try:
-            row_grads = kernels.scatter_row_grads_triton(grad, inverse, num_rows)
-            again = kernels.scatter_row_grads_triton(grad, inverse, num_rows)
+            row_grads = kernels.scatter_row_grads_triton(grad, inverse, num_rows, given)
+            again = kernels.scatter_row_grads_triton(grad, inverse, num_rows, given)
         finally:
             torch.use_deterministic_algorithms(False)
         assert row_grads.dtype == torch.float32
         assert relative_error(row_grads, expected) < 1e-6
-        if deterministic:
+        if deterministic or given is not None:
             assert torch.equal(row_grads, again)
+    # Through autograd, with the segments built ahead as the row tables do.
+    leaf = rows.detach().float().requires_grad_()
+    kernels.GatherRows.apply(leaf, inverse, torch.float32, segments).backward(grad.float())
+    assert relative_error(leaf.grad, expected) < 1e-6
+
+
+def check_row_segments(num_rows, tokens, heads, device) -> None:
+    """Every row's segment lists exactly its entries, in index order."""
+    inverse = torch.randint(0, num_rows, (tokens, heads), device=device)
+    order, offsets = kernels.row_segments(inverse, num_rows)
+    flat = inverse.reshape(-1).cpu()
+    order, offsets = order.cpu(), offsets.cpu()
+    for row in range(num_rows):
+        expected = (flat == row).nonzero().flatten()
+        assert torch.equal(order[offsets[row]:offsets[row + 1]], expected), row
 
 
 def check_gate(tokens, hc, dim, dtype, device) -> None:
@@ -139,6 +156,10 @@ def test_reference_path_on_cpu_tensors(monkeypatch):
     assert torch.equal(kernels.gather_rows(rows, inverse, torch.float32), rows[inverse].reshape(3, 8))
 
 
+def test_row_segments_group_entries_by_row_in_index_order():
+    check_row_segments(num_rows=9, tokens=11, heads=3, device="cpu")
+
+
 def test_forced_backends(monkeypatch):
     rows = torch.zeros(2, 2)
     monkeypatch.setenv("ENGRAM_KERNELS", "triton")
@@ -154,6 +175,8 @@ def test_forced_backends(monkeypatch):
 @pytest.mark.parametrize("call, field", [
     (lambda: kernels.gather_rows(torch.zeros(4), torch.zeros(2, 2, dtype=torch.long), torch.float32), "unique_rows"),
     (lambda: kernels.gather_rows(torch.zeros(4, 2), torch.zeros(2, 2), torch.float32), "inverse"),
+    (lambda: kernels.gather_rows(torch.zeros(4, 2), torch.zeros(2, 2, dtype=torch.long), torch.float32,
+                                 kernels.row_segments(torch.zeros(3, dtype=torch.long), 4)), "segments"),
     (lambda: kernels.engram_gate(*gate_inputs(3, 2, 4, torch.float32, "cpu")[:2], torch.zeros(3, 5),
                                  torch.ones(2, 4), torch.ones(2, 4)), "value"),
     (lambda: kernels.engram_gate(*gate_inputs(3, 2, 4, torch.float32, "cpu")[:3], torch.ones(4), torch.ones(2, 4)),

@@ -6,7 +6,7 @@ import torch
 
 import kernels
 from test_kernels_common import (  # noqa: F401  (seeded is an autouse fixture)
-    check_conv, check_gate, check_gather, check_model_matches_reference, seeded,
+    check_conv, check_gate, check_gather, check_model_matches_reference, check_row_segments, seeded,
 )
 
 pytestmark = [
@@ -22,6 +22,10 @@ SHAPES = [(16384, 4, 2560, 16, 80), (16384, 4, 1024, 16, 64), (333, 3, 200, 6, 2
 @pytest.mark.parametrize("tokens, hc, dim, heads, head_dim", SHAPES)
 def test_gather_rows(dtype, tokens, hc, dim, heads, head_dim):
     check_gather(num_rows=tokens * heads // 2, dim=head_dim, tokens=tokens, heads=heads, dtype=dtype, device="cuda")
+
+
+def test_row_segments_on_the_gpu():
+    check_row_segments(num_rows=500, tokens=333, heads=6, device="cuda")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
