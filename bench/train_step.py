@@ -1,7 +1,8 @@
 """Training step time with Engram rows on the memory service vs in-process tables.
 
 Variants, side by side in one process on the same model, data and seed: in-process tables (the
-limit); remote rows without prefetch; remote rows prefetched with staleness 0 and with staleness 1.
+limit); remote rows without prefetch; remote rows prefetched with staleness 0 and with staleness 1,
+and the last with bfloat16 gradients on the wire.
 Run: ``python -m bench.train_step [--preset cpu|gpu]``; prints a table, writes
 bench/results/train_step[_gpu].json and a PNG.
 """
@@ -30,6 +31,8 @@ VARIANTS = (  # (name, memory settings)
     ("remote, no prefetch", dict(tables="remote", prefetch=False, staleness=0)),
     ("remote, prefetch, staleness 0", dict(tables="remote", prefetch=True, staleness=0)),
     ("remote, prefetch, staleness 1", dict(tables="remote", prefetch=True, staleness=1)),
+    ("remote, prefetch, staleness 1, bf16 grads",
+     dict(tables="remote", prefetch=True, staleness=1, grad_wire_dtype="bfloat16")),
 )
 PRESETS = {
     # A CPU-sized model: a few hundred ms a step on 2 cores.
@@ -88,13 +91,14 @@ def main() -> None:
         try:
             times = step_times(trainer, device)[warmup:]
             wait_share = trainer.last_metrics["lookup_wait_share"]
+            push_wait_share = trainer.last_metrics["push_wait_share"]
         finally:
             trainer.close()
             if handle is not None:
                 stop_controller(handle.controller, handle.namespace)
         records.append({"variant": name, "device": device.type, "steps_timed": len(times),
                         "step_ms_median": 1e3 * statistics.median(times), "step_ms_mean": 1e3 * statistics.fmean(times),
-                        "lookup_wait_share": wait_share, "tokens_per_step": config.data.batch_size * config.data.seq_len})
+                        "lookup_wait_share": wait_share, "push_wait_share": push_wait_share, "tokens_per_step": config.data.batch_size * config.data.seq_len})
     baseline = records[0]["step_ms_median"]
     for record in records:
         record["vs_in_process"] = record["step_ms_median"] / baseline
@@ -102,16 +106,16 @@ def main() -> None:
 
 
 def report(records: list[dict], stem: str, device: torch.device) -> None:
-    header = f"{'variant':<32}{'median ms':>11}{'mean ms':>10}{'vs local':>10}{'lookup wait':>13}"
+    header = f"{'variant':<44}{'median ms':>11}{'mean ms':>10}{'vs local':>10}{'lookup wait':>13}{'push wait':>11}"
     print(header)
     for r in records:
-        print(f"{r['variant']:<32}{r['step_ms_median']:>11.1f}{r['step_ms_mean']:>10.1f}{r['vs_in_process']:>9.3f}x"
-              f"{100 * r['lookup_wait_share']:>12.1f}%")
+        print(f"{r['variant']:<44}{r['step_ms_median']:>11.1f}{r['step_ms_mean']:>10.1f}{r['vs_in_process']:>9.3f}x"
+              f"{100 * r['lookup_wait_share']:>12.1f}%{100 * r['push_wait_share']:>10.1f}%")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     meta = {"command": f"python -m bench.train_step --preset {'gpu' if device.type == 'cuda' else 'cpu'}",
             "device": device_name, "cpu_count": os.cpu_count(), "torch": torch.__version__}
     write_json(stem, {**meta, "results": records})
-    with figure(stem, figsize=(7, 3.2)) as (fig, ax):
+    with figure(stem, figsize=(8, 3.6)) as (fig, ax):
         ax.barh([r["variant"] for r in records][::-1], [r["step_ms_median"] for r in records][::-1], color="#4c72b0")
         ax.set_xlabel(f"median step time, ms ({device_name})")
         ax.set_title("Engram training step: remote rows vs in-process tables")

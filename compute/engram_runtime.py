@@ -47,7 +47,8 @@ def build_runtime(config: TrainConfig, device: torch.device, memory: MemoryHandl
         if memory is None:
             raise ValueError("memory: remote tables need a memory service (deploy one or use memory.tables: local)")
         client = memory.client()
-        tables = {layer: RemoteRowTable(client, table_name(layer), device, config.memory.wire_torch_dtype)
+        tables = {layer: RemoteRowTable(client, table_name(layer), device, config.memory.wire_torch_dtype,
+                                         grad_wire_dtype=config.memory.grad_wire_torch_dtype)
                   for layer in config.engram.layer_ids}
     else:
         tables = {layer: service_initialised_table(spec) for layer, spec in zip(config.engram.layer_ids, specs)}

@@ -205,9 +205,14 @@ class MemoryClient:
 
     def push(self, table: str, row_ids, grads, step: int, rank: int = 0, world_size: int = 1,
              synchronous: bool = True) -> concurrent.futures.Future:
-        """Send the gradients of unique ``row_ids`` for (step, rank); a future of the combined PushResult."""
+        """Send the gradients of unique ``row_ids`` for (step, rank); a future of the combined PushResult.
+
+        ``grads`` travel in their own dtype when it is a wire dtype (float32, bfloat16, float16), else
+        as float32; the shard accumulates and applies them in float32.
+        """
         ids = _as_int64(row_ids, "row_ids")
-        grads = torch.as_tensor(grads).detach().to("cpu", torch.float32).contiguous()
+        grads = torch.as_tensor(grads).detach()
+        grads = (grads if grads.dtype in WIRE_DTYPES else grads.float()).to("cpu").contiguous()
         if grads.ndim != 2 or grads.shape[0] != len(ids):
             raise ValueError(f"grads: expected shape [{len(ids)}, dim], got {tuple(grads.shape)}")
         return self._run(self._push(table, ids, grads, step, rank, world_size, synchronous))
@@ -404,7 +409,7 @@ class MemoryClient:
         async def send(shard: int, positions: np.ndarray) -> None:
             request = pb.UpdateRequest(
                 table=table, row_ids=ids[positions].tobytes(), grads=_tensor_bytes(grads[torch.from_numpy(positions)]),
-                grad_dtype=pb.FLOAT32, step=step, rank=rank, world_size=world_size, synchronous=synchronous)
+                grad_dtype=WIRE_DTYPES[grads.dtype], step=step, rank=rank, world_size=world_size, synchronous=synchronous)
             reply = await self._call_shard(shard, "Update", request)
             totals["applied"] += reply.applied_rows
             totals["duplicate"] |= reply.duplicate

@@ -43,14 +43,16 @@ class MemoryConfig:
     num_slots: int = 256
     init_std: float = 0.02
     wire_dtype: str = "bfloat16"  # rows on the wire; float32 makes remote runs match local ones exactly
+    grad_wire_dtype: str = "float32"  # row gradients on the wire; bfloat16 halves the push's bytes
     prefetch: bool = True  # issue the next step's lookup before this step's compute
     staleness: int = 0  # 0: lookups see every earlier step's update; 1: may miss the last one (overlapped)
 
     def __post_init__(self):
         if self.tables not in TABLE_KINDS:
             raise ValueError(f"memory.tables must be one of {TABLE_KINDS}, got {self.tables!r}")
-        if self.wire_dtype not in WIRE_DTYPES:
-            raise ValueError(f"memory.wire_dtype must be one of {list(WIRE_DTYPES)}, got {self.wire_dtype!r}")
+        for field in ("wire_dtype", "grad_wire_dtype"):
+            if getattr(self, field) not in WIRE_DTYPES:
+                raise ValueError(f"memory.{field} must be one of {list(WIRE_DTYPES)}, got {getattr(self, field)!r}")
         if self.staleness not in (0, 1):
             raise ValueError(f"memory.staleness must be 0 or 1, got {self.staleness!r}")
         if self.shards < 1:
@@ -59,6 +61,10 @@ class MemoryConfig:
     @property
     def wire_torch_dtype(self) -> torch.dtype:
         return WIRE_DTYPES[self.wire_dtype]
+
+    @property
+    def grad_wire_torch_dtype(self) -> torch.dtype:
+        return WIRE_DTYPES[self.grad_wire_dtype]
 
 
 @dataclasses.dataclass(frozen=True)

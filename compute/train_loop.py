@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from compute.checkpoints import TrainerState, load_trainer_state, save_checkpoint
 from compute.data import HashedBatch, hashed_batches
 from compute.engram_runtime import build_runtime
+from compute.futures import follow
 from compute.local_table_training import LocalTableOptimizer
 from compute.remote_row_table import RemoteRowTable
 from compute.row_table import EngramRows
@@ -53,14 +54,6 @@ class _WaitClock(concurrent.futures.Future):
     def __init__(self, clock: dict):
         super().__init__()
         self._clock = clock
-
-    def follow(self, inner: concurrent.futures.Future) -> None:
-        """Settle this future as ``inner`` settles."""
-        def settle(done: concurrent.futures.Future) -> None:
-            error = done.exception()
-            self.set_exception(error) if error is not None else self.set_result(done.result())
-
-        inner.add_done_callback(settle)
 
     def result(self, timeout=None):
         start = time.perf_counter()
@@ -101,7 +94,7 @@ class EngramTrainer:
         self.data_position = None
         self.last_metrics: dict = {}
         self.last_checkpoint: Path | None = None
-        self.totals = {"tokens": 0, "wait_s": 0.0, "rows": 0, "bytes": 0, "compute_s": 0.0}
+        self.totals = {"tokens": 0, "wait_s": 0.0, "push_wait_s": 0.0, "rows": 0, "bytes": 0, "compute_s": 0.0}
 
     # ---- state ----------------------------------------------------------------------------------
 
@@ -160,9 +153,9 @@ class EngramTrainer:
                 if failed is not None:
                     rows[layer].set_exception(failed)
                 elif isinstance(table, RemoteRowTable):
-                    rows[layer].follow(table.fetch(layer_rows.unique, layer_rows.inverse))
+                    follow(rows[layer], table.fetch(layer_rows.unique, layer_rows.inverse))
                 else:
-                    rows[layer].follow(table.lookup_async(layer_rows.row_ids.to(self.ctx.device)))
+                    follow(rows[layer], table.lookup_async(layer_rows.row_ids.to(self.ctx.device)))
 
         if not after:
             start()
@@ -240,9 +233,11 @@ class EngramTrainer:
 
     def _settle(self, pending_pushes: list, barrier: bool) -> None:
         """Wait for this rank's pushes; with ``barrier`` for every rank's too, so the step is applied everywhere."""
+        start = time.perf_counter()
         for future in pending_pushes:
             future.result()
         pending_pushes.clear()
+        self.totals["push_wait_s"] += time.perf_counter() - start
         if barrier:
             self._barrier()
 
@@ -272,6 +267,7 @@ class EngramTrainer:
         return {"step": self.step, "loss": loss, "lr": learning_rate(self.config, self.step - 1),
                 "tokens_per_s": totals["tokens"] / max(totals["compute_s"], 1e-9),
                 "lookup_wait_share": totals["wait_s"] / max(totals["compute_s"], 1e-9),
+                "push_wait_share": totals["push_wait_s"] / max(totals["compute_s"], 1e-9),
                 "rows_looked_up": totals["rows"], "bytes_moved": totals["bytes"]}
 
     # ---- evaluation -------------------------------------------------------------------------

@@ -15,11 +15,12 @@ SGD = spec("sgd", kind="sgd", lr=0.5)
 SYNC_TWO = spec("sync_two", kind="adam", seed=3)
 SYNC_ONE = spec("sync_one", kind="adam", seed=3)
 SERVING = spec("serving", storage_dtype="bfloat16", dim=8)
+SGD_BF16_GRADS = spec("sgd_bf16_grads", kind="sgd", lr=0.5)
 
 
 @pytest.fixture(scope="module")
 def memory(ray_cluster):
-    with deployment([ADAM, SGD, SYNC_TWO, SYNC_ONE, SERVING], shards=2) as (controller, client):
+    with deployment([ADAM, SGD, SYNC_TWO, SYNC_ONE, SERVING, SGD_BF16_GRADS], shards=2) as (controller, client):
         yield controller, client
 
 
@@ -61,6 +62,15 @@ def test_sgd_updates_equal_torch_sgd_and_untouched_rows_stay(memory):
     torch.testing.assert_close(client.lookup("sgd", ids, dtype=torch.float32).result(), param.detach())
     untouched = np.arange(1, 200, 3)
     assert torch.equal(client.lookup("sgd", untouched, dtype=torch.float32).result(), reference_rows(SGD, untouched))
+
+
+def test_bfloat16_gradients_apply_as_their_float32_values(memory):
+    _, client = memory
+    ids = np.arange(10, 300, 7, dtype=np.int64)
+    grads = torch.randn(len(ids), SGD_BF16_GRADS.dim, generator=torch.Generator().manual_seed(5)).bfloat16()
+    client.push("sgd_bf16_grads", ids, grads, step=0).result()
+    expected = reference_rows(SGD_BF16_GRADS, ids) - SGD_BF16_GRADS.optimizer.lr * grads.float()
+    torch.testing.assert_close(client.lookup("sgd_bf16_grads", ids, dtype=torch.float32).result(), expected)
 
 
 def test_two_ranks_pushing_halves_equal_one_rank_pushing_the_whole(memory):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
+import pytest
 import torch
 
 from compute.checkpoints import load_trainer_state, memory_checkpoint
@@ -38,8 +39,8 @@ def memory_service(handle):
         stop_controller(handle.controller, handle.namespace)
 
 
-def train(config: TrainConfig, memory=None, resume=None) -> tuple[list[float], EngramTrainer]:
-    trainer = EngramTrainer(config, WorkerContext(memory=memory))
+def train(config: TrainConfig, memory=None, resume=None, device="cpu") -> tuple[list[float], EngramTrainer]:
+    trainer = EngramTrainer(config, WorkerContext(memory=memory, device=torch.device(device)))
     try:
         if resume is not None:
             trainer.load(resume)
@@ -58,16 +59,28 @@ def all_rows(handle, config: TrainConfig) -> dict[int, torch.Tensor]:
         client.close()
 
 
-def test_remote_rows_train_step_for_step_like_in_process_tables(ray_cluster, tmp_path):
+def check_remote_rows_train_like_in_process_tables(tmp_path, device: str, rtol: float) -> None:
     config = tiny_run(tmp_path)
     with memory_service(deploy_or_join(engram_table_specs(config), 2, None, NAMESPACE)[0]) as handle:
-        remote_losses, _ = train(config, handle)
+        remote_losses, _ = train(config, handle, device=device)
         remote_rows = all_rows(handle, config)
-    local_losses, local = train(config.replace(memory__tables="local", output_dir=str(tmp_path / "local")))
-    np.testing.assert_allclose(remote_losses, local_losses, rtol=1e-6)
+    local_losses, local = train(config.replace(memory__tables="local", output_dir=str(tmp_path / "local")),
+                                device=device)
+    np.testing.assert_allclose(remote_losses, local_losses, rtol=rtol)
     assert remote_losses[-1] < remote_losses[0]
     for layer, rows in remote_rows.items():
-        torch.testing.assert_close(rows, local.tables[layer].weight.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rows, local.tables[layer].weight.detach().cpu(), rtol=1e-5, atol=1e-6)
+
+
+def test_remote_rows_train_step_for_step_like_in_process_tables(ray_cluster, tmp_path):
+    check_remote_rows_train_like_in_process_tables(tmp_path, "cpu", rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_remote_rows_train_like_in_process_tables(ray_cluster, tmp_path):
+    """Rows up on the copy stream, gradients down on the push stream, the Triton kernels in between."""
+    check_remote_rows_train_like_in_process_tables(tmp_path, "cuda", rtol=1e-5)
 
 
 def test_a_resumed_run_continues_exactly_where_its_checkpoint_left_off(ray_cluster, tmp_path):

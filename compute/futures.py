@@ -1,0 +1,13 @@
+"""Small helpers for chaining ``concurrent.futures`` futures across threads."""
+from __future__ import annotations
+
+import concurrent.futures
+
+
+def follow(outer: concurrent.futures.Future, inner: concurrent.futures.Future) -> None:
+    """Settle ``outer`` with ``inner``'s result or exception once ``inner`` settles."""
+    def settle(done: concurrent.futures.Future) -> None:
+        error = done.exception()
+        outer.set_exception(error) if error is not None else outer.set_result(done.result())
+
+    inner.add_done_callback(settle)
