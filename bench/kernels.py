@@ -68,10 +68,16 @@ def kernel_cases(tokens, hc, dim, heads, head_dim):
     rows, inverse = make(num_rows, head_dim), torch.randint(0, num_rows, (tokens, heads), device="cuda")
     embeddings = torch.empty(tokens, heads * head_dim, dtype=DTYPE)
     f32_rows = torch.empty(num_rows, head_dim, dtype=torch.float32)
-    for deterministic in (False, True):
-        yield ("gather_rows" + ("[det]" if deterministic else ""), kernels.GatherRows.apply,
-               kernels.gather_rows_reference, [rows], (inverse, DTYPE), _sizes(rows, inverse, embeddings),
-               _sizes(embeddings, inverse, f32_rows), deterministic)
+    segments = kernels.row_segments(inverse, num_rows)
+    gather_bytes = _sizes(rows, inverse, embeddings), _sizes(embeddings, inverse, f32_rows)
+    # As the row tables run it: segments built ahead on a side stream; then without them (float32
+    # atomics), and without them under deterministic mode (the backward sorts).
+    yield ("gather_rows", kernels.GatherRows.apply, kernels.gather_rows_reference, [rows],
+           (inverse, DTYPE, segments), *gather_bytes, False)
+    yield ("gather_rows[atomic]", kernels.GatherRows.apply, kernels.gather_rows_reference, [rows],
+           (inverse, DTYPE), *gather_bytes, False)
+    yield ("gather_rows[det]", kernels.GatherRows.apply, kernels.gather_rows_reference, [rows],
+           (inverse, DTYPE), *gather_bytes, True)
 
     key, hidden, value = make(tokens, hc, dim), make(tokens, hc, dim), make(tokens, dim)
     key_w, hidden_w = make(hc, dim, dtype=torch.float32), make(hc, dim, dtype=torch.float32)
@@ -116,10 +122,19 @@ def tuned_configs() -> dict[str, str]:
     return found
 
 
+def row_segments_ms(tokens: int, heads: int) -> float:
+    """What building the backward's row segments ahead costs (on the row tables' copy stream)."""
+    num_rows = tokens * heads // 4
+    inverse = torch.randint(0, num_rows, (tokens, heads), device="cuda")
+    return median_ms(lambda: kernels.row_segments(inverse, num_rows))
+
+
 def run() -> dict:
     torch.manual_seed(0)
     bandwidth = copy_bandwidth_gbps()
     log.info("device-to-device copy: %.0f GB/s", bandwidth)
+    segments_ms = {config: row_segments_ms(shape[0], shape[3]) for config, shape in CONFIGS.items()}
+    log.info("row_segments (built ahead, off the step): %s ms", segments_ms)
     rows: list[Row] = []
     for config, shape in CONFIGS.items():
         for name, fast, reference, inputs, args, fwd_bytes, bwd_bytes, deterministic in kernel_cases(*shape):
@@ -136,6 +151,7 @@ def run() -> dict:
         "triton": __import__("triton").__version__,
         "dtype": str(DTYPE),
         "copy_bandwidth_gbps": bandwidth,
+        "row_segments_ms": segments_ms,
         "configs": {name: dict(zip(("tokens", "hc", "dim", "heads", "head_dim"), s)) for name, s in CONFIGS.items()},
         "tuned_configs": tuned_configs(),
         "rows": [asdict(r) | {"triton_gbps": r.triton_gbps, "fraction_of_copy": r.triton_gbps / bandwidth}
@@ -150,11 +166,13 @@ def run() -> dict:
 
 def print_table(report: dict) -> None:
     print(f"{report['device']}, {report['dtype']}, copy bandwidth {report['copy_bandwidth_gbps']:.0f} GB/s")
-    header = (f"{'config':6} {'kernel':17} {'pass':8} {'triton ms':>9} {'eager ms':>9} {'compile ms':>10} "
+    print("row_segments, built ahead on a side stream: "
+          + ", ".join(f"{config} {ms:.3f} ms" for config, ms in report["row_segments_ms"].items()))
+    header = (f"{'config':6} {'kernel':19} {'pass':8} {'triton ms':>9} {'eager ms':>9} {'compile ms':>10} "
               f"{'x eager':>7} {'x compile':>9} {'GB/s':>6} {'% copy':>6}")
     print(header)
     for r in report["rows"]:
-        print(f"{r['config']:6} {r['kernel']:17} {r['direction']:8} {r['triton_ms']:9.3f} {r['eager_ms']:9.3f} "
+        print(f"{r['config']:6} {r['kernel']:19} {r['direction']:8} {r['triton_ms']:9.3f} {r['eager_ms']:9.3f} "
               f"{r['compiled_ms']:10.3f} {r['eager_ms'] / r['triton_ms']:7.2f} "
               f"{r['compiled_ms'] / r['triton_ms']:9.2f} {r['triton_gbps']:6.0f} {100 * r['fraction_of_copy']:6.1f}")
 
