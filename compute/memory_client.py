@@ -3,8 +3,9 @@
 Talks to the memory service only through the ``engram.memory.v1`` protos: the directory gives the
 routing (slot -> shard, with an epoch), the shards serve rows. Calls run on a private event loop
 thread and return ``concurrent.futures.Future``s, so a training step can overlap them with compute.
-Shards on the client's own machine are reached through their Unix socket, and write looked-up rows
-straight into the client's shared memory instead of sending them through the socket.
+Shards on the client's own machine are reached through their Unix socket, write looked-up rows
+straight into the client's shared memory and read pushed gradients from it, instead of sending them
+through the socket.
 """
 from __future__ import annotations
 
@@ -93,7 +94,8 @@ class _TableRoute:
 
 
 class _SharedRowSegment:
-    """A POSIX shared-memory segment (``/dev/shm/<name>``) that co-located shards write rows into."""
+    """A POSIX shared-memory segment (``/dev/shm/<name>``) that co-located shards write rows into or
+    read gradients from."""
 
     PREFIX = "engram-rows-"  # shards open only segments named so
 
@@ -120,7 +122,7 @@ class _SharedRowSegment:
 
 
 class _SharedRowPool:
-    """Segments reused across lookups, one per lookup in flight; used on the event loop thread only."""
+    """Segments reused across calls, one per lookup or push in flight; used on the event loop thread only."""
 
     def __init__(self):
         self._free: list[_SharedRowSegment] = []
@@ -405,11 +407,19 @@ class MemoryClient:
         if len(np.unique(ids)) != len(ids):
             raise ValueError("row_ids: a push must name each row once (sum duplicate rows' gradients first)")
         totals = {"applied": 0, "duplicate": False, "pending": False}
+        # Co-located shards read the gradients from shared memory: one copy in, none through the socket.
+        segment = self._shared_rows.acquire(grads.numel() * grads.element_size()) if self._local_shards else None
+        if segment:
+            segment.rows(*grads.shape, grads.dtype).copy_(grads)
 
         async def send(shard: int, positions: np.ndarray) -> None:
-            request = pb.UpdateRequest(
-                table=table, row_ids=ids[positions].tobytes(), grads=_tensor_bytes(grads[torch.from_numpy(positions)]),
-                grad_dtype=WIRE_DTYPES[grads.dtype], step=step, rank=rank, world_size=world_size, synchronous=synchronous)
+            request = pb.UpdateRequest(table=table, row_ids=ids[positions].tobytes(), grad_dtype=WIRE_DTYPES[grads.dtype],
+                                       step=step, rank=rank, world_size=world_size, synchronous=synchronous)
+            if segment and shard in self._local_shards:
+                request.shared_grads.name = segment.name
+                request.shared_grads.positions = positions.astype("<i8", copy=False).tobytes()
+            else:
+                request.grads = _tensor_bytes(grads[torch.from_numpy(positions)])
             reply = await self._call_shard(shard, "Update", request)
             totals["applied"] += reply.applied_rows
             totals["duplicate"] |= reply.duplicate
@@ -423,7 +433,14 @@ class MemoryClient:
                     groups.setdefault(shard, np.empty(0, dtype=np.int64))
             return await self._gather_parts([(positions, send(shard, positions)) for shard, positions in groups.items()])
 
-        await self._with_retries(attempt, np.arange(len(ids)))
+        try:
+            await self._with_retries(attempt, np.arange(len(ids)))
+        except BaseException:
+            if segment:  # a shard may still be reading it: never reuse it
+                segment.close()
+            raise
+        if segment:
+            self._shared_rows.release(segment)
         return PushResult(totals["applied"], totals["duplicate"], totals["pending"])
 
 

@@ -17,7 +17,7 @@ import torch
 
 from memory_service import checkpoint
 from memory_service.metrics import ShardMetrics
-from memory_service.row_store import RowStoreError, ShardStore, SlotNotOwned
+from memory_service.row_store import TRANSPORT_DTYPES, RowStoreError, ShardStore, SlotNotOwned
 from memory_service.server import DEFAULT_MAX_MESSAGE_BYTES
 from memory_service.shared_rows import SegmentError, SharedRowSegments
 from memory_service.slots import slot_of
@@ -168,11 +168,21 @@ class ShardServicer:
 
     def _grads(self, request: pb.UpdateRequest, spec: TableSpec, num_rows: int) -> torch.Tensor:
         dtype = self._dtype(request.grad_dtype, "grad_dtype")
-        expected = num_rows * spec.dim * torch.finfo(getattr(torch, dtype)).bits // 8
-        if len(request.grads) != expected:
+        row_bytes = spec.dim * torch.finfo(getattr(torch, dtype)).bits // 8
+        if request.HasField("shared_grads"):
+            if request.grads:
+                raise RequestRejected("INVALID_ARGUMENT", "grads", "grads: must be empty when shared_grads is set")
+            shared = request.shared_grads
+            try:
+                data = self._shared_rows.read(shared.name, shared.offset, num_rows, row_bytes, shared.positions)
+            except SegmentError as error:
+                raise RequestRejected("INVALID_ARGUMENT", error.field, str(error)) from None
+            return data.view(TRANSPORT_DTYPES[dtype]).view(num_rows, spec.dim).float()
+        if len(request.grads) != num_rows * row_bytes:
             raise RequestRejected(
                 "INVALID_ARGUMENT", "grads",
-                f"grads: expected {expected} bytes ({num_rows} rows x dim {spec.dim} x {dtype}), got {len(request.grads)}")
+                f"grads: expected {num_rows * row_bytes} bytes ({num_rows} rows x dim {spec.dim} x {dtype}), "
+                f"got {len(request.grads)}")
         return tensor_from_bytes(request.grads, dtype, (num_rows, spec.dim)).float()
 
     def _aggregator(self, table: str, synchronous: bool) -> StepAggregator:

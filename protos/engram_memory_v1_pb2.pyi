@@ -67,7 +67,7 @@ class LookupResponse(_message.Message):
     def __init__(self, rows: _Optional[bytes] = ..., num_rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("table", "row_ids", "grads", "grad_dtype", "step", "rank", "world_size", "synchronous")
+    __slots__ = ("table", "row_ids", "grads", "grad_dtype", "step", "rank", "world_size", "synchronous", "shared_grads")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     ROW_IDS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class UpdateRequest(_message.Message):
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     SYNCHRONOUS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_GRADS_FIELD_NUMBER: _ClassVar[int]
     table: str
     row_ids: bytes
     grads: bytes
@@ -84,7 +85,8 @@ class UpdateRequest(_message.Message):
     rank: int
     world_size: int
     synchronous: bool
-    def __init__(self, table: _Optional[str] = ..., row_ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., grad_dtype: _Optional[_Union[DType, str]] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., synchronous: _Optional[bool] = ...) -> None: ...
+    shared_grads: SharedRows
+    def __init__(self, table: _Optional[str] = ..., row_ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., grad_dtype: _Optional[_Union[DType, str]] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., synchronous: _Optional[bool] = ..., shared_grads: _Optional[_Union[SharedRows, _Mapping]] = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
     __slots__ = ("applied_rows", "duplicate", "pending", "epoch")

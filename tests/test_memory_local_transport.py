@@ -16,6 +16,7 @@ from protos import engram_memory_v1_pb2 as pb
 from tests.memory_deploy import TOKEN, deployment, reference_rows, shard_stub, spec
 
 TABLE = spec("local", dim=16)
+SGD_TABLE = spec("local_sgd", kind="sgd", lr=0.5)
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 
 
@@ -52,6 +53,20 @@ def test_segments_write_rows_in_order_or_at_positions_and_forget_deleted_segment
     assert caught.value.field == "shared_rows.name"
 
 
+def test_segments_read_back_rows_as_written_and_name_the_gradient_field(segment_file):
+    segments = SharedRowSegments()
+    rows = torch.arange(12, dtype=torch.int16).view(3, 4)
+    positions = np.array([2, 0, 1], dtype="<i8").tobytes()
+    for offset in (16, 3):  # aligned words and the unaligned bytes path
+        segments.write(segment_file, offset, rows, positions)
+        assert torch.equal(segments.read(segment_file, offset, 3, 8, positions).view(torch.int16), rows)
+    segments.write(segment_file, 8, rows)
+    assert torch.equal(segments.read(segment_file, 8, 3, 8).view(torch.int16), rows)
+    with pytest.raises(SegmentError) as caught:
+        segments.read(segment_file, 4090, 3, 8)
+    assert caught.value.field == "shared_grads.offset"
+
+
 def test_client_segment_is_removed_on_close_and_when_dropped_unclosed():
     closed, dropped = _SharedRowSegment(1 << 20), _SharedRowSegment(1 << 20)
     paths = [f"/dev/shm/{segment.name}" for segment in (closed, dropped)]
@@ -82,7 +97,7 @@ def test_segments_refuse_bad_segments_offsets_and_positions_writing_nothing(segm
 
 @pytest.mark.ray
 def test_local_client_gets_rows_through_unix_sockets_and_shared_memory(ray_cluster):
-    with deployment([TABLE], shards=2) as (_, local):
+    with deployment([TABLE, SGD_TABLE], shards=2) as (_, local):
         assert local._local_shards == {0, 1}
         assert all(address.startswith("unix:") for address in local._shard_addresses.values())
         random_ids = np.random.default_rng(1).integers(0, TABLE.rows, size=5000)
@@ -95,13 +110,21 @@ def test_local_client_gets_rows_through_unix_sockets_and_shared_memory(ray_clust
             assert all(not address.startswith("unix:") for address in remote._shard_addresses.values())
             torch.testing.assert_close(remote.lookup("local", random_ids, dtype=torch.float32).result(),
                                        reference_rows(TABLE, random_ids), rtol=0, atol=0)
+        # Pushes: co-located shards read the gradients from shared memory, remote ones from the request.
+        ids = np.unique(random_ids)[:300]
+        grads = torch.randn(len(ids), SGD_TABLE.dim, generator=torch.Generator().manual_seed(2))
+        local.push("local_sgd", ids, grads, step=0).result()
+        with MemoryClient(local._directory_address, TOKEN, use_local_transport=False) as remote:
+            remote.push("local_sgd", ids, grads, step=1).result()
+        expected = reference_rows(SGD_TABLE, ids) - 2 * SGD_TABLE.optimizer.lr * grads
+        torch.testing.assert_close(local.lookup("local_sgd", ids, dtype=torch.float32).result(), expected)
         names = [segment.name for segment in local._shared_rows._free]
         assert names and all(os.path.exists(f"/dev/shm/{name}") for name in names)
     assert not any(os.path.exists(f"/dev/shm/{name}") for name in names)  # closing the client removes them
 
 
 @pytest.mark.ray
-def test_shard_refuses_a_bad_segment_with_the_field_named(ray_cluster, segment_file):
+def test_shard_refuses_a_bad_segment_with_the_field_named_and_changes_nothing(ray_cluster, segment_file):
     with deployment([TABLE], shards=1) as (_, client):
         stub, channel = shard_stub(client)
         with channel:
@@ -117,6 +140,15 @@ def test_shard_refuses_a_bad_segment_with_the_field_named(ray_cluster, segment_f
                                        shared_rows=pb.SharedRows(name=segment_file, offset=64,
                                                                  positions=positions.tobytes()))
             reply = stub.Lookup(request, metadata=AUTH)
-        assert reply.rows == b"" and (reply.num_rows, reply.dim) == (4, TABLE.dim)
+            assert reply.rows == b"" and (reply.num_rows, reply.dim) == (4, TABLE.dim)
+            before = client.lookup("local", np.arange(4), dtype=torch.float32).result()
+            for shared, field in ((pb.SharedRows(name="engram-rows-absent"), "shared_grads.name"),
+                                  (pb.SharedRows(name=segment_file, offset=4000), "shared_grads.offset")):
+                request = pb.UpdateRequest(table="local", row_ids=np.arange(4, dtype="<i8").tobytes(),
+                                           grad_dtype=pb.FLOAT32, shared_grads=shared)
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.Update(request, metadata=AUTH)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in caught.value.details()
+            assert torch.equal(client.lookup("local", np.arange(4), dtype=torch.float32).result(), before)
         written = np.frombuffer(segment_bytes(segment_file), dtype="<f4")[16:16 + 4 * TABLE.dim].reshape(4, TABLE.dim)
         assert torch.equal(torch.from_numpy(written[positions].copy()), reference_rows(TABLE, np.arange(4)))
