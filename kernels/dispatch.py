@@ -39,3 +39,13 @@ def warp_choices(*num_warps: int) -> list:
     if os.environ.get("TRITON_INTERPRET") == "1":
         num_warps = num_warps[:1]
     return [triton.Config({}, num_warps=w) for w in num_warps]
+
+
+def config_choices(*choices: dict) -> list:
+    """Autotuning choices, each its meta-parameters plus ``num_warps``; only the first under the CPU interpreter."""
+    import triton  # here, not at module level: importing ``kernels`` must not import Triton
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        choices = choices[:1]
+    return [triton.Config({k: v for k, v in c.items() if k != "num_warps"}, num_warps=c["num_warps"])
+            for c in choices]
