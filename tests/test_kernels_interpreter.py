@@ -23,7 +23,7 @@ import pytest  # noqa: E402
 
 import kernels  # noqa: E402
 from test_kernels_common import (  # noqa: E402, F401  (seeded is an autouse fixture)
-    check_conv, check_gate, check_gather, check_model_matches_reference, relative_error, seeded,
+    check_conv, check_gate, check_gather, check_model_matches_reference, gate_inputs, relative_error, seeded,
 )
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="on a CUDA machine the GPU tests run these kernels compiled")
@@ -48,8 +48,40 @@ def test_gather_rows(dtype):
 
 @in_this_process
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_engram_gate(dtype):
-    check_gate(tokens=5, hc=3, dim=24, dtype=dtype, device="cpu")
+@pytest.mark.parametrize("tokens, hc, dim", [(5, 3, 24), (1, 3, 300), (11, 4, 300), (7, 1, 200)])
+def test_engram_gate(dtype, tokens, hc, dim):
+    # The interpreter's tiles are 2 or 4 tokens x 256 columns: D=300 takes a full and a masked chunk,
+    # D=24 one masked chunk; 1, 5, 7 and 11 tokens end in a part-filled tile; hc=3 pads branches to 4.
+    check_gate(tokens=tokens, hc=hc, dim=dim, dtype=dtype, device="cpu")
+
+
+@in_this_process
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_engram_gate_backward_runs_of_several_tiles(dtype, monkeypatch):
+    """Two runs of 6 and 5 tokens: each sums its weight gradients over a full and a part-filled tile."""
+    import kernels.engram_gate_triton as gate_triton
+
+    monkeypatch.setattr(gate_triton, "BACKWARD_RUNS", 2)
+    check_gate(tokens=11, hc=3, dim=300, dtype=dtype, device="cpu")
+
+
+@in_this_process
+def test_engram_gate_clamped_rows_pass_gradient_to_value_only():
+    """A row whose |score| is under the 1e-6 clamp (here 0: a zero hidden state) has a constant gate."""
+    key, hidden, value, key_w, hidden_w = gate_inputs(6, 3, 40, torch.float32, "cpu")
+    hidden[1] = 0
+    hidden[4, 2] = 0
+    grad_out = torch.randn(6, 3, 40)
+    grads = {}
+    for name, fn in (("triton", kernels.EngramGate.apply), ("reference", kernels.engram_gate_reference)):
+        leaves = [t.clone().requires_grad_() for t in (key, hidden, value, key_w, hidden_w)]
+        grads[name] = torch.autograd.grad(fn(*leaves), leaves, grad_out)
+    grad_key, grad_hidden = grads["triton"][:2]
+    for grad in (grad_key, grad_hidden):
+        assert not grad[1].any() and not grad[4, 2].any()
+        assert grad[0].abs().min() > 0
+    for got, expected in zip(grads["triton"], grads["reference"]):
+        assert relative_error(got, expected) < 1e-5
 
 
 @in_this_process
