@@ -11,15 +11,18 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dispatch import config_choices
 from kernels.row_gather import RowSegments, row_segments
 
-# Rows are short (64-80 values), so a program takes several. Fixed rather than autotuned: on the
-# H200 autotuning these ~20 us kernels picked configurations up to 4x slower than this one.
-ENTRIES_PER_PROGRAM = 16
+# Rows are short (64-80 values), so a program takes several (token, head) entries. These kernels run
+# for ~20 us, less than it takes the host to launch them, so they are tuned on CUDA-graph replays.
+_ENTRY_TILES = config_choices(dict(BLOCK_R=16, num_warps=4), dict(BLOCK_R=32, num_warps=4),
+                              dict(BLOCK_R=64, num_warps=8), dict(BLOCK_R=8, num_warps=2))
 # Segment sums: rows per program, and how many of each row's entries are loaded at once (a row is
-# used ~4 times in a training batch, so most rows finish in one round of loads).
-ROWS_PER_SEGMENT_PROGRAM = 16
-SEGMENT_CHUNK = 4
+# used ~4 times in a training batch, so most rows finish in one or two rounds of loads).
+_SEGMENT_TILES = config_choices(dict(BLOCK_U=16, CHUNK=4, num_warps=4), dict(BLOCK_U=8, CHUNK=4, num_warps=2),
+                                dict(BLOCK_U=32, CHUNK=4, num_warps=8), dict(BLOCK_U=32, CHUNK=2, num_warps=4),
+                                dict(BLOCK_U=64, CHUNK=2, num_warps=8), dict(BLOCK_U=8, CHUNK=8, num_warps=4))
 
 
 @triton.jit
@@ -33,6 +36,7 @@ def _entry_tile(inverse_ptr, n_entries, dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.
     return entries[:, None].to(tl.int64) * dim + cols[None, :], row[:, None] * dim + cols[None, :], mask
 
 
+@triton.autotune(configs=_ENTRY_TILES, key=["dim"], use_cuda_graph=True)
 @triton.jit
 def _gather_kernel(rows_ptr, inverse_ptr, out_ptr, n_entries, dim,
                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -41,6 +45,7 @@ def _gather_kernel(rows_ptr, inverse_ptr, out_ptr, n_entries, dim,
     tl.store(out_ptr + entry_offsets, rows.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.autotune(configs=_ENTRY_TILES, key=["dim"], use_cuda_graph=True, reset_to_zero=["row_grads_ptr"])
 @triton.jit
 def _scatter_add_kernel(grad_ptr, inverse_ptr, row_grads_ptr, n_entries, dim,
                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -49,6 +54,7 @@ def _scatter_add_kernel(grad_ptr, inverse_ptr, row_grads_ptr, n_entries, dim,
     tl.atomic_add(row_grads_ptr + row_offsets, grads, mask=mask, sem="relaxed")
 
 
+@triton.autotune(configs=_SEGMENT_TILES, key=["dim"], use_cuda_graph=True)
 @triton.jit
 def _segment_sum_kernel(grad_ptr, order_ptr, offsets_ptr, row_grads_ptr, num_rows, dim,
                         BLOCK_U: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -79,9 +85,8 @@ def gather_rows_triton(unique_rows: torch.Tensor, inverse: torch.Tensor, out_dty
     n_entries, dim = flat_inverse.numel(), unique_rows.shape[1]
     out = torch.empty(n_entries, dim, dtype=out_dtype, device=unique_rows.device)
     if n_entries:
-        _gather_kernel[(triton.cdiv(n_entries, ENTRIES_PER_PROGRAM),)](
-            unique_rows, flat_inverse, out, n_entries, dim,
-            BLOCK_R=ENTRIES_PER_PROGRAM, BLOCK_D=triton.next_power_of_2(dim), num_warps=4)
+        grid = lambda meta: (triton.cdiv(n_entries, meta["BLOCK_R"]),)  # noqa: E731
+        _gather_kernel[grid](unique_rows, flat_inverse, out, n_entries, dim, BLOCK_D=triton.next_power_of_2(dim))
     return out.reshape(*inverse.shape[:-1], inverse.shape[-1] * dim)
 
 
@@ -98,15 +103,15 @@ def scatter_row_grads_triton(grad_embeddings: torch.Tensor, inverse: torch.Tenso
     if segments is not None:
         row_grads = torch.empty(num_rows, dim, dtype=torch.float32, device=grads.device)
         if num_rows:
-            _segment_sum_kernel[(triton.cdiv(num_rows, ROWS_PER_SEGMENT_PROGRAM),)](
-                grads, segments.order, segments.offsets, row_grads, num_rows, dim,
-                BLOCK_U=ROWS_PER_SEGMENT_PROGRAM, CHUNK=SEGMENT_CHUNK, BLOCK_D=block_d, num_warps=4)
+            grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_U"]),)  # noqa: E731
+            _segment_sum_kernel[grid](grads, segments.order, segments.offsets, row_grads, num_rows, dim,
+                                      BLOCK_D=block_d)
         return row_grads
     row_grads = torch.zeros(num_rows, dim, dtype=torch.float32, device=grads.device)
-    if flat_inverse.numel():
-        _scatter_add_kernel[(triton.cdiv(flat_inverse.numel(), ENTRIES_PER_PROGRAM),)](
-            grads, flat_inverse, row_grads, flat_inverse.numel(), dim,
-            BLOCK_R=ENTRIES_PER_PROGRAM, BLOCK_D=block_d, num_warps=4)
+    n_entries = flat_inverse.numel()
+    if n_entries:
+        grid = lambda meta: (triton.cdiv(n_entries, meta["BLOCK_R"]),)  # noqa: E731
+        _scatter_add_kernel[grid](grads, flat_inverse, row_grads, n_entries, dim, BLOCK_D=block_d)
     return row_grads
 
 

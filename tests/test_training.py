@@ -59,7 +59,7 @@ def all_rows(handle, config: TrainConfig) -> dict[int, torch.Tensor]:
         client.close()
 
 
-def check_remote_rows_train_like_in_process_tables(tmp_path, device: str, rtol: float) -> None:
+def check_remote_rows_train_like_in_process_tables(tmp_path, device: str, rtol: float, rows_atol: float) -> None:
     config = tiny_run(tmp_path)
     with memory_service(deploy_or_join(engram_table_specs(config), 2, None, NAMESPACE)[0]) as handle:
         remote_losses, _ = train(config, handle, device=device)
@@ -69,18 +69,23 @@ def check_remote_rows_train_like_in_process_tables(tmp_path, device: str, rtol: 
     np.testing.assert_allclose(remote_losses, local_losses, rtol=rtol)
     assert remote_losses[-1] < remote_losses[0]
     for layer, rows in remote_rows.items():
-        torch.testing.assert_close(rows, local.tables[layer].weight.detach().cpu(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rows, local.tables[layer].weight.detach().cpu(), rtol=1e-5, atol=rows_atol)
 
 
 def test_remote_rows_train_step_for_step_like_in_process_tables(ray_cluster, tmp_path):
-    check_remote_rows_train_like_in_process_tables(tmp_path, "cpu", rtol=1e-6)
+    check_remote_rows_train_like_in_process_tables(tmp_path, "cpu", rtol=1e-6, rows_atol=1e-6)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_the_gpu_remote_rows_train_like_in_process_tables(ray_cluster, tmp_path):
-    """Rows up on the copy stream, gradients down on the push stream, the Triton kernels in between."""
-    check_remote_rows_train_like_in_process_tables(tmp_path, "cuda", rtol=1e-5)
+    """Rows up on the copy stream, gradients down on the push stream, the Triton kernels in between.
+
+    The in-process table's backward sums row gradients with float32 atomics, in another order than
+    the remote rows' segment sums; Adam's g / sqrt(v) turns a last-bit difference of a near-zero
+    gradient into up to ~1e-5 of a row value (2 of 7,120 values on the H200), hence ``rows_atol``.
+    """
+    check_remote_rows_train_like_in_process_tables(tmp_path, "cuda", rtol=1e-5, rows_atol=5e-5)
 
 
 def test_a_resumed_run_continues_exactly_where_its_checkpoint_left_off(ray_cluster, tmp_path):
