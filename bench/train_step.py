@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -26,14 +27,14 @@ from compute.train_memory import deploy_or_join, engram_table_specs
 from memory_service.controller import NAMESPACE, stop_controller
 from bench.results_files import figure, write_json
 
-VARIANTS = (  # (name, memory settings)
-    ("in-process tables", dict(tables="local")),
-    ("remote, no prefetch", dict(tables="remote", prefetch=False, staleness=0)),
-    ("remote, prefetch, staleness 0", dict(tables="remote", prefetch=True, staleness=0)),
-    ("remote, prefetch, staleness 1", dict(tables="remote", prefetch=True, staleness=1)),
-    ("remote, prefetch, staleness 1, bf16 grads",
-     dict(tables="remote", prefetch=True, staleness=1, grad_wire_dtype="bfloat16")),
-)
+VARIANTS = {  # name: memory settings
+    "in-process tables": dict(tables="local"),
+    "remote, no prefetch": dict(tables="remote", prefetch=False, staleness=0),
+    "remote, prefetch, staleness 0": dict(tables="remote", prefetch=True, staleness=0),
+    "remote, prefetch, staleness 1": dict(tables="remote", prefetch=True, staleness=1),
+    "remote, prefetch, staleness 1, bf16 grads": dict(tables="remote", prefetch=True, staleness=1,
+                                                      grad_wire_dtype="bfloat16"),
+}
 PRESETS = {
     # A CPU-sized model: a few hundred ms a step on 2 cores.
     "cpu": dict(model=ModelConfig(hidden_size=64, num_layers=4, num_attention_heads=4, hc_mult=4, max_seq_len=128,
@@ -74,7 +75,14 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, help="steps per variant (default: the preset's)")
     parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", type=int, metavar="INDEX",
+                        help=f"run only these remote variants beside the in-process baseline (default: all): "
+                             f"{dict(enumerate(VARIANTS))}")
+    parser.add_argument("--switch-interval-ms", type=float,
+                        help="the interpreter's GIL switch interval (sys.setswitchinterval) during the runs")
     args = parser.parse_args()
+    if args.switch_interval_ms:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     logging.basicConfig(level=logging.WARNING)
     preset = PRESETS["gpu" if args.preset == "cuda" else args.preset]
     steps, warmup, device = args.steps or preset["steps"], preset["warmup"], torch.device(preset["device"])
@@ -84,7 +92,10 @@ def main() -> None:
     connect_ray(None, args.shards)
     specs = engram_table_specs(base)
     records = []
-    for name, memory_settings in VARIANTS:
+    names = list(VARIANTS)
+    chosen = names[:1] + [names[i] for i in sorted(set(args.variants)) if i] if args.variants else names
+    for name in chosen:
+        memory_settings = VARIANTS[name]
         config = base.replace(**{f"memory__{k}": v for k, v in memory_settings.items()})
         handle, _ = deploy_or_join(specs, args.shards, None, NAMESPACE) if config.memory.tables == "remote" else (None, False)
         trainer = EngramTrainer(config, WorkerContext(device=device, memory=handle))
@@ -102,18 +113,19 @@ def main() -> None:
     baseline = records[0]["step_ms_median"]
     for record in records:
         record["vs_in_process"] = record["step_ms_median"] / baseline
-    report(records, "train_step" if device.type == "cpu" else "train_step_gpu", device)
+    report(records, "train_step" if device.type == "cpu" else "train_step_gpu", device, sys.getswitchinterval())
 
 
-def report(records: list[dict], stem: str, device: torch.device) -> None:
+def report(records: list[dict], stem: str, device: torch.device, switch_interval_s: float) -> None:
     header = f"{'variant':<44}{'median ms':>11}{'mean ms':>10}{'vs local':>10}{'lookup wait':>13}{'push wait':>11}"
     print(header)
     for r in records:
         print(f"{r['variant']:<44}{r['step_ms_median']:>11.1f}{r['step_ms_mean']:>10.1f}{r['vs_in_process']:>9.3f}x"
               f"{100 * r['lookup_wait_share']:>12.1f}%{100 * r['push_wait_share']:>10.1f}%")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    meta = {"command": f"python -m bench.train_step --preset {'gpu' if device.type == 'cuda' else 'cpu'}",
-            "device": device_name, "cpu_count": os.cpu_count(), "torch": torch.__version__}
+    meta = {"command": " ".join(["python -m bench.train_step", *sys.argv[1:]]),
+            "device": device_name, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "switch_interval_ms": 1e3 * switch_interval_s}
     write_json(stem, {**meta, "results": records})
     with figure(stem, figsize=(8, 3.6)) as (fig, ax):
         ax.barh([r["variant"] for r in records][::-1], [r["step_ms_median"] for r in records][::-1], color="#4c72b0")
