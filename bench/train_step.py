@@ -2,7 +2,7 @@
 
 Variants, side by side in one process on the same model, data and seed: in-process tables (the
 limit); remote rows without prefetch; remote rows prefetched with staleness 0 and with staleness 1,
-and the last with bfloat16 gradients on the wire.
+then with bfloat16 gradients on the wire, and with a short GIL switch interval.
 Run: ``python -m bench.train_step [--preset cpu|gpu]``; prints a table, writes
 bench/results/train_step[_gpu].json and a PNG.
 """
@@ -34,6 +34,10 @@ VARIANTS = {  # name: memory settings
     "remote, prefetch, staleness 1": dict(tables="remote", prefetch=True, staleness=1),
     "remote, prefetch, staleness 1, bf16 grads": dict(tables="remote", prefetch=True, staleness=1,
                                                       grad_wire_dtype="bfloat16"),
+    # The training thread may wait up to the interpreter's switch interval (5 ms) for the GIL after
+    # each of the MoE's host syncs while the memory client's threads run Python.
+    "remote, prefetch, staleness 1, GIL switch 0.1 ms": dict(tables="remote", prefetch=True, staleness=1,
+                                                             switch_interval_ms=0.1),
 }
 PRESETS = {
     # A CPU-sized model: a few hundred ms a step on 2 cores.
@@ -78,11 +82,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", type=int, metavar="INDEX",
                         help=f"run only these remote variants beside the in-process baseline (default: all): "
                              f"{dict(enumerate(VARIANTS))}")
-    parser.add_argument("--switch-interval-ms", type=float,
-                        help="the interpreter's GIL switch interval (sys.setswitchinterval) during the runs")
     args = parser.parse_args()
-    if args.switch_interval_ms:
-        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     logging.basicConfig(level=logging.WARNING)
     preset = PRESETS["gpu" if args.preset == "cuda" else args.preset]
     steps, warmup, device = args.steps or preset["steps"], preset["warmup"], torch.device(preset["device"])
@@ -94,8 +94,11 @@ def main() -> None:
     records = []
     names = list(VARIANTS)
     chosen = names[:1] + [names[i] for i in sorted(set(args.variants)) if i] if args.variants else names
+    default_switch_interval = sys.getswitchinterval()
     for name in chosen:
-        memory_settings = VARIANTS[name]
+        memory_settings = dict(VARIANTS[name])
+        switch_interval_ms = memory_settings.pop("switch_interval_ms", None)
+        sys.setswitchinterval(switch_interval_ms / 1e3 if switch_interval_ms else default_switch_interval)
         config = base.replace(**{f"memory__{k}": v for k, v in memory_settings.items()})
         handle, _ = deploy_or_join(specs, args.shards, None, NAMESPACE) if config.memory.tables == "remote" else (None, False)
         trainer = EngramTrainer(config, WorkerContext(device=device, memory=handle))
@@ -107,16 +110,17 @@ def main() -> None:
             trainer.close()
             if handle is not None:
                 stop_controller(handle.controller, handle.namespace)
+            sys.setswitchinterval(default_switch_interval)
         records.append({"variant": name, "device": device.type, "steps_timed": len(times),
                         "step_ms_median": 1e3 * statistics.median(times), "step_ms_mean": 1e3 * statistics.fmean(times),
                         "lookup_wait_share": wait_share, "push_wait_share": push_wait_share, "tokens_per_step": config.data.batch_size * config.data.seq_len})
     baseline = records[0]["step_ms_median"]
     for record in records:
         record["vs_in_process"] = record["step_ms_median"] / baseline
-    report(records, "train_step" if device.type == "cpu" else "train_step_gpu", device, sys.getswitchinterval())
+    report(records, "train_step" if device.type == "cpu" else "train_step_gpu", device)
 
 
-def report(records: list[dict], stem: str, device: torch.device, switch_interval_s: float) -> None:
+def report(records: list[dict], stem: str, device: torch.device) -> None:
     header = f"{'variant':<44}{'median ms':>11}{'mean ms':>10}{'vs local':>10}{'lookup wait':>13}{'push wait':>11}"
     print(header)
     for r in records:
@@ -124,8 +128,7 @@ def report(records: list[dict], stem: str, device: torch.device, switch_interval
               f"{100 * r['lookup_wait_share']:>12.1f}%{100 * r['push_wait_share']:>10.1f}%")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     meta = {"command": " ".join(["python -m bench.train_step", *sys.argv[1:]]),
-            "device": device_name, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "switch_interval_ms": 1e3 * switch_interval_s}
+            "device": device_name, "cpu_count": os.cpu_count(), "torch": torch.__version__}
     write_json(stem, {**meta, "results": records})
     with figure(stem, figsize=(8, 3.6)) as (fig, ax):
         ax.barh([r["variant"] for r in records][::-1], [r["step_ms_median"] for r in records][::-1], color="#4c72b0")
