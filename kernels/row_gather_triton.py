@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import config_choices
+from kernels.dispatch import config_choices, graph_timed
 from kernels.row_gather import RowSegments, row_segments
 
 # Rows are short (64-80 values), so a program takes several (token, head) entries. These kernels run
@@ -36,7 +36,7 @@ def _entry_tile(inverse_ptr, n_entries, dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.
     return entries[:, None].to(tl.int64) * dim + cols[None, :], row[:, None] * dim + cols[None, :], mask
 
 
-@triton.autotune(configs=_ENTRY_TILES, key=["dim"], use_cuda_graph=True)
+@triton.autotune(configs=_ENTRY_TILES, key=["dim"], do_bench=graph_timed)
 @triton.jit
 def _gather_kernel(rows_ptr, inverse_ptr, out_ptr, n_entries, dim,
                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -45,7 +45,7 @@ def _gather_kernel(rows_ptr, inverse_ptr, out_ptr, n_entries, dim,
     tl.store(out_ptr + entry_offsets, rows.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_ENTRY_TILES, key=["dim"], use_cuda_graph=True, reset_to_zero=["row_grads_ptr"])
+@triton.autotune(configs=_ENTRY_TILES, key=["dim"], do_bench=graph_timed, reset_to_zero=["row_grads_ptr"])
 @triton.jit
 def _scatter_add_kernel(grad_ptr, inverse_ptr, row_grads_ptr, n_entries, dim,
                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -54,7 +54,7 @@ def _scatter_add_kernel(grad_ptr, inverse_ptr, row_grads_ptr, n_entries, dim,
     tl.atomic_add(row_grads_ptr + row_offsets, grads, mask=mask, sem="relaxed")
 
 
-@triton.autotune(configs=_SEGMENT_TILES, key=["dim"], use_cuda_graph=True)
+@triton.autotune(configs=_SEGMENT_TILES, key=["dim"], do_bench=graph_timed)
 @triton.jit
 def _segment_sum_kernel(grad_ptr, order_ptr, offsets_ptr, row_grads_ptr, num_rows, dim,
                         BLOCK_U: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
