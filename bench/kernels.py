@@ -1,9 +1,10 @@
 """Benchmark the Engram kernels on a CUDA GPU: Triton vs PyTorch eager vs torch.compile of the reference.
 
-    python -m bench.kernels [--out bench/results]
+    python -m bench.kernels
 
 Times forward and backward (backward = forward+backward minus forward, so every path is timed the
-same way) at the paper's and the demo's shapes in bfloat16, and sets the Triton kernels' achieved
+same way) as GPU time from CUDA-graph replays behind an L2 flush, at the paper's and the demo's
+shapes in bfloat16, and sets the Triton kernels' achieved
 bytes/s against the card's measured device-to-device copy bandwidth. Prints a table, writes
 ``kernels.json`` and ``kernels.png``.
 """
