@@ -121,10 +121,10 @@ def main() -> None:
 
 
 def report(records: list[dict], stem: str, device: torch.device) -> None:
-    header = f"{'variant':<44}{'median ms':>11}{'mean ms':>10}{'vs local':>10}{'lookup wait':>13}{'push wait':>11}"
+    header = f"{'variant':<50}{'median ms':>11}{'mean ms':>10}{'vs local':>10}{'lookup wait':>13}{'push wait':>11}"
     print(header)
     for r in records:
-        print(f"{r['variant']:<44}{r['step_ms_median']:>11.1f}{r['step_ms_mean']:>10.1f}{r['vs_in_process']:>9.3f}x"
+        print(f"{r['variant']:<50}{r['step_ms_median']:>11.1f}{r['step_ms_mean']:>10.1f}{r['vs_in_process']:>9.3f}x"
               f"{100 * r['lookup_wait_share']:>12.1f}%{100 * r['push_wait_share']:>10.1f}%")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     meta = {"command": " ".join(["python -m bench.train_step", *sys.argv[1:]]),
