@@ -142,4 +142,3 @@ class EngramModelConfig:
     def from_yaml(cls, path: str | Path) -> "EngramModelConfig":
         data = load_yaml(path)
         return dataclass_from_mapping(cls, {k: data[k] for k in ("model", "engram") if k in data})
-

@@ -18,6 +18,7 @@ from compute.train_config import TrainConfig, table_name
 from compute.train_memory import MemoryHandle, engram_table_specs
 from memory_service.table_spec import TableSpec
 
+
 @dataclasses.dataclass
 class EngramRuntime:
     config: TrainConfig

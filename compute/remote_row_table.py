@@ -101,4 +101,3 @@ class RemoteRowTable(RowTable):
     def close(self) -> None:
         self._pusher.shutdown(wait=True)
         self._copier.shutdown(wait=True)
-

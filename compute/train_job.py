@@ -98,7 +98,6 @@ def _train_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = dataclass_from_mapping(TrainConfig, loop_config["config"])
     context = ray.train.get_context()

@@ -288,5 +288,3 @@ class EngramTrainer:
 
     def close(self) -> None:
         self.runtime.close()
-
-

@@ -18,6 +18,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 # (tokens, hc, D, heads, head dim): the paper's model, the demo's, and an odd small one.
 SHAPES = [(16384, 4, 2560, 16, 80), (16384, 4, 1024, 16, 64), (333, 3, 200, 6, 24)]
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens, hc, dim, heads, head_dim", SHAPES)
 def test_gather_rows(dtype, tokens, hc, dim, heads, head_dim):
@@ -46,7 +47,6 @@ def test_public_functions_take_the_triton_path_on_cuda(monkeypatch):
     rows = torch.randn(10, 8, device="cuda", requires_grad=True)
     out = kernels.gather_rows(rows, torch.randint(0, 10, (4, 2), device="cuda"), torch.bfloat16)
     assert type(out.grad_fn).__name__ == "GatherRowsBackward"
-
 
 
 def test_model_forward_and_backward_through_the_kernels_equal_the_reference_path(monkeypatch):

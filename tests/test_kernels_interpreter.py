@@ -40,6 +40,7 @@ def test_in_a_fresh_interpreter():
 
 DTYPES = [torch.float32, torch.bfloat16]
 
+
 @in_this_process
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gather_rows(dtype):
