@@ -48,12 +48,23 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = x.reshape(-1, x.shape[-1])
         expert_ids, weights, balance_loss = self.route(x)
-        out = self.shared(tokens) if self.shared is not None else torch.zeros_like(tokens)
-        token_index = torch.arange(tokens.shape[0], device=x.device).repeat_interleave(self.top_k)
-        flat_experts, flat_weights = expert_ids.flatten(), weights.flatten()
-        for expert_id in torch.unique(flat_experts).tolist():
-            picks = (flat_experts == expert_id).nonzero(as_tuple=True)[0]
-            rows = token_index[picks]
-            contribution = self.experts[expert_id](tokens[rows]) * flat_weights[picks, None].to(x.dtype)
-            out = out.index_add(0, rows, contribution)
+        flat_experts = expert_ids.flatten()  # slot s = token * top_k + k
+        # Group the slots by expert with a stable sort and bring only the group sizes to the host: one sync
+        # per layer, not one per expert (each sync stalls this thread and may hand the GIL to others).
+        # (Counted by searchsorted, not bincount: CUDA's bincount syncs twice itself, for its min and max.)
+        sorted_experts, order = torch.sort(flat_experts, stable=True)
+        bounds = torch.searchsorted(sorted_experts, torch.arange(self.num_routed + 1, device=x.device))
+        counts = bounds.diff().tolist()
+        # Every gather below is by a permutation and every sum runs over a fixed axis: no atomics, forward or
+        # backward (tokens[order // top_k] would accumulate its gradient over repeated indices), so results
+        # are reproducible.
+        slot_inputs = tokens.unsqueeze(1).expand(-1, self.top_k, -1).flatten(0, 1)
+        grouped = slot_inputs[order].split(counts)
+        outputs = [self.experts[e](chunk) for e, chunk in enumerate(grouped) if counts[e]]
+        outputs = torch.cat(outputs) if outputs else slot_inputs[:0]  # [:0]: a batch of no tokens
+        outputs = outputs * weights.flatten()[order, None].to(x.dtype)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        routed = outputs[inverse].view(tokens.shape[0], self.top_k, tokens.shape[1]).sum(dim=1)
+        out = self.shared(tokens) + routed if self.shared is not None else routed
         return out.reshape_as(x), balance_loss

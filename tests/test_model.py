@@ -95,6 +95,51 @@ def test_moe_output_is_shared_plus_weighted_top_k_experts():
     torch.testing.assert_close(out.view(7, 8), expected)
 
 
+def test_moe_forward_and_gradients_match_a_per_token_reference_in_float64():
+    torch.manual_seed(5)
+    moe = MoEFeedForward(hidden_size=6, expert_hidden_size=5, num_routed=5, top_k=2, num_shared=1).double()
+    with torch.no_grad():
+        moe.router.weight[2] = -10.0  # on positive inputs only expert 2 gets no token
+    x = torch.randn(2, 7, 6, dtype=torch.float64).abs().requires_grad_()
+    upstream = torch.randn(2, 7, 6, dtype=torch.float64)
+
+    def reference(x):
+        rows = []
+        for t in x.reshape(-1, 6):
+            weights, ids = moe.router(t).float().softmax(-1).topk(2)  # the router softmaxes in float32
+            weights = weights / weights.sum()
+            rows.append(moe.shared(t) + sum(w * moe.experts[e](t) for e, w in zip(ids.tolist(), weights)))
+        return torch.stack(rows).view_as(x)
+
+    params = [x, *moe.parameters()]
+    out = moe(x)[0]
+    expected = reference(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    grads = torch.autograd.grad((out * upstream).sum(), params, allow_unused=True)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), params, allow_unused=True)
+    names = ["x", *(name for name, _ in moe.named_parameters())]
+    for name, grad, expected_grad in zip(names, grads, expected_grads):
+        assert (grad is None) == name.startswith("experts.2."), name  # an expert no token picked is never called
+        if grad is not None:
+            torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def test_moe_forward_and_backward_are_bitwise_reproducible():
+    torch.manual_seed(5)
+    moe = MoEFeedForward(hidden_size=32, expert_hidden_size=16, num_routed=8, top_k=2, num_shared=1)
+    x = torch.randn(4, 128, 32)
+
+    def run():
+        moe.zero_grad()
+        inputs = x.clone().requires_grad_()
+        out, balance = moe(inputs)
+        (out.square().mean() + balance).backward()
+        return [out, inputs.grad, *(p.grad for p in moe.parameters() if p.grad is not None)]
+
+    first, second = run(), run()
+    assert len(first) == len(second) and all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 def test_single_branch_hyper_connection_is_a_plain_residual():
     hc = HyperConnection(1)
     branches = torch.randn(2, 3, 1, 4)
