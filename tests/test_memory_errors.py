@@ -120,6 +120,15 @@ def test_client_surfaces_the_servers_message(memory):
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "row_ids" in caught.value.details
 
 
+def test_client_refuses_a_push_naming_a_row_twice_and_sends_nothing(memory):
+    _, client, _ = memory
+    before = client.lookup("errors", [1, 3], dtype=torch.float32).result()
+    for ids in ([3, 1, 3], [1, 3, 3]):  # unsorted, and sorted with a repeat
+        with pytest.raises(ValueError, match="row_ids"):
+            client.push("errors", ids, torch.ones(3, TABLE.dim), step=1).result()
+    assert torch.equal(client.lookup("errors", [1, 3], dtype=torch.float32).result(), before)
+
+
 def test_large_lookups_are_chunked_into_requests_under_the_limit(memory):
     _, client, _ = memory
     ids = np.random.default_rng(5).integers(0, TABLE.rows, size=262_144)
