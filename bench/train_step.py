@@ -1,7 +1,7 @@
 """Training step time with Engram rows on the memory service vs in-process tables.
 
 Variants, side by side in one process on the same model, data and seed: in-process tables (the
-limit); remote rows without prefetch; remote rows prefetched with staleness 0 and with staleness 1,
+limit, run first and again last; ratios are against the mean of the two); remote rows without prefetch; remote rows prefetched with staleness 0 and with staleness 1,
 then with bfloat16 gradients on the wire, and with a short GIL switch interval.
 Run: ``python -m bench.train_step [--preset cpu|gpu]``; prints a table, writes
 bench/results/train_step[_gpu].json and a PNG.
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="steps per variant (default: the preset's)")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--variants", nargs="+", type=int, metavar="INDEX",
-                        help=f"run only these remote variants beside the in-process baseline (default: all): "
+                        help=f"run only these remote variants between the in-process baseline's two runs (default: all): "
                              f"{dict(enumerate(VARIANTS))}")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -91,11 +91,11 @@ def main() -> None:
                        memory=MemoryConfig(shards=args.shards))
     connect_ray(None, args.shards)
     specs = engram_table_specs(base)
-    records = []
     names = list(VARIANTS)
-    chosen = names[:1] + [names[i] for i in sorted(set(args.variants)) if i] if args.variants else names
+    chosen = [names[i] for i in sorted(set(args.variants)) if i] if args.variants else names[1:]
     default_switch_interval = sys.getswitchinterval()
-    for name in chosen:
+
+    def run(name: str) -> dict:
         memory_settings = dict(VARIANTS[name])
         switch_interval_ms = memory_settings.pop("switch_interval_ms", None)
         sys.setswitchinterval(switch_interval_ms / 1e3 if switch_interval_ms else default_switch_interval)
@@ -111,10 +111,20 @@ def main() -> None:
             if handle is not None:
                 stop_controller(handle.controller, handle.namespace)
             sys.setswitchinterval(default_switch_interval)
-        records.append({"variant": name, "device": device.type, "steps_timed": len(times),
-                        "step_ms_median": 1e3 * statistics.median(times), "step_ms_mean": 1e3 * statistics.fmean(times),
-                        "lookup_wait_share": wait_share, "push_wait_share": push_wait_share, "tokens_per_step": config.data.batch_size * config.data.seq_len})
-    baseline = records[0]["step_ms_median"]
+        return {"variant": name, "device": device.type, "steps_timed": len(times),
+                "step_ms_median": 1e3 * statistics.median(times), "step_ms_mean": 1e3 * statistics.fmean(times),
+                "lookup_wait_share": wait_share, "push_wait_share": push_wait_share,
+                "tokens_per_step": config.data.batch_size * config.data.seq_len}
+
+    # The in-process baseline runs first and again last, and the ratios are against the mean of the
+    # two: whatever drifts over the run (the machine's other load, the process's memory) then weighs
+    # on the baseline as on the variants between.
+    first = run(names[0])
+    records = [first, *(run(name) for name in chosen)]
+    last = run(names[0])
+    first["variant"], last["variant"] = f"{names[0]}, first", f"{names[0]}, last"
+    records.append(last)
+    baseline = (first["step_ms_median"] + last["step_ms_median"]) / 2
     for record in records:
         record["vs_in_process"] = record["step_ms_median"] / baseline
     report(records, "train_step" if device.type == "cpu" else "train_step_gpu", device)
