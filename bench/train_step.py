@@ -111,6 +111,7 @@ def main() -> None:
             if handle is not None:
                 stop_controller(handle.controller, handle.namespace)
             sys.setswitchinterval(default_switch_interval)
+        print(f"{name}: median step {1e3 * statistics.median(times):.1f} ms over {len(times)} steps", flush=True)
         return {"variant": name, "device": device.type, "steps_timed": len(times),
                 "step_ms_median": 1e3 * statistics.median(times), "step_ms_mean": 1e3 * statistics.fmean(times),
                 "lookup_wait_share": wait_share, "push_wait_share": push_wait_share,
