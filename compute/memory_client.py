@@ -316,6 +316,10 @@ class MemoryClient:
         return {shard: order[end - count:end] for shard, (count, end) in
                 enumerate(zip(counts.tolist(), np.cumsum(counts).tolist())) if count}
 
+    def _rows_per_request(self, row_bytes: int) -> int:
+        """Rows a request may carry at ``row_bytes`` each: half the message limit, and the row cap."""
+        return max(1, min(self._max_rows_per_request, self._max_message_bytes // 2 // row_bytes))
+
     async def _with_retries(self, attempt, pending: np.ndarray):
         """Run ``attempt(pending)`` -> positions still to resend, refreshing routing between tries."""
         delays = self._retry.delays()
@@ -364,7 +368,7 @@ class MemoryClient:
         segment = self._shared_rows.acquire(len(unique) * row_bytes) if self._local_shards else None
         received = segment.rows(len(unique), route.dim, dtype) if segment else torch.empty((len(unique), route.dim), dtype=dtype)
         wire_dtype = WIRE_DTYPES[dtype]
-        per_request = max(1, min(self._max_rows_per_request, self._max_message_bytes // 2 // row_bytes))
+        per_request = self._rows_per_request(row_bytes)
 
         async def fetch(shard: int, positions: np.ndarray) -> None:
             request = pb.LookupRequest(table=table, row_ids=unique[positions].tobytes(), dtype=wire_dtype)
@@ -380,7 +384,7 @@ class MemoryClient:
         async def attempt(pending: np.ndarray) -> np.ndarray:
             groups = self._split(self._route(table), unique, pending)
             parts = [(chunk, fetch(shard, chunk)) for shard, positions in groups.items()
-                     for chunk in np.array_split(positions, -(-len(positions) // per_request))]
+                     for chunk in _chunks(positions, per_request)]
             return await self._gather_parts(parts)
 
         try:
@@ -412,9 +416,10 @@ class MemoryClient:
         if segment:
             segment.rows(*grads.shape, grads.dtype).copy_(grads)
 
-        async def send(shard: int, positions: np.ndarray) -> None:
+        async def send(shard: int, positions: np.ndarray, more_parts: bool) -> None:
             request = pb.UpdateRequest(table=table, row_ids=ids[positions].tobytes(), grad_dtype=WIRE_DTYPES[grads.dtype],
-                                       step=step, rank=rank, world_size=world_size, synchronous=synchronous)
+                                       step=step, rank=rank, world_size=world_size, synchronous=synchronous,
+                                       more_parts=more_parts)
             if segment and shard in self._local_shards:
                 request.shared_grads.name = segment.name
                 request.shared_grads.positions = positions.astype("<i8", copy=False).tobytes()
@@ -425,13 +430,27 @@ class MemoryClient:
             totals["duplicate"] |= reply.duplicate
             totals["pending"] |= reply.pending
 
+        def parts_of(shard: int, positions: np.ndarray) -> list[np.ndarray]:
+            """A shard's rows in requests under the message limit (co-located: ids and positions only)."""
+            payload = 8 if segment and shard in self._local_shards else grads.shape[1] * grads.element_size()
+            return _chunks(positions, self._rows_per_request(8 + payload))
+
         async def attempt(pending: np.ndarray) -> np.ndarray:
             route_now = self._route(table)
             groups = self._split(route_now, ids, pending)
             if synchronous:  # every owner of the table's slots must hear from every rank, rows or not
                 for shard in np.unique(route_now.owners).tolist():
                     groups.setdefault(shard, np.empty(0, dtype=np.int64))
-            return await self._gather_parts([(positions, send(shard, positions)) for shard, positions in groups.items()])
+            parts = {shard: parts_of(shard, positions) for shard, positions in groups.items()}
+            # A synchronous step counts this rank as reported by a shard with its last part, so a
+            # shard's last part goes only once its other parts have landed.
+            retry = await self._gather_parts([(part, send(shard, part, True)) for shard, shard_parts in parts.items()
+                                              for part in shard_parts[:-1]])
+            unfinished = set(route_now.shards_of(ids[retry]).tolist())
+            held_back = [shard_parts[-1] for shard, shard_parts in parts.items() if shard in unfinished]
+            retry_last = await self._gather_parts([(shard_parts[-1], send(shard, shard_parts[-1], False))
+                                                   for shard, shard_parts in parts.items() if shard not in unfinished])
+            return np.concatenate([retry, *held_back, retry_last])
 
         try:
             await self._with_retries(attempt, np.arange(len(ids)))
@@ -449,6 +468,11 @@ def _as_int64(row_ids, field: str) -> np.ndarray:
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"{field}: expected a 1-D array of integers, got {ids.dtype} with shape {ids.shape}")
     return np.ascontiguousarray(ids, dtype="<i8")
+
+
+def _chunks(positions: np.ndarray, per_request: int) -> list[np.ndarray]:
+    """``positions`` in consecutive requests of at most ``per_request`` rows (one, if empty)."""
+    return np.array_split(positions, max(1, -(-len(positions) // per_request)))
 
 
 def _sorted_unique(ids: np.ndarray) -> bool:

@@ -160,7 +160,8 @@ class ShardServicer:
         self._check_not_frozen(request.table, np.unique(slot_of(ids, spec.num_slots)))
         ids, grads = self.store.check_gradients(request.table, ids, grads)
         aggregator = self._aggregator(request.table, request.synchronous)
-        ready = aggregator.add(request.step, request.rank, request.world_size, ids, grads)
+        ready = aggregator.add(request.step, request.rank, request.world_size, ids, grads,
+                               last_part=not request.more_parts)
         applied = self._apply(request.table, ready)
         pending = request.synchronous and request.step in aggregator.pending_steps()
         duplicate = not ready and not pending and len(ids) > 0

@@ -2,7 +2,7 @@
 
 Synchronous mode sums a step's contributions and releases them once every rank of the step has
 reported (an empty push counts: in this mode a rank pushes to every shard owning slots of the
-table, each step). Asynchronous mode releases each push on arrival. Either way, rows a rank has
+table, each step; a push split across requests counts with its last part). Asynchronous mode releases each push on arrival. Either way, rows a rank has
 already contributed to a step are dropped, so a retried push is applied once, and a push re-split
 after a slot move still lands. Released steps are remembered per lane (the whole table when
 synchronous, each rank when asynchronous) for the latest ``remembered_steps`` steps; a push for an
@@ -37,6 +37,7 @@ class _Step:
     world_size: int
     released: bool
     seen: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # rank -> sorted row ids
+    reported: set[int] = dataclasses.field(default_factory=set)  # ranks whose last part has arrived
     parts: list[tuple[int, torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
 
     def take_new_rows(self, rank: int, row_ids: torch.Tensor, grads: torch.Tensor) -> Update | None:
@@ -51,13 +52,13 @@ class _Step:
         return row_ids, grads
 
     def mark_seen(self, rank: int, row_ids: torch.Tensor) -> None:
-        """Count ``rank`` as reported, with ``row_ids`` among its contributed rows."""
+        """Count ``row_ids`` among ``rank``'s contributed rows."""
         known = self.seen.get(rank)
         self.seen[rank] = (row_ids if known is None else torch.cat([known, row_ids])).sort().values
 
     @property
     def complete(self) -> bool:
-        return len(self.seen) >= self.world_size
+        return len(self.reported) >= self.world_size
 
 
 def _sum_by_row(parts: list[tuple[int, torch.Tensor, torch.Tensor]]) -> Update:
@@ -83,8 +84,9 @@ class StepAggregator:
         self._released: dict[int, list[int]] = {}  # lane -> heap of remembered released steps
         self._forgotten_up_to: dict[int, int] = {}  # lane -> newest step no longer remembered
 
-    def add(self, step: int, rank: int, world_size: int, row_ids, grads) -> list[Update]:
-        """Take one push (already validated against the table); return the updates to apply now."""
+    def add(self, step: int, rank: int, world_size: int, row_ids, grads, last_part: bool = True) -> list[Update]:
+        """Take one push, or one part of a push split across requests (already validated against the
+        table); return the updates to apply now. A rank counts as reported with its last part."""
         self._check_push(step, rank, world_size)
         row_ids, grads = to_tensor(row_ids).to(torch.int64), to_tensor(grads)
         if len(row_ids) != len(grads):
@@ -102,9 +104,12 @@ class StepAggregator:
             raise RowStoreError("INVALID_ARGUMENT", "world_size",
                                 f"step {step} has world size {entry.world_size}, this push says {world_size}")
         new_rows = entry.take_new_rows(rank, row_ids, grads)
-        if new_rows is None:
+        newly_reported = last_part and rank not in entry.reported
+        if last_part:
+            entry.reported.add(rank)
+        if new_rows is None and not newly_reported:
             return []
-        return self._collect(lane, step, entry, [(rank, *new_rows)])
+        return self._collect(lane, step, entry, [(rank, *new_rows)] if new_rows is not None else [])
 
     def pending_steps(self) -> list[int]:
         """Steps still waiting for ranks (synchronous mode), ascending."""
@@ -123,7 +128,8 @@ class StepAggregator:
                 kept.append((rank, ids[~leaving], grads[~leaving]))
                 parts.append({"rank": rank, "row_ids": ids[leaving].numpy(), "grads": grads[leaving].numpy()})
             entry.parts = kept
-            exported.append({"step": step, "world_size": entry.world_size, "ranks": sorted(entry.seen), "parts": parts})
+            exported.append({"step": step, "world_size": entry.world_size, "ranks": sorted(entry.reported),
+                             "parts": parts})
         return exported
 
     def import_pending(self, exported: list[dict[str, Any]]) -> list[Update]:
@@ -138,8 +144,7 @@ class StepAggregator:
                     ready.append(_sum_by_row(parts))
                 continue
             entry = self._steps.setdefault((0, step), _Step(world_size, released=False))
-            for rank in record["ranks"]:
-                entry.mark_seen(int(rank), torch.empty(0, dtype=torch.int64))
+            entry.reported.update(int(rank) for rank in record["ranks"])
             for rank, ids, _ in parts:
                 entry.mark_seen(rank, ids)
             ready.extend(self._collect(0, step, entry, parts))

@@ -67,7 +67,7 @@ class LookupResponse(_message.Message):
     def __init__(self, rows: _Optional[bytes] = ..., num_rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("table", "row_ids", "grads", "grad_dtype", "step", "rank", "world_size", "synchronous", "shared_grads")
+    __slots__ = ("table", "row_ids", "grads", "grad_dtype", "step", "rank", "world_size", "synchronous", "shared_grads", "more_parts")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     ROW_IDS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class UpdateRequest(_message.Message):
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     SYNCHRONOUS_FIELD_NUMBER: _ClassVar[int]
     SHARED_GRADS_FIELD_NUMBER: _ClassVar[int]
+    MORE_PARTS_FIELD_NUMBER: _ClassVar[int]
     table: str
     row_ids: bytes
     grads: bytes
@@ -86,7 +87,8 @@ class UpdateRequest(_message.Message):
     world_size: int
     synchronous: bool
     shared_grads: SharedRows
-    def __init__(self, table: _Optional[str] = ..., row_ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., grad_dtype: _Optional[_Union[DType, str]] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., synchronous: _Optional[bool] = ..., shared_grads: _Optional[_Union[SharedRows, _Mapping]] = ...) -> None: ...
+    more_parts: bool
+    def __init__(self, table: _Optional[str] = ..., row_ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., grad_dtype: _Optional[_Union[DType, str]] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., synchronous: _Optional[bool] = ..., shared_grads: _Optional[_Union[SharedRows, _Mapping]] = ..., more_parts: _Optional[bool] = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
     __slots__ = ("applied_rows", "duplicate", "pending", "epoch")

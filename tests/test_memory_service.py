@@ -6,7 +6,8 @@ import pytest
 import ray
 import torch
 
-from tests.memory_deploy import deployment, reference_rows, spec
+from compute.memory_client import MemoryClient
+from tests.memory_deploy import TOKEN, deployment, reference_rows, spec
 
 pytestmark = pytest.mark.ray
 
@@ -16,11 +17,13 @@ SYNC_TWO = spec("sync_two", kind="adam", seed=3)
 SYNC_ONE = spec("sync_one", kind="adam", seed=3)
 SERVING = spec("serving", storage_dtype="bfloat16", dim=8)
 SGD_BF16_GRADS = spec("sgd_bf16_grads", kind="sgd", lr=0.5)
+SPLIT_PARTS = spec("split_parts", kind="adam", seed=7)
+SPLIT_WHOLE = spec("split_whole", kind="adam", seed=7)
 
 
 @pytest.fixture(scope="module")
 def memory(ray_cluster):
-    with deployment([ADAM, SGD, SYNC_TWO, SYNC_ONE, SERVING, SGD_BF16_GRADS], shards=2) as (controller, client):
+    with deployment([ADAM, SGD, SYNC_TWO, SYNC_ONE, SERVING, SGD_BF16_GRADS, SPLIT_PARTS, SPLIT_WHOLE], shards=2) as (controller, client):
         yield controller, client
 
 
@@ -90,6 +93,25 @@ def test_two_ranks_pushing_halves_equal_one_rank_pushing_the_whole(memory):
     one = client.lookup("sync_one", ids, dtype=torch.float32).result()
     assert torch.equal(two, one)
     assert not torch.equal(one, reference_rows(SYNC_ONE, ids))
+
+
+def test_a_push_split_into_many_requests_applies_as_one(memory):
+    """Adam steps once per synchronous step however many requests a rank's push takes: a shard counts
+    the rank as reported only with its last part, which the client sends after the others."""
+    _, client = memory
+    ids = np.sort(np.random.default_rng(6).choice(SPLIT_PARTS.rows, size=500, replace=False))
+    gen = torch.Generator().manual_seed(8)
+    with MemoryClient(client._directory_address, TOKEN, max_rows_per_request=40) as splitting:
+        for step in range(3):
+            rank_0, rank_1 = torch.randn(2, len(ids), SPLIT_PARTS.dim, generator=gen)
+            first = splitting.push("split_parts", ids, rank_0, step=step, rank=0, world_size=2).result()
+            assert first.pending and first.applied_rows == 0  # ~6 requests a shard, none applied yet
+            splitting.push("split_parts", ids, rank_1, step=step, rank=1, world_size=2).result()
+            client.push("split_whole", ids, rank_0 + rank_1, step=step).result()
+    parts = client.lookup("split_parts", ids, dtype=torch.float32).result()
+    whole = client.lookup("split_whole", ids, dtype=torch.float32).result()
+    assert torch.equal(parts, whole)
+    assert not torch.equal(whole, reference_rows(SPLIT_WHOLE, ids))
 
 
 @pytest.mark.parametrize("synchronous", [False, True])

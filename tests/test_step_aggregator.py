@@ -77,6 +77,26 @@ def test_retried_push_is_applied_once(synchronous):
     assert row_ids.tolist() == [11] and torch.equal(grads, _push([3, 11, 8], seed=5)[1][1:2])
 
 
+def test_a_rank_split_into_parts_reports_with_its_last_part():
+    aggregator = StepAggregator()
+    part_1, part_2, other = _push([1, 2], seed=1), _push([7, 9], seed=2), _push([2, 3], seed=3)
+    assert aggregator.add(0, 0, 2, *part_1, last_part=False) == []
+    assert aggregator.add(0, 1, 2, *other) == []  # rank 0 has not finished: still pending
+    assert aggregator.add(0, 0, 2, *part_1, last_part=False) == []  # a retried part adds nothing
+    [released] = aggregator.add(0, 0, 2, *part_2)
+    torch.testing.assert_close(_dense([released]), _dense([part_1, part_2, other]))
+    assert aggregator.add(0, 0, 2, *part_2) == []  # a retried last part after the release: dropped
+
+
+def test_a_rank_whose_last_part_already_arrived_counts_even_if_its_retry_carries_no_new_rows():
+    aggregator = StepAggregator()
+    part_1, part_2 = _push([1], seed=1), _push([4], seed=2)
+    assert aggregator.add(0, 0, 2, *part_1, last_part=False) == []
+    assert aggregator.add(0, 0, 2, *part_1) == []  # the last part repeats rows already taken
+    [released] = aggregator.add(0, 1, 2, *part_2)  # rank 0 reported all the same
+    torch.testing.assert_close(_dense([released]), _dense([part_1, part_2]))
+
+
 def test_retry_before_the_step_completes_is_applied_once():
     aggregator = StepAggregator()
     push = _push([2, 6], seed=4)
@@ -152,6 +172,18 @@ def test_imported_pending_sum_completes_the_step_when_ranks_are_covered():
     torch.testing.assert_close(_dense([released]), _dense([rank0, rank1]))
     assert new.pending_steps() == [] and old.pending_steps() == [0]  # the old one still waits for rank 1
     assert old.add(0, 1, 2, torch.empty(0, dtype=torch.int64), torch.empty(0, DIM)) == []
+
+
+def test_a_rank_midway_through_its_parts_is_not_reported_where_its_slots_move():
+    old, new = StepAggregator(), StepAggregator()
+    first_part, last_part, rank1 = _push([1], seed=1), _push([5], seed=2), _push([3], seed=3)
+    assert old.add(0, 0, 2, *first_part, last_part=False) == []
+    assert new.add(0, 1, 2, *rank1) == []
+    moved = old.export_pending([1], 4)
+    assert moved[0]["ranks"] == []  # rank 0's rows travel, but it has not reported
+    assert new.import_pending(moved) == []
+    [released] = new.add(0, 0, 2, *last_part)
+    torch.testing.assert_close(_dense([released]), _dense([first_part, last_part, rank1]))
 
 
 @pytest.mark.parametrize("synchronous", [True, False])
