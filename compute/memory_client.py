@@ -16,6 +16,7 @@ import logging
 import mmap
 import os
 import random
+import re
 import socket
 import sys
 import threading
@@ -121,6 +122,38 @@ class _SharedRowSegment:
         self._map = None
 
 
+def remove_orphaned_segments(directory: str = "/dev/shm") -> list[str]:
+    """Unlink this user's ``engram-rows-<pid>-*`` segments whose process is gone (a client killed
+    before it could remove them, by SIGKILL say); return their names. Live processes' stay."""
+    removed = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            match = _ORPHAN_CANDIDATE.fullmatch(entry.name)
+            if not match or entry.stat(follow_symlinks=False).st_uid != os.getuid() or _alive(int(match[1])):
+                continue
+            try:
+                os.unlink(entry.path)
+                removed.append(entry.name)
+            except FileNotFoundError:  # another client swept it first
+                pass
+    if removed:
+        log.info("removed %d shared-memory segments left by ended processes: %s", len(removed), removed)
+    return removed
+
+
+_ORPHAN_CANDIDATE = re.compile(re.escape(_SharedRowSegment.PREFIX) + r"(\d+)-[0-9a-f]+")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 class _SharedRowPool:
     """Segments reused across calls, one per lookup or push in flight; used on the event loop thread only."""
 
@@ -172,6 +205,8 @@ class MemoryClient:
         self._shard_addresses: dict[int, str] = {}
         self._local_shards: set[int] = set()  # reached by Unix socket, rows through shared memory
         self._use_local_transport = use_local_transport and self._credentials is None and os.path.isdir("/dev/shm")
+        if self._use_local_transport:
+            remove_orphaned_segments()
         self._node = _this_node()
         self._shared_rows = _SharedRowPool()
         self._loop = asyncio.new_event_loop()

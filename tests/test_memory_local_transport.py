@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import torch
 
-from compute.memory_client import MemoryClient, _SharedRowSegment
+from compute.memory_client import MemoryClient, _SharedRowSegment, remove_orphaned_segments
 from memory_service.shared_rows import SegmentError, SharedRowSegments
 from protos import engram_memory_v1_pb2 as pb
 from tests.memory_deploy import TOKEN, deployment, reference_rows, shard_stub, spec
@@ -75,6 +79,23 @@ def test_client_segment_is_removed_on_close_and_when_dropped_unclosed():
     del dropped
     gc.collect()
     assert not any(os.path.exists(path) for path in paths)
+
+
+def test_segments_of_a_killed_client_are_swept_and_live_ones_kept():
+    ours = _SharedRowSegment(1 << 20)
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, signal\n"
+         "from compute.memory_client import _SharedRowSegment\n"
+         "segment = _SharedRowSegment(1 << 20)\n"
+         "print(segment.name, flush=True)\n"
+         "os.kill(os.getpid(), signal.SIGKILL)"],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left_behind = killed.stdout.strip()
+    assert os.path.exists(f"/dev/shm/{left_behind}")
+    assert left_behind in remove_orphaned_segments()
+    assert not os.path.exists(f"/dev/shm/{left_behind}") and os.path.exists(f"/dev/shm/{ours.name}")
+    ours.close()
 
 
 @pytest.mark.parametrize("name, offset, positions, field", [
