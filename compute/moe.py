@@ -55,16 +55,17 @@ class MoEFeedForward(nn.Module):
         sorted_experts, order = torch.sort(flat_experts, stable=True)
         bounds = torch.searchsorted(sorted_experts, torch.arange(self.num_routed + 1, device=x.device))
         counts = bounds.diff().tolist()
-        # Every gather below is by a permutation and every sum runs over a fixed axis: no atomics, forward or
-        # backward (tokens[order // top_k] would accumulate its gradient over repeated indices), so results
-        # are reproducible.
+        # Every gather below is an index_select by a permutation and every sum runs over a fixed axis: no
+        # atomics, forward or backward (tokens[order // top_k] would accumulate its gradient over repeated
+        # indices), so results are reproducible; index_select's backward is a plain index_add, where
+        # indexing's (index_put with accumulate) sorts on the CPU.
         slot_inputs = tokens.unsqueeze(1).expand(-1, self.top_k, -1).flatten(0, 1)
-        grouped = slot_inputs[order].split(counts)
+        grouped = slot_inputs.index_select(0, order).split(counts)
         outputs = [self.experts[e](chunk) for e, chunk in enumerate(grouped) if counts[e]]
         outputs = torch.cat(outputs) if outputs else slot_inputs[:0]  # [:0]: a batch of no tokens
-        outputs = outputs * weights.flatten()[order, None].to(x.dtype)
+        outputs = outputs * weights.flatten().index_select(0, order)[:, None].to(x.dtype)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        routed = outputs[inverse].view(tokens.shape[0], self.top_k, tokens.shape[1]).sum(dim=1)
+        routed = outputs.index_select(0, inverse).view(tokens.shape[0], self.top_k, tokens.shape[1]).sum(dim=1)
         out = self.shared(tokens) + routed if self.shared is not None else routed
         return out.reshape_as(x), balance_loss
