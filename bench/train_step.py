@@ -1,8 +1,9 @@
 """Training step time with Engram rows on the memory service vs in-process tables.
 
 Variants, side by side in one process on the same model, data and seed: in-process tables (the
-limit, run first and again last; ratios are against the mean of the two); remote rows without prefetch; remote rows prefetched with staleness 0 and with staleness 1,
-then with bfloat16 gradients on the wire, and with a short GIL switch interval.
+limit, run first and again last; ratios are against the mean of the two); remote rows without
+prefetch; remote rows prefetched with staleness 0 and with staleness 1, then with bfloat16
+gradients on the wire, and with a short GIL switch interval.
 Run: ``python -m bench.train_step [--preset cpu|gpu]``; prints a table, writes
 bench/results/train_step[_gpu].json and a PNG.
 """
@@ -80,7 +81,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="steps per variant (default: the preset's)")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--variants", nargs="+", type=int, metavar="INDEX",
-                        help=f"run only these remote variants between the in-process baseline's two runs (default: all): "
+                        help=f"run only these remote variants between the in-process baseline's two runs "
+                             f"(default: all): "
                              f"{dict(enumerate(VARIANTS))}")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -2,11 +2,12 @@
 
 Synchronous mode sums a step's contributions and releases them once every rank of the step has
 reported (an empty push counts: in this mode a rank pushes to every shard owning slots of the
-table, each step; a push split across requests counts with its last part). Asynchronous mode releases each push on arrival. Either way, rows a rank has
-already contributed to a step are dropped, so a retried push is applied once, and a push re-split
-after a slot move still lands. Released steps are remembered per lane (the whole table when
-synchronous, each rank when asynchronous) for the latest ``remembered_steps`` steps; a push for an
-older step than those counts as already applied and is dropped with a warning.
+table, each step; a push split across requests counts with its last part). Asynchronous mode
+releases each push on arrival. Either way, rows a rank has already contributed to a step are
+dropped, so a retried push is applied once, and a push re-split after a slot move still lands.
+Released steps are remembered per lane (the whole table when synchronous, each rank when
+asynchronous) for the latest ``remembered_steps`` steps; a push for an older step than those counts
+as already applied and is dropped with a warning.
 
 When slots move, ``export_pending``/``import_pending`` carry the pending partial sums of those slots
 to their new shard; the reported ranks travel with them, so the step completes where it now lives.

@@ -23,7 +23,8 @@ SPLIT_WHOLE = spec("split_whole", kind="adam", seed=7)
 
 @pytest.fixture(scope="module")
 def memory(ray_cluster):
-    with deployment([ADAM, SGD, SYNC_TWO, SYNC_ONE, SERVING, SGD_BF16_GRADS, SPLIT_PARTS, SPLIT_WHOLE], shards=2) as (controller, client):
+    tables = [ADAM, SGD, SYNC_TWO, SYNC_ONE, SERVING, SGD_BF16_GRADS, SPLIT_PARTS, SPLIT_WHOLE]
+    with deployment(tables, shards=2) as (controller, client):
         yield controller, client
 
 
