@@ -122,6 +122,9 @@ class _SharedRowSegment:
         self._map = None
 
 
+_ORPHAN_CANDIDATE = re.compile(re.escape(_SharedRowSegment.PREFIX) + r"(\d+)-[0-9a-f]+")
+
+
 def remove_orphaned_segments(directory: str = "/dev/shm") -> list[str]:
     """Unlink this user's ``engram-rows-<pid>-*`` segments whose process is gone (a client killed
     before it could remove them, by SIGKILL say); return their names. Live processes' stay."""
@@ -139,9 +142,6 @@ def remove_orphaned_segments(directory: str = "/dev/shm") -> list[str]:
     if removed:
         log.info("removed %d shared-memory segments left by ended processes: %s", len(removed), removed)
     return removed
-
-
-_ORPHAN_CANDIDATE = re.compile(re.escape(_SharedRowSegment.PREFIX) + r"(\d+)-[0-9a-f]+")
 
 
 def _alive(pid: int) -> bool:
