@@ -19,10 +19,15 @@ from kernels.row_gather import RowSegments, row_segments
 _ENTRY_TILES = config_choices(dict(BLOCK_R=16, num_warps=4), dict(BLOCK_R=32, num_warps=4),
                               dict(BLOCK_R=64, num_warps=8), dict(BLOCK_R=8, num_warps=2))
 # Segment sums: rows per program, and how many of each row's entries are loaded at once (a row is
-# used ~4 times in a training batch, so most rows finish in one or two rounds of loads).
+# used ~4 times in a training batch, so most rows finish in one or two rounds of loads). The kernel is
+# bound by the latency of its dependent loads (offsets, then order, then gradients), so the smaller
+# tiles (fewer registers, more programs an SM) are there to keep more of them in flight.
 _SEGMENT_TILES = config_choices(dict(BLOCK_U=16, CHUNK=4, num_warps=4), dict(BLOCK_U=8, CHUNK=4, num_warps=2),
                                 dict(BLOCK_U=32, CHUNK=4, num_warps=8), dict(BLOCK_U=32, CHUNK=2, num_warps=4),
-                                dict(BLOCK_U=64, CHUNK=2, num_warps=8), dict(BLOCK_U=8, CHUNK=8, num_warps=4))
+                                dict(BLOCK_U=64, CHUNK=2, num_warps=8), dict(BLOCK_U=8, CHUNK=8, num_warps=4),
+                                dict(BLOCK_U=16, CHUNK=2, num_warps=4), dict(BLOCK_U=8, CHUNK=2, num_warps=4),
+                                dict(BLOCK_U=32, CHUNK=1, num_warps=4), dict(BLOCK_U=8, CHUNK=4, num_warps=4),
+                                dict(BLOCK_U=16, CHUNK=4, num_warps=8))
 
 
 @triton.jit

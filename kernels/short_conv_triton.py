@@ -28,6 +28,7 @@ zero-padded in front.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +38,14 @@ import triton.language as tl
 from kernels.dispatch import config_choices
 
 TAPS = 4
-# A branch's tiles are split into RUNS_PER_SM * SMs / hc runs of consecutive tiles; a program walks RUNS
-# (autotuned) of them, so one or two programs an SM. The backward's partials are [hc, runs, 4, D] float32
+# A branch's tiles are split into (FORWARD_|BACKWARD_)RUNS_PER_SM * SMs / hc runs of consecutive tiles; a program walks RUNS
+# (autotuned) of them. A program's tile awaiting its second pass sits in L2 (16 rows x D=2560 in
+# bfloat16: 80 KB; the backward's, x and the stash: 160 KB), so the forward runs up to four programs an
+# SM and the backward two, within the H200's 50 MB. The backward's partials are [hc, runs, 4, D] float32
 # (~11 MB at D=2560 on 132 SMs).
-RUNS_PER_SM = 2
-INTERPRETER_RUNS = 8  # RUNS_PER_SM * SMs on the CPU interpreter (tests vary it)
+FORWARD_RUNS_PER_SM = 4
+BACKWARD_RUNS_PER_SM = 2
+INTERPRETER_RUNS = 8  # runs per branch on the CPU interpreter (tests vary it)
 
 
 def _tiles(*choices: dict) -> list:
@@ -53,26 +57,48 @@ def _tiles(*choices: dict) -> list:
 
 
 # Shapes to autotune. The first of each list is the CPU interpreter's: small tiles and 128 columns, so
-# that small tests cover several tiles, runs and chunks. The walk's loads are software-pipelined
-# (cp.async) only with >= 4 bytes a thread: BLOCK_D >= 64 * num_warps for 16-bit dtypes. Compiled for
-# sm_90 (D % 16 == 0) none spills; the forward needs ~110 registers, the backward ~170, capped at 128
-# where two 8-warp programs share an SM.
+# that small tests cover several tiles, runs and chunks. The kernels are bound by instruction issue, so
+# a thread should hold 8 values of a row (BLOCK_D = 256 * num_warps: one 16-byte load, and the row's
+# index and mask work shared by 8 values); the walk's loads are software-pipelined (cp.async) only with
+# >= 4 bytes a thread (BLOCK_D >= 64 * num_warps for 16-bit dtypes). Compiled for sm_90 (D % 16 == 0)
+# none spills: the forward needs 110-170 registers, the backward 170-200 (capped at 128 in one choice).
 _FORWARD_TILES = _tiles(
     {"RUNS": 2, "ROWS": 16, "BLOCK_D": 128, "STAGES": 2, "num_warps": 2},
+    {"RUNS": 1, "ROWS": 16, "BLOCK_D": 512, "STAGES": 3, "num_warps": 2},
+    {"RUNS": 1, "ROWS": 16, "BLOCK_D": 512, "STAGES": 4, "num_warps": 2},
+    {"RUNS": 2, "ROWS": 32, "BLOCK_D": 512, "STAGES": 3, "num_warps": 2},
+    {"RUNS": 1, "ROWS": 16, "BLOCK_D": 1024, "STAGES": 3, "num_warps": 4},
     {"RUNS": 2, "ROWS": 16, "BLOCK_D": 512, "STAGES": 4, "num_warps": 8},
     {"RUNS": 2, "ROWS": 32, "BLOCK_D": 512, "STAGES": 4, "num_warps": 8},
-    {"RUNS": 1, "ROWS": 16, "BLOCK_D": 512, "STAGES": 3, "num_warps": 8},
-    {"RUNS": 1, "ROWS": 16, "BLOCK_D": 256, "STAGES": 4, "num_warps": 4},
 )
 _BACKWARD_TILES = _tiles(
     {"RUNS": 2, "STEPS": 8, "BLOCK_D": 128, "STAGES": 2, "num_warps": 2},
+    {"RUNS": 1, "STEPS": 16, "BLOCK_D": 512, "STAGES": 3, "num_warps": 4},
+    {"RUNS": 1, "STEPS": 32, "BLOCK_D": 512, "STAGES": 3, "num_warps": 4},
+    {"RUNS": 1, "STEPS": 16, "BLOCK_D": 1024, "STAGES": 3, "num_warps": 8},
     {"RUNS": 2, "STEPS": 16, "BLOCK_D": 512, "STAGES": 4, "num_warps": 8},
-    {"RUNS": 2, "STEPS": 8, "BLOCK_D": 512, "STAGES": 3, "num_warps": 8},
     {"RUNS": 2, "STEPS": 32, "BLOCK_D": 512, "STAGES": 3, "num_warps": 8},
     {"RUNS": 1, "STEPS": 16, "BLOCK_D": 512, "STAGES": 4, "num_warps": 8, "maxnreg": 128},
-    {"RUNS": 1, "STEPS": 16, "BLOCK_D": 256, "STAGES": 3, "num_warps": 4},
 )
 _MAX_ROWS = max(c.kwargs["ROWS"] for c in _FORWARD_TILES)
+
+
+# On the GPU the sigmoid takes the hardware's approximate exp2 and reciprocal (flush-to-zero, about 2 ulp):
+# the IEEE-safe forms cost three times the instructions, and these kernels are bound by instruction issue.
+# The CPU interpreter cannot run inline PTX and takes the plain form.
+_FAST_SIGMOID = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+_LOG2_E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _sigmoid(x):
+    if _FAST_SIGMOID:
+        e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * -_LOG2_E], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / (1.0 + tl.exp(-x))
 
 
 @triton.jit
@@ -125,7 +151,7 @@ def _forward_step(x_ptr, scratch, batch, first, row, residue, branch, seq_len, d
 
 @triton.jit
 def _forward_out(out_ptr, offset, ours, x, conv, cols, cmask):
-    out = x + conv / (1.0 + tl.exp(-conv))
+    out = x + conv * _sigmoid(conv)
     tl.store(out_ptr + offset + cols, out.to(out_ptr.dtype.element_ty), mask=_only_if(ours, cmask))
 
 
@@ -138,7 +164,7 @@ def _short_conv_forward_kernel(x_ptr, weights_ptr, out_ptr, rstd_ptr, scratch_pt
     # Tile row r is step first + r of the class; rows 0..2 are the halo, rows 3.. are this tile's.
     STEPS: tl.constexpr = ROWS - 3
     GROUPS: tl.constexpr = ROWS // 4
-    SUM_D: tl.constexpr = BLOCK_D * 16 // ROWS  # pass 1's blocks hold as many elements as 16 walk rows
+    SUM_D: tl.constexpr = BLOCK_D * 4 // ROWS  # pass 1's blocks hold as many elements as a group of walk rows
     branch = tl.program_id(0)
     tiles_per_class = tl.cdiv(tl.cdiv(seq_len, dilation), STEPS)
     tiles = batch * dilation * tiles_per_class
@@ -209,7 +235,7 @@ def _backward_step(x_ptr, grad_out_ptr, rstd_ptr, batch, first, row, residue, br
 @triton.jit
 def _conv_grad(grad_out, conv):
     """dL/dconv from dL/dout: the derivative of SiLU."""
-    sig = 1.0 / (1.0 + tl.exp(-conv))
+    sig = _sigmoid(conv)
     return grad_out * sig * (1.0 + conv * (1.0 - sig))
 
 
@@ -368,9 +394,9 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _launch(value: torch.Tensor) -> tuple[int, object]:
+def _launch(value: torch.Tensor, runs_per_sm: int) -> tuple[int, object]:
     """Runs per branch, and the grid: (branch, program), a program taking ``RUNS`` runs."""
-    runs = RUNS_PER_SM * _sm_count(value.device.index) if value.is_cuda else INTERPRETER_RUNS
+    runs = runs_per_sm * _sm_count(value.device.index) if value.is_cuda else INTERPRETER_RUNS
     runs = max(1, -(-runs // value.shape[2]))
     return runs, lambda meta: (value.shape[2], triton.cdiv(runs, meta["RUNS"]))
 
@@ -396,7 +422,7 @@ class ShortConv(torch.autograd.Function):
         out = torch.empty_like(value)
         rstd = torch.empty(batch, seq_len, hc, dtype=torch.float32, device=value.device)
         if value.numel():
-            runs, grid = _launch(value)
+            runs, grid = _launch(value, FORWARD_RUNS_PER_SM)
             scratch = torch.empty(hc * runs * _MAX_ROWS, dtype=torch.float32, device=value.device)  # rstd of a tile
             _short_conv_forward_kernel[grid](value, weights, out, rstd, scratch, batch, seq_len, dim, dilation, runs,
                                              eps, HC=hc)
@@ -409,7 +435,7 @@ class ShortConv(torch.autograd.Function):
         batch, seq_len, hc, dim = value.shape
         grad_value = torch.empty_like(value)
         if value.numel():
-            runs, grid = _launch(value)
+            runs, grid = _launch(value, BACKWARD_RUNS_PER_SM)
             partial = torch.empty(hc, runs, TAPS, dim, dtype=torch.float32, device=value.device)
             _short_conv_backward_kernel[grid](value, grad_out.contiguous(), weights, rstd, grad_value, partial,
                                               batch, seq_len, dim, ctx.dilation, runs, HC=hc)
