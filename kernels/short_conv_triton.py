@@ -38,12 +38,13 @@ import triton.language as tl
 from kernels.dispatch import config_choices
 
 TAPS = 4
-# A branch's tiles are split into (FORWARD_|BACKWARD_)RUNS_PER_SM * SMs / hc runs of consecutive tiles; a program walks RUNS
-# (autotuned) of them. A program's tile awaiting its second pass sits in L2 (16 rows x D=2560 in
-# bfloat16: 80 KB; the backward's, x and the stash: 160 KB), so the forward runs up to four programs an
-# SM and the backward two, within the H200's 50 MB. The backward's partials are [hc, runs, 4, D] float32
-# (~11 MB at D=2560 on 132 SMs).
-FORWARD_RUNS_PER_SM = 4
+# A branch's tiles are split into runs of consecutive tiles, *_RUNS_PER_SM * SMs / hc of them; a program
+# walks RUNS (autotuned) runs. Each program's current tile awaits its second pass in L2 (16 rows x
+# D=2560 in bfloat16: 80 KB; in the backward x and the stash, 160 KB), and on the H200 the second pass
+# finds them there only while all programs' tiles take up to ~25 MB: the forward's L2 hit rate fell from
+# 64% to 37% at four 80 KB tiles an SM (Nsight Compute). The backward's partials are [hc, runs, 4, D]
+# float32 (~11 MB at D=2560 on 132 SMs).
+FORWARD_RUNS_PER_SM = 12  # RUNS = 3, 4, 6, 12: four, three, two or one program an SM
 BACKWARD_RUNS_PER_SM = 2
 INTERPRETER_RUNS = 8  # runs per branch on the CPU interpreter (tests vary it)
 
@@ -57,28 +58,29 @@ def _tiles(*choices: dict) -> list:
 
 
 # Shapes to autotune. The first of each list is the CPU interpreter's: small tiles and 128 columns, so
-# that small tests cover several tiles, runs and chunks. The kernels are bound by instruction issue, so
-# a thread should hold 8 values of a row (BLOCK_D = 256 * num_warps: one 16-byte load, and the row's
-# index and mask work shared by 8 values); the walk's loads are software-pipelined (cp.async) only with
-# >= 4 bytes a thread (BLOCK_D >= 64 * num_warps for 16-bit dtypes). Compiled for sm_90 (D % 16 == 0)
-# none spills: the forward needs 110-170 registers, the backward 170-200 (capped at 128 in one choice).
+# that small tests cover several tiles, runs and chunks. The kernels are close to bound by instruction
+# issue, so most choices give a thread 4 or 8 values of a row (BLOCK_D = 128 or 256 * num_warps: the
+# row's index and mask work is shared by them); the walk's loads are software-pipelined (cp.async) only
+# with >= 4 bytes a thread (BLOCK_D >= 64 * num_warps for 16-bit dtypes). Compiled for sm_90
+# (D % 16 == 0) none spills: the forward needs 110-170 registers, the backward 160-200.
 _FORWARD_TILES = _tiles(
     {"RUNS": 2, "ROWS": 16, "BLOCK_D": 128, "STAGES": 2, "num_warps": 2},
-    {"RUNS": 1, "ROWS": 16, "BLOCK_D": 512, "STAGES": 3, "num_warps": 2},
-    {"RUNS": 1, "ROWS": 16, "BLOCK_D": 512, "STAGES": 4, "num_warps": 2},
-    {"RUNS": 2, "ROWS": 32, "BLOCK_D": 512, "STAGES": 3, "num_warps": 2},
-    {"RUNS": 1, "ROWS": 16, "BLOCK_D": 1024, "STAGES": 3, "num_warps": 4},
-    {"RUNS": 2, "ROWS": 16, "BLOCK_D": 512, "STAGES": 4, "num_warps": 8},
-    {"RUNS": 2, "ROWS": 32, "BLOCK_D": 512, "STAGES": 4, "num_warps": 8},
+    {"RUNS": 3, "ROWS": 16, "BLOCK_D": 512, "STAGES": 3, "num_warps": 2},
+    {"RUNS": 4, "ROWS": 16, "BLOCK_D": 512, "STAGES": 3, "num_warps": 2},
+    {"RUNS": 6, "ROWS": 16, "BLOCK_D": 512, "STAGES": 4, "num_warps": 2},
+    {"RUNS": 4, "ROWS": 16, "BLOCK_D": 1024, "STAGES": 3, "num_warps": 4},
+    {"RUNS": 6, "ROWS": 16, "BLOCK_D": 1024, "STAGES": 3, "num_warps": 4},
+    {"RUNS": 12, "ROWS": 32, "BLOCK_D": 1024, "STAGES": 3, "num_warps": 4},
+    {"RUNS": 6, "ROWS": 16, "BLOCK_D": 512, "STAGES": 4, "num_warps": 8},
 )
 _BACKWARD_TILES = _tiles(
     {"RUNS": 2, "STEPS": 8, "BLOCK_D": 128, "STAGES": 2, "num_warps": 2},
     {"RUNS": 1, "STEPS": 16, "BLOCK_D": 512, "STAGES": 3, "num_warps": 4},
     {"RUNS": 1, "STEPS": 32, "BLOCK_D": 512, "STAGES": 3, "num_warps": 4},
-    {"RUNS": 1, "STEPS": 16, "BLOCK_D": 1024, "STAGES": 3, "num_warps": 8},
+    {"RUNS": 1, "STEPS": 8, "BLOCK_D": 512, "STAGES": 3, "num_warps": 4},
+    {"RUNS": 2, "STEPS": 16, "BLOCK_D": 1024, "STAGES": 3, "num_warps": 8},
+    {"RUNS": 2, "STEPS": 32, "BLOCK_D": 1024, "STAGES": 3, "num_warps": 8},
     {"RUNS": 2, "STEPS": 16, "BLOCK_D": 512, "STAGES": 4, "num_warps": 8},
-    {"RUNS": 2, "STEPS": 32, "BLOCK_D": 512, "STAGES": 3, "num_warps": 8},
-    {"RUNS": 1, "STEPS": 16, "BLOCK_D": 512, "STAGES": 4, "num_warps": 8, "maxnreg": 128},
 )
 _MAX_ROWS = max(c.kwargs["ROWS"] for c in _FORWARD_TILES)
 
