@@ -1,10 +1,12 @@
 """A training run on Ray: the memory service for its tables, then Ray Train workers running the loop."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,13 +80,31 @@ def run_training(config: TrainConfig, *, resume: str | Path | None = None, memor
                                          resources_per_worker={"CPU": _cpus_per_worker(config)}),
             run_config=RunConfig(name=output_dir.name, storage_path=str(output_dir.parent / "ray_train")),
         )
-        result = trainer.fit()
+        with _sigint_handler_kept():
+            result = trainer.fit()
         if result.error:
             raise result.error
         return json.loads((output_dir / SUMMARY_FILE).read_text())
     finally:
         if owns_memory:
             memory.close()
+
+
+@contextlib.contextmanager
+def _sigint_handler_kept():
+    """Put the caller's SIGINT handler back after ``fit()``, which replaces it for good.
+
+    Ray Train's handler closes over the run's TrainController handle, so while it is installed the
+    controller actor outlives the run until the driver disconnects; then its kill races the raylet's
+    own shutdown and the controller can be left behind, orphaned. Dropping the handler frees the handle:
+    Ray ends the controller with the run, while the cluster is still up to see it done.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is not previous:  # fit() installs one only on the main thread
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
 def _cpus_per_worker(config: TrainConfig) -> int:

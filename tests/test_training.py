@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 
 import numpy as np
 import pytest
@@ -108,7 +109,10 @@ def test_two_workers_on_half_batches_equal_one_worker_on_the_whole_batch(ray_clu
         initial_rows = all_rows(handle, config)
     for workers in (1, 2):
         config = tiny_run(tmp_path, num_workers=workers, steps=3, output_dir=str(tmp_path / f"workers{workers}"))
+        sigint = signal.getsignal(signal.SIGINT)
         summary = run_training(config)
+        # Ray Train's own handler would hold the run's TrainController, alive until the session's teardown.
+        assert signal.getsignal(signal.SIGINT) is sigint, "run_training must put the SIGINT handler back"
         state = load_trainer_state(summary["checkpoint"])
         with memory_service(deploy_from_checkpoint(str(memory_checkpoint(summary["checkpoint"])), 2, NAMESPACE)) as h:
             results[workers] = (state.model, all_rows(h, config))
