@@ -32,7 +32,19 @@ def connect_ray(address: str | None, shards: int) -> None:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, namespace=NAMESPACE, log_to_driver=True,
-                 resources={SHARD_RESOURCE: max(8, shards)})
+                 resources={SHARD_RESOURCE: max(8, shards)},
+                 runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner})
+
+
+# Ray Train's placement-group cleaner asks the State API every few seconds whether the run's controller
+# is alive. An embedded cluster has no dashboard, hence no State API, and the cleaner warned on every try:
+# over a hundred lines in a demo's output, about nothing that affects the run.
+_PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Run in each worker of the embedded cluster: keep the cleaner's errors, drop its warnings."""
+    logging.getLogger(_PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 @dataclasses.dataclass
