@@ -5,8 +5,8 @@ consecutive steps of one class of one (sequence, branch), plus the halo steps th
 only coupling across D is the RMSNorm (a row's rstd; in the backward also s = sum_D dL/dx_hat *
 x_hat), so a tile makes two passes over D in column chunks: the first reads its rows from DRAM, the
 second finds them in L2. A program walks a run of consecutive tiles (a tile's halo before is the
-previous tile's end), one or two programs an SM, so that the rows awaiting their second pass (about
-80-160 KB a program at D=2560) stay in L2. Nothing is padded to a whole row: registers are constant in D.
+previous tile's end), few programs an SM, so that the rows awaiting their second pass (80 KB or more a
+program at D=2560) stay in L2. Nothing is padded to a whole row: registers are constant in D.
 
 Taps are combined by walking a tile's steps four at a time with [BLOCK_D] vectors, carrying the
 previous three steps in registers: each element is loaded, and each sigmoid evaluated, once a pass.
@@ -49,21 +49,13 @@ BACKWARD_RUNS_PER_SM = 2
 INTERPRETER_RUNS = 8  # runs per branch on the CPU interpreter (tests vary it)
 
 
-def _tiles(*choices: dict) -> list:
-    """``config_choices`` (only the first under the CPU interpreter), each with its optional register cap."""
-    configs = config_choices(*({k: v for k, v in c.items() if k != "maxnreg"} for c in choices))
-    for config, choice in zip(configs, choices):
-        config.maxnreg = choice.get("maxnreg")
-    return configs
-
-
 # Shapes to autotune. The first of each list is the CPU interpreter's: small tiles and 128 columns, so
 # that small tests cover several tiles, runs and chunks. The kernels are close to bound by instruction
 # issue, so most choices give a thread 4 or 8 values of a row (BLOCK_D = 128 or 256 * num_warps: the
 # row's index and mask work is shared by them); the walk's loads are software-pipelined (cp.async) only
 # with >= 4 bytes a thread (BLOCK_D >= 64 * num_warps for 16-bit dtypes). Compiled for sm_90
 # (D % 16 == 0) none spills: the forward needs 110-170 registers, the backward 160-200.
-_FORWARD_TILES = _tiles(
+_FORWARD_TILES = config_choices(
     {"RUNS": 2, "ROWS": 16, "BLOCK_D": 128, "STAGES": 2, "num_warps": 2},
     {"RUNS": 3, "ROWS": 16, "BLOCK_D": 512, "STAGES": 3, "num_warps": 2},
     {"RUNS": 4, "ROWS": 16, "BLOCK_D": 512, "STAGES": 3, "num_warps": 2},
@@ -73,7 +65,7 @@ _FORWARD_TILES = _tiles(
     {"RUNS": 12, "ROWS": 32, "BLOCK_D": 1024, "STAGES": 3, "num_warps": 4},
     {"RUNS": 6, "ROWS": 16, "BLOCK_D": 512, "STAGES": 4, "num_warps": 8},
 )
-_BACKWARD_TILES = _tiles(
+_BACKWARD_TILES = config_choices(
     {"RUNS": 2, "STEPS": 8, "BLOCK_D": 128, "STAGES": 2, "num_warps": 2},
     {"RUNS": 1, "STEPS": 16, "BLOCK_D": 512, "STAGES": 3, "num_warps": 4},
     {"RUNS": 1, "STEPS": 32, "BLOCK_D": 512, "STAGES": 3, "num_warps": 4},
@@ -86,7 +78,7 @@ _MAX_ROWS = max(c.kwargs["ROWS"] for c in _FORWARD_TILES)
 
 
 # On the GPU the sigmoid takes the hardware's approximate exp2 and reciprocal (flush-to-zero, about 2 ulp):
-# the IEEE-safe forms cost three times the instructions, and these kernels are bound by instruction issue.
+# the range-checked forms cost twice the instructions, and these kernels are close to bound by issue.
 # The CPU interpreter cannot run inline PTX and takes the plain form.
 _FAST_SIGMOID = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 _LOG2_E = tl.constexpr(1.4426950408889634)
