@@ -32,11 +32,16 @@ def programs_and_chunk(total: int, target_programs: int = 512) -> tuple[int, int
     return -(-total // chunk), chunk
 
 
+def interpreting() -> bool:
+    """Whether Triton runs on the CPU interpreter (``TRITON_INTERPRET=1``), where no GPU code runs."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def warp_choices(*num_warps: int) -> list:
     """Autotuning choices of ``num_warps``; only the first under the CPU interpreter, where timing means nothing."""
     import triton  # here, not at module level: importing ``kernels`` must not import Triton
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         num_warps = num_warps[:1]
     return [triton.Config({}, num_warps=w) for w in num_warps]
 
@@ -45,7 +50,7 @@ def config_choices(*choices: dict) -> list:
     """Autotuning choices, each its meta-parameters plus ``num_warps``; only the first under the CPU interpreter."""
     import triton  # here, not at module level: importing ``kernels`` must not import Triton
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         choices = choices[:1]
     return [triton.Config({k: v for k, v in c.items() if k != "num_warps"}, num_warps=c["num_warps"])
             for c in choices]

@@ -28,14 +28,13 @@ zero-padded in front.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import config_choices
+from kernels.dispatch import config_choices, interpreting
 
 TAPS = 4
 # A branch's tiles are split into runs of consecutive tiles, *_RUNS_PER_SM * SMs / hc of them; a program
@@ -80,7 +79,7 @@ _MAX_ROWS = max(c.kwargs["ROWS"] for c in _FORWARD_TILES)
 # On the GPU the sigmoid takes the hardware's approximate exp2 and reciprocal (flush-to-zero, about 2 ulp):
 # the range-checked forms cost twice the instructions, and these kernels are close to bound by issue.
 # The CPU interpreter cannot run inline PTX and takes the plain form.
-_FAST_SIGMOID = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+_FAST_SIGMOID = tl.constexpr(not interpreting())
 _LOG2_E = tl.constexpr(1.4426950408889634)
 
 
