@@ -1,26 +1,21 @@
 """Triton short conv: RMSNorm, causal dilated depthwise conv, SiLU and residual, forward and backward.
 
-The taps of time step t all lie in its residue class t % dilation, so the work is cut into tiles:
-consecutive steps of one class of one (sequence, branch), plus the halo steps the taps reach. The
-only coupling across D is the RMSNorm (a row's rstd; in the backward also s = sum_D dL/dx_hat *
-x_hat), so a tile makes two passes over D in column chunks: the first reads its rows from DRAM, the
-second finds them in L2. A program walks a run of consecutive tiles (a tile's halo before is the
-previous tile's end), few programs an SM, so that the rows awaiting their second pass (80 KB or more a
-program at D=2560) stay in L2. Nothing is padded to a whole row: registers are constant in D.
+The taps of time step t all lie in its residue class t % dilation, so each (sequence, class) is a
+chain of steps that a program walks in order, holding whole rows of D in registers: a row is read
+from DRAM once and written once, with no second pass. The only coupling across D is the RMSNorm (a
+row's rstd; in the backward also s = sum_D dL/dx_hat * x_hat), one reduction over the row a step.
 
-Taps are combined by walking a tile's steps four at a time with [BLOCK_D] vectors, carrying the
-previous three steps in registers: each element is loaded, and each sigmoid evaluated, once a pass.
-One software-pipelined loop runs over all (column chunk, group of four steps), so loads stay in
-flight across chunk edges.
-
-- Forward, tiles of ROWS - 3 steps plus 3 before: pass 1 sums x^2 over [ROWS, columns] blocks and
-  saves rstd (for pass 2 and the backward); pass 2 walks the conv and writes x + SiLU(conv).
-- Backward, tiles of STEPS steps plus 3 before and 3 after: pass 1 walks the conv gradient gc, then
-  dL/dx_hat[t] = sum_k norm_w w_k gc[t + (3-k) d], the row sums s and, per column,
-  P_k = sum_t gc[t] x_hat[t - (3-k) d]; it stashes grad_out + rstd * dL/dx_hat in grad_x, and
-  pass 2 subtracts x rstd^2 s / D (so a 16-bit grad_x is rounded twice). dL/dconv_w[k] = norm_w P_k
-  and dL/dnorm_w = sum_k w_k P_k: each run adds its P into its own partial rows and the host sums
-  the runs' partials (no atomics, deterministic).
+- A branch's chains, laid end to end, are cut into equal ranges, one a program (a few programs an
+  SM, all resident at once); a range that starts or ends inside a chain walks its 3 halo steps too.
+- A row is held as two power-of-two pieces, ``HEAD`` and ``TAIL`` columns (D = 2560: 2048 + 512),
+  so that non-power-of-two D wastes few lanes.
+- Forward: per step, load x, reduce x^2 to rstd (saved for the backward), and with the three
+  previous normalised rows carried in registers write x + SiLU(conv).
+- Backward, walking three steps ahead of the row it finishes: per step, load x and grad_out, form
+  the conv gradient gc (SiLU's derivative), add gc[t] x_hat[t - (3-k) d] into the per-column sums
+  P_k, and finish row t - 3: dL/dx_hat = sum_k w_k gc[t - 3 + (3-k)], s, and grad_x = grad_out +
+  rstd (dL/dx_hat - x_hat s / D). dL/dconv_w[k] = norm_w P_k and dL/dnorm_w = sum_k w_k P_k: each
+  program writes its own partial P and the host sums them (no atomics, deterministic).
 
 The kernels take the taps times norm_w, [hc, 4, D] float32; convs shorter than TAPS (4) are
 zero-padded in front.
@@ -37,48 +32,41 @@ import triton.language as tl
 from kernels.dispatch import config_choices, interpreting
 
 TAPS = 4
-# A branch's tiles are split into runs of consecutive tiles, *_RUNS_PER_SM * SMs / hc of them; a program
-# walks RUNS (autotuned) runs. Each program's current tile awaits its second pass in L2 (16 rows x
-# D=2560 in bfloat16: 80 KB; in the backward x and the stash, 160 KB), and on the H200 the second pass
-# finds them there only while all programs' tiles take up to ~25 MB: the forward's L2 hit rate fell from
-# 64% to 37% at four 80 KB tiles an SM (Nsight Compute). The backward's partials are [hc, runs, 4, D]
-# float32 (~11 MB at D=2560 on 132 SMs).
-FORWARD_RUNS_PER_SM = 12  # RUNS = 3, 4, 6, 12: four, three, two or one program an SM
-BACKWARD_RUNS_PER_SM = 2
-INTERPRETER_RUNS = 8  # runs per branch on the CPU interpreter (tests vary it)
+_HALO = tl.constexpr(TAPS - 1)  # steps before a row that its conv reads
+# Programs a branch: PER_SM (autotuned) * SMs / hc, each walking at least MIN_STEPS_PER_PROGRAM steps
+# (its halo costs 3 of them).
+MIN_STEPS_PER_PROGRAM = 64
+INTERPRETER_PROGRAMS = 4  # programs a branch on the CPU interpreter (tests vary it)
 
-
-# Shapes to autotune. The first of each list is the CPU interpreter's: small tiles and 128 columns, so
-# that small tests cover several tiles, runs and chunks. The kernels are close to bound by instruction
-# issue, so most choices give a thread 4 or 8 values of a row (BLOCK_D = 128 or 256 * num_warps: the
-# row's index and mask work is shared by them); the walk's loads are software-pipelined (cp.async) only
-# with >= 4 bytes a thread (BLOCK_D >= 64 * num_warps for 16-bit dtypes). Compiled for sm_90
-# (D % 16 == 0) none spills: the forward needs 110-170 registers, the backward 160-200.
-_FORWARD_TILES = config_choices(
-    {"RUNS": 2, "ROWS": 16, "BLOCK_D": 128, "STAGES": 2, "num_warps": 2},
-    {"RUNS": 3, "ROWS": 16, "BLOCK_D": 512, "STAGES": 3, "num_warps": 2},
-    {"RUNS": 4, "ROWS": 16, "BLOCK_D": 512, "STAGES": 3, "num_warps": 2},
-    {"RUNS": 6, "ROWS": 16, "BLOCK_D": 512, "STAGES": 4, "num_warps": 2},
-    {"RUNS": 4, "ROWS": 16, "BLOCK_D": 1024, "STAGES": 3, "num_warps": 4},
-    {"RUNS": 6, "ROWS": 16, "BLOCK_D": 1024, "STAGES": 3, "num_warps": 4},
-    {"RUNS": 12, "ROWS": 32, "BLOCK_D": 1024, "STAGES": 3, "num_warps": 4},
-    {"RUNS": 6, "ROWS": 16, "BLOCK_D": 512, "STAGES": 4, "num_warps": 8},
+# Choices to autotune (the first is the CPU interpreter's). A thread holds HEAD+TAIL over 32 *
+# num_warps values of each carried row: the forward carries 3 normalised rows and the 4 taps, the
+# backward 3 rows each of x_hat, gc and grad_out, the 4 taps and the 4 sums P_k.
+_FORWARD_CHOICES = config_choices(
+    {"PER_SM": 1, "STAGES": 2, "num_warps": 2},
+    {"PER_SM": 4, "STAGES": 3, "num_warps": 2},
+    {"PER_SM": 2, "STAGES": 3, "num_warps": 4},
+    {"PER_SM": 2, "STAGES": 4, "num_warps": 4},
+    {"PER_SM": 4, "STAGES": 3, "num_warps": 4},
+    {"PER_SM": 1, "STAGES": 3, "num_warps": 8},
+    {"PER_SM": 1, "STAGES": 5, "num_warps": 8},
+    {"PER_SM": 3, "STAGES": 3, "num_warps": 8},
+    {"PER_SM": 1, "STAGES": 3, "num_warps": 16},
 )
-_BACKWARD_TILES = config_choices(
-    {"RUNS": 2, "STEPS": 8, "BLOCK_D": 128, "STAGES": 2, "num_warps": 2},
-    {"RUNS": 1, "STEPS": 16, "BLOCK_D": 512, "STAGES": 3, "num_warps": 4},
-    {"RUNS": 1, "STEPS": 32, "BLOCK_D": 512, "STAGES": 3, "num_warps": 4},
-    {"RUNS": 1, "STEPS": 8, "BLOCK_D": 512, "STAGES": 3, "num_warps": 4},
-    {"RUNS": 2, "STEPS": 16, "BLOCK_D": 1024, "STAGES": 3, "num_warps": 8},
-    {"RUNS": 2, "STEPS": 32, "BLOCK_D": 1024, "STAGES": 3, "num_warps": 8},
-    {"RUNS": 2, "STEPS": 16, "BLOCK_D": 512, "STAGES": 4, "num_warps": 8},
+_BACKWARD_CHOICES = config_choices(
+    {"PER_SM": 1, "STAGES": 2, "num_warps": 2},
+    {"PER_SM": 1, "STAGES": 3, "num_warps": 8},
+    {"PER_SM": 1, "STAGES": 5, "num_warps": 8},
+    {"PER_SM": 1, "STAGES": 3, "num_warps": 16},
+    {"PER_SM": 1, "STAGES": 4, "num_warps": 16},
+    {"PER_SM": 2, "STAGES": 3, "num_warps": 4},
+    {"PER_SM": 2, "STAGES": 4, "num_warps": 4},
 )
-_MAX_ROWS = max(c.kwargs["ROWS"] for c in _FORWARD_TILES)
+_MAX_BACKWARD_PER_SM = max(c.kwargs["PER_SM"] for c in _BACKWARD_CHOICES)
 
 
 # On the GPU the sigmoid takes the hardware's approximate exp2 and reciprocal (flush-to-zero, about 2 ulp):
-# the range-checked forms cost twice the instructions, and these kernels are close to bound by issue.
-# The CPU interpreter cannot run inline PTX and takes the plain form.
+# the range-checked forms cost twice the instructions. The CPU interpreter cannot run inline PTX and
+# takes the plain form.
 _FAST_SIGMOID = tl.constexpr(not interpreting())
 _LOG2_E = tl.constexpr(1.4426950408889634)
 
@@ -114,115 +102,99 @@ def _row_index(batch, step, residue, branch, seq_len, dilation, HC: tl.constexpr
 
 
 @triton.jit
-def _tile_place(tile, tiles_per_class, dilation):
-    """A tile's sequence, residue class and index within the class (tiles run over batch, class, index)."""
-    return tile // (dilation * tiles_per_class), (tile // tiles_per_class) % dilation, tile % tiles_per_class
+def _program_range(seq_len, batch, dilation):
+    """This program's share of its branch's steps, chains (sequence, class) end to end: ``[lo, hi)``,
+    and the chain length."""
+    steps = tl.cdiv(seq_len, dilation)
+    total = (batch * dilation * steps).to(tl.int64)
+    programs = tl.num_programs(1)
+    return tl.program_id(1) * total // programs, (tl.program_id(1) + 1) * total // programs, steps
 
 
 @triton.jit
-def _run(run, tiles, runs):
-    """Run ``run``'s tiles ``[begin, end)``: an even share of its branch's ``tiles``."""
-    return run * tiles // runs, (run + 1) * tiles // runs
+def _chain(chain, lo, hi, steps, dilation):
+    """Chain ``chain``'s sequence and class, and the steps ``[begin, end)`` of it in ``[lo, hi)``."""
+    begin = tl.maximum(lo - chain * steps, 0).to(tl.int32)
+    end = tl.minimum(hi - chain * steps, steps).to(tl.int32)
+    return (chain // dilation).to(tl.int32), (chain % dilation).to(tl.int32), begin, end
 
 
 @triton.jit
-def _weights(weights_ptr, branch, dim, cols, cmask):
-    """The chunk's tap weights times norm_w (``weights`` is [hc, 4, D]; tap 3 is the current step)."""
+def _zeros3(SIZE: tl.constexpr):
+    """Three rows to carry through a walk, each its own value: Triton finds a loop's carried variables
+    by comparing values before and after the body, so a shift ``r1, r2 = r2, r3`` of rows that start
+    as one value would be dropped from the loop."""
+    return tl.zeros([SIZE], dtype=tl.float32), tl.zeros([SIZE], dtype=tl.float32), tl.zeros([SIZE], dtype=tl.float32)
+
+
+@triton.jit
+def _piece(dim, START: tl.constexpr, SIZE: tl.constexpr):
+    cols = START + tl.arange(0, SIZE)
+    return cols, cols < dim
+
+
+@triton.jit
+def _taps(weights_ptr, branch, dim, cols, mask):
+    """The columns' tap weights times norm_w (``weights`` is [hc, 4, D]; tap 3 is the current step)."""
     base = weights_ptr + branch * 4 * dim + cols
-    return (_load(base, cmask), _load(base + dim, cmask), _load(base + 2 * dim, cmask),
-            _load(base + 3 * dim, cmask))
+    return _load(base, mask), _load(base + dim, mask), _load(base + 2 * dim, mask), _load(base + 3 * dim, mask)
 
 
 @triton.jit
-def _forward_step(x_ptr, scratch, batch, first, row, residue, branch, seq_len, dim, dilation, cols, cmask,
-                  HC: tl.constexpr):
-    """Tile row ``row`` (step ``first + row``): x, its normalised value, offset, and whether it is ours."""
-    index, inside = _row_index(batch, first + row, residue, branch, seq_len, dilation, HC)
-    x = _load(x_ptr + index * dim + cols, _only_if(inside, cmask))
-    return x, x * tl.load(scratch + row), index * dim, inside & (row >= 3)
+def _conv(w0, w1, w2, w3, r1, r2, r3, r4):
+    """sum_k w_k r_{k+1}: the conv of the newest row r4 (and in the backward, dL/dx_hat of the oldest)."""
+    return w0 * r1 + w1 * r2 + w2 * r3 + w3 * r4
 
 
 @triton.jit
-def _forward_out(out_ptr, offset, ours, x, conv, cols, cmask):
+def _conv_push(w0, w1, w2, w3, c1, c2, c3, h):
+    """The conv in transposed form: row ``h`` completes its own step's conv (returned first) and adds
+    to the next three steps' partial convs ``c1..c3`` (returned updated, shifted by one)."""
+    return c1 + w3 * h, c2 + w2 * h, c3 + w1 * h, w0 * h
+
+
+@triton.jit
+def _forward_store(out_ptr, offset, ours, x, conv, cols, mask):
     out = x + conv * _sigmoid(conv)
-    tl.store(out_ptr + offset + cols, out.to(out_ptr.dtype.element_ty), mask=_only_if(ours, cmask))
+    tl.store(out_ptr + offset + cols, out.to(out_ptr.dtype.element_ty), mask=_only_if(ours, mask))
 
 
-@triton.autotune(configs=_FORWARD_TILES, key=["dim", "HC"])
+@triton.autotune(configs=_FORWARD_CHOICES, key=["dim", "HC", "HEAD", "TAIL"])
 @triton.jit
-def _short_conv_forward_kernel(x_ptr, weights_ptr, out_ptr, rstd_ptr, scratch_ptr,
-                               batch, seq_len, dim, dilation, runs, eps,
-                               HC: tl.constexpr, RUNS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+def _short_conv_forward_kernel(x_ptr, weights_ptr, out_ptr, rstd_ptr, batch, seq_len, dim, dilation, eps,
+                               HC: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, PER_SM: tl.constexpr,
                                STAGES: tl.constexpr):
-    # Tile row r is step first + r of the class; rows 0..2 are the halo, rows 3.. are this tile's.
-    STEPS: tl.constexpr = ROWS - 3
-    GROUPS: tl.constexpr = ROWS // 4
-    SUM_D: tl.constexpr = BLOCK_D * 4 // ROWS  # pass 1's blocks hold as many elements as a group of walk rows
     branch = tl.program_id(0)
-    tiles_per_class = tl.cdiv(tl.cdiv(seq_len, dilation), STEPS)
-    tiles = batch * dilation * tiles_per_class
-    first_run = tl.program_id(1) * RUNS
-    begin = _run(first_run, tiles, runs)[0]
-    end = _run(tl.minimum(first_run + RUNS, runs) - 1, tiles, runs)[1]  # this program's runs are one
-    scratch = scratch_ptr + (branch * tl.num_programs(1) + tl.program_id(1)) * ROWS  # the tile's rstd
-    rows = tl.arange(0, ROWS)
-    chunk = tl.arange(0, BLOCK_D)
-    chunks = tl.cdiv(dim, BLOCK_D)
-    for tile in range(begin, end):
-        b, residue, index = _tile_place(tile, tiles_per_class, dilation)
-        first = index * STEPS - 3
-        row_index, inside = _row_index(b, first + rows, residue, branch, seq_len, dilation, HC)
-        # Pass 1: rstd of every tile row, over [ROWS, SUM_D] blocks (many rows in flight).
-        squares = tl.zeros([ROWS], dtype=tl.float32)
-        for start in tl.range(0, dim, SUM_D, num_stages=STAGES):
-            cols = start + tl.arange(0, SUM_D)
-            x = _load(x_ptr + row_index[:, None] * dim + cols[None, :], inside[:, None] & (cols < dim)[None, :])
-            squares += tl.sum(x * x, axis=1)
-        rstd = 1.0 / tl.sqrt(squares / dim + eps)
-        tl.debug_barrier()  # all threads are done with the previous tile's scratch
-        tl.store(scratch + rows, rstd)
-        tl.store(rstd_ptr + row_index, rstd, mask=inside & (rows >= 3))
-        tl.debug_barrier()  # and see this tile's
-        # Pass 2: walk rows 4g..4g+3 (h4..h7 normed) per (chunk, g), carrying rows 4g-3..4g-1 (h1..h3).
-        # Group 0 needs no carried rows: its outputs (rows 0..2) are the halo.
-        w0 = tl.zeros([BLOCK_D], dtype=tl.float32)
-        w1 = w0
-        w2 = w0
-        w3 = w0
-        h1 = w0
-        h2 = w0
-        h3 = w0
-        for step in tl.range(0, chunks * GROUPS, num_stages=STAGES):
-            group = step % GROUPS
-            cols = (step // GROUPS) * BLOCK_D + chunk
-            cmask = cols < dim
-            if group == 0:  # a new chunk
-                w0, w1, w2, w3 = _weights(weights_ptr, branch, dim, cols, cmask)
-            row = group * 4
-            x4, h4, off4, ours4 = _forward_step(x_ptr, scratch, b, first, row, residue, branch, seq_len, dim,
-                                                dilation, cols, cmask, HC)
-            x5, h5, off5, ours5 = _forward_step(x_ptr, scratch, b, first, row + 1, residue, branch, seq_len, dim,
-                                                dilation, cols, cmask, HC)
-            x6, h6, off6, ours6 = _forward_step(x_ptr, scratch, b, first, row + 2, residue, branch, seq_len, dim,
-                                                dilation, cols, cmask, HC)
-            x7, h7, off7, ours7 = _forward_step(x_ptr, scratch, b, first, row + 3, residue, branch, seq_len, dim,
-                                                dilation, cols, cmask, HC)
-            _forward_out(out_ptr, off4, ours4, x4, w0 * h1 + w1 * h2 + w2 * h3 + w3 * h4, cols, cmask)
-            _forward_out(out_ptr, off5, ours5, x5, w0 * h2 + w1 * h3 + w2 * h4 + w3 * h5, cols, cmask)
-            _forward_out(out_ptr, off6, ours6, x6, w0 * h3 + w1 * h4 + w2 * h5 + w3 * h6, cols, cmask)
-            _forward_out(out_ptr, off7, ours7, x7, w0 * h4 + w1 * h5 + w2 * h6 + w3 * h7, cols, cmask)
-            h1, h2, h3 = h5, h6, h7
+    lo, hi, steps = _program_range(seq_len, batch, dilation)
+    a, a_mask = _piece(dim, 0, HEAD)  # the row's two pieces: a (HEAD columns) and b (TAIL)
+    b, b_mask = _piece(dim, HEAD, TAIL)
+    wa0, wa1, wa2, wa3 = _taps(weights_ptr, branch, dim, a, a_mask)
+    wb0, wb1, wb2, wb3 = _taps(weights_ptr, branch, dim, b, b_mask)
+    for chain in range(lo // steps, tl.cdiv(hi, steps)):
+        sequence, residue, begin, end = _chain(chain, lo, hi, steps, dilation)
+        # The next three steps' partial convs (zero before the chain's start: the conv is causal).
+        ca1, ca2, ca3 = _zeros3(HEAD)
+        cb1, cb2, cb3 = _zeros3(TAIL)
+        for step in tl.range(begin - _HALO, end, num_stages=STAGES):
+            index, inside = _row_index(sequence, step, residue, branch, seq_len, dilation, HC)
+            offset = index * dim
+            xa = _load(x_ptr + offset + a, _only_if(inside, a_mask))
+            xb = _load(x_ptr + offset + b, _only_if(inside, b_mask))
+            rstd = 1.0 / tl.sqrt((tl.sum(xa * xa, axis=0) + tl.sum(xb * xb, axis=0)) / dim + eps)
+            ours = inside & (step >= begin)  # not a halo step
+            tl.store(rstd_ptr + index, rstd, mask=ours)
+            conv_a, ca1, ca2, ca3 = _conv_push(wa0, wa1, wa2, wa3, ca1, ca2, ca3, xa * rstd)
+            conv_b, cb1, cb2, cb3 = _conv_push(wb0, wb1, wb2, wb3, cb1, cb2, cb3, xb * rstd)
+            _forward_store(out_ptr, offset, ours, xa, conv_a, a, a_mask)
+            _forward_store(out_ptr, offset, ours, xb, conv_b, b, b_mask)
 
 
 @triton.jit
-def _backward_step(x_ptr, grad_out_ptr, rstd_ptr, batch, first, row, residue, branch, seq_len, dim,
-                   dilation, cols, cmask, HC: tl.constexpr):
-    """Tile row ``row`` (step ``first + row``): normalised x, grad_out and rstd; grad_out only from row 5
-    (the first owned step: the conv gradient before it is not needed), x from row 2."""
-    index, inside = _row_index(batch, first + row, residue, branch, seq_len, dilation, HC)
-    rstd = tl.load(rstd_ptr + index, mask=inside & (row >= 2), other=0.0)
-    x_hat = _load(x_ptr + index * dim + cols, _only_if(inside & (row >= 2), cmask)) * rstd
-    return x_hat, _load(grad_out_ptr + index * dim + cols, _only_if(inside & (row >= 5), cmask)), rstd
+def _carried(row):
+    """``row`` as a new value, to carry one step further. Triton does not software-pipeline a loop in which
+    a loaded value passes unchanged from one carried variable to another (a shift ``r1, r2 = r2, r3``):
+    adding 0.0 makes each carry distance one, at the cost of the move the shift needs anyway."""
+    return row + 0.0
 
 
 @triton.jit
@@ -233,153 +205,94 @@ def _conv_grad(grad_out, conv):
 
 
 @triton.jit
-def _owned(grad, row, STEPS: tl.constexpr):
-    """``grad`` where tile row ``row`` is one of the tile's own steps (rows 5..STEPS+4), else 0."""
-    return tl.where((row >= 5) & (row < STEPS + 5), grad, 0.0)
+def _newest_row(x_ptr, grad_out_ptr, offset, rstd, has_grad, owned, cols, mask, w0, w1, w2, w3, h1, h2, h3,
+                p0, p1, p2, p3):
+    """Load a piece of the newest row: its x_hat, grad_out and conv gradient gc; add gc x_hat[lag] into
+    the sums P_k when the row is the program's (``owned``)."""
+    h4 = _load(x_ptr + offset + cols, mask) * rstd
+    o4 = _load(grad_out_ptr + offset + cols, _only_if(has_grad, mask))
+    g4 = _conv_grad(o4, _conv(w0, w1, w2, w3, h1, h2, h3, h4))
+    q = tl.where(owned, g4, 0.0)
+    return h4, o4, g4, p0 + q * h1, p1 + q * h2, p2 + q * h3, p3 + q * h4
 
 
 @triton.jit
-def _stash(grad_x_ptr, batch, first, row, residue, branch, seq_len, dim, dilation, cols, cmask,
-           grad_out, rstd, grad_x_hat, HC: tl.constexpr, STEPS: tl.constexpr):
-    """grad_x without its row-sum term, for pass 2 to finish."""
-    index, inside = _row_index(batch, first + row, residue, branch, seq_len, dilation, HC)
-    ours = inside & (row >= 5) & (row < STEPS + 5)
-    tl.store(grad_x_ptr + index * dim + cols, (grad_out + rstd * grad_x_hat).to(grad_x_ptr.dtype.element_ty),
-             mask=_only_if(ours, cmask))
+def _grad_x_store(grad_x_ptr, offset, done, grad_out, rstd, x_hat, grad_x_hat, row_sum, cols, mask):
+    grad_x = grad_out + rstd * (grad_x_hat - x_hat * row_sum)
+    tl.store(grad_x_ptr + offset + cols, grad_x.to(grad_x_ptr.dtype.element_ty), mask=_only_if(done, mask))
 
 
 @triton.jit
-def _backward_tile(x_ptr, grad_out_ptr, weights_ptr, rstd_ptr, grad_x_ptr, partial, tile, first_tile, branch,
-                   seq_len, dim, dilation, tiles_per_class,
-                   HC: tl.constexpr, STEPS: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
-    # Tile row r is step first + r: rows 2..4 are the halo before, 5..STEPS+4 the tile's own steps,
-    # STEPS+5..STEPS+7 the halo after (rows 0 and 1 align the groups and are never loaded). Group g
-    # loads rows 4g..4g+3 and computes their conv gradient gc; rows 4g-3..4g then have all of
-    # theirs (rows t..t+3), so the group finishes those: the tile's steps 4(g-2)..4(g-2)+3.
-    GROUPS: tl.constexpr = STEPS // 4 + 2
-    TILE_D: tl.constexpr = BLOCK_D * 8 // STEPS  # pass 2's blocks hold as many elements as 8 walk rows
-    chunk = tl.arange(0, BLOCK_D)
-    quads = tl.arange(0, STEPS // 4)[:, None]
-    b, residue, index = _tile_place(tile, tiles_per_class, dilation)
-    first = index * STEPS - 5
-    # Pass 1. Carried from group to group: normed x (h), conv gradient (g), grad_out (o) and rstd (r)
-    # of rows 4g-3..4g-1; P_k (p) over the chunk's tile rows.
-    row_sums = tl.zeros([STEPS // 4, 4], dtype=tl.float32)  # s of the tile's steps; step = 4 * row + col
-    w0 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    w1 = w0
-    w2 = w0
-    w3 = w0
-    p0 = w0
-    p1 = w0
-    p2 = w0
-    p3 = w0
-    h1 = w0
-    h2 = w0
-    h3 = w0
-    g1 = w0
-    g2 = w0
-    g3 = w0
-    o1 = w0
-    o2 = w0
-    o3 = w0
-    r1 = 0.0
-    r2 = 0.0
-    r3 = 0.0
-    for step in tl.range(0, tl.cdiv(dim, BLOCK_D) * GROUPS, num_stages=STAGES):
-        group = step % GROUPS
-        cols = (step // GROUPS) * BLOCK_D + chunk
-        cmask = cols < dim
-        if group == 0:  # a new chunk
-            w0, w1, w2, w3 = _weights(weights_ptr, branch, dim, cols, cmask)
-            p0 = tl.zeros([BLOCK_D], dtype=tl.float32)
-            p1 = p0
-            p2 = p0
-            p3 = p0
-        # Rows 4g-4+k for k = 4..7 are loaded now (h: normed x, o: grad_out, r: rstd); k = 1..3 are carried.
-        row = group * 4
-        h4, o4, r4 = _backward_step(x_ptr, grad_out_ptr, rstd_ptr, b, first, row, residue, branch, seq_len,
-                                    dim, dilation, cols, cmask, HC)
-        h5, o5, r5 = _backward_step(x_ptr, grad_out_ptr, rstd_ptr, b, first, row + 1, residue, branch, seq_len,
-                                    dim, dilation, cols, cmask, HC)
-        h6, o6, r6 = _backward_step(x_ptr, grad_out_ptr, rstd_ptr, b, first, row + 2, residue, branch, seq_len,
-                                    dim, dilation, cols, cmask, HC)
-        h7, o7, r7 = _backward_step(x_ptr, grad_out_ptr, rstd_ptr, b, first, row + 3, residue, branch, seq_len,
-                                    dim, dilation, cols, cmask, HC)
-        # Conv gradients g4..g7 (zero before row 5, where grad_out is not loaded).
-        g4 = _conv_grad(o4, w0 * h1 + w1 * h2 + w2 * h3 + w3 * h4)
-        g5 = _conv_grad(o5, w0 * h2 + w1 * h3 + w2 * h4 + w3 * h5)
-        g6 = _conv_grad(o6, w0 * h3 + w1 * h4 + w2 * h5 + w3 * h6)
-        g7 = _conv_grad(o7, w0 * h4 + w1 * h5 + w2 * h6 + w3 * h7)
-        # P_k += gc[t] * x_hat[t - lag] over the tile's own rows t (those after it are the next tile's).
-        q4 = _owned(g4, row, STEPS)
-        q5 = _owned(g5, row + 1, STEPS)
-        q6 = _owned(g6, row + 2, STEPS)
-        q7 = _owned(g7, row + 3, STEPS)
-        p3 += q4 * h4 + q5 * h5 + q6 * h6 + q7 * h7
-        p2 += q4 * h3 + q5 * h4 + q6 * h5 + q7 * h6
-        p1 += q4 * h2 + q5 * h3 + q6 * h4 + q7 * h5
-        p0 += q4 * h1 + q5 * h2 + q6 * h3 + q7 * h4
-        # Rows 4g-3..4g: dL/dx_hat = sum_k norm_w w_k gc[t + 3 - k]; stash grad_x without its s term.
-        d1 = w3 * g1 + w2 * g2 + w1 * g3 + w0 * g4
-        d2 = w3 * g2 + w2 * g3 + w1 * g4 + w0 * g5
-        d3 = w3 * g3 + w2 * g4 + w1 * g5 + w0 * g6
-        d4 = w3 * g4 + w2 * g5 + w1 * g6 + w0 * g7
-        _stash(grad_x_ptr, b, first, row - 3, residue, branch, seq_len, dim, dilation, cols, cmask, o1, r1, d1,
-               HC, STEPS)
-        _stash(grad_x_ptr, b, first, row - 2, residue, branch, seq_len, dim, dilation, cols, cmask, o2, r2, d2,
-               HC, STEPS)
-        _stash(grad_x_ptr, b, first, row - 1, residue, branch, seq_len, dim, dilation, cols, cmask, o3, r3, d3,
-               HC, STEPS)
-        _stash(grad_x_ptr, b, first, row, residue, branch, seq_len, dim, dilation, cols, cmask, o4, r4, d4,
-               HC, STEPS)
-        # Their row sums s, one reduction for all four: (i, j) of the joined pairs is row 4g-3 + 2i + j.
-        pairs = tl.join(tl.join(d1 * h1, d3 * h3), tl.join(d2 * h2, d4 * h4))
-        row_sums += tl.where(quads == group - 2, tl.sum(tl.reshape(pairs, [BLOCK_D, 4]), axis=0)[None, :], 0.0)
-        if group == GROUPS - 1:  # the chunk's last group: add its P to the run's sums
-            keep = _only_if(tile > first_tile, cmask)
-            tl.store(partial + cols, p0 + _load(partial + cols, keep), mask=cmask)
-            tl.store(partial + dim + cols, p1 + _load(partial + dim + cols, keep), mask=cmask)
-            tl.store(partial + 2 * dim + cols, p2 + _load(partial + 2 * dim + cols, keep), mask=cmask)
-            tl.store(partial + 3 * dim + cols, p3 + _load(partial + 3 * dim + cols, keep), mask=cmask)
-        h1, h2, h3 = h5, h6, h7
-        g1, g2, g3 = g5, g6, g7
-        o1, o2, o3 = o5, o6, o7
-        r1, r2, r3 = r5, r6, r7
-    tl.debug_barrier()  # the stashes are visible to every thread
-    # Pass 2: grad_x = stash - x * rstd^2 * s / D over [STEPS, TILE_D] blocks of the tile's steps.
-    row_index, inside = _row_index(b, first + 5 + tl.arange(0, STEPS), residue, branch, seq_len, dilation, HC)
-    rstd = tl.load(rstd_ptr + row_index, mask=inside, other=0.0)
-    coef = (rstd * rstd * tl.reshape(row_sums, [STEPS]) / dim)[:, None]
-    offsets = row_index[:, None] * dim
-    for start in tl.range(0, dim, TILE_D, num_stages=STAGES):
-        cols = (start + tl.arange(0, TILE_D))[None, :]
-        mask = inside[:, None] & (cols < dim)
-        grad_x = _load(grad_x_ptr + offsets + cols, mask) - _load(x_ptr + offsets + cols, mask) * coef
-        tl.store(grad_x_ptr + offsets + cols, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+def _store_sums(partial, cols, mask, dim, p0, p1, p2, p3):
+    tl.store(partial + cols, p0, mask=mask)
+    tl.store(partial + dim + cols, p1, mask=mask)
+    tl.store(partial + 2 * dim + cols, p2, mask=mask)
+    tl.store(partial + 3 * dim + cols, p3, mask=mask)
 
 
-@triton.autotune(configs=_BACKWARD_TILES, key=["dim", "HC"])
+@triton.autotune(configs=_BACKWARD_CHOICES, key=["dim", "HC", "HEAD", "TAIL"])
 @triton.jit
-def _short_conv_backward_kernel(x_ptr, grad_out_ptr, weights_ptr, rstd_ptr, grad_x_ptr, partial_ptr,
-                                batch, seq_len, dim, dilation, runs,
-                                HC: tl.constexpr, RUNS: tl.constexpr, STEPS: tl.constexpr,
-                                BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
+def _short_conv_backward_kernel(x_ptr, grad_out_ptr, weights_ptr, rstd_ptr, grad_x_ptr, partial_ptr, partial_rows,
+                                batch, seq_len, dim, dilation,
+                                HC: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, PER_SM: tl.constexpr,
+                                STAGES: tl.constexpr):
     branch = tl.program_id(0)
-    tiles_per_class = tl.cdiv(tl.cdiv(seq_len, dilation), STEPS)
-    tiles = batch * dilation * tiles_per_class
-    first_run = tl.program_id(1) * RUNS
-    for run in range(first_run, tl.minimum(first_run + RUNS, runs)):
-        begin, end = _run(run, tiles, runs)
-        # The run's sums P_k over its tiles, [4, D] (k = tap; the lag is 3 - k).
-        partial = partial_ptr + (branch * runs + run).to(tl.int64) * 4 * dim
-        if begin == end:  # more runs than tiles: the host sums every run's partials
-            for start in range(0, dim, BLOCK_D):
-                cols = start + tl.arange(0, BLOCK_D)
-                for tap in range(4):
-                    tl.store(partial + tap * dim + cols, tl.zeros([BLOCK_D], dtype=tl.float32), mask=cols < dim)
-        for tile in range(begin, end):
-            _backward_tile(x_ptr, grad_out_ptr, weights_ptr, rstd_ptr, grad_x_ptr, partial, tile, begin, branch,
-                           seq_len, dim, dilation, tiles_per_class, HC, STEPS, BLOCK_D, STAGES)
+    lo, hi, steps = _program_range(seq_len, batch, dilation)
+    a, a_mask = _piece(dim, 0, HEAD)
+    b, b_mask = _piece(dim, HEAD, TAIL)
+    wa0, wa1, wa2, wa3 = _taps(weights_ptr, branch, dim, a, a_mask)
+    wb0, wb1, wb2, wb3 = _taps(weights_ptr, branch, dim, b, b_mask)
+    # The program's sums P_k over its steps, per column (k = tap; the lag is 3 - k).
+    pa0 = tl.zeros([HEAD], dtype=tl.float32)
+    pa1 = pa0
+    pa2 = pa0
+    pa3 = pa0
+    pb0 = tl.zeros([TAIL], dtype=tl.float32)
+    pb1 = pb0
+    pb2 = pb0
+    pb3 = pb0
+    for chain in range(lo // steps, tl.cdiv(hi, steps)):
+        sequence, residue, begin, end = _chain(chain, lo, hi, steps, dilation)
+        # Rows step-3..step-1, carried: x_hat (h), gc (g) and grad_out (o).
+        ha1, ha2, ha3 = _zeros3(HEAD)
+        ga1, ga2, ga3 = _zeros3(HEAD)
+        oa1, oa2, oa3 = _zeros3(HEAD)
+        hb1, hb2, hb3 = _zeros3(TAIL)
+        gb1, gb2, gb3 = _zeros3(TAIL)
+        ob1, ob2, ob3 = _zeros3(TAIL)
+        # x from 3 steps before the range (their x_hat feed its convs), grad_out from its start (gc
+        # before it is not needed), both until 3 steps after it (their gc feed its last rows' dL/dx_hat).
+        for step in tl.range(begin - _HALO, end + _HALO, num_stages=STAGES):
+            index, inside = _row_index(sequence, step, residue, branch, seq_len, dilation, HC)
+            offset = index * dim
+            rstd = tl.load(rstd_ptr + index, mask=inside, other=0.0)
+            has_grad = inside & (step >= begin)
+            owned = step < end
+            ha4, oa4, ga4, pa0, pa1, pa2, pa3 = _newest_row(
+                x_ptr, grad_out_ptr, offset, rstd, has_grad, owned, a, _only_if(inside, a_mask),
+                wa0, wa1, wa2, wa3, ha1, ha2, ha3, pa0, pa1, pa2, pa3)
+            hb4, ob4, gb4, pb0, pb1, pb2, pb3 = _newest_row(
+                x_ptr, grad_out_ptr, offset, rstd, has_grad, owned, b, _only_if(inside, b_mask),
+                wb0, wb1, wb2, wb3, hb1, hb2, hb3, pb0, pb1, pb2, pb3)
+            # Row step-3 has all its conv gradients now: finish it.
+            da = _conv(wa3, wa2, wa1, wa0, ga1, ga2, ga3, ga4)
+            db = _conv(wb3, wb2, wb1, wb0, gb1, gb2, gb3, gb4)
+            row_sum = (tl.sum(da * ha1, axis=0) + tl.sum(db * hb1, axis=0)) / dim
+            done_index, done_inside = _row_index(sequence, step - _HALO, residue, branch, seq_len, dilation, HC)
+            done = done_inside & (step - _HALO >= begin)
+            # Loaded again, not carried: a loaded value carried to later steps stops Triton pipelining the loads.
+            done_rstd = tl.load(rstd_ptr + done_index, mask=done, other=0.0)
+            _grad_x_store(grad_x_ptr, done_index * dim, done, oa1, done_rstd, ha1, da, row_sum, a, a_mask)
+            _grad_x_store(grad_x_ptr, done_index * dim, done, ob1, done_rstd, hb1, db, row_sum, b, b_mask)
+            ha1, ha2, ha3 = _carried(ha2), _carried(ha3), ha4
+            hb1, hb2, hb3 = _carried(hb2), _carried(hb3), hb4
+            ga1, ga2, ga3 = _carried(ga2), _carried(ga3), ga4
+            gb1, gb2, gb3 = _carried(gb2), _carried(gb3), gb4
+            oa1, oa2, oa3 = _carried(oa2), _carried(oa3), oa4
+            ob1, ob2, ob3 = _carried(ob2), _carried(ob3), ob4
+    partial = partial_ptr + (branch * partial_rows + tl.program_id(1)).to(tl.int64) * 4 * dim
+    _store_sums(partial, a, a_mask, dim, pa0, pa1, pa2, pa3)
+    _store_sums(partial, b, b_mask, dim, pb0, pb1, pb2, pb3)
 
 
 @functools.cache
@@ -387,11 +300,19 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _launch(value: torch.Tensor, runs_per_sm: int) -> tuple[int, object]:
-    """Runs per branch, and the grid: (branch, program), a program taking ``RUNS`` runs."""
-    runs = runs_per_sm * _sm_count(value.device.index) if value.is_cuda else INTERPRETER_RUNS
-    runs = max(1, -(-runs // value.shape[2]))
-    return runs, lambda meta: (value.shape[2], triton.cdiv(runs, meta["RUNS"]))
+def _programs(value: torch.Tensor, dilation: int, programs_per_sm: int) -> int:
+    """Programs a branch: all resident at once, each with at least MIN_STEPS_PER_PROGRAM steps."""
+    if not value.is_cuda:
+        return INTERPRETER_PROGRAMS
+    batch, seq_len, hc, _ = value.shape
+    steps = batch * dilation * -(-seq_len // dilation)
+    return max(1, min(programs_per_sm * _sm_count(value.device.index) // hc, steps // MIN_STEPS_PER_PROGRAM))
+
+
+def _pieces(dim: int) -> dict:
+    """A row's two power-of-two pieces, ``HEAD`` and ``TAIL`` columns, that cover D with little waste."""
+    head = max(1, triton.next_power_of_2(dim) // 2)
+    return {"HEAD": head, "TAIL": triton.next_power_of_2(max(1, dim - head))}
 
 
 def _padded_taps(conv_w: torch.Tensor) -> torch.Tensor:
@@ -415,10 +336,9 @@ class ShortConv(torch.autograd.Function):
         out = torch.empty_like(value)
         rstd = torch.empty(batch, seq_len, hc, dtype=torch.float32, device=value.device)
         if value.numel():
-            runs, grid = _launch(value, FORWARD_RUNS_PER_SM)
-            scratch = torch.empty(hc * runs * _MAX_ROWS, dtype=torch.float32, device=value.device)  # rstd of a tile
-            _short_conv_forward_kernel[grid](value, weights, out, rstd, scratch, batch, seq_len, dim, dilation, runs,
-                                             eps, HC=hc)
+            grid = lambda meta: (hc, _programs(value, dilation, meta["PER_SM"]))  # noqa: E731
+            _short_conv_forward_kernel[grid](value, weights, out, rstd, batch, seq_len, dim, dilation, eps, HC=hc,
+                                             **_pieces(dim))
         ctx.save_for_backward(value, norm_w, taps, weights, rstd)
         return out
 
@@ -428,11 +348,16 @@ class ShortConv(torch.autograd.Function):
         batch, seq_len, hc, dim = value.shape
         grad_value = torch.empty_like(value)
         if value.numel():
-            runs, grid = _launch(value, BACKWARD_RUNS_PER_SM)
-            partial = torch.empty(hc, runs, TAPS, dim, dtype=torch.float32, device=value.device)
-            _short_conv_backward_kernel[grid](value, grad_out.contiguous(), weights, rstd, grad_value, partial,
-                                              batch, seq_len, dim, ctx.dilation, runs, HC=hc)
-            sums = partial.sum(1)  # P_k per branch, [hc, 4, D]
+            # Each program's sums P_k, [hc, programs, 4, D]: sized for the most programs autotuning may pick.
+            partial = torch.empty(hc, _programs(value, ctx.dilation, _MAX_BACKWARD_PER_SM), TAPS, dim,
+                                  dtype=torch.float32, device=value.device)
+            grid = lambda meta: (hc, _programs(value, ctx.dilation, meta["PER_SM"]))  # noqa: E731
+            kernel = _short_conv_backward_kernel
+            kernel[grid](value, grad_out.contiguous(), weights, rstd, grad_value, partial, partial.shape[1],
+                         batch, seq_len, dim,
+                         ctx.dilation, HC=hc, **_pieces(dim))
+            programs = _programs(value, ctx.dilation, kernel.best_config.kwargs["PER_SM"])
+            sums = partial[:, :programs].sum(1)  # P_k per branch, [hc, 4, D]
         else:
             sums = torch.zeros(hc, TAPS, dim, dtype=torch.float32, device=value.device)
         grad_norm_w = (sums * taps).sum(1)

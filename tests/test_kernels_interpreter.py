@@ -87,19 +87,18 @@ def test_engram_gate_clamped_rows_pass_gradient_to_value_only():
 
 @in_this_process
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch, seq, dim, kernel, dilation, runs", [
-    (2, 11, 20, 4, 3, 8),  # a tile per class and direction, D in one masked chunk
-    (2, 17, 20, 3, 1, 8),  # 2 forward and 3 backward tiles a sequence, 3 runs a branch (programs of 2 and 1)
-    (1, 40, 136, 4, 3, 3),  # one run a branch, across classes; D in a full and a masked chunk
-    (2, 2, 136, 2, 3, 8),  # shorter than the halo; class 2 has no step at all
-    (2, 1, 20, 1, 1, 64),  # more runs than tiles: the idle ones still write their (zero) partials
+@pytest.mark.parametrize("batch, seq, dim, kernel, dilation, programs", [
+    (2, 11, 20, 4, 3, 4),  # 6 chains of 4 steps a branch, 6 steps a program: ranges cross chains; D = 16 + 4
+    (2, 17, 20, 3, 1, 3),  # ranges start and end inside chains, with halos on both sides
+    (1, 40, 136, 4, 3, 1),  # one program walks every chain; D = 128 + 8, the tail mostly masked
+    (1, 9, 16, 4, 2, 2),  # D a power of two: two pieces of 8
+    (2, 2, 136, 2, 3, 8),  # shorter than the halo; class 2 has no step at all; idle programs
+    (2, 1, 20, 1, 1, 64),  # more programs than steps: the idle ones still write their (zero) sums
 ])
-def test_short_conv(dtype, batch, seq, dim, kernel, dilation, runs, monkeypatch):
-    # The interpreter's tiles are 13 steps (forward) and 8 (backward), walked in 128 columns; a
-    # branch's tiles are split into runs / hc runs, a program takes two, with halos across tile edges.
+def test_short_conv(dtype, batch, seq, dim, kernel, dilation, programs, monkeypatch):
     import kernels.short_conv_triton as conv_triton
 
-    monkeypatch.setattr(conv_triton, "INTERPRETER_RUNS", runs)
+    monkeypatch.setattr(conv_triton, "INTERPRETER_PROGRAMS", programs)
     check_conv(batch=batch, seq=seq, hc=3, dim=dim, kernel=kernel, dilation=dilation, dtype=dtype, device="cpu")
 
 
