@@ -9,13 +9,16 @@ row's rstd; in the backward also s = sum_D dL/dx_hat * x_hat), one reduction ove
   SM, all resident at once); a range that starts or ends inside a chain walks its 3 halo steps too.
 - A row is held as two power-of-two pieces, ``HEAD`` and ``TAIL`` columns (D = 2560: 2048 + 512),
   so that non-power-of-two D wastes few lanes.
-- Forward: per step, load x, reduce x^2 to rstd (saved for the backward), and with the three
-  previous normalised rows carried in registers write x + SiLU(conv).
+- Forward: per step, load x, reduce x^2 to rstd (saved for the backward), and write x + SiLU(conv),
+  the conv in transposed form: the new row completes its own conv and adds to the partial convs of
+  the next three steps, carried in registers.
 - Backward, walking three steps ahead of the row it finishes: per step, load x and grad_out, form
-  the conv gradient gc (SiLU's derivative), add gc[t] x_hat[t - (3-k) d] into the per-column sums
-  P_k, and finish row t - 3: dL/dx_hat = sum_k w_k gc[t - 3 + (3-k)], s, and grad_x = grad_out +
-  rstd (dL/dx_hat - x_hat s / D). dL/dconv_w[k] = norm_w P_k and dL/dnorm_w = sum_k w_k P_k: each
-  program writes its own partial P and the host sums them (no atomics, deterministic).
+  the conv gradient gc (SiLU's derivative) from the three previous x_hat rows, add gc[t] x_hat[t -
+  (3-k) d] into the per-column sums P_k, and let gc complete dL/dx_hat of row t - 3 (transposed
+  form again). Then finish that row: s, and grad_x = grad_out + rstd (dL/dx_hat - x_hat s / D), its
+  grad_out read again (from L2) rather than carried for three steps. dL/dconv_w[k] = norm_w P_k and
+  dL/dnorm_w = sum_k w_k P_k: each program writes its own partial P and the host sums them (no
+  atomics, deterministic).
 
 The kernels take the taps times norm_w, [hc, 4, D] float32; convs shorter than TAPS (4) are
 zero-padded in front.
@@ -38,28 +41,27 @@ _HALO = tl.constexpr(TAPS - 1)  # steps before a row that its conv reads
 MIN_STEPS_PER_PROGRAM = 64
 INTERPRETER_PROGRAMS = 4  # programs a branch on the CPU interpreter (tests vary it)
 
-# Choices to autotune (the first is the CPU interpreter's). A thread holds HEAD+TAIL over 32 *
-# num_warps values of each carried row: the forward carries 3 normalised rows and the 4 taps, the
-# backward 3 rows each of x_hat, gc and grad_out, the 4 taps and the 4 sums P_k.
+# Choices to autotune (the first is the CPU interpreter's). A thread holds (HEAD + TAIL) / (32 *
+# num_warps) values of each row it carries: the forward 3 partial convs and the 4 taps, the backward
+# 3 rows of x_hat, 3 partial dL/dx_hat, the 4 taps and the 4 sums P_k. On the H200 (sm_90, Triton
+# 3.6) that is about 250 registers at D = 2560 in both (4 warps forward, 8 backward): one or two
+# programs an SM, whose loads the deep software pipeline (STAGES rows in flight) keeps coming.
 _FORWARD_CHOICES = config_choices(
     {"PER_SM": 1, "STAGES": 2, "num_warps": 2},
-    {"PER_SM": 4, "STAGES": 3, "num_warps": 2},
-    {"PER_SM": 2, "STAGES": 3, "num_warps": 4},
-    {"PER_SM": 2, "STAGES": 4, "num_warps": 4},
+    {"PER_SM": 2, "STAGES": 6, "num_warps": 4},
+    {"PER_SM": 2, "STAGES": 8, "num_warps": 4},
     {"PER_SM": 4, "STAGES": 3, "num_warps": 4},
-    {"PER_SM": 1, "STAGES": 3, "num_warps": 8},
-    {"PER_SM": 1, "STAGES": 5, "num_warps": 8},
-    {"PER_SM": 3, "STAGES": 3, "num_warps": 8},
-    {"PER_SM": 1, "STAGES": 3, "num_warps": 16},
+    {"PER_SM": 5, "STAGES": 4, "num_warps": 4},
+    {"PER_SM": 5, "STAGES": 6, "num_warps": 4},
+    {"PER_SM": 4, "STAGES": 3, "num_warps": 2},
 )
 _BACKWARD_CHOICES = config_choices(
     {"PER_SM": 1, "STAGES": 2, "num_warps": 2},
     {"PER_SM": 1, "STAGES": 3, "num_warps": 8},
-    {"PER_SM": 1, "STAGES": 5, "num_warps": 8},
-    {"PER_SM": 1, "STAGES": 3, "num_warps": 16},
-    {"PER_SM": 1, "STAGES": 4, "num_warps": 16},
-    {"PER_SM": 2, "STAGES": 3, "num_warps": 4},
+    {"PER_SM": 1, "STAGES": 4, "num_warps": 8},
+    {"PER_SM": 2, "STAGES": 3, "num_warps": 8},
     {"PER_SM": 2, "STAGES": 4, "num_warps": 4},
+    {"PER_SM": 3, "STAGES": 4, "num_warps": 4},
 )
 _MAX_BACKWARD_PER_SM = max(c.kwargs["PER_SM"] for c in _BACKWARD_CHOICES)
 
@@ -206,20 +208,23 @@ def _conv_grad(grad_out, conv):
 
 @triton.jit
 def _newest_row(x_ptr, grad_out_ptr, offset, rstd, has_grad, owned, cols, mask, w0, w1, w2, w3, h1, h2, h3,
-                p0, p1, p2, p3):
-    """Load a piece of the newest row: its x_hat, grad_out and conv gradient gc; add gc x_hat[lag] into
-    the sums P_k when the row is the program's (``owned``)."""
+                e1, e2, e3, p0, p1, p2, p3):
+    """Take in a piece of the newest row: its x_hat and conv gradient gc; add gc x_hat[lag] into the sums
+    P_k when the row is the program's (``owned``). gc completes dL/dx_hat of the row three steps back
+    (returned second) and adds to the partial ones ``e1..e3`` of the rows after it."""
     h4 = _load(x_ptr + offset + cols, mask) * rstd
-    o4 = _load(grad_out_ptr + offset + cols, _only_if(has_grad, mask))
-    g4 = _conv_grad(o4, _conv(w0, w1, w2, w3, h1, h2, h3, h4))
+    g4 = _conv_grad(_load(grad_out_ptr + offset + cols, _only_if(has_grad, mask)), _conv(w0, w1, w2, w3, h1, h2, h3, h4))
+    grad_x_hat, e1, e2, e3 = _conv_push(w3, w2, w1, w0, e1, e2, e3, g4)
     q = tl.where(owned, g4, 0.0)
-    return h4, o4, g4, p0 + q * h1, p1 + q * h2, p2 + q * h3, p3 + q * h4
+    return h4, grad_x_hat, e1, e2, e3, p0 + q * h1, p1 + q * h2, p2 + q * h3, p3 + q * h4
 
 
 @triton.jit
-def _grad_x_store(grad_x_ptr, offset, done, grad_out, rstd, x_hat, grad_x_hat, row_sum, cols, mask):
-    grad_x = grad_out + rstd * (grad_x_hat - x_hat * row_sum)
-    tl.store(grad_x_ptr + offset + cols, grad_x.to(grad_x_ptr.dtype.element_ty), mask=_only_if(done, mask))
+def _grad_x_store(grad_x_ptr, grad_out_ptr, offset, done, rstd, x_hat, grad_x_hat, row_sum, cols, mask):
+    """grad_x = grad_out + rstd (dL/dx_hat - x_hat s / D); grad_out is loaded again (from L2), not carried."""
+    mask = _only_if(done, mask)
+    grad_x = _load(grad_out_ptr + offset + cols, mask) + rstd * (grad_x_hat - x_hat * row_sum)
+    tl.store(grad_x_ptr + offset + cols, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -253,13 +258,11 @@ def _short_conv_backward_kernel(x_ptr, grad_out_ptr, weights_ptr, rstd_ptr, grad
     pb3 = pb0
     for chain in range(lo // steps, tl.cdiv(hi, steps)):
         sequence, residue, begin, end = _chain(chain, lo, hi, steps, dilation)
-        # Rows step-3..step-1, carried: x_hat (h), gc (g) and grad_out (o).
+        # Carried: x_hat of rows step-3..step-1 (h) and dL/dx_hat of rows step-2..step so far (e).
         ha1, ha2, ha3 = _zeros3(HEAD)
-        ga1, ga2, ga3 = _zeros3(HEAD)
-        oa1, oa2, oa3 = _zeros3(HEAD)
+        ea1, ea2, ea3 = _zeros3(HEAD)
         hb1, hb2, hb3 = _zeros3(TAIL)
-        gb1, gb2, gb3 = _zeros3(TAIL)
-        ob1, ob2, ob3 = _zeros3(TAIL)
+        eb1, eb2, eb3 = _zeros3(TAIL)
         # x from 3 steps before the range (their x_hat feed its convs), grad_out from its start (gc
         # before it is not needed), both until 3 steps after it (their gc feed its last rows' dL/dx_hat).
         for step in tl.range(begin - _HALO, end + _HALO, num_stages=STAGES):
@@ -268,28 +271,22 @@ def _short_conv_backward_kernel(x_ptr, grad_out_ptr, weights_ptr, rstd_ptr, grad
             rstd = tl.load(rstd_ptr + index, mask=inside, other=0.0)
             has_grad = inside & (step >= begin)
             owned = step < end
-            ha4, oa4, ga4, pa0, pa1, pa2, pa3 = _newest_row(
+            ha4, da, ea1, ea2, ea3, pa0, pa1, pa2, pa3 = _newest_row(
                 x_ptr, grad_out_ptr, offset, rstd, has_grad, owned, a, _only_if(inside, a_mask),
-                wa0, wa1, wa2, wa3, ha1, ha2, ha3, pa0, pa1, pa2, pa3)
-            hb4, ob4, gb4, pb0, pb1, pb2, pb3 = _newest_row(
+                wa0, wa1, wa2, wa3, ha1, ha2, ha3, ea1, ea2, ea3, pa0, pa1, pa2, pa3)
+            hb4, db, eb1, eb2, eb3, pb0, pb1, pb2, pb3 = _newest_row(
                 x_ptr, grad_out_ptr, offset, rstd, has_grad, owned, b, _only_if(inside, b_mask),
-                wb0, wb1, wb2, wb3, hb1, hb2, hb3, pb0, pb1, pb2, pb3)
+                wb0, wb1, wb2, wb3, hb1, hb2, hb3, eb1, eb2, eb3, pb0, pb1, pb2, pb3)
             # Row step-3 has all its conv gradients now: finish it.
-            da = _conv(wa3, wa2, wa1, wa0, ga1, ga2, ga3, ga4)
-            db = _conv(wb3, wb2, wb1, wb0, gb1, gb2, gb3, gb4)
             row_sum = (tl.sum(da * ha1, axis=0) + tl.sum(db * hb1, axis=0)) / dim
             done_index, done_inside = _row_index(sequence, step - _HALO, residue, branch, seq_len, dilation, HC)
             done = done_inside & (step - _HALO >= begin)
             # Loaded again, not carried: a loaded value carried to later steps stops Triton pipelining the loads.
             done_rstd = tl.load(rstd_ptr + done_index, mask=done, other=0.0)
-            _grad_x_store(grad_x_ptr, done_index * dim, done, oa1, done_rstd, ha1, da, row_sum, a, a_mask)
-            _grad_x_store(grad_x_ptr, done_index * dim, done, ob1, done_rstd, hb1, db, row_sum, b, b_mask)
+            _grad_x_store(grad_x_ptr, grad_out_ptr, done_index * dim, done, done_rstd, ha1, da, row_sum, a, a_mask)
+            _grad_x_store(grad_x_ptr, grad_out_ptr, done_index * dim, done, done_rstd, hb1, db, row_sum, b, b_mask)
             ha1, ha2, ha3 = _carried(ha2), _carried(ha3), ha4
             hb1, hb2, hb3 = _carried(hb2), _carried(hb3), hb4
-            ga1, ga2, ga3 = _carried(ga2), _carried(ga3), ga4
-            gb1, gb2, gb3 = _carried(gb2), _carried(gb3), gb4
-            oa1, oa2, oa3 = _carried(oa2), _carried(oa3), oa4
-            ob1, ob2, ob3 = _carried(ob2), _carried(ob3), ob4
     partial = partial_ptr + (branch * partial_rows + tl.program_id(1)).to(tl.int64) * 4 * dim
     _store_sums(partial, a, a_mask, dim, pa0, pa1, pa2, pa3)
     _store_sums(partial, b, b_mask, dim, pb0, pb1, pb2, pb3)
