@@ -2,11 +2,12 @@
 
     python -m bench.kernels
 
-Times forward and backward (backward = forward+backward minus forward, so every path is timed the
-same way) as GPU time from CUDA-graph replays behind an L2 flush, at the paper's and the demo's
-shapes in bfloat16, and sets the Triton kernels' achieved
-bytes/s against the card's measured device-to-device copy bandwidth. Prints a table, writes
-``kernels.json`` and ``kernels.png``.
+Times forward and backward as GPU time from CUDA-graph replays behind an L2 flush, at the paper's
+and the demo's shapes in bfloat16, and sets the Triton kernels' achieved bytes/s against the card's
+measured device-to-device copy bandwidth. A backward is forward+backward through autograd minus the
+forward, the same way for every path, except the row gather's: that is ``scatter_row_grads`` into
+float32 row gradients against the reference ``scatter_row_grads_reference``, called directly, as the
+row tables run it. Prints a table, writes ``kernels.json`` and ``kernels.png``.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import argparse
 import logging
 import statistics
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 
@@ -108,53 +110,73 @@ def _sizes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+@dataclass
+class Case:
+    """One kernel at one shape: the Triton path and the reference, with the bytes each pass must move.
+
+    ``backward`` (Triton fn, reference fn, args), when given, is timed on its own instead of through
+    autograd: the row gather's backward as the row tables run it, ``scatter_row_grads`` into float32
+    row gradients. Through autograd the float32 gradient of bfloat16 rows is cast to bfloat16 (a
+    kernel the training step never runs), and torch.compile's reference backward returns bfloat16.
+    """
+
+    name: str
+    fast: Callable
+    reference: Callable
+    inputs: list[torch.Tensor]
+    args: tuple
+    forward_bytes: int
+    backward_bytes: int
+    deterministic: bool = False
+    backward: tuple[Callable, Callable, tuple] | None = None
+
+
 def kernel_cases(tokens, hc, dim, heads, head_dim):
-    """Per kernel: (name, Triton fn, reference fn, differentiable inputs, other args, fwd bytes, bwd bytes,
-    whether to run under torch's deterministic mode)."""
+    """Each kernel's cases at one shape."""
     make = lambda *shape, dtype=DTYPE: torch.randn(*shape, dtype=dtype, device="cuda")  # noqa: E731
     num_rows = tokens * heads // 4
     rows, inverse = make(num_rows, head_dim), torch.randint(0, num_rows, (tokens, heads), device="cuda")
-    embeddings = torch.empty(tokens, heads * head_dim, dtype=DTYPE)
+    embeddings, grad = torch.empty(tokens, heads * head_dim, dtype=DTYPE), make(tokens, heads * head_dim)
     f32_rows = torch.empty(num_rows, head_dim, dtype=torch.float32)
     segments = kernels.row_segments(inverse, num_rows)
     gather_bytes = _sizes(rows, inverse, embeddings), _sizes(embeddings, inverse, f32_rows)
     # As the row tables run it: segments built ahead on a side stream; then without them (float32
     # atomics), and without them under deterministic mode (the backward sorts).
-    yield ("gather_rows", kernels.GatherRows.apply, kernels.gather_rows_reference, [rows],
-           (inverse, DTYPE, segments), *gather_bytes, False)
-    yield ("gather_rows[atomic]", kernels.GatherRows.apply, kernels.gather_rows_reference, [rows],
-           (inverse, DTYPE), *gather_bytes, False)
-    yield ("gather_rows[det]", kernels.GatherRows.apply, kernels.gather_rows_reference, [rows],
-           (inverse, DTYPE), *gather_bytes, True)
+    for name, given, deterministic in (("gather_rows", segments, False), ("gather_rows[atomic]", None, False),
+                                       ("gather_rows[det]", None, True)):
+        backward = (kernels.scatter_row_grads_triton, kernels.scatter_row_grads_reference,
+                    (grad, inverse, num_rows, given))
+        yield Case(name, kernels.GatherRows.apply, kernels.gather_rows_reference, [rows], (inverse, DTYPE, given),
+                   *gather_bytes, deterministic, backward)
 
     key, hidden, value = make(tokens, hc, dim), make(tokens, hc, dim), make(tokens, dim)
     key_w, hidden_w = make(hc, dim, dtype=torch.float32), make(hc, dim, dtype=torch.float32)
-    yield ("engram_gate", kernels.EngramGate.apply, kernels.engram_gate_reference,
-           [key, hidden, value, key_w, hidden_w], (), _sizes(key, hidden, value, key),
-           _sizes(key, hidden, value, key, key, hidden, value), False)
+    yield Case("engram_gate", kernels.EngramGate.apply, kernels.engram_gate_reference,
+               [key, hidden, value, key_w, hidden_w], (), _sizes(key, hidden, value, key),
+               _sizes(key, hidden, value, key, key, hidden, value))
 
     conv_in = make(SEQUENCES, tokens // SEQUENCES, hc, dim)
     norm_w, conv_w = make(hc, dim, dtype=torch.float32), make(hc * dim, CONV_TAPS, dtype=torch.float32)
-    yield ("short_conv", kernels.ShortConv.apply, kernels.short_conv_reference, [conv_in, norm_w, conv_w],
-           (DILATION,), _sizes(conv_in, conv_in), _sizes(conv_in, conv_in, conv_in), False)
+    yield Case("short_conv", kernels.ShortConv.apply, kernels.short_conv_reference, [conv_in, norm_w, conv_w],
+               (DILATION,), _sizes(conv_in, conv_in), _sizes(conv_in, conv_in, conv_in))
 
 
-def time_paths(fast, reference, inputs, args) -> dict[str, tuple[float, float]]:
-    """(forward ms, backward ms) for each path."""
-    leaves = [t.requires_grad_() for t in inputs]
-    compiled = torch.compile(reference)
+def time_paths(case: Case) -> dict[str, tuple[float, float]]:
+    """(forward ms, backward ms) for each path: Triton, and the reference eager and under torch.compile."""
+    leaves = [t.requires_grad_() for t in case.inputs]
+    fast_backward, reference_backward, backward_args = case.backward or (None, None, ())
     results = {}
-    for path, fn in (("triton", fast), ("eager", reference), ("compiled", compiled)):
-        grad_out = torch.randn_like(fn(*leaves, *args))
-
-        def forward():
-            return fn(*leaves, *args)
-
-        def forward_backward():
-            torch.autograd.grad(fn(*leaves, *args), leaves, grad_out)
-
-        fwd, both = median_ms(forward), median_ms(forward_backward)
-        results[path] = (fwd, max(both - fwd, 0.0))
+    for path, fn, backward in (("triton", case.fast, fast_backward),
+                               ("eager", case.reference, reference_backward),
+                               ("compiled", torch.compile(case.reference),
+                                reference_backward and torch.compile(reference_backward))):
+        grad_out = torch.randn_like(fn(*leaves, *case.args))
+        fwd = median_ms(lambda: fn(*leaves, *case.args))
+        if backward is None:  # forward and backward through autograd, less the forward
+            both = median_ms(lambda: torch.autograd.grad(fn(*leaves, *case.args), leaves, grad_out))
+            results[path] = (fwd, max(both - fwd, 0.0))
+        else:
+            results[path] = (fwd, median_ms(lambda: backward(*backward_args)))
     return results
 
 
@@ -185,12 +207,13 @@ def run() -> dict:
     log.info("row_segments (built ahead, off the step): %s ms", segments_ms)
     rows: list[Row] = []
     for config, shape in CONFIGS.items():
-        for name, fast, reference, inputs, args, fwd_bytes, bwd_bytes, deterministic in kernel_cases(*shape):
-            torch.use_deterministic_algorithms(deterministic)
-            times = time_paths(fast, reference, inputs, args)
+        for case in kernel_cases(*shape):
+            torch.use_deterministic_algorithms(case.deterministic)
+            times = time_paths(case)
             torch.use_deterministic_algorithms(False)
-            for i, (direction, moved) in enumerate((("forward", fwd_bytes), ("backward", bwd_bytes))):
-                rows.append(Row(config, name, direction, times["triton"][i], times["eager"][i],
+            passes = (("forward", case.forward_bytes), ("backward", case.backward_bytes))
+            for i, (direction, moved) in enumerate(passes):
+                rows.append(Row(config, case.name, direction, times["triton"][i], times["eager"][i],
                                 times["compiled"][i], moved))
             torch.cuda.empty_cache()
     report = {
