@@ -131,6 +131,7 @@ def _zeros3(SIZE: tl.constexpr):
 
 @triton.jit
 def _piece(dim, START: tl.constexpr, SIZE: tl.constexpr):
+    """One of a row's two pieces: its columns, and which of them are inside D."""
     cols = START + tl.arange(0, SIZE)
     return cols, cols < dim
 
