@@ -250,7 +250,7 @@ def print_table(report: dict) -> None:
 
 def plot(report: dict) -> None:
     rows = report["rows"]
-    labels = [f"{r['config']}\n{r['kernel']}\n{r['direction']}" for r in rows]
+    labels = [f"{r['config']} {r['kernel']} {r['direction']}" for r in rows]
     with figure("kernels", nrows=2, figsize=(14, 8)) as (fig, (speed, band)):
         width = 0.4
         x = range(len(rows))
@@ -259,12 +259,12 @@ def plot(report: dict) -> None:
                   label="vs torch.compile")
         speed.axhline(1.0, color="grey", linewidth=0.8)
         speed.set_ylabel("Triton speed-up")
-        speed.set_xticks(list(x), labels, fontsize=7)
+        speed.set_xticks(list(x), labels, fontsize=7, rotation=60, ha="right")
         speed.legend()
         band.bar(list(x), [100 * r["fraction_of_copy"] for r in rows])
         band.axhline(70, color="red", linewidth=0.8, label="70% target")
         band.set_ylabel("% of copy bandwidth")
-        band.set_xticks(list(x), labels, fontsize=7)
+        band.set_xticks(list(x), labels, fontsize=7, rotation=60, ha="right")
         band.legend()
         fig.suptitle(f"Engram kernels, {report['device']}, {report['dtype']}")
 
