@@ -145,7 +145,7 @@ def _taps(weights_ptr, branch, dim, cols, mask):
 
 @triton.jit
 def _conv(w0, w1, w2, w3, r1, r2, r3, r4):
-    """sum_k w_k r_{k+1}: the conv of the newest row r4 (and in the backward, dL/dx_hat of the oldest)."""
+    """sum_k w_k r_{k+1}: the conv of the newest row r4 from it and the three rows before."""
     return w0 * r1 + w1 * r2 + w2 * r3 + w3 * r4
 
 
@@ -259,7 +259,8 @@ def _short_conv_backward_kernel(x_ptr, grad_out_ptr, weights_ptr, rstd_ptr, grad
     pb3 = pb0
     for chain in range(lo // steps, tl.cdiv(hi, steps)):
         sequence, residue, begin, end = _chain(chain, lo, hi, steps, dilation)
-        # Carried: x_hat of rows step-3..step-1 (h) and dL/dx_hat of rows step-2..step so far (e).
+        # Carried: x_hat of rows step-3..step-1 (h), and their dL/dx_hat so far (e: each still lacks the
+        # conv gradients of the steps from this one on).
         ha1, ha2, ha3 = _zeros3(HEAD)
         ea1, ea2, ea3 = _zeros3(HEAD)
         hb1, hb2, hb3 = _zeros3(TAIL)
