@@ -44,38 +44,42 @@ INTERPRETER_PROGRAMS = 4  # programs a branch on the CPU interpreter (tests vary
 # Choices to autotune (the first is the CPU interpreter's). A thread holds (HEAD + TAIL) / (32 *
 # num_warps) values of each row it carries: the forward 3 partial convs and the 4 taps, the backward
 # 3 rows of x_hat, 3 partial dL/dx_hat, the 4 taps and the 4 sums P_k. On the H200 (sm_90, Triton
-# 3.6) that is about 250 registers at D = 2560 in both (4 warps forward, 8 backward): one or two
-# programs an SM, whose loads the deep software pipeline (STAGES rows in flight) keeps coming.
+# 3.6) that is about 240 registers at D = 2560 in both (4 warps forward, 8 backward): one or two
+# programs an SM, whose loads the deep software pipeline (STAGES rows in flight) keeps coming. 16 warps
+# would halve the registers but not all loads then pipeline (1.6x slower).
 _FORWARD_CHOICES = config_choices(
     {"PER_SM": 1, "STAGES": 2, "num_warps": 2},
     {"PER_SM": 2, "STAGES": 6, "num_warps": 4},
     {"PER_SM": 2, "STAGES": 8, "num_warps": 4},
-    {"PER_SM": 4, "STAGES": 3, "num_warps": 4},
+    {"PER_SM": 4, "STAGES": 8, "num_warps": 4},
     {"PER_SM": 5, "STAGES": 4, "num_warps": 4},
     {"PER_SM": 5, "STAGES": 6, "num_warps": 4},
+    {"PER_SM": 7, "STAGES": 6, "num_warps": 4},
     {"PER_SM": 4, "STAGES": 3, "num_warps": 2},
 )
 _BACKWARD_CHOICES = config_choices(
     {"PER_SM": 1, "STAGES": 2, "num_warps": 2},
     {"PER_SM": 1, "STAGES": 3, "num_warps": 8},
-    {"PER_SM": 1, "STAGES": 4, "num_warps": 8},
+    {"PER_SM": 1, "STAGES": 6, "num_warps": 8},
     {"PER_SM": 2, "STAGES": 3, "num_warps": 8},
+    {"PER_SM": 2, "STAGES": 5, "num_warps": 8},
     {"PER_SM": 2, "STAGES": 4, "num_warps": 4},
+    {"PER_SM": 2, "STAGES": 6, "num_warps": 4},
     {"PER_SM": 3, "STAGES": 4, "num_warps": 4},
 )
 _MAX_BACKWARD_PER_SM = max(c.kwargs["PER_SM"] for c in _BACKWARD_CHOICES)
 
 
-# On the GPU the sigmoid takes the hardware's approximate exp2 and reciprocal (flush-to-zero, about 2 ulp):
-# the range-checked forms cost twice the instructions. The CPU interpreter cannot run inline PTX and
-# takes the plain form.
-_FAST_SIGMOID = tl.constexpr(not interpreting())
+# Inline PTX, on the GPU only (the CPU interpreter cannot run it): the sigmoid takes the hardware's
+# approximate exp2 and reciprocal (flush-to-zero, about 2 ulp), as the range-checked forms cost twice the
+# instructions; a carried row takes a plain move.
+_PTX = tl.constexpr(not interpreting())
 _LOG2_E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
 def _sigmoid(x):
-    if _FAST_SIGMOID:
+    if _PTX:
         e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * -_LOG2_E], dtype=tl.float32,
                                       is_pure=True, pack=1)
         return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=tl.float32,
@@ -97,13 +101,6 @@ def _only_if(condition, mask):
 
 
 @triton.jit
-def _row_index(batch, step, residue, branch, seq_len, dilation, HC: tl.constexpr):
-    """Row of ``[B, T, hc]`` (64-bit) at ``step`` of the residue class, and whether it is in the sequence."""
-    time = residue + step * dilation
-    return (batch * seq_len + time).to(tl.int64) * HC + branch, (step >= 0) & (time < seq_len)
-
-
-@triton.jit
 def _program_range(seq_len, batch, dilation):
     """This program's share of its branch's steps, chains (sequence, class) end to end: ``[lo, hi)``,
     and the chain length."""
@@ -114,11 +111,20 @@ def _program_range(seq_len, batch, dilation):
 
 
 @triton.jit
-def _chain(chain, lo, hi, steps, dilation):
-    """Chain ``chain``'s sequence and class, and the steps ``[begin, end)`` of it in ``[lo, hi)``."""
+def _chain(chain, lo, hi, steps, seq_len, dilation, branch, HC: tl.constexpr):
+    """Chain ``chain``'s steps ``[begin, end)`` in ``[lo, hi)``, how many steps it has inside the sequence,
+    and the row of ``[B, T, hc]`` (64-bit) at its step 0."""
     begin = tl.maximum(lo - chain * steps, 0).to(tl.int32)
     end = tl.minimum(hi - chain * steps, steps).to(tl.int32)
-    return (chain // dilation).to(tl.int32), (chain % dilation).to(tl.int32), begin, end
+    sequence, residue = (chain // dilation).to(tl.int32), (chain % dilation).to(tl.int32)
+    first = (sequence * seq_len + residue).to(tl.int64) * HC + branch
+    return begin, end, tl.cdiv(seq_len - residue, dilation), first
+
+
+@triton.jit
+def _row(first, step, length, dilation, HC: tl.constexpr):
+    """The chain's row at ``step`` (rows ``dilation * hc`` apart), and whether it is in the sequence."""
+    return first + step * (dilation * HC), (step >= 0) & (step < length)
 
 
 @triton.jit
@@ -130,10 +136,21 @@ def _zeros3(SIZE: tl.constexpr):
 
 
 @triton.jit
-def _piece(dim, START: tl.constexpr, SIZE: tl.constexpr):
-    """One of a row's two pieces: its columns, and which of them are inside D."""
+def _piece(dim, START: tl.constexpr, SIZE: tl.constexpr, RAGGED: tl.constexpr):
+    """One of a row's two pieces: its columns, and which of them are inside D (all, known at compile
+    time, unless the piece is ``RAGGED``: no masks to compute a step)."""
     cols = START + tl.arange(0, SIZE)
-    return cols, cols < dim
+    if RAGGED:
+        return cols, cols < dim
+    else:
+        return cols, tl.full([SIZE], True, tl.int1)
+
+
+@triton.jit
+def _row_total(head, tail, HEAD: tl.constexpr, TAIL: tl.constexpr):
+    """Sum of a row held as its two pieces, in one reduction across the program: each thread first folds
+    its head values onto its tail columns (a reshape that keeps them in the thread)."""
+    return tl.sum(tl.sum(tl.reshape(head, [TAIL, HEAD // TAIL]), axis=1) + tail, axis=0)
 
 
 @triton.jit
@@ -165,25 +182,25 @@ def _forward_store(out_ptr, offset, ours, x, conv, cols, mask):
 @triton.autotune(configs=_FORWARD_CHOICES, key=["dim", "HC", "HEAD", "TAIL"])
 @triton.jit
 def _short_conv_forward_kernel(x_ptr, weights_ptr, out_ptr, rstd_ptr, batch, seq_len, dim, dilation, eps,
-                               HC: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, PER_SM: tl.constexpr,
-                               STAGES: tl.constexpr):
+                               HC: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, RAGGED: tl.constexpr,
+                               PER_SM: tl.constexpr, STAGES: tl.constexpr):
     branch = tl.program_id(0)
     lo, hi, steps = _program_range(seq_len, batch, dilation)
-    a, a_mask = _piece(dim, 0, HEAD)  # the row's two pieces: a (HEAD columns) and b (TAIL)
-    b, b_mask = _piece(dim, HEAD, TAIL)
+    a, a_mask = _piece(dim, 0, HEAD, False)  # the row's two pieces: a (HEAD columns) and b (TAIL)
+    b, b_mask = _piece(dim, HEAD, TAIL, RAGGED)
     wa0, wa1, wa2, wa3 = _taps(weights_ptr, branch, dim, a, a_mask)
     wb0, wb1, wb2, wb3 = _taps(weights_ptr, branch, dim, b, b_mask)
     for chain in range(lo // steps, tl.cdiv(hi, steps)):
-        sequence, residue, begin, end = _chain(chain, lo, hi, steps, dilation)
+        begin, end, length, first = _chain(chain, lo, hi, steps, seq_len, dilation, branch, HC)
         # The next three steps' partial convs (zero before the chain's start: the conv is causal).
         ca1, ca2, ca3 = _zeros3(HEAD)
         cb1, cb2, cb3 = _zeros3(TAIL)
         for step in tl.range(begin - _HALO, end, num_stages=STAGES):
-            index, inside = _row_index(sequence, step, residue, branch, seq_len, dilation, HC)
+            index, inside = _row(first, step, length, dilation, HC)
             offset = index * dim
             xa = _load(x_ptr + offset + a, _only_if(inside, a_mask))
             xb = _load(x_ptr + offset + b, _only_if(inside, b_mask))
-            rstd = 1.0 / tl.sqrt((tl.sum(xa * xa, axis=0) + tl.sum(xb * xb, axis=0)) / dim + eps)
+            rstd = 1.0 / tl.sqrt(_row_total(xa * xa, xb * xb, HEAD, TAIL) / dim + eps)
             ours = inside & (step >= begin)  # not a halo step
             tl.store(rstd_ptr + index, rstd, mask=ours)
             conv_a, ca1, ca2, ca3 = _conv_push(wa0, wa1, wa2, wa3, ca1, ca2, ca3, xa * rstd)
@@ -196,8 +213,12 @@ def _short_conv_forward_kernel(x_ptr, weights_ptr, out_ptr, rstd_ptr, batch, seq
 def _carried(row):
     """``row`` as a new value, to carry one step further. Triton does not software-pipeline a loop in which
     a loaded value passes unchanged from one carried variable to another (a shift ``r1, r2 = r2, r3``):
-    adding 0.0 makes each carry distance one, at the cost of the move the shift needs anyway."""
-    return row + 0.0
+    an opaque copy makes each carry distance one, at no cost beyond the move the shift needs anyway (on
+    the GPU a ``mov`` in inline PTX; the interpreter adds 0.0)."""
+    if _PTX:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [row], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return row + 0.0
 
 
 @triton.jit
@@ -240,12 +261,12 @@ def _store_sums(partial, cols, mask, dim, p0, p1, p2, p3):
 @triton.jit
 def _short_conv_backward_kernel(x_ptr, grad_out_ptr, weights_ptr, rstd_ptr, grad_x_ptr, partial_ptr, partial_rows,
                                 batch, seq_len, dim, dilation,
-                                HC: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, PER_SM: tl.constexpr,
-                                STAGES: tl.constexpr):
+                                HC: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, RAGGED: tl.constexpr,
+                                PER_SM: tl.constexpr, STAGES: tl.constexpr):
     branch = tl.program_id(0)
     lo, hi, steps = _program_range(seq_len, batch, dilation)
-    a, a_mask = _piece(dim, 0, HEAD)
-    b, b_mask = _piece(dim, HEAD, TAIL)
+    a, a_mask = _piece(dim, 0, HEAD, False)
+    b, b_mask = _piece(dim, HEAD, TAIL, RAGGED)
     wa0, wa1, wa2, wa3 = _taps(weights_ptr, branch, dim, a, a_mask)
     wb0, wb1, wb2, wb3 = _taps(weights_ptr, branch, dim, b, b_mask)
     # The program's sums P_k over its steps, per column (k = tap; the lag is 3 - k).
@@ -258,7 +279,7 @@ def _short_conv_backward_kernel(x_ptr, grad_out_ptr, weights_ptr, rstd_ptr, grad
     pb2 = pb0
     pb3 = pb0
     for chain in range(lo // steps, tl.cdiv(hi, steps)):
-        sequence, residue, begin, end = _chain(chain, lo, hi, steps, dilation)
+        begin, end, length, first = _chain(chain, lo, hi, steps, seq_len, dilation, branch, HC)
         # Carried: x_hat of rows step-3..step-1 (h), and their dL/dx_hat so far (e: each still lacks the
         # conv gradients of the steps from this one on).
         ha1, ha2, ha3 = _zeros3(HEAD)
@@ -268,7 +289,7 @@ def _short_conv_backward_kernel(x_ptr, grad_out_ptr, weights_ptr, rstd_ptr, grad
         # x from 3 steps before the range (their x_hat feed its convs), grad_out from its start (gc
         # before it is not needed), both until 3 steps after it (their gc feed its last rows' dL/dx_hat).
         for step in tl.range(begin - _HALO, end + _HALO, num_stages=STAGES):
-            index, inside = _row_index(sequence, step, residue, branch, seq_len, dilation, HC)
+            index, inside = _row(first, step, length, dilation, HC)
             offset = index * dim
             rstd = tl.load(rstd_ptr + index, mask=inside, other=0.0)
             has_grad = inside & (step >= begin)
@@ -280,8 +301,8 @@ def _short_conv_backward_kernel(x_ptr, grad_out_ptr, weights_ptr, rstd_ptr, grad
                 x_ptr, grad_out_ptr, offset, rstd, has_grad, owned, b, _only_if(inside, b_mask),
                 wb0, wb1, wb2, wb3, hb1, hb2, hb3, eb1, eb2, eb3, pb0, pb1, pb2, pb3)
             # Row step-3 has all its conv gradients now: finish it.
-            row_sum = (tl.sum(da * ha1, axis=0) + tl.sum(db * hb1, axis=0)) / dim
-            done_index, done_inside = _row_index(sequence, step - _HALO, residue, branch, seq_len, dilation, HC)
+            row_sum = _row_total(da * ha1, db * hb1, HEAD, TAIL) / dim
+            done_index, done_inside = _row(first, step - _HALO, length, dilation, HC)
             done = done_inside & (step - _HALO >= begin)
             # Loaded again, not carried: a loaded value carried to later steps stops Triton pipelining the loads.
             done_rstd = tl.load(rstd_ptr + done_index, mask=done, other=0.0)
@@ -309,9 +330,11 @@ def _programs(value: torch.Tensor, dilation: int, programs_per_sm: int) -> int:
 
 
 def _pieces(dim: int) -> dict:
-    """A row's two power-of-two pieces, ``HEAD`` and ``TAIL`` columns, that cover D with little waste."""
+    """A row's two power-of-two pieces, ``HEAD`` and ``TAIL`` columns, that cover D with little waste;
+    ``RAGGED`` when the tail reaches past D (the head never does)."""
     head = max(1, triton.next_power_of_2(dim) // 2)
-    return {"HEAD": head, "TAIL": triton.next_power_of_2(max(1, dim - head))}
+    tail = triton.next_power_of_2(max(1, dim - head))
+    return {"HEAD": head, "TAIL": tail, "RAGGED": head + tail != dim}
 
 
 def _padded_taps(conv_w: torch.Tensor) -> torch.Tensor:
