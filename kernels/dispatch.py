@@ -1,6 +1,7 @@
-"""Choose between the Triton kernels and the PyTorch references per call, and size the Triton launches."""
+"""Choose between the Triton kernels and the PyTorch references per call, and size and allocate the Triton launches."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -30,6 +31,18 @@ def programs_and_chunk(total: int, target_programs: int = 512) -> tuple[int, int
     """Split ``total`` work items into about ``target_programs`` contiguous chunks: (programs, chunk)."""
     chunk = max(1, -(-total // target_programs))
     return -(-total // chunk), chunk
+
+
+@contextlib.contextmanager
+def written_in_full():
+    """Allocate, inside, tensors that a kernel writes in full: without the NaN fill that deterministic mode
+    gives new tensors (``torch.utils.deterministic.fill_uninitialized_memory``), a wasted pass over them."""
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def interpreting() -> bool:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import config_choices, programs_and_chunk
+from kernels.dispatch import config_choices, programs_and_chunk, written_in_full
 
 MIN_SCORE = 1e-6  # |score| is clamped here before its square root, as in the reference
 STAGES = 3  # chunks in flight per loop: the one computed and two loading
@@ -182,8 +182,9 @@ class EngramGate(torch.autograd.Function):
         key_norm_w, hidden_norm_w = key_norm_w.contiguous(), hidden_norm_w.contiguous()
         ctx.eps = torch.finfo(key.dtype).eps if eps is None else eps
         n_tokens, hc, dim = key.shape
-        out = torch.empty_like(key)
-        stats = torch.empty(n_tokens, hc, 4, dtype=torch.float32, device=key.device)  # gate, cross, key/hidden_self
+        with written_in_full():
+            out = torch.empty_like(key)
+            stats = torch.empty(n_tokens, hc, 4, dtype=torch.float32, device=key.device)  # gate, cross, key/hidden_self
         weights = key_norm_w.float() * hidden_norm_w.float()  # one [hc, D] load per tile instead of two
         if n_tokens:
             _gate_forward_kernel[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]),)](
@@ -197,11 +198,13 @@ class EngramGate(torch.autograd.Function):
         key, hidden, value, key_norm_w, hidden_norm_w, weights, stats = ctx.saved_tensors
         n_tokens, hc, dim = key.shape
         runs, tokens_per_run = programs_and_chunk(n_tokens, BACKWARD_RUNS)
-        grad_key, grad_hidden, grad_value = torch.empty_like(key), torch.empty_like(hidden), torch.empty_like(value)
-        partial = torch.empty(runs, hc, dim, dtype=torch.float32, device=key.device)
+        with written_in_full():
+            grad_key, grad_hidden, grad_value = torch.empty_like(key), torch.empty_like(hidden), torch.empty_like(value)
+            partial = torch.empty(runs, hc, dim, dtype=torch.float32, device=key.device)
         if n_tokens:
             grad_out = grad_out.contiguous()
-            grad_gate = torch.empty(n_tokens, hc, dtype=torch.float32, device=key.device)
+            with written_in_full():
+                grad_gate = torch.empty(n_tokens, hc, dtype=torch.float32, device=key.device)
             shape = {"HC": hc, "HC_P": triton.next_power_of_2(hc), "STAGES": STAGES}
             _gate_value_grad_kernel[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]),)](
                 grad_out, value, stats, grad_value, grad_gate, n_tokens, dim, **shape)

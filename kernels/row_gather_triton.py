@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import config_choices, graph_timed
+from kernels.dispatch import config_choices, graph_timed, written_in_full
 from kernels.row_gather import RowSegments, row_segments
 
 # Rows are short (64-80 values), so a program takes several (token, head) entries. These kernels run
@@ -88,7 +88,8 @@ def gather_rows_triton(unique_rows: torch.Tensor, inverse: torch.Tensor, out_dty
     """Forward only: ``[U, d]`` rows at ``inverse [..., H]`` -> ``[..., H*d]`` in ``out_dtype``."""
     unique_rows, flat_inverse = unique_rows.contiguous(), inverse.reshape(-1).contiguous()
     n_entries, dim = flat_inverse.numel(), unique_rows.shape[1]
-    out = torch.empty(n_entries, dim, dtype=out_dtype, device=unique_rows.device)
+    with written_in_full():
+        out = torch.empty(n_entries, dim, dtype=out_dtype, device=unique_rows.device)
     if n_entries:
         grid = lambda meta: (triton.cdiv(n_entries, meta["BLOCK_R"]),)  # noqa: E731
         _gather_kernel[grid](unique_rows, flat_inverse, out, n_entries, dim, BLOCK_D=triton.next_power_of_2(dim))
@@ -106,7 +107,8 @@ def scatter_row_grads_triton(grad_embeddings: torch.Tensor, inverse: torch.Tenso
     if segments is None and torch.are_deterministic_algorithms_enabled():
         segments = row_segments(flat_inverse, num_rows)
     if segments is not None:
-        row_grads = torch.empty(num_rows, dim, dtype=torch.float32, device=grads.device)
+        with written_in_full():
+            row_grads = torch.empty(num_rows, dim, dtype=torch.float32, device=grads.device)
         if num_rows:
             grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_U"]),)  # noqa: E731
             _segment_sum_kernel[grid](grads, segments.order, segments.offsets, row_grads, num_rows, dim,

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import config_choices, interpreting
+from kernels.dispatch import config_choices, interpreting, written_in_full
 
 TAPS = 4
 _HALO = tl.constexpr(TAPS - 1)  # steps before a row that its conv reads
@@ -357,8 +357,9 @@ class ShortConv(torch.autograd.Function):
         taps = _padded_taps(conv_w).float().reshape(hc, dim, TAPS).transpose(1, 2).contiguous()
         weights = taps * norm_w.float()[:, None, :]
         ctx.dilation, ctx.conv_shape, ctx.conv_dtype = dilation, conv_w.shape, conv_w.dtype
-        out = torch.empty_like(value)
-        rstd = torch.empty(batch, seq_len, hc, dtype=torch.float32, device=value.device)
+        with written_in_full():
+            out = torch.empty_like(value)
+            rstd = torch.empty(batch, seq_len, hc, dtype=torch.float32, device=value.device)
         if value.numel():
             grid = lambda meta: (hc, _programs(value, dilation, meta["PER_SM"]))  # noqa: E731
             _short_conv_forward_kernel[grid](value, weights, out, rstd, batch, seq_len, dim, dilation, eps, HC=hc,
@@ -370,11 +371,14 @@ class ShortConv(torch.autograd.Function):
     def backward(ctx, grad_out):
         value, norm_w, taps, weights, rstd = ctx.saved_tensors
         batch, seq_len, hc, dim = value.shape
-        grad_value = torch.empty_like(value)
+        with written_in_full():
+            grad_value = torch.empty_like(value)
         if value.numel():
-            # Each program's sums P_k, [hc, programs, 4, D]: sized for the most programs autotuning may pick.
-            partial = torch.empty(hc, _programs(value, ctx.dilation, _MAX_BACKWARD_PER_SM), TAPS, dim,
-                                  dtype=torch.float32, device=value.device)
+            # Each program's sums P_k, [hc, programs, 4, D]: sized for the most programs autotuning may pick
+            # (only the rows of the programs launched are written, and read).
+            with written_in_full():
+                partial = torch.empty(hc, _programs(value, ctx.dilation, _MAX_BACKWARD_PER_SM), TAPS, dim,
+                                      dtype=torch.float32, device=value.device)
             grid = lambda meta: (hc, _programs(value, ctx.dilation, meta["PER_SM"]))  # noqa: E731
             kernel = _short_conv_backward_kernel
             kernel[grid](value, grad_out.contiguous(), weights, rstd, grad_value, partial, partial.shape[1],

@@ -187,3 +187,19 @@ def test_forced_backends(monkeypatch):
 def test_bad_input_names_the_field(call, field):
     with pytest.raises(ValueError, match=field):
         call()
+
+
+def test_outputs_written_in_full_skip_deterministic_modes_fill_and_only_they():
+    from kernels.dispatch import written_in_full
+
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.empty(64).isnan().all(), "deterministic mode fills new tensors with NaN"
+        with written_in_full():
+            assert not torch.utils.deterministic.fill_uninitialized_memory
+        assert torch.utils.deterministic.fill_uninitialized_memory
+        with pytest.raises(RuntimeError, match="launch failed"), written_in_full():
+            raise RuntimeError("launch failed")
+        assert torch.utils.deterministic.fill_uninitialized_memory, "restored after an error too"
+    finally:
+        torch.use_deterministic_algorithms(False)
