@@ -44,7 +44,7 @@ INTERPRETER_PROGRAMS = 4  # programs a branch on the CPU interpreter (tests vary
 # Choices to autotune (the first is the CPU interpreter's). A thread holds (HEAD + TAIL) / (32 *
 # num_warps) values of each row it carries: the forward 3 partial convs and the 4 taps, the backward
 # 3 rows of x_hat, 3 partial dL/dx_hat, the 4 taps and the 4 sums P_k. On the H200 (sm_90, Triton
-# 3.6) that is about 240 registers at D = 2560 in both (4 warps forward, 8 backward): one or two
+# 3.6) that is 240 to 250 registers at D = 2560 in both (4 warps forward, 8 backward): one or two
 # programs an SM, whose loads the deep software pipeline (STAGES rows in flight) keeps coming. 16 warps
 # would halve the registers but not all loads then pipeline (1.6x slower).
 _FORWARD_CHOICES = config_choices(

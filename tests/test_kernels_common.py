@@ -1,6 +1,7 @@
 """Shared checks of each Triton kernel against its PyTorch reference, used on CPU and on the GPU.
 
-Also tests the dispatcher itself (which path runs, bad input named), which needs no Triton.
+Also tests the dispatcher itself (which path runs, bad input named, outputs allocated without deterministic
+mode's fill), which needs no Triton.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import kernels
+from kernels.dispatch import written_in_full
 
 # Relative error against a float64 evaluation of the reference: float32 math lands near 1e-7, bf16
 # outputs near 4e-3 (the CPU interpreter truncates to bf16 instead of rounding, doubling that).
@@ -189,9 +191,7 @@ def test_bad_input_names_the_field(call, field):
         call()
 
 
-def test_outputs_written_in_full_skip_deterministic_modes_fill_and_only_they():
-    from kernels.dispatch import written_in_full
-
+def test_written_in_full_skips_deterministic_modes_nan_fill_only_inside():
     torch.use_deterministic_algorithms(True)
     try:
         assert torch.empty(64).isnan().all(), "deterministic mode fills new tensors with NaN"
