@@ -60,13 +60,15 @@ def warp_choices(*num_warps: int) -> list:
 
 
 def config_choices(*choices: dict) -> list:
-    """Autotuning choices, each its meta-parameters plus ``num_warps``; only the first under the CPU interpreter."""
+    """Autotuning choices, each its meta-parameters plus ``num_warps`` (and optionally ``maxnreg``, a cap on
+    registers a thread); only the first under the CPU interpreter."""
     import triton  # here, not at module level: importing ``kernels`` must not import Triton
 
     if interpreting():
         choices = choices[:1]
-    return [triton.Config({k: v for k, v in c.items() if k != "num_warps"}, num_warps=c["num_warps"])
-            for c in choices]
+    launch = ("num_warps", "maxnreg")
+    return [triton.Config({k: v for k, v in c.items() if k not in launch}, num_warps=c["num_warps"],
+                          maxnreg=c.get("maxnreg")) for c in choices]
 
 
 def graph_timed(kernel_call, quantiles):
