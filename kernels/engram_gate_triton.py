@@ -201,10 +201,9 @@ class EngramGate(torch.autograd.Function):
         with written_in_full():
             grad_key, grad_hidden, grad_value = torch.empty_like(key), torch.empty_like(hidden), torch.empty_like(value)
             partial = torch.empty(runs, hc, dim, dtype=torch.float32, device=key.device)
+            grad_gate = torch.empty(n_tokens, hc, dtype=torch.float32, device=key.device)
         if n_tokens:
             grad_out = grad_out.contiguous()
-            with written_in_full():
-                grad_gate = torch.empty(n_tokens, hc, dtype=torch.float32, device=key.device)
             shape = {"HC": hc, "HC_P": triton.next_power_of_2(hc), "STAGES": STAGES}
             _gate_value_grad_kernel[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]),)](
                 grad_out, value, stats, grad_value, grad_gate, n_tokens, dim, **shape)

@@ -376,12 +376,11 @@ class ShortConv(torch.autograd.Function):
         batch, seq_len, hc, dim = value.shape
         with written_in_full():
             grad_value = torch.empty_like(value)
-        if value.numel():
             # Each program's sums P_k, [hc, programs, 4, D]: sized for the most programs autotuning may pick
             # (only the rows of the programs launched are written, and read).
-            with written_in_full():
-                partial = torch.empty(hc, _programs(value, ctx.dilation, _MAX_BACKWARD_PER_SM), TAPS, dim,
-                                      dtype=torch.float32, device=value.device)
+            partial = torch.empty(hc, _programs(value, ctx.dilation, _MAX_BACKWARD_PER_SM), TAPS, dim,
+                                  dtype=torch.float32, device=value.device)
+        if value.numel():
             grid = lambda meta: (hc, _programs(value, ctx.dilation, meta["PER_SM"]))  # noqa: E731
             kernel = _short_conv_backward_kernel
             kernel[grid](value, grad_out.contiguous(), weights, rstd, grad_value, partial, partial.shape[1],
