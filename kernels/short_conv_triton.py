@@ -40,6 +40,7 @@ _HALO = tl.constexpr(TAPS - 1)  # steps before a row that its conv reads
 # (its halo costs 3 of them).
 MIN_STEPS_PER_PROGRAM = 64
 INTERPRETER_PROGRAMS = 4  # programs a branch on the CPU interpreter (tests vary it)
+INDEX_LIMIT = 2**31  # tensors with this many values or more take 64-bit row offsets (tests lower it)
 
 # Choices to autotune (the first is the CPU interpreter's). A thread holds (HEAD + TAIL) / (32 *
 # num_warps) values of each row it carries: the forward 3 partial convs and the 4 taps, the backward
@@ -114,13 +115,16 @@ def _program_range(seq_len, batch, dilation):
 
 
 @triton.jit
-def _chain(chain, lo, hi, steps, seq_len, dilation, branch, HC: tl.constexpr):
+def _chain(chain, lo, hi, steps, seq_len, dilation, branch, HC: tl.constexpr, WIDE: tl.constexpr):
     """Chain ``chain``'s steps ``[begin, end)`` in ``[lo, hi)``, how many steps it has inside the sequence,
-    and the row of ``[B, T, hc]`` (64-bit) at its step 0."""
+    and the row of ``[B, T, hc]`` at its step 0 (64-bit if ``WIDE``: the tensor has 2^31 values or more)."""
     begin = tl.maximum(lo - chain * steps, 0).to(tl.int32)
     end = tl.minimum(hi - chain * steps, steps).to(tl.int32)
     sequence, residue = (chain // dilation).to(tl.int32), (chain % dilation).to(tl.int32)
-    first = (sequence * seq_len + residue).to(tl.int64) * HC + branch
+    first = sequence * seq_len + residue
+    if WIDE:
+        first = first.to(tl.int64)
+    first = first * HC + branch
     return begin, end, tl.cdiv(seq_len - residue, dilation), first
 
 
@@ -186,7 +190,7 @@ def _forward_store(out_ptr, offset, ours, x, conv, cols, mask):
 @triton.jit
 def _short_conv_forward_kernel(x_ptr, weights_ptr, out_ptr, rstd_ptr, batch, seq_len, dim, dilation, eps,
                                HC: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, RAGGED: tl.constexpr,
-                               PER_SM: tl.constexpr, STAGES: tl.constexpr):
+                               WIDE: tl.constexpr, PER_SM: tl.constexpr, STAGES: tl.constexpr):
     branch = tl.program_id(0)
     lo, hi, steps = _program_range(seq_len, batch, dilation)
     a, a_mask = _piece(dim, 0, HEAD, False)  # the row's two pieces: a (HEAD columns) and b (TAIL)
@@ -195,7 +199,7 @@ def _short_conv_forward_kernel(x_ptr, weights_ptr, out_ptr, rstd_ptr, batch, seq
     wa0, wa1, wa2, wa3 = _taps(weights_ptr, branch, dim, a, a_mask)
     wb0, wb1, wb2, wb3 = _taps(weights_ptr, branch, dim, b, b_mask)
     for chain in range(lo // steps, tl.cdiv(hi, steps)):
-        begin, end, length, first = _chain(chain, lo, hi, steps, seq_len, dilation, branch, HC)
+        begin, end, length, first = _chain(chain, lo, hi, steps, seq_len, dilation, branch, HC, WIDE)
         # The next three steps' partial convs (zero before the chain's start: the conv is causal).
         ca1, ca2, ca3 = _zeros3(HEAD)
         cb1, cb2, cb3 = _zeros3(TAIL)
@@ -233,16 +237,18 @@ def _conv_grad(grad_out, conv):
 
 
 @triton.jit
-def _newest_row(x_ptr, grad_out_ptr, offset, rstd, has_grad, owned, cols, mask, w0, w1, w2, w3, h1, h2, h3,
-                e1, e2, e3, p0, p1, p2, p3):
-    """Take in a piece of the newest row: its x_hat and conv gradient gc; add gc x_hat[lag] into the sums
-    P_k when the row is the program's (``owned``). gc completes dL/dx_hat of the row three steps back
-    (returned second) and adds to the partial ones ``e1..e3`` of the rows after it."""
+def _newest_row(x_ptr, grad_out_ptr, offset, rstd, has_grad, cols, mask, w, h, e, p, OWNED: tl.constexpr):
+    """Take in a piece of the newest row: its x_hat and conv gradient gc. gc completes dL/dx_hat of the row
+    three steps back (returned second) and adds to the partial ones ``e`` of the rows after it; if the row is
+    the program's (``OWNED``), gc x_hat[lag] adds into the sums ``p`` (P_k)."""
+    w0, w1, w2, w3 = w
+    h1, h2, h3 = h
     h4 = _load(x_ptr + offset + cols, mask) * rstd
     g4 = _conv_grad(_load(grad_out_ptr + offset + cols, _only_if(has_grad, mask)), _conv(w0, w1, w2, w3, h1, h2, h3, h4))
-    grad_x_hat, e1, e2, e3 = _conv_push(w3, w2, w1, w0, e1, e2, e3, g4)
-    q = tl.where(owned, g4, 0.0)
-    return h4, grad_x_hat, e1, e2, e3, p0 + q * h1, p1 + q * h2, p2 + q * h3, p3 + q * h4
+    grad_x_hat, e1, e2, e3 = _conv_push(w3, w2, w1, w0, e[0], e[1], e[2], g4)
+    if OWNED:
+        p = (p[0] + g4 * h1, p[1] + g4 * h2, p[2] + g4 * h3, p[3] + g4 * h4)
+    return h4, grad_x_hat, (e1, e2, e3), p
 
 
 @triton.jit
@@ -254,11 +260,37 @@ def _grad_x_store(grad_x_ptr, grad_out_ptr, offset, done, rstd, x_hat, grad_x_ha
 
 
 @triton.jit
-def _store_sums(partial, cols, mask, dim, p0, p1, p2, p3):
-    tl.store(partial + cols, p0, mask=mask)
-    tl.store(partial + dim + cols, p1, mask=mask)
-    tl.store(partial + 2 * dim + cols, p2, mask=mask)
-    tl.store(partial + 3 * dim + cols, p3, mask=mask)
+def _backward_step(x_ptr, grad_out_ptr, rstd_ptr, grad_x_ptr, step, begin, first, length, dim, dilation, per_dim,
+                   a, a_mask, b, b_mask, wa, wb, carried, HC: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
+                   OWNED: tl.constexpr):
+    """One step of the walk: take in row ``step`` and finish row ``step - 3``. ``carried`` is, for each piece
+    (a, then b), the x_hat of the last three rows, their partial dL/dx_hat and the sums P_k."""
+    ha, ea, pa, hb, eb, pb = carried
+    index, inside = _row(first, step, length, dilation, HC)
+    offset = index * dim
+    rstd = tl.load(rstd_ptr + index, mask=inside, other=0.0)
+    has_grad = inside & (step >= begin)
+    ha4, da, ea, pa = _newest_row(x_ptr, grad_out_ptr, offset, rstd, has_grad, a, _only_if(inside, a_mask), wa,
+                                  ha, ea, pa, OWNED)
+    hb4, db, eb, pb = _newest_row(x_ptr, grad_out_ptr, offset, rstd, has_grad, b, _only_if(inside, b_mask), wb,
+                                  hb, eb, pb, OWNED)
+    # Row step-3 has all its conv gradients now: finish it.
+    row_sum = _row_total(da * ha[0], db * hb[0], HEAD, TAIL) * per_dim
+    done_index, done_inside = _row(first, step - _HALO, length, dilation, HC)
+    done = done_inside & (step - _HALO >= begin)
+    # Loaded again, not carried: a loaded value carried to later steps stops Triton pipelining the loads.
+    done_rstd = tl.load(rstd_ptr + done_index, mask=done, other=0.0)
+    _grad_x_store(grad_x_ptr, grad_out_ptr, done_index * dim, done, done_rstd, ha[0], da, row_sum, a, a_mask)
+    _grad_x_store(grad_x_ptr, grad_out_ptr, done_index * dim, done, done_rstd, hb[0], db, row_sum, b, b_mask)
+    ha = (_carried(ha[1]), _carried(ha[2]), ha4)
+    hb = (_carried(hb[1]), _carried(hb[2]), hb4)
+    return ha, ea, pa, hb, eb, pb
+
+
+@triton.jit
+def _store_sums(partial, cols, mask, dim, p):
+    for k in tl.static_range(4):
+        tl.store(partial + k * dim + cols, p[k], mask=mask)
 
 
 @triton.autotune(configs=_BACKWARD_CHOICES, key=["dim", "HC", "HEAD", "TAIL"])
@@ -266,58 +298,35 @@ def _store_sums(partial, cols, mask, dim, p0, p1, p2, p3):
 def _short_conv_backward_kernel(x_ptr, grad_out_ptr, weights_ptr, rstd_ptr, grad_x_ptr, partial_ptr, partial_rows,
                                 batch, seq_len, dim, dilation,
                                 HC: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, RAGGED: tl.constexpr,
-                                PER_SM: tl.constexpr, STAGES: tl.constexpr):
+                                WIDE: tl.constexpr, PER_SM: tl.constexpr, STAGES: tl.constexpr):
     branch = tl.program_id(0)
     lo, hi, steps = _program_range(seq_len, batch, dilation)
     a, a_mask = _piece(dim, 0, HEAD, False)
     b, b_mask = _piece(dim, HEAD, TAIL, RAGGED)
     per_dim = 1.0 / dim
-    wa0, wa1, wa2, wa3 = _taps(weights_ptr, branch, dim, a, a_mask)
-    wb0, wb1, wb2, wb3 = _taps(weights_ptr, branch, dim, b, b_mask)
+    wa = _taps(weights_ptr, branch, dim, a, a_mask)
+    wb = _taps(weights_ptr, branch, dim, b, b_mask)
     # The program's sums P_k over its steps, per column (k = tap; the lag is 3 - k).
-    pa0 = tl.zeros([HEAD], dtype=tl.float32)
-    pa1 = pa0
-    pa2 = pa0
-    pa3 = pa0
-    pb0 = tl.zeros([TAIL], dtype=tl.float32)
-    pb1 = pb0
-    pb2 = pb0
-    pb3 = pb0
+    pa = (tl.zeros([HEAD], dtype=tl.float32),) * 4
+    pb = (tl.zeros([TAIL], dtype=tl.float32),) * 4
     for chain in range(lo // steps, tl.cdiv(hi, steps)):
-        begin, end, length, first = _chain(chain, lo, hi, steps, seq_len, dilation, branch, HC)
+        begin, end, length, first = _chain(chain, lo, hi, steps, seq_len, dilation, branch, HC, WIDE)
         # Carried: x_hat of rows step-3..step-1 (h), and their dL/dx_hat so far (e: each still lacks the
         # conv gradients of the steps from this one on).
-        ha1, ha2, ha3 = _zeros3(HEAD)
-        ea1, ea2, ea3 = _zeros3(HEAD)
-        hb1, hb2, hb3 = _zeros3(TAIL)
-        eb1, eb2, eb3 = _zeros3(TAIL)
+        carried = (_zeros3(HEAD), _zeros3(HEAD), pa, _zeros3(TAIL), _zeros3(TAIL), pb)
         # x from 3 steps before the range (their x_hat feed its convs), grad_out from its start (gc
-        # before it is not needed), both until 3 steps after it (their gc feed its last rows' dL/dx_hat).
-        for step in tl.range(begin - _HALO, end + _HALO, num_stages=STAGES):
-            index, inside = _row(first, step, length, dilation, HC)
-            offset = index * dim
-            rstd = tl.load(rstd_ptr + index, mask=inside, other=0.0)
-            has_grad = inside & (step >= begin)
-            owned = step < end
-            ha4, da, ea1, ea2, ea3, pa0, pa1, pa2, pa3 = _newest_row(
-                x_ptr, grad_out_ptr, offset, rstd, has_grad, owned, a, _only_if(inside, a_mask),
-                wa0, wa1, wa2, wa3, ha1, ha2, ha3, ea1, ea2, ea3, pa0, pa1, pa2, pa3)
-            hb4, db, eb1, eb2, eb3, pb0, pb1, pb2, pb3 = _newest_row(
-                x_ptr, grad_out_ptr, offset, rstd, has_grad, owned, b, _only_if(inside, b_mask),
-                wb0, wb1, wb2, wb3, hb1, hb2, hb3, eb1, eb2, eb3, pb0, pb1, pb2, pb3)
-            # Row step-3 has all its conv gradients now: finish it.
-            row_sum = _row_total(da * ha1, db * hb1, HEAD, TAIL) * per_dim
-            done_index, done_inside = _row(first, step - _HALO, length, dilation, HC)
-            done = done_inside & (step - _HALO >= begin)
-            # Loaded again, not carried: a loaded value carried to later steps stops Triton pipelining the loads.
-            done_rstd = tl.load(rstd_ptr + done_index, mask=done, other=0.0)
-            _grad_x_store(grad_x_ptr, grad_out_ptr, done_index * dim, done, done_rstd, ha1, da, row_sum, a, a_mask)
-            _grad_x_store(grad_x_ptr, grad_out_ptr, done_index * dim, done, done_rstd, hb1, db, row_sum, b, b_mask)
-            ha1, ha2, ha3 = _carried(ha2), _carried(ha3), ha4
-            hb1, hb2, hb3 = _carried(hb2), _carried(hb3), hb4
+        # before it is not needed), both until 3 steps after it (their gc feed its last rows' dL/dx_hat):
+        # the last three steps are not the program's own, so they add nothing to P_k.
+        for step in tl.range(begin - _HALO, end, num_stages=STAGES):
+            carried = _backward_step(x_ptr, grad_out_ptr, rstd_ptr, grad_x_ptr, step, begin, first, length, dim,
+                                     dilation, per_dim, a, a_mask, b, b_mask, wa, wb, carried, HC, HEAD, TAIL, True)
+        for step in tl.range(end, end + _HALO, num_stages=STAGES):
+            carried = _backward_step(x_ptr, grad_out_ptr, rstd_ptr, grad_x_ptr, step, begin, first, length, dim,
+                                     dilation, per_dim, a, a_mask, b, b_mask, wa, wb, carried, HC, HEAD, TAIL, False)
+        pa, pb = carried[2], carried[5]
     partial = partial_ptr + (branch * partial_rows + tl.program_id(1)).to(tl.int64) * 4 * dim
-    _store_sums(partial, a, a_mask, dim, pa0, pa1, pa2, pa3)
-    _store_sums(partial, b, b_mask, dim, pb0, pb1, pb2, pb3)
+    _store_sums(partial, a, a_mask, dim, pa)
+    _store_sums(partial, b, b_mask, dim, pb)
 
 
 @functools.cache
@@ -334,12 +343,14 @@ def _programs(value: torch.Tensor, dilation: int, programs_per_sm: int) -> int:
     return max(1, min(programs_per_sm * _sm_count(value.device.index) // hc, steps // MIN_STEPS_PER_PROGRAM))
 
 
-def _pieces(dim: int) -> dict:
-    """A row's two power-of-two pieces, ``HEAD`` and ``TAIL`` columns, that cover D with little waste;
-    ``RAGGED`` when the tail reaches past D (the head never does)."""
+def _layout(value: torch.Tensor) -> dict:
+    """The kernels' compile-time layout of ``value [B, T, hc, D]``: a row's two power-of-two pieces, ``HEAD``
+    and ``TAIL`` columns, that cover D with little waste (``RAGGED`` when the tail reaches past D; the head
+    never does), and ``WIDE`` when row offsets need 64 bits."""
+    dim = value.shape[-1]
     head = max(1, triton.next_power_of_2(dim) // 2)
     tail = triton.next_power_of_2(max(1, dim - head))
-    return {"HEAD": head, "TAIL": tail, "RAGGED": head + tail != dim}
+    return {"HEAD": head, "TAIL": tail, "RAGGED": head + tail != dim, "WIDE": value.numel() >= INDEX_LIMIT}
 
 
 def _padded_taps(conv_w: torch.Tensor) -> torch.Tensor:
@@ -366,7 +377,7 @@ class ShortConv(torch.autograd.Function):
         if value.numel():
             grid = lambda meta: (hc, _programs(value, dilation, meta["PER_SM"]))  # noqa: E731
             _short_conv_forward_kernel[grid](value, weights, out, rstd, batch, seq_len, dim, dilation, eps, HC=hc,
-                                             **_pieces(dim))
+                                             **_layout(value))
         ctx.save_for_backward(value, norm_w, taps, weights, rstd)
         return out
 
@@ -385,7 +396,7 @@ class ShortConv(torch.autograd.Function):
             kernel = _short_conv_backward_kernel
             kernel[grid](value, grad_out.contiguous(), weights, rstd, grad_value, partial, partial.shape[1],
                          batch, seq_len, dim,
-                         ctx.dilation, HC=hc, **_pieces(dim))
+                         ctx.dilation, HC=hc, **_layout(value))
             programs = _programs(value, ctx.dilation, kernel.best_config.kwargs["PER_SM"])
             sums = partial[:, :programs].sum(1)  # P_k per branch, [hc, 4, D]
         else:

@@ -103,6 +103,17 @@ def test_short_conv(dtype, batch, seq, dim, kernel, dilation, programs, monkeypa
 
 
 @in_this_process
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_short_conv_with_64_bit_row_offsets(dtype, monkeypatch):
+    """The path that tensors of 2^31 values or more take (here forced at a tiny shape)."""
+    import kernels.short_conv_triton as conv_triton
+
+    monkeypatch.setattr(conv_triton, "INDEX_LIMIT", 0)
+    monkeypatch.setattr(conv_triton, "INTERPRETER_PROGRAMS", 3)
+    check_conv(batch=2, seq=17, hc=3, dim=20, kernel=4, dilation=3, dtype=dtype, device="cpu")
+
+
+@in_this_process
 def test_short_conv_rejects_more_taps_than_the_kernel_has():
     value, norm_w, conv_w = torch.randn(1, 4, 1, 8), torch.ones(1, 8), torch.ones(8, 5)
     with pytest.raises(ValueError, match="conv_w"):
