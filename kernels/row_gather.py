@@ -14,18 +14,20 @@ class RowSegments(NamedTuple):
     (``row_segments`` on a side stream) and spare the backward its sort.
     """
 
-    order: torch.Tensor  # [N*H] int64: flat entry positions, sorted by row
-    offsets: torch.Tensor  # [num_rows + 1] int64
+    order: torch.Tensor  # [N*H] int32: flat entry positions, sorted by row
+    offsets: torch.Tensor  # [num_rows + 1] int32
 
 
 def row_segments(inverse: torch.Tensor, num_rows: int) -> RowSegments:
-    """Group the flat entries of ``inverse`` (indices into ``num_rows`` rows) by row."""
+    """Group the flat entries of ``inverse`` (indices into ``num_rows`` rows) by row, in int32 (half the
+    bytes of int64 for the backward to read; a batch's 2^31 entries would take more memory than a GPU has)."""
     flat = inverse.reshape(-1)
-    # 32-bit keys sort in half the radix passes of 64-bit ones.
-    keys = flat.to(torch.int32) if num_rows < 2**31 else flat
-    sorted_rows, order = torch.sort(keys, stable=True)
-    bounds = torch.arange(num_rows + 1, dtype=sorted_rows.dtype, device=flat.device)
-    return RowSegments(order, torch.searchsorted(sorted_rows, bounds))
+    if max(flat.numel(), num_rows) >= 2**31:
+        raise ValueError(f"inverse: row segments index entries and rows in int32, got {flat.numel()} entries "
+                         f"of {num_rows} rows")
+    sorted_rows, order = torch.sort(flat.to(torch.int32), stable=True)
+    bounds = torch.arange(num_rows + 1, dtype=torch.int32, device=flat.device)
+    return RowSegments(order.to(torch.int32), torch.searchsorted(sorted_rows, bounds, out_int32=True))
 
 
 def gather_rows_reference(

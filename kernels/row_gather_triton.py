@@ -18,16 +18,14 @@ from kernels.row_gather import RowSegments, row_segments
 # for ~20 us, less than it takes the host to launch them, so they are tuned on CUDA-graph replays.
 _ENTRY_TILES = config_choices(dict(BLOCK_R=16, num_warps=4), dict(BLOCK_R=32, num_warps=4),
                               dict(BLOCK_R=64, num_warps=8), dict(BLOCK_R=8, num_warps=2))
-# Segment sums: rows per program, and how many of each row's entries are loaded at once (a row is
-# used ~4 times in a training batch, so most rows finish in one or two rounds of loads). The kernel is
-# bound by the latency of its dependent loads (offsets, then order, then gradients), so the smaller
-# tiles (fewer registers, more programs an SM) are there to keep more of them in flight.
-_SEGMENT_TILES = config_choices(dict(BLOCK_U=16, CHUNK=4, num_warps=4), dict(BLOCK_U=8, CHUNK=4, num_warps=2),
-                                dict(BLOCK_U=32, CHUNK=4, num_warps=8), dict(BLOCK_U=32, CHUNK=2, num_warps=4),
-                                dict(BLOCK_U=64, CHUNK=2, num_warps=8), dict(BLOCK_U=8, CHUNK=8, num_warps=4),
-                                dict(BLOCK_U=16, CHUNK=2, num_warps=4), dict(BLOCK_U=8, CHUNK=2, num_warps=4),
-                                dict(BLOCK_U=32, CHUNK=1, num_warps=4), dict(BLOCK_U=8, CHUNK=4, num_warps=4),
-                                dict(BLOCK_U=16, CHUNK=4, num_warps=8))
+# Segment sums: rows per program (a row is used ~4 times in a training batch, so most rows finish in two
+# or three rounds of two entries). The kernel is bound by the latency of its dependent loads (offsets,
+# then order, then gradients), so the smaller tiles (fewer registers, more programs an SM) are there to
+# keep more of them in flight.
+_SEGMENT_TILES = config_choices(dict(BLOCK_U=8, num_warps=4), dict(BLOCK_U=8, num_warps=2),
+                                dict(BLOCK_U=16, num_warps=4), dict(BLOCK_U=16, num_warps=8),
+                                dict(BLOCK_U=32, num_warps=4), dict(BLOCK_U=32, num_warps=8),
+                                dict(BLOCK_U=64, num_warps=8), dict(BLOCK_U=4, num_warps=2))
 
 
 @triton.jit
@@ -62,21 +60,21 @@ def _scatter_add_kernel(grad_ptr, inverse_ptr, row_grads_ptr, n_entries, dim,
 @triton.autotune(configs=_SEGMENT_TILES, key=["dim"], do_bench=graph_timed)
 @triton.jit
 def _segment_sum_kernel(grad_ptr, order_ptr, offsets_ptr, row_grads_ptr, num_rows, dim,
-                        BLOCK_U: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
-    # BLOCK_U rows side by side; each round loads CHUNK entries of every row as one [U, CHUNK, D]
-    # tile, so a round has BLOCK_U * CHUNK gradient rows in flight. Fixed shapes and a fixed
-    # reduction tree make every run's sums bitwise equal.
+                        BLOCK_U: tl.constexpr, BLOCK_D: tl.constexpr):
+    # BLOCK_U rows side by side; each round loads the next two entries of every row as one [U, 2, D] tile
+    # and adds their sum. Entries are summed in index order, a pair at a time (a + b has the same bits
+    # as b + a): every run, and every tile choice, gives the same bits.
     rows = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
     cols = tl.arange(0, BLOCK_D)
-    steps = tl.arange(0, CHUNK)
+    pair = tl.arange(0, 2)
     row_ok = rows < num_rows
     start = tl.load(offsets_ptr + rows, mask=row_ok, other=0)
     count = tl.load(offsets_ptr + rows + 1, mask=row_ok, other=0) - start
     col_ok = cols[None, None, :] < dim
     total = tl.zeros([BLOCK_U, BLOCK_D], dtype=tl.float32)
-    for first in range(0, tl.max(count, axis=0), CHUNK):
-        live = (first + steps[None, :]) < count[:, None]
-        entry = tl.load(order_ptr + start[:, None] + first + steps[None, :], mask=live, other=0).to(tl.int64)
+    for first in range(0, tl.max(count, axis=0), 2):
+        live = (first + pair[None, :]) < count[:, None]
+        entry = tl.load(order_ptr + start[:, None] + first + pair[None, :], mask=live, other=0).to(tl.int64)
         grads = tl.load(grad_ptr + entry[:, :, None] * dim + cols[None, None, :], mask=live[:, :, None] & col_ok,
                         other=0.0)
         total += tl.sum(grads.to(tl.float32), axis=1)

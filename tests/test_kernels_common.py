@@ -106,10 +106,36 @@ def check_gather(num_rows, dim, tokens, heads, dtype, device) -> None:
     assert relative_error(leaf.grad, expected) < 1e-6
 
 
+def check_segment_sums_have_the_same_bits_for_every_tile(tiles, device) -> None:
+    """Each row's entries are summed in index order, a pair at a time, whatever the tile (``BLOCK_U`` rows a
+    program): no autotuning choice changes the bits, so a run in another process, which may tune
+    differently, sums the same."""
+    import triton
+
+    from kernels.row_gather_triton import _segment_sum_kernel
+
+    num_rows, dim, tokens, heads = 9, 12, 40, 3
+    inverse = torch.randint(0, num_rows, (tokens, heads), device=device)
+    inverse[:13, 0] = 4  # one row of 13+ entries: several rounds
+    grad = torch.randn(tokens * heads, dim, device=device)
+    order, offsets = kernels.row_segments(inverse, num_rows)
+    in_pairs = torch.zeros(num_rows, dim, device=device)
+    for row in range(num_rows):
+        entries = order[offsets[row]:offsets[row + 1]].tolist()
+        for first in range(0, len(entries), 2):
+            in_pairs[row] += grad[entries[first:first + 2]].sum(0)
+    for tile in tiles:
+        row_grads = torch.full((num_rows, dim), float("nan"), device=device)
+        _segment_sum_kernel.fn[(triton.cdiv(num_rows, tile["BLOCK_U"]),)](
+            grad, order, offsets, row_grads, num_rows, dim, BLOCK_D=16, **tile)
+        assert torch.equal(row_grads, in_pairs), tile
+
+
 def check_row_segments(num_rows, tokens, heads, device) -> None:
-    """Every row's segment lists exactly its entries, in index order."""
+    """Every row's segment lists exactly its entries, in index order, in int32 (they fit)."""
     inverse = torch.randint(0, num_rows, (tokens, heads), device=device)
     order, offsets = kernels.row_segments(inverse, num_rows)
+    assert order.dtype == offsets.dtype == torch.int32
     flat = inverse.reshape(-1).cpu()
     order, offsets = order.cpu(), offsets.cpu()
     for row in range(num_rows):
@@ -179,6 +205,8 @@ def test_forced_backends(monkeypatch):
     (lambda: kernels.gather_rows(torch.zeros(4, 2), torch.zeros(2, 2), torch.float32), "inverse"),
     (lambda: kernels.gather_rows(torch.zeros(4, 2), torch.zeros(2, 2, dtype=torch.long), torch.float32,
                                  kernels.row_segments(torch.zeros(3, dtype=torch.long), 4)), "segments"),
+    (lambda: kernels.gather_rows(torch.zeros(4, 2), torch.zeros(2, 2, dtype=torch.long), torch.float32,
+                                 kernels.RowSegments(torch.arange(4), torch.tensor([0, 1, 2, 3, 4]))), "segments"),
     (lambda: kernels.engram_gate(*gate_inputs(3, 2, 4, torch.float32, "cpu")[:2], torch.zeros(3, 5),
                                  torch.ones(2, 4), torch.ones(2, 4)), "value"),
     (lambda: kernels.engram_gate(*gate_inputs(3, 2, 4, torch.float32, "cpu")[:3], torch.ones(4), torch.ones(2, 4)),

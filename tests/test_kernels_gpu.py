@@ -6,7 +6,8 @@ import torch
 
 import kernels
 from test_kernels_common import (  # noqa: F401  (seeded is an autouse fixture)
-    check_conv, check_gate, check_gather, check_model_matches_reference, check_row_segments, seeded,
+    check_conv, check_gate, check_gather, check_model_matches_reference, check_row_segments,
+    check_segment_sums_have_the_same_bits_for_every_tile, seeded,
 )
 
 pytestmark = [
@@ -23,6 +24,13 @@ SHAPES = [(16384, 4, 2560, 16, 80), (16384, 4, 1024, 16, 64), (333, 3, 200, 6, 2
 @pytest.mark.parametrize("tokens, hc, dim, heads, head_dim", SHAPES)
 def test_gather_rows(dtype, tokens, hc, dim, heads, head_dim):
     check_gather(num_rows=tokens * heads // 2, dim=head_dim, tokens=tokens, heads=heads, dtype=dtype, device="cuda")
+
+
+def test_segment_sums_have_the_same_bits_for_every_autotuning_choice():
+    from kernels.row_gather_triton import _SEGMENT_TILES
+
+    tiles = [dict(config.kwargs, num_warps=config.num_warps) for config in _SEGMENT_TILES]
+    check_segment_sums_have_the_same_bits_for_every_tile(tiles, "cuda")
 
 
 def test_row_segments_on_the_gpu():

@@ -23,7 +23,8 @@ import pytest  # noqa: E402
 
 import kernels  # noqa: E402
 from test_kernels_common import (  # noqa: E402, F401  (seeded is an autouse fixture)
-    check_conv, check_gate, check_gather, check_model_matches_reference, gate_inputs, relative_error, seeded,
+    check_conv, check_gate, check_gather, check_model_matches_reference, check_segment_sums_have_the_same_bits_for_every_tile,
+    gate_inputs, relative_error, seeded,
 )
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="on a CUDA machine the GPU tests run these kernels compiled")
@@ -45,6 +46,12 @@ DTYPES = [torch.float32, torch.bfloat16]
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gather_rows(dtype):
     check_gather(num_rows=13, dim=12, tokens=7, heads=3, dtype=dtype, device="cpu")
+
+
+@in_this_process
+def test_segment_sums_have_the_same_bits_for_every_tile():
+    check_segment_sums_have_the_same_bits_for_every_tile(
+        [dict(BLOCK_U=16), dict(BLOCK_U=4), dict(BLOCK_U=2)], "cpu")
 
 
 @in_this_process
