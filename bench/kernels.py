@@ -199,12 +199,25 @@ def row_segments_ms(tokens: int, heads: int) -> float:
     return median_ms(lambda: kernels.row_segments(inverse, num_rows))
 
 
+def random_row_copy_gbps(tokens: int, heads: int, head_dim: int) -> float:
+    """The row gather over a random permutation of the gradient's ``tokens * heads`` rows: each row read
+    once, in random order, and written in order. The gather backward must read every gradient row in
+    the order of its unique row, as random as this, so this copy, not the sequential one, is the
+    bandwidth its reads can reach."""
+    rows = torch.randn(tokens * heads, head_dim, dtype=DTYPE, device="cuda")
+    permutation = torch.randperm(tokens * heads, device="cuda")[:, None]
+    ms = median_ms(lambda: kernels.GatherRows.apply(rows, permutation, DTYPE))
+    return (2 * _sizes(rows) + _sizes(permutation)) / ms / 1e6
+
+
 def run() -> dict:
     torch.manual_seed(0)
     bandwidth = copy_bandwidth_gbps()
     log.info("device-to-device copy: %.0f GB/s", bandwidth)
     segments_ms = {config: row_segments_ms(shape[0], shape[3]) for config, shape in CONFIGS.items()}
     log.info("row_segments (built ahead, off the step): %s ms", segments_ms)
+    random_copy = {config: random_row_copy_gbps(shape[0], shape[3], shape[4]) for config, shape in CONFIGS.items()}
+    log.info("random row copy: %s GB/s", random_copy)
     rows: list[Row] = []
     for config, shape in CONFIGS.items():
         for case in kernel_cases(*shape):
@@ -223,6 +236,7 @@ def run() -> dict:
         "dtype": str(DTYPE),
         "copy_bandwidth_gbps": bandwidth,
         "row_segments_ms": segments_ms,
+        "random_row_copy_gbps": random_copy,
         "configs": {name: dict(zip(("tokens", "hc", "dim", "heads", "head_dim"), s)) for name, s in CONFIGS.items()},
         "tuned_configs": tuned_configs(),
         "rows": [asdict(r) | {"triton_gbps": r.triton_gbps, "fraction_of_copy": r.triton_gbps / bandwidth}
@@ -239,6 +253,9 @@ def print_table(report: dict) -> None:
     print(f"{report['device']}, {report['dtype']}, copy bandwidth {report['copy_bandwidth_gbps']:.0f} GB/s")
     print("row_segments, built ahead on a side stream: "
           + ", ".join(f"{config} {ms:.3f} ms" for config, ms in report["row_segments_ms"].items()))
+    print("random row copy (the gather over a permutation of the gradient rows): " + ", ".join(
+        f"{config} {gbps:.0f} GB/s ({100 * gbps / report['copy_bandwidth_gbps']:.1f}% of copy)"
+        for config, gbps in report["random_row_copy_gbps"].items()))
     header = (f"{'config':6} {'kernel':19} {'pass':8} {'triton ms':>9} {'eager ms':>9} {'compile ms':>10} "
               f"{'x eager':>7} {'x compile':>9} {'GB/s':>6} {'% copy':>6}")
     print(header)
