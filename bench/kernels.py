@@ -7,7 +7,9 @@ and the demo's shapes in bfloat16, and sets the Triton kernels' achieved bytes/s
 measured device-to-device copy bandwidth. A backward is forward+backward through autograd minus the
 forward, the same way for every path, except the row gather's: that is ``scatter_row_grads`` into
 float32 row gradients against the reference ``scatter_row_grads_reference``, called directly, as the
-row tables run it. Prints a table, writes ``kernels.json`` and ``kernels.png``.
+row tables run it. Also times the row gather over a random permutation of the gradient's rows, the
+bandwidth that reads as random as the gather backward's reach. Prints a table, writes ``kernels.json``
+and ``kernels.png``.
 """
 from __future__ import annotations
 
