@@ -14,11 +14,13 @@ row's rstd; in the backward also s = sum_D dL/dx_hat * x_hat), one reduction ove
   the next three steps, carried in registers.
 - Backward, walking three steps ahead of the row it finishes: per step, load x and grad_out, form
   the conv gradient gc (SiLU's derivative) from the three previous x_hat rows, add gc[t] x_hat[t -
-  (3-k) d] into the per-column sums P_k, and let gc complete dL/dx_hat of row t - 3 (transposed
-  form again). Then finish that row: s, and grad_x = grad_out + rstd (dL/dx_hat - x_hat s / D), its
-  grad_out read again (from L2) rather than carried for three steps. dL/dconv_w[k] = norm_w P_k and
-  dL/dnorm_w = sum_k w_k P_k: each program writes its own partial P and the host sums them (no
-  atomics, deterministic).
+  (3-k) d] into the per-column sums P_k (for the range's own steps; the three after it, which only
+  finish its last rows, walk in a loop of their own), and let gc complete dL/dx_hat of row t - 3
+  (transposed form again). Then finish that row: s, and grad_x = grad_out + rstd (dL/dx_hat -
+  x_hat s / D), its grad_out read again (from L2) rather than carried for three steps.
+  dL/dconv_w[k] = norm_w P_k and dL/dnorm_w = sum_k w_k P_k: each program writes its own partial P
+  and the host sums them (no atomics; the same bits on every run with the same autotuned PER_SM,
+  which sets the ranges).
 
 The kernels take the taps times norm_w, [hc, 4, D] float32; convs shorter than TAPS (4) are
 zero-padded in front.
