@@ -23,8 +23,8 @@ import pytest  # noqa: E402
 
 import kernels  # noqa: E402
 from test_kernels_common import (  # noqa: E402, F401  (seeded is an autouse fixture)
-    check_conv, check_gate, check_gather, check_model_matches_reference, check_segment_sums_have_the_same_bits_for_every_tile,
-    gate_inputs, relative_error, seeded,
+    check_conv, check_gate, check_gather, check_model_matches_reference,
+    check_segment_sums_have_the_same_bits_for_every_tile, gate_inputs, relative_error, seeded,
 )
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="on a CUDA machine the GPU tests run these kernels compiled")
