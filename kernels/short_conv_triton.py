@@ -12,12 +12,14 @@ row's rstd; in the backward also s = sum_D dL/dx_hat * x_hat), one reduction ove
 - Forward: per step, load x, reduce x^2 to rstd (saved for the backward), and write x + SiLU(conv),
   the conv in transposed form: the new row completes its own conv and adds to the partial convs of
   the next three steps, carried in registers.
-- Backward, walking three steps ahead of the row it finishes: per step, load x and grad_out, form
+- Backward, walking four steps ahead of the row it finishes: per step, load x and grad_out, form
   the conv gradient gc (SiLU's derivative) from the three previous x_hat rows, add gc[t] x_hat[t -
-  (3-k) d] into the per-column sums P_k (for the range's own steps; the three after it, which only
+  (3-k) d] into the per-column sums P_k (for the range's own steps; the four after it, which only
   finish its last rows, walk in a loop of their own), and let gc complete dL/dx_hat of row t - 3
-  (transposed form again). Then finish that row: s, and grad_x = grad_out + rstd (dL/dx_hat -
-  x_hat s / D), its grad_out read again (from L2) rather than carried for three steps.
+  (transposed form again). Then finish row t - 4, completed a step earlier: s, and grad_x =
+  grad_out + rstd (dL/dx_hat - x_hat s / D), its grad_out read again (from L2) rather than carried.
+  Finishing the row completed a step earlier, not the one this step completes, lets the reduction
+  for s run alongside the step's arithmetic instead of after it.
   dL/dconv_w[k] = norm_w P_k and dL/dnorm_w = sum_k w_k P_k: each program writes its own partial P
   and the host sums them (no atomics; the same bits on every run with the same autotuned PER_SM,
   which sets the ranges).
@@ -38,6 +40,7 @@ from kernels.dispatch import config_choices, interpreting, written_in_full
 
 TAPS = 4
 _HALO = tl.constexpr(TAPS - 1)  # steps before a row that its conv reads
+_LAG = tl.constexpr(TAPS)  # steps from taking a row into the backward's walk to finishing it
 # Programs a branch: PER_SM (autotuned) * SMs / hc, each walking at least MIN_STEPS_PER_PROGRAM steps
 # (its halo costs 3 of them).
 MIN_STEPS_PER_PROGRAM = 64
@@ -46,10 +49,11 @@ INDEX_LIMIT = 2**31  # tensors with this many values or more take 64-bit row off
 
 # Choices to autotune (the first is the CPU interpreter's). A thread holds (HEAD + TAIL) / (32 *
 # num_warps) values of each row it carries: the forward 3 partial convs and the 4 taps, the backward
-# 3 rows of x_hat, 3 partial dL/dx_hat, the 4 taps and the 4 sums P_k. On the H200 (sm_90, Triton
-# 3.6) that is 240 to 250 registers at D = 2560 in both (4 warps forward, 8 backward): one or two
-# programs an SM, whose loads the deep software pipeline (STAGES rows in flight) keeps coming. 16 warps
-# would halve the registers but not all loads then pipeline (1.6x slower).
+# 3 rows of x_hat, 3 partial dL/dx_hat, the 4 taps, the 4 sums P_k and the row to finish (2 values).
+# On the H200 (sm_90, Triton 3.6) that is 220 to 250 registers at D = 2560 (4 warps forward, 8
+# backward): one or two programs an SM, whose loads the deep software pipeline (STAGES rows in
+# flight) keeps coming. 16 warps would halve the registers but not all loads then pipeline (1.6x
+# slower).
 _FORWARD_CHOICES = config_choices(
     {"PER_SM": 1, "STAGES": 2, "num_warps": 2},
     {"PER_SM": 2, "STAGES": 6, "num_warps": 4},
@@ -265,9 +269,14 @@ def _grad_x_store(grad_x_ptr, grad_out_ptr, offset, done, rstd, x_hat, grad_x_ha
 def _backward_step(x_ptr, grad_out_ptr, rstd_ptr, grad_x_ptr, step, begin, first, length, dim, dilation, per_dim,
                    a, a_mask, b, b_mask, wa, wb, carried, HC: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
                    OWNED: tl.constexpr):
-    """One step of the walk: take in row ``step`` and finish row ``step - 3``. ``carried`` is, for each piece
-    (a, then b), the x_hat of the last three rows, their partial dL/dx_hat and the sums P_k."""
-    ha, ea, pa, hb, eb, pb = carried
+    """One step of the walk: take in row ``step``, which completes dL/dx_hat of row ``step - 3``, and finish
+    row ``step - 4``. ``carried`` is, for each piece (a, then b), the x_hat of the last three rows, their
+    partial dL/dx_hat, the sums P_k, and the (dL/dx_hat, x_hat) of the row to finish.
+
+    That row's s needs a reduction across the program, whose shuffles and barriers would stall every warp
+    if they waited on this step's conv gradients; its inputs are ready when the step starts, so the
+    compiler runs it alongside the step's arithmetic (H200, paper shape: 0.450 to 0.405 ms)."""
+    ha, ea, pa, fa, hb, eb, pb, fb = carried
     index, inside = _row(first, step, length, dilation, HC)
     offset = index * dim
     rstd = tl.load(rstd_ptr + index, mask=inside, other=0.0)
@@ -276,17 +285,17 @@ def _backward_step(x_ptr, grad_out_ptr, rstd_ptr, grad_x_ptr, step, begin, first
                                   ha, ea, pa, OWNED)
     hb4, db, eb, pb = _newest_row(x_ptr, grad_out_ptr, offset, rstd, has_grad, b, _only_if(inside, b_mask), wb,
                                   hb, eb, pb, OWNED)
-    # Row step-3 has all its conv gradients now: finish it.
-    row_sum = _row_total(da * ha[0], db * hb[0], HEAD, TAIL) * per_dim
-    done_index, done_inside = _row(first, step - _HALO, length, dilation, HC)
-    done = done_inside & (step - _HALO >= begin)
+    row_sum = _row_total(fa[0] * fa[1], fb[0] * fb[1], HEAD, TAIL) * per_dim
+    done_index, done_inside = _row(first, step - _LAG, length, dilation, HC)
+    done = done_inside & (step - _LAG >= begin)
     # Loaded again, not carried: a loaded value carried to later steps stops Triton pipelining the loads.
     done_rstd = tl.load(rstd_ptr + done_index, mask=done, other=0.0)
-    _grad_x_store(grad_x_ptr, grad_out_ptr, done_index * dim, done, done_rstd, ha[0], da, row_sum, a, a_mask)
-    _grad_x_store(grad_x_ptr, grad_out_ptr, done_index * dim, done, done_rstd, hb[0], db, row_sum, b, b_mask)
+    _grad_x_store(grad_x_ptr, grad_out_ptr, done_index * dim, done, done_rstd, fa[1], fa[0], row_sum, a, a_mask)
+    _grad_x_store(grad_x_ptr, grad_out_ptr, done_index * dim, done, done_rstd, fb[1], fb[0], row_sum, b, b_mask)
+    fa, fb = (da, _carried(ha[0])), (db, _carried(hb[0]))
     ha = (_carried(ha[1]), _carried(ha[2]), ha4)
     hb = (_carried(hb[1]), _carried(hb[2]), hb4)
-    return ha, ea, pa, hb, eb, pb
+    return ha, ea, pa, fa, hb, eb, pb, fb
 
 
 @triton.jit
@@ -313,19 +322,21 @@ def _short_conv_backward_kernel(x_ptr, grad_out_ptr, weights_ptr, rstd_ptr, grad
     pb = (tl.zeros([TAIL], dtype=tl.float32),) * 4
     for chain in range(lo // steps, tl.cdiv(hi, steps)):
         begin, end, length, first = _chain(chain, lo, hi, steps, seq_len, dilation, branch, HC, WIDE)
-        # Carried: x_hat of rows step-3..step-1 (h), and their dL/dx_hat so far (e: each still lacks the
-        # conv gradients of the steps from this one on).
-        carried = (_zeros3(HEAD), _zeros3(HEAD), pa, _zeros3(TAIL), _zeros3(TAIL), pb)
+        # Carried: x_hat of rows step-3..step-1 (h), their dL/dx_hat so far (e: each still lacks the conv
+        # gradients of the steps from this one on), and the row step-4 to finish (f).
+        fa, fb = _zeros3(HEAD)[:2], _zeros3(TAIL)[:2]
+        carried = (_zeros3(HEAD), _zeros3(HEAD), pa, fa, _zeros3(TAIL), _zeros3(TAIL), pb, fb)
         # x from 3 steps before the range (their x_hat feed its convs), grad_out from its start (gc
-        # before it is not needed), both until 3 steps after it (their gc feed its last rows' dL/dx_hat):
-        # the last three steps are not the program's own, so they add nothing to P_k.
+        # before it is not needed), both until 3 steps after it (their gc feed its last rows' dL/dx_hat),
+        # and a fourth step to finish its last row: the steps after the range are not the program's own,
+        # so they add nothing to P_k.
         for step in tl.range(begin - _HALO, end, num_stages=STAGES):
             carried = _backward_step(x_ptr, grad_out_ptr, rstd_ptr, grad_x_ptr, step, begin, first, length, dim,
                                      dilation, per_dim, a, a_mask, b, b_mask, wa, wb, carried, HC, HEAD, TAIL, True)
-        for step in tl.range(end, end + _HALO, num_stages=STAGES):
+        for step in tl.range(end, end + _LAG, num_stages=STAGES):
             carried = _backward_step(x_ptr, grad_out_ptr, rstd_ptr, grad_x_ptr, step, begin, first, length, dim,
                                      dilation, per_dim, a, a_mask, b, b_mask, wa, wb, carried, HC, HEAD, TAIL, False)
-        pa, pb = carried[2], carried[5]
+        pa, pb = carried[2], carried[6]
     partial = partial_ptr + (branch * partial_rows + tl.program_id(1)).to(tl.int64) * 4 * dim
     _store_sums(partial, a, a_mask, dim, pa)
     _store_sums(partial, b, b_mask, dim, pb)
