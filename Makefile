@@ -23,8 +23,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-protos: $(STAMP)
-	$(PY) -m protos.generate
+# The generator of the committed protos/*_pb2*.py, in a venv of its own so the dev venv keeps the protobuf pip
+# resolves. Its code needs grpcio>=1.71.0 and protobuf>=5.29.0: hence the floors in pyproject.toml.
+GRPC_TOOLS_PIN ?= grpcio-tools==1.71.0
+PROTOS_VENV    := .venv-protos
+
+protos:
+	test -d $(PROTOS_VENV) || $(PYTHON) -m venv $(PROTOS_VENV)
+	$(PROTOS_VENV)/bin/python -m pip install -q "$(GRPC_TOOLS_PIN)"
+	$(PROTOS_VENV)/bin/python -m protos.generate
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -2,8 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -88,7 +87,7 @@ class UpdateRequest(_message.Message):
     synchronous: bool
     shared_grads: SharedRows
     more_parts: bool
-    def __init__(self, table: _Optional[str] = ..., row_ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., grad_dtype: _Optional[_Union[DType, str]] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., synchronous: _Optional[bool] = ..., shared_grads: _Optional[_Union[SharedRows, _Mapping]] = ..., more_parts: _Optional[bool] = ...) -> None: ...
+    def __init__(self, table: _Optional[str] = ..., row_ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., grad_dtype: _Optional[_Union[DType, str]] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., synchronous: bool = ..., shared_grads: _Optional[_Union[SharedRows, _Mapping]] = ..., more_parts: bool = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
     __slots__ = ("applied_rows", "duplicate", "pending", "epoch")
@@ -100,7 +99,7 @@ class UpdateResponse(_message.Message):
     duplicate: bool
     pending: bool
     epoch: int
-    def __init__(self, applied_rows: _Optional[int] = ..., duplicate: _Optional[bool] = ..., pending: _Optional[bool] = ..., epoch: _Optional[int] = ...) -> None: ...
+    def __init__(self, applied_rows: _Optional[int] = ..., duplicate: bool = ..., pending: bool = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
@@ -196,7 +195,7 @@ class FreezeSlotsRequest(_message.Message):
     table: str
     slots: _containers.RepeatedScalarFieldContainer[int]
     frozen: bool
-    def __init__(self, table: _Optional[str] = ..., slots: _Optional[_Iterable[int]] = ..., frozen: _Optional[bool] = ...) -> None: ...
+    def __init__(self, table: _Optional[str] = ..., slots: _Optional[_Iterable[int]] = ..., frozen: bool = ...) -> None: ...
 
 class FreezeSlotsResponse(_message.Message):
     __slots__ = ()

@@ -5,7 +5,7 @@ import warnings
 
 from protos import engram_memory_v1_pb2 as protos_dot_engram__memory__v1__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.71.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/engram_memory_v1_pb2_grpc.py depends on'
+        + f' but the generated code in protos/engram_memory_v1_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class ShardServiceStub:
+class ShardServiceStub(object):
     """---------------------------------------------------------------------------------------------
     Shard service: one per memory shard.
     ---------------------------------------------------------------------------------------------
@@ -105,7 +105,7 @@ class ShardServiceStub:
                 _registered_method=True)
 
 
-class ShardServiceServicer:
+class ShardServiceServicer(object):
     """---------------------------------------------------------------------------------------------
     Shard service: one per memory shard.
     ---------------------------------------------------------------------------------------------
@@ -271,7 +271,7 @@ def add_ShardServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class ShardService:
+class ShardService(object):
     """---------------------------------------------------------------------------------------------
     Shard service: one per memory shard.
     ---------------------------------------------------------------------------------------------
@@ -630,7 +630,7 @@ class ShardService:
             _registered_method=True)
 
 
-class DirectoryServiceStub:
+class DirectoryServiceStub(object):
     """---------------------------------------------------------------------------------------------
     Directory service: served by the controller; how any client finds the shards.
     ---------------------------------------------------------------------------------------------
@@ -655,7 +655,7 @@ class DirectoryServiceStub:
                 _registered_method=True)
 
 
-class DirectoryServiceServicer:
+class DirectoryServiceServicer(object):
     """---------------------------------------------------------------------------------------------
     Directory service: served by the controller; how any client finds the shards.
     ---------------------------------------------------------------------------------------------
@@ -695,7 +695,7 @@ def add_DirectoryServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class DirectoryService:
+class DirectoryService(object):
     """---------------------------------------------------------------------------------------------
     Directory service: served by the controller; how any client finds the shards.
     ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The committed generated code matches the .proto, whichever grpcio-tools is installed (regenerate with
-``python -m protos.generate``): the contract is compared (descriptor, services, stubs), not the generator's bytes."""
+``make protos``): the contract is compared (descriptor, services, stubs), not the generator's bytes."""
 from __future__ import annotations
 
 import re
@@ -11,9 +11,9 @@ from google.protobuf.message_factory import GetMessageClass
 
 from protos import engram_memory_v1_pb2 as pb
 from protos import engram_memory_v1_pb2_grpc as pb_grpc
-from protos.generate import PROTO_FILES, REPO_ROOT, run_protoc
+from protos.generate import PROTO_FILES, REPO_ROOT, pinned_version, run_protoc
 
-STALE = "the committed protos/*_pb2* are stale: run `python -m protos.generate`"
+STALE = "the committed protos/*_pb2* are stale: run `make protos`"
 
 
 def _json_name(name: str) -> str:
@@ -117,6 +117,10 @@ def test_pyi_lists_every_message_and_field():
     listed = {name: set(re.findall(r'"(\w+)"', slots)) for name, slots in classes}
     messages = pb.DESCRIPTOR.message_types_by_name
     assert listed == {name: set(message.fields_by_name) for name, message in messages.items()}, STALE
+
+
+def test_generated_by_pinned_tools():
+    assert pb_grpc.GRPC_GENERATED_VERSION == pinned_version(), "run `make protos` (GRPC_TOOLS_PIN in the Makefile)"
 
 
 def test_package_is_versioned():
