@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # The generator of the committed protos/*_pb2*.py, in a venv of its own so the dev venv keeps the protobuf pip
-# resolves. Its code needs grpcio>=1.71.0 and protobuf>=5.29.0: hence the floors in pyproject.toml.
+# resolves. Its code needs grpcio>=1.71.0 and protobuf>=5.29.0: hence the floors in pyproject.toml and .ci/floors.txt.
 GRPC_TOOLS_PIN ?= grpcio-tools==1.71.0
 PROTOS_VENV    := .venv-protos
 
@@ -32,6 +32,27 @@ protos:
 	test -d $(PROTOS_VENV) || $(PYTHON) -m venv $(PROTOS_VENV)
 	$(PROTOS_VENV)/bin/python -m pip install -q "$(GRPC_TOOLS_PIN)"
 	$(PROTOS_VENV)/bin/python -m protos.generate
+
+# The memory-service tests under the oldest grpcio/protobuf pyproject.toml allows (pinned by .ci/floors.txt).
+FLOORS_VENV  := .venv-floors
+FLOORS_PY    := $(FLOORS_VENV)/bin/python
+FLOORS_STAMP := $(FLOORS_VENV)/.installed
+FLOOR_TESTS  ?= tests/test_memory_*.py tests/test_row_store.py tests/test_step_aggregator.py \
+	tests/test_protos_generated.py tests/test_slots.py tests/test_table_spec.py tests/test_optimizers.py \
+	tests/test_row_init.py
+
+.PHONY: test-floors
+
+$(FLOORS_STAMP): pyproject.toml .ci/floors.txt
+	test -d $(FLOORS_VENV) || $(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_PY) -m pip install -q --upgrade pip
+	$(FLOORS_PY) -m pip install -q "$(TORCH_PIN)"
+	$(FLOORS_PY) -m pip install -q -c .ci/floors.txt -e ".[dev]"
+	touch $(FLOORS_STAMP)
+
+test-floors: $(FLOORS_STAMP)
+	$(FLOORS_PY) -m pip freeze | grep -Ei '^(grpcio|protobuf)'
+	$(FLOORS_PY) -m pytest -q $(FLOOR_TESTS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
