@@ -378,7 +378,7 @@ class MemoryClient:
         try:
             return await getattr(self._stub(shard), method)(request, metadata=self._metadata)
         except grpc.aio.AioRpcError as error:
-            trailing = dict(error.trailing_metadata() or ())
+            trailing = {key for key, _ in error.trailing_metadata() or ()}  # (key, value) pairs on every grpcio
             if error.code() in TRANSIENT_CODES or ROUTING_EPOCH_KEY in trailing:
                 log.debug("shard %d %s: %s; will retry", shard, method, error.details())
                 raise _Retry() from None
