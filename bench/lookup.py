@@ -130,7 +130,8 @@ def main() -> None:
     table = torch.from_numpy(init_rows(spec.seed, np.arange(spec.rows, dtype=np.int64), spec.dim, spec.init_std))
     run("index_select", 0, lambda i: table.index_select(0, torch.from_numpy(i)).to(torch.bfloat16), bf16_row_bytes)
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, resources={"engram_memory": 16})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             resources={"engram_memory": 16})
     for shards in args.shards:
         controller = start_controller(ControllerOptions(host="127.0.0.1"), name="bench-lookup")
         directory = ray.get(controller.deploy.remote([spec.to_dict()], shards))

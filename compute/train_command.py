@@ -48,6 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster address (default: start an embedded local Ray)")
+    parser.add_argument("--ray-token", help="the cluster's Ray auth token (default: $RAY_AUTH_TOKEN, "
+                        "$RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where eval/generate run the model (default: cuda if available)")
 
@@ -58,7 +60,7 @@ def run_train(args: argparse.Namespace) -> int:
                                    ("output_dir", args.output_dir)) if v is not None}
     config = config.replace(**overrides)
     print(f"config: {json.dumps(config.to_dict())}")
-    connect_ray(args.address, config.memory.shards)
+    connect_ray(args.address, config.memory.shards, token=args.ray_token, verbose=args.verbose)
     resume = resolve_checkpoint(args.resume) if args.resume else None
     memory = prepare_memory(config, args.controller, resume)
     try:
@@ -75,10 +77,10 @@ def run_tables(args: argparse.Namespace) -> int:
     return 0
 
 
-def open_checkpoint_memory(checkpoint: Path, config: TrainConfig, address: str | None) -> RunMemory:
+def open_checkpoint_memory(checkpoint: Path, config: TrainConfig, args: argparse.Namespace) -> RunMemory:
     """A memory service holding a checkpoint's tables (none for a run on in-process tables)."""
     if config.memory.tables == "remote":
-        connect_ray(address, config.memory.shards)
+        connect_ray(args.address, config.memory.shards, token=args.ray_token, verbose=args.verbose)
     return prepare_memory(config, resume=checkpoint)
 
 
@@ -89,7 +91,7 @@ def checkpoint_config(checkpoint: Path) -> TrainConfig:
 def run_eval(args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)
     config = checkpoint_config(checkpoint)
-    memory = open_checkpoint_memory(checkpoint, config, args.address)
+    memory = open_checkpoint_memory(checkpoint, config, args)
     try:
         trainer = EngramTrainer(config, WorkerContext(device=torch.device(args.device), memory=memory.handle))
         try:
@@ -106,7 +108,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)
-    memory = open_checkpoint_memory(checkpoint, checkpoint_config(checkpoint), args.address)
+    memory = open_checkpoint_memory(checkpoint, checkpoint_config(checkpoint), args)
     try:
         runtime = load_runtime(checkpoint, torch.device(args.device), memory.handle)
         try:

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,33 +16,34 @@ import torch
 from compute.checkpoints import memory_checkpoint, resolve_checkpoint
 from compute.config import dataclass_from_mapping
 from compute.train_config import TrainConfig
-from compute.train_loop import SUMMARY_FILE, EngramTrainer, WorkerContext
+from compute.train_loop import METRICS_FILE, SUMMARY_FILE, EngramTrainer, WorkerContext
+from compute.train_progress import DriverProgress, ProgressFile
 from compute.train_memory import MemoryHandle, deploy_from_checkpoint, deploy_or_join, engram_table_specs
+from memory_service import ray_cluster
 from memory_service.controller import NAMESPACE, SHARD_RESOURCE, stop_controller
 
 log = logging.getLogger(__name__)
 
 
-def connect_ray(address: str | None, shards: int) -> None:
+def connect_ray(address: str | None, shards: int, *, token: str | None = None, verbose: bool = False) -> None:
     """Join the cluster at ``address``, or start an embedded local one whose node hosts memory shards."""
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, namespace=NAMESPACE, log_to_driver=True,
-                 resources={SHARD_RESOURCE: max(8, shards)},
-                 runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner})
+    ray_cluster.connect(address, token=token, namespace=NAMESPACE, resources={SHARD_RESOURCE: max(8, shards)},
+                        worker_setup_hook=embedded_worker_setup, log_to_driver=verbose, verbose=verbose)
 
 
 # Ray Train's placement-group cleaner asks the State API every few seconds whether the run's controller
-# is alive. An embedded cluster has no dashboard, hence no State API, and the cleaner warned on every try:
-# over a hundred lines in a demo's output, about nothing that affects the run.
+# is alive. An embedded cluster has no dashboard, hence no State API, and the cleaner warned on every try.
 _PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
-def quiet_placement_group_cleaner() -> None:
-    """Run in each worker of the embedded cluster: keep the cleaner's errors, drop its warnings."""
+def embedded_worker_setup() -> None:
+    """Run in each worker of the embedded cluster before it works.
+
+    Ray's own helpers in a worker (the cleaner's State API client among them) find "their" cluster through
+    $RAY_ADDRESS or else the newest Ray on the machine, which may be a stranger's: name ours. Keep the
+    cleaner's errors, drop its warnings.
+    """
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     logging.getLogger(_PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
@@ -92,7 +92,7 @@ def run_training(config: TrainConfig, *, resume: str | Path | None = None, memor
                                          resources_per_worker={"CPU": _cpus_per_worker(config)}),
             run_config=RunConfig(name=output_dir.name, storage_path=str(output_dir.parent / "ray_train")),
         )
-        with _sigint_handler_kept():
+        with _sigint_handler_kept(), DriverProgress(output_dir, config.steps, METRICS_FILE):
             result = trainer.fit()
         if result.error:
             raise result.error
@@ -140,8 +140,7 @@ def _train_worker(loop_config: dict) -> None:
     try:
         if loop_config["resume"]:
             trainer.load(Path(loop_config["resume"]))
-        with ProgressBar(config, ctx.rank, trainer.step) as on_step:
-            trainer.train(on_step=on_step)
+        trainer.train(on_step=ProgressFile(config.output_dir, ctx.rank))
         summary = {**trainer.last_metrics, **trainer.evaluate(config.eval_batches),
                    "checkpoint": str(trainer.last_checkpoint)}
         ray.train.report(summary)
@@ -149,29 +148,3 @@ def _train_worker(loop_config: dict) -> None:
             (Path(config.output_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     finally:
         trainer.close()
-
-
-class ProgressBar:
-    """A tqdm bar of steps on rank 0 that shows loss, tokens/s and the lookup-wait share."""
-
-    def __init__(self, config: TrainConfig, rank: int, start: int):
-        self.config, self.rank, self.start = config, rank, start
-        self.bar = None
-
-    def __enter__(self):
-        if self.rank == 0:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.config.steps, initial=self.start, desc="train", unit="step",
-                            file=sys.stdout, mininterval=2.0, dynamic_ncols=False, ncols=110)
-        return self.update
-
-    def update(self, metrics: dict) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
-                                 wait=f"{100 * metrics['lookup_wait_share']:.1f}%", refresh=False)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.close()

@@ -35,7 +35,7 @@ def _write_state(state: dict[str, Any]) -> None:
 
 
 def _start_local_head() -> tuple[int, str]:
-    """Start a Ray head in a detached holder process; return its pid and GCS address."""
+    """Start a Ray head of our own in a detached holder process; return its pid and GCS address."""
     holder = subprocess.Popen([sys.executable, "-m", "memory_service.local_head"], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, start_new_session=True, text=True)
     address = holder.stdout.readline().strip()
@@ -45,26 +45,42 @@ def _start_local_head() -> tuple[int, str]:
     return holder.pid, address
 
 
-def _cluster_running(address: str) -> bool:
-    """Whether Ray answers at ``address``, probed in a child: a failed ray.init spoils this process's next one."""
-    probe = f"import ray; ray.init(address={address!r}, logging_level='ERROR')"
-    return subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=120).returncode == 0
+def _holder_alive(state: dict[str, Any]) -> bool:
+    """Whether the local head that `up` started still runs (False when `up` started none)."""
+    pid = state.get("head_pid")
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _recorded_cluster(state: dict[str, Any]) -> str | None:
+    """The cluster `up` recorded: the address it was given, or the local head it started while that runs."""
+    if state.get("head_pid") and not _holder_alive(state):
+        return None
+    return state.get("ray_address")
 
 
 def _connect(args, *, may_start: bool = False) -> dict[str, Any]:
-    """Join the cluster: --address, else the one `up` recorded, else a running one, else (up) a new one."""
-    import ray
+    """Join --address, else the cluster `up` recorded; `up` (``may_start``) starts a local head if there is none.
+
+    Never joins a Ray instance that this command was not given and `up` did not start.
+    """
+    from memory_service import ray_cluster
 
     state = _read_state()
-    address = args.address or state.get("ray_address") or "auto"
-    if may_start and not args.address and not _cluster_running(address):
-        state["head_pid"], _ = _start_local_head()
-    try:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    except ConnectionError:
-        raise ValueError(f"address: no Ray cluster at {address!r}; run `engram memory up` first") from None
-    # Kept as given ("auto" included): Ray 2.60 refuses a local head's explicit GCS address for want of its token.
-    state["ray_address"] = address
+    if args.address:
+        state = {"ray_address": args.address}
+    elif _recorded_cluster(state) is None:
+        if not may_start:
+            raise ValueError(f"no running memory service recorded in {_state_path()}: run `engram memory up`, "
+                             "or pass --address of the cluster that runs it")
+        state = {}
+        state["head_pid"], state["ray_address"] = _start_local_head()
+    ray_cluster.connect(state["ray_address"], token=args.ray_token, verbose=args.verbose)
     return state
 
 
@@ -129,18 +145,27 @@ def _checkpoint(args) -> int:
 def _restore(args) -> int:
     import ray
 
+    from memory_service.checkpoint import read_manifest
+
+    read_manifest(Path(args.directory).resolve())  # a bad path fails here, before the live tables are touched
     epoch = ray.get(_controller(args).restore.remote(str(Path(args.directory).resolve()), args.shards))
     print(f"restored {args.directory} (routing epoch {epoch})")
     return 0
 
 
 def _down(args) -> int:
+    """Stop the service and the local head `up` started, whatever state they are in; forget the record."""
     from memory_service.controller import stop_controller
 
-    state = _connect(args)
-    stop_controller(args.name)
-    print("memory service stopped")
-    if state.get("head_pid"):
+    state = _read_state()
+    if args.address or _recorded_cluster(state):
+        try:
+            _connect(args)
+            stop_controller(args.name)
+            print("memory service stopped")
+        except ValueError as exc:  # no such controller, or the recorded cluster is gone
+            print(f"nothing to stop: {exc}")
+    if not args.address and _holder_alive(state):
         import ray
 
         ray.shutdown()
@@ -158,19 +183,29 @@ def _human_bytes(count: int) -> str:
     return f"{count:.1f} TiB"
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def register(subparsers) -> None:
     """Add `memory` and its subcommands to the `engram` parser."""
     from memory_service.controller import CONTROLLER_NAME
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--address", help="Ray cluster address (default: the one `up` used, else a running one)")
+    common.add_argument("--address", help="Ray cluster address (default: the local Ray head that `up` started)")
+    common.add_argument("--ray-token", help="the cluster's Ray auth token (default: $RAY_AUTH_TOKEN, "
+                        "$RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
     common.add_argument("--name", default=CONTROLLER_NAME, help="controller actor name")
     memory = subparsers.add_parser("memory", help="deploy and operate the memory service")
     commands = memory.add_subparsers(dest="memory_command", required=True, metavar="SUBCOMMAND")
 
     up = commands.add_parser("up", parents=[common], help="deploy the tables of a YAML file onto N shards")
     up.add_argument("--config", required=True, help="tables.yaml: `tables: [{name, rows, dim, ...}]`")
-    up.add_argument("--shards", type=int, default=2)
+    up.add_argument("--shards", type=positive_int, default=2)
     up.add_argument("--token", help="bearer token (default: $ENGRAM_MEMORY_TOKEN, else generated)")
     up.add_argument("--tls-cert", help="PEM certificate chain for the servers (TLS on)")
     up.add_argument("--tls-key", help="PEM private key for --tls-cert")
@@ -179,14 +214,14 @@ def register(subparsers) -> None:
 
     commands.add_parser("status", parents=[common], help="a table per shard").set_defaults(func=_status)
     scale = commands.add_parser("scale", parents=[common], help="move slots onto M shards, live")
-    scale.add_argument("--shards", type=int, required=True)
+    scale.add_argument("--shards", type=positive_int, required=True)
     scale.set_defaults(func=_scale)
     save = commands.add_parser("checkpoint", parents=[common], help="write all tables to DIR")
     save.add_argument("directory")
     save.set_defaults(func=_checkpoint)
     load = commands.add_parser("restore", parents=[common], help="replace all tables by the checkpoint in DIR")
     load.add_argument("directory")
-    load.add_argument("--shards", type=int, help="shard count to restore onto (default: the current one)")
+    load.add_argument("--shards", type=positive_int, help="shard count to restore onto (default: the current one)")
     load.set_defaults(func=_restore)
     commands.add_parser("down", parents=[common], help="stop the shards, the controller and what `up` started"
                         ).set_defaults(func=_down)

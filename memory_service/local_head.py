@@ -16,8 +16,8 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--shard-slots", type=int, default=64, help="engram_memory resource of this node")
     args = parser.parse_args()
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-             resources={"engram_memory": args.shard_slots})
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+             resources={"engram_memory": args.shard_slots}, logging_level="ERROR")
     print(ray.get_runtime_context().gcs_address, flush=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     ray.shutdown()

@@ -1,4 +1,4 @@
-"""Shared fixtures: the golden vectors beside the checkout."""
+"""Shared fixtures: the golden vectors beside the checkout, and one local Ray for the session."""
 from __future__ import annotations
 
 import os
@@ -25,8 +25,15 @@ def ray_cluster():
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    if not ray.is_initialized():  # a cluster of our own, whatever other Ray runs or ran on the machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  resources={"engram_memory": 16}, namespace="engram-tests")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that uses the session's Ray carries the ``ray`` marker, so ``-m "not ray"`` skips it."""
+    for item in items:
+        if "ray_cluster" in item.fixturenames:
+            item.add_marker(pytest.mark.ray)
