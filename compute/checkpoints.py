@@ -45,8 +45,14 @@ def save_checkpoint(directory: str | Path, state: TrainerState, memory) -> Path:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A step folder, given it or a checkpoints folder (whose ``latest`` names one)."""
+    """A step folder, given it, a checkpoints folder (whose ``latest`` names one), a run, or a folder of runs.
+
+    A folder of runs (``runs/demo``, where each `engram demo` writes a run of its own) means its newest run.
+    """
     path = Path(path).resolve()
+    runs = sorted(path.glob(f"*/checkpoints/{LATEST}"), key=lambda latest: latest.stat().st_mtime)
+    if runs and not (path / TRAINER_FILE).exists():
+        path = runs[-1].parent.parent
     if (path / LATEST).exists():
         path = path / (path / LATEST).read_text().strip()
     elif (path / "checkpoints" / LATEST).exists():

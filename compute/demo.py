@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="train a small Engram-MoE on remote memory, then generate")
     parser.add_argument("--config", default="demo_train", help="run YAML (default: the shipped demo_train)")
     parser.add_argument("--steps", type=int, help="override the config's steps")
-    parser.add_argument("--output-dir", help="override the config's output_dir")
+    parser.add_argument("--output-dir", help="where the run writes (default: a new folder under the config's output_dir)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.set_defaults(func=run)
@@ -34,10 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config = TrainConfig.from_yaml(args.config)
-    config = config.replace(**{k: v for k, v in (("steps", args.steps), ("output_dir", args.output_dir)) if v})
+    # Each run gets a folder of its own, so demos started side by side never share a metrics log or checkpoint.
+    output_dir = args.output_dir or Path(config.output_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    config = config.replace(output_dir=str(output_dir), **({"steps": args.steps} if args.steps else {}))
     metrics_log = Path(config.output_dir) / METRICS_FILE
     metrics_log.unlink(missing_ok=True)
-    connect_ray(None, config.memory.shards)
+    print(f"Engram demo: a small EngramMoE trained for {config.steps} steps on the built-in corpus, its Engram rows "
+          f"on {config.memory.shards} memory shards of an embedded local Ray (Ray's logs: `engram -v demo`)")
+    connect_ray(None, config.memory.shards, verbose=args.verbose)
     memory = prepare_memory(config)
     try:
         summary = run_training(config, memory=memory)
