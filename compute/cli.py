@@ -18,7 +18,7 @@ COMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram", description="Engram memory: sharded n-gram tables for MoE models")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and Ray's own logs")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(subparsers)
@@ -28,13 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         return args.func(args) or 0
     except (ValueError, FileNotFoundError) as exc:
-        print(f"engram {args.command}: error: {exc}", file=sys.stderr)
+        # An error raised inside a Ray actor arrives wrapped with the actor's traceback: show its message only.
+        print(f"engram {args.command}: error: {getattr(exc, 'cause', None) or exc}", file=sys.stderr)
         return 2
 
 

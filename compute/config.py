@@ -35,6 +35,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
         path = CONFIG_DIR / f"{path}.yaml"
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise FileNotFoundError(f"config {str(path)!r}: no such file, nor a shipped config of that name ({shipped})")
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):

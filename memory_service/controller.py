@@ -148,7 +148,10 @@ class MemoryController:
         removed, self._shards = self._shards[num_shards:], self._shards[:num_shards]
         for shard in removed:
             await shard.channel.close()
-            await shard.actor.stop.remote()
+            try:
+                await shard.actor.stop.remote()
+            except ray.exceptions.RayActorError:
+                log.warning("shard %d was already dead", shard.index)
             ray.kill(shard.actor)
 
     async def _broadcast_epoch(self) -> None:
@@ -323,7 +326,9 @@ def get_controller(name: str = CONTROLLER_NAME, namespace: str = NAMESPACE):
 
 
 def stop_controller(name: str = CONTROLLER_NAME, namespace: str = NAMESPACE) -> None:
-    """Stop the shards and kill the controller."""
+    """Stop the shards and kill the controller, whatever state they are in."""
     controller = get_controller(name, namespace)
-    ray.get(controller.shutdown.remote())
-    ray.kill(controller)
+    try:
+        ray.get(controller.shutdown.remote())
+    finally:
+        ray.kill(controller)  # its shard actors die with it

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 TINY_RUN = {
@@ -30,6 +31,7 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout[start:])
 
 
+@pytest.mark.ray
 def test_train_then_eval_then_generate_from_the_checkpoint(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**TINY_RUN, "output_dir": str(tmp_path / "run")}))
@@ -65,3 +67,11 @@ def test_a_bad_config_is_refused_with_the_field_named(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "memory.staleness" in result.stderr
+
+
+def test_an_unknown_config_name_is_refused_listing_the_shipped_ones():
+    result = subprocess.run([sys.executable, "-m", "compute.cli", "train", "--config", "demo_trian"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("engram train: error: config 'demo_trian': no such file, nor a shipped config "
+                                     "of that name (data_demo, demo_train, engram_demo, model_demo)")
