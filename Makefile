@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The CPU wheel of torch; GPU users install their own build first and keep it (pyproject says torch>=2.4).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test install protos bench clean
+.PHONY: demo test test-floors install protos clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -41,8 +41,6 @@ FLOOR_TESTS  ?= tests/test_memory_*.py tests/test_row_store.py tests/test_step_a
 	tests/test_protos_generated.py tests/test_slots.py tests/test_table_spec.py tests/test_optimizers.py \
 	tests/test_row_init.py
 
-.PHONY: test-floors
-
 $(FLOORS_STAMP): pyproject.toml .ci/floors.txt
 	test -d $(FLOORS_VENV) || $(PYTHON) -m venv $(FLOORS_VENV)
 	$(FLOORS_PY) -m pip install -q --upgrade pip
@@ -55,4 +53,4 @@ test-floors: $(FLOORS_STAMP)
 	$(FLOORS_PY) -m pytest -q $(FLOOR_TESTS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(FLOORS_VENV) $(PROTOS_VENV) build *.egg-info

@@ -1,8 +1,9 @@
 """Ray for every command: an embedded local cluster of its own, or a cluster joined at an address.
 
 Without an address a command starts its own local Ray (``address="local"``) and never joins another
-Ray instance that runs, or once ran, on the machine. With one it joins that cluster, carrying Ray's
-auth token from where Ray's own CLI reads it: ``--ray-token``, ``$RAY_AUTH_TOKEN``,
+Ray instance that runs, or once ran, on the machine. With one (a head's ``HOST:PORT``; ``auto`` and
+``ray://`` addresses go to Ray as they are) it joins that cluster, carrying Ray's auth token from where
+Ray's own CLI reads it: ``--ray-token``, ``$RAY_AUTH_TOKEN``,
 ``$RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``. A missing or wrong token, or no cluster at the
 address, fails within seconds with one line that says how to fix it.
 """
@@ -40,7 +41,8 @@ def connect(address: str | None, *, token: str | None = None, namespace: str | N
         logging.getLogger(name).setLevel(level)
     common = dict(namespace=namespace, log_to_driver=log_to_driver, logging_level=level)
     if address:
-        _use_token(address, token)
+        if address != "auto" and not address.startswith("ray://"):  # Ray finds and checks those itself
+            _use_token(address, token)
         try:
             ray.init(address=address, **common)
         except ConnectionError as exc:
@@ -87,7 +89,7 @@ def _probe_head(address: str, token: str | None) -> None:
     if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
         return  # Ray's TLS settings apply to its own channels; ray.init reports problems itself
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    with grpc.insecure_channel(address.removeprefix("ray://")) as channel:
+    with grpc.insecure_channel(address) as channel:
         stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
         try:
             stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=PROBE_TIMEOUT_S, metadata=metadata)
