@@ -37,9 +37,7 @@ protos:
 FLOORS_VENV  := .venv-floors
 FLOORS_PY    := $(FLOORS_VENV)/bin/python
 FLOORS_STAMP := $(FLOORS_VENV)/.installed
-FLOOR_TESTS  ?= tests/test_memory_*.py tests/test_row_store.py tests/test_step_aggregator.py \
-	tests/test_protos_generated.py tests/test_slots.py tests/test_table_spec.py tests/test_optimizers.py \
-	tests/test_row_init.py
+FLOOR_TESTS  ?= tests/protos tests/memory_service tests/integration/test_memory_*.py
 
 $(FLOORS_STAMP): pyproject.toml .ci/floors.txt
 	test -d $(FLOORS_VENV) || $(PYTHON) -m venv $(FLOORS_VENV)

@@ -21,10 +21,10 @@ import torch
 
 from compute.config import EngramConfig, ModelConfig
 from compute.data import DataConfig
-from compute.train_config import MemoryConfig, TrainConfig
-from compute.train_job import connect_ray
-from compute.train_loop import EngramTrainer, WorkerContext
-from compute.train_memory import deploy_or_join, engram_table_specs
+from compute.train.config import MemoryConfig, TrainConfig
+from compute.train.job import connect_ray
+from compute.train.loop import EngramTrainer, WorkerContext
+from compute.train.tables import deploy_or_join, engram_table_specs
 from memory_service.controller import NAMESPACE, stop_controller
 from bench.results_files import figure, write_json
 

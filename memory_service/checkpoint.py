@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from memory_service.row_store import ShardStore
-from memory_service.table_spec import TableSpec
+from memory_service.core.table_spec import TableSpec
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

@@ -22,10 +22,10 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 
-from memory_service.optimizers import SparseOptimizer, make_optimizer
-from memory_service.row_init import fill_initial_rows
-from memory_service.slots import slot_row_ids
-from memory_service.table_spec import TableSpec
+from memory_service.core.optimizers import SparseOptimizer, make_optimizer
+from memory_service.core.row_init import fill_initial_rows
+from memory_service.core.slots import slot_row_ids
+from memory_service.core.table_spec import TableSpec
 
 log = logging.getLogger(__name__)
 

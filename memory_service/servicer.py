@@ -20,10 +20,10 @@ from memory_service.metrics import ShardMetrics
 from memory_service.row_store import TRANSPORT_DTYPES, RowStoreError, ShardStore, SlotNotOwned
 from memory_service.server import DEFAULT_MAX_MESSAGE_BYTES
 from memory_service.shared_rows import SegmentError, SharedRowSegments
-from memory_service.slots import slot_of
+from memory_service.core.slots import slot_of
 from memory_service.step_aggregator import StepAggregator
-from memory_service.table_spec import SpecError, TableSpec
-from memory_service.wire import (DTYPE_NAMES, arrays_from_proto, arrays_to_proto, encode_lookup_response,
+from memory_service.core.table_spec import SpecError, TableSpec
+from protos.wire import (DTYPE_NAMES, arrays_from_proto, arrays_to_proto, encode_lookup_response,
                                  pending_from_arrays, pending_to_arrays, tensor_from_bytes)
 from protos import engram_memory_v1_pb2 as pb
 

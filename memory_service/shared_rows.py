@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from memory_service.wire import as_row_words
+from protos.wire import as_row_words
 
 SEGMENT_NAME = re.compile(r"engram-rows-[A-Za-z0-9_.-]+")
 SHM_DIR = "/dev/shm"

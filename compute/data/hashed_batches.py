@@ -7,8 +7,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from compute.ngram_hash import NgramHasher
-from compute.tokenizer_compression import TokenizerCompressor
+from compute.hashing.ngram_hash import NgramHasher
+from compute.hashing.tokenizer_compression import TokenizerCompressor
 
 
 @dataclasses.dataclass

@@ -16,8 +16,8 @@ from compute.data.hashed_batches import BatchHasher, HashedBatch
 from compute.data.packing import PackedSequences, StepSchedule
 from compute.data.sources import resolve_sources
 from compute.data.token_stream import load_token_stream
-from compute.ngram_hash import NgramHasher
-from compute.tokenizer_compression import TokenizerCompressor, default_tokenizer_path
+from compute.hashing.ngram_hash import NgramHasher
+from compute.hashing.tokenizer_compression import TokenizerCompressor, default_tokenizer_path
 
 logger = logging.getLogger(__name__)
 

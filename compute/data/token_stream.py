@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from compute.data.sources import SourceFile, read_documents
-from compute.tokenizer_compression import _save_atomically, cache_dir
+from compute.hashing.tokenizer_compression import _save_atomically, cache_dir
 
 logger = logging.getLogger(__name__)
 

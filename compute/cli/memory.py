@@ -1,0 +1,227 @@
+"""`engram memory ...`: deploy, inspect, scale, checkpoint, restore and stop the memory service."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "memory.json"
+
+
+def _state_path() -> Path:
+    """Where `up` records what it started (and the token, readable by this user only)."""
+    return Path(os.environ.get("ENGRAM_HOME", Path.home() / ".engram")) / STATE_FILE
+
+
+def _read_state() -> dict[str, Any]:
+    path = _state_path()
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_state(state: dict[str, Any]) -> None:
+    path = _state_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(state, f, indent=2)
+
+
+def _start_local_head() -> tuple[int, str]:
+    """Start a Ray head of our own in a detached holder process; return its pid and GCS address."""
+    holder = subprocess.Popen([sys.executable, "-m", "memory_service.local_head"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, start_new_session=True, text=True)
+    address = holder.stdout.readline().strip()
+    if not address:
+        raise RuntimeError("the local Ray head did not start (run `python -m memory_service.local_head` to see why)")
+    log.info("started a local Ray head at %s (holder pid %d)", address, holder.pid)
+    return holder.pid, address
+
+
+def _holder_alive(state: dict[str, Any]) -> bool:
+    """Whether the local head that `up` started still runs (False when `up` started none)."""
+    pid = state.get("head_pid")
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _recorded_cluster(state: dict[str, Any]) -> str | None:
+    """The cluster `up` recorded: the address it was given, or the local head it started while that runs."""
+    if state.get("head_pid") and not _holder_alive(state):
+        return None
+    return state.get("ray_address")
+
+
+def _connect(args, *, may_start: bool = False) -> dict[str, Any]:
+    """Join --address, else the cluster `up` recorded; `up` (``may_start``) starts a local head if there is none.
+
+    Never joins a Ray instance that this command was not given and `up` did not start.
+    """
+    from memory_service import ray_cluster
+
+    state = _read_state()
+    if args.address:
+        state = {"ray_address": args.address}
+    elif _recorded_cluster(state) is None:
+        if not may_start:
+            raise ValueError(f"no running memory service recorded in {_state_path()}: run `engram memory up`, "
+                             "or pass --address of the cluster that runs it")
+        state = {}
+        state["head_pid"], state["ray_address"] = _start_local_head()
+    ray_cluster.connect(state["ray_address"], token=args.ray_token, verbose=args.verbose)
+    return state
+
+
+def _up(args) -> int:
+    from memory_service.auth import TOKEN_ENV, TlsFiles
+    from memory_service.controller import ControllerOptions, start_controller
+    from memory_service.core.table_spec import load_table_specs
+
+    specs = load_table_specs(args.config)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("tls-cert/tls-key: give both or neither")
+    state = _connect(args, may_start=True)
+    options = ControllerOptions(token=args.token or os.environ.get(TOKEN_ENV), host=args.host,
+                                tls=TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None)
+    controller = start_controller(options, name=args.name)
+    import ray
+
+    directory = ray.get(controller.deploy.remote([spec.to_dict() for spec in specs], args.shards))
+    info = ray.get(controller.connection_info.remote())
+    _write_state({**state, **info, "controller": args.name})
+    print(f"memory service up: {len(specs)} table(s) on {args.shards} shard(s); directory {directory}")
+    print(f"token and addresses saved to {_state_path()} (mode 600)")
+    return 0
+
+
+def _controller(args):
+    from memory_service.controller import get_controller
+
+    _connect(args)
+    return get_controller(args.name)
+
+
+def _status(args) -> int:
+    import ray
+
+    rows = ray.get(_controller(args).status.remote())
+    header = ("shard", "node", "address", "slots", "rows", "bytes", "req/s", "p50 ms", "p99 ms")
+    table = [(str(r["shard"]), r["node"][:12], r["address"], str(r["slots"]), str(r["rows"]), _human_bytes(r["bytes"]),
+              f"{r['requests_per_s']:.1f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}") for r in rows]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *table)]
+    for line in (header, *table):
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
+    return 0
+
+
+def _scale(args) -> int:
+    import ray
+
+    moved = ray.get(_controller(args).scale.remote(args.shards))
+    print(f"scaled to {args.shards} shard(s); slots moved per table: {moved}")
+    return 0
+
+
+def _checkpoint(args) -> int:
+    import ray
+
+    manifest = ray.get(_controller(args).checkpoint.remote(str(Path(args.directory).resolve())))
+    print(f"checkpoint written: {manifest}")
+    return 0
+
+
+def _restore(args) -> int:
+    import ray
+
+    from memory_service.checkpoint import read_manifest
+
+    read_manifest(Path(args.directory).resolve())  # a bad path fails here, before the live tables are touched
+    epoch = ray.get(_controller(args).restore.remote(str(Path(args.directory).resolve()), args.shards))
+    print(f"restored {args.directory} (routing epoch {epoch})")
+    return 0
+
+
+def _down(args) -> int:
+    """Stop the service and the local head `up` started, whatever state they are in; forget the record."""
+    from memory_service.controller import stop_controller
+
+    state = _read_state()
+    if args.address or _recorded_cluster(state):
+        try:
+            _connect(args)
+            stop_controller(args.name)
+            print("memory service stopped")
+        except ValueError as exc:  # no such controller, or the recorded cluster is gone
+            print(f"nothing to stop: {exc}")
+    if not args.address and _holder_alive(state):
+        import ray
+
+        ray.shutdown()
+        os.kill(state["head_pid"], signal.SIGTERM)  # the holder started by `up` shuts its Ray head down
+        print(f"stopped the local Ray head (holder pid {state['head_pid']})")
+    _state_path().unlink(missing_ok=True)
+    return 0
+
+
+def _human_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def register(subparsers) -> None:
+    """Add `memory` and its subcommands to the `engram` parser."""
+    from memory_service.controller import CONTROLLER_NAME
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--address", help="Ray cluster address (default: the local Ray head that `up` started)")
+    common.add_argument("--ray-token", help="the cluster's Ray auth token (default: $RAY_AUTH_TOKEN, "
+                        "$RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
+    common.add_argument("--name", default=CONTROLLER_NAME, help="controller actor name")
+    memory = subparsers.add_parser("memory", help="deploy and operate the memory service")
+    commands = memory.add_subparsers(dest="memory_command", required=True, metavar="SUBCOMMAND")
+
+    up = commands.add_parser("up", parents=[common], help="deploy the tables of a YAML file onto N shards")
+    up.add_argument("--config", required=True, help="tables.yaml: `tables: [{name, rows, dim, ...}]`")
+    up.add_argument("--shards", type=positive_int, default=2)
+    up.add_argument("--token", help="bearer token (default: $ENGRAM_MEMORY_TOKEN, else generated)")
+    up.add_argument("--tls-cert", help="PEM certificate chain for the servers (TLS on)")
+    up.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    up.add_argument("--host", help="address the servers bind (default: each node's IP)")
+    up.set_defaults(func=_up)
+
+    commands.add_parser("status", parents=[common], help="a table per shard").set_defaults(func=_status)
+    scale = commands.add_parser("scale", parents=[common], help="move slots onto M shards, live")
+    scale.add_argument("--shards", type=positive_int, required=True)
+    scale.set_defaults(func=_scale)
+    save = commands.add_parser("checkpoint", parents=[common], help="write all tables to DIR")
+    save.add_argument("directory")
+    save.set_defaults(func=_checkpoint)
+    load = commands.add_parser("restore", parents=[common], help="replace all tables by the checkpoint in DIR")
+    load.add_argument("directory")
+    load.add_argument("--shards", type=positive_int, help="shard count to restore onto (default: the current one)")
+    load.set_defaults(func=_restore)
+    commands.add_parser("down", parents=[common], help="stop the shards, the controller and what `up` started"
+                        ).set_defaults(func=_down)

@@ -1,0 +1,103 @@
+"""An Engram table held by the memory service: rows fetched ahead over gRPC, gradients pushed back."""
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+
+import torch
+
+import kernels
+from compute.memory.futures import follow
+from compute.memory.client import MemoryClient
+from compute.memory.row_table import EngramRows, RowTable
+
+
+class RemoteRowTable(RowTable):
+    """``fetch`` starts a lookup and returns at once; the rows land in pinned memory and reach the
+    device on a side stream, so a step's compute hides the next step's lookup. The rows handed to the
+    model are a leaf in ``compute_dtype``: after ``backward`` its ``.grad`` is the unique-row gradient
+    to ``push``, which leaves the device on another side stream, off the training thread.
+    """
+
+    def __init__(self, client: MemoryClient, table: str, device: torch.device | str = "cpu",
+                 wire_dtype: torch.dtype = torch.bfloat16, compute_dtype: torch.dtype = torch.float32,
+                 grad_wire_dtype: torch.dtype = torch.float32):
+        self.client, self.table = client, table
+        self.device, self.wire_dtype, self.compute_dtype = torch.device(device), wire_dtype, compute_dtype
+        self.grad_wire_dtype = grad_wire_dtype
+        routing = {t.name: t for t in client.tables()}
+        if table not in routing:
+            raise ValueError(f"table: {table!r} is not deployed; deployed tables: {sorted(routing)}")
+        self.num_rows, self.dim = routing[table].rows, routing[table].dim
+        on_gpu = self.device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(self.device) if on_gpu else None
+        self._push_stream = torch.cuda.Stream(self.device) if on_gpu else None
+        self._copier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"rows-{table}")
+        self._pusher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"grads-{table}")
+        self._copy_lock = threading.Lock()
+
+    def lookup(self, row_ids: torch.Tensor) -> EngramRows:
+        return self.lookup_async(row_ids).result()
+
+    def lookup_async(self, row_ids: torch.Tensor) -> concurrent.futures.Future:
+        unique_ids, inverse = torch.unique(row_ids, return_inverse=True)
+        return self.fetch(unique_ids, inverse)
+
+    def fetch(self, unique_ids: torch.Tensor, inverse: torch.Tensor) -> concurrent.futures.Future:
+        """A future of the rows of sorted ``unique_ids``, with ``inverse`` mapping tokens to them."""
+        rows = self.client.lookup(self.table, unique_ids, dtype=self.wire_dtype,
+                                  pin_memory=self._copy_stream is not None)
+        return self._copier.submit(self._to_device, rows, inverse)
+
+    def push(self, unique_ids: torch.Tensor, grads: torch.Tensor, step: int, rank: int = 0, world_size: int = 1,
+             synchronous: bool = True) -> concurrent.futures.Future:
+        """Send the unique rows' gradients of ``step`` in ``grad_wire_dtype``; summed across ranks on the
+        shard when synchronous. Returns at once: a future of the shards' PushResult."""
+        grads = grads.detach().to(self.grad_wire_dtype)
+        if self._push_stream is None:
+            return self.client.push(self.table, unique_ids, grads, step, rank, world_size, synchronous)
+        computed = torch.cuda.Event()
+        computed.record()  # on the training thread's stream, after the kernels that produce ``grads``
+        pushed: concurrent.futures.Future = concurrent.futures.Future()
+
+        def copy_and_send() -> None:
+            try:
+                host = self._to_host(grads, computed)
+                follow(pushed, self.client.push(self.table, unique_ids, host, step, rank, world_size, synchronous))
+            except BaseException as error:  # the trainer learns of it from the future
+                pushed.set_exception(error)
+
+        self._pusher.submit(copy_and_send)
+        return pushed
+
+    def _to_host(self, grads: torch.Tensor, computed: torch.cuda.Event) -> torch.Tensor:
+        """Copy device ``grads`` into pinned memory on the push stream; blocks the pusher thread only."""
+        host = torch.empty(grads.shape, dtype=grads.dtype, pin_memory=True)
+        with torch.cuda.stream(self._push_stream):
+            self._push_stream.wait_event(computed)
+            host.copy_(grads, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._push_stream)
+        copied.synchronize()  # ``grads`` stays referenced until here, so its memory is not reused early
+        return host
+
+    def _to_device(self, rows_future: concurrent.futures.Future, inverse: torch.Tensor) -> EngramRows:
+        rows = rows_future.result()
+        if self._copy_stream is None:
+            return EngramRows(rows.to(self.compute_dtype).requires_grad_(True), inverse)
+        with self._copy_lock, torch.cuda.stream(self._copy_stream):
+            unique_rows = rows.to(self.device, non_blocking=True).to(self.compute_dtype)
+            inverse = inverse.to(self.device, non_blocking=True)
+            # The backward's grouping by row, built here so the step does not sort.
+            segments = kernels.row_segments(inverse, len(unique_rows))
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        done.synchronize()  # blocks this copier thread only; the rows are ready when the future is
+        # The training thread uses them on the default stream: keep their memory until it is done.
+        for tensor in (unique_rows, inverse, *segments):
+            tensor.record_stream(torch.cuda.default_stream(self.device))
+        return EngramRows(unique_rows.requires_grad_(True), inverse, segments)
+
+    def close(self) -> None:
+        self._pusher.shutdown(wait=True)
+        self._copier.shutdown(wait=True)

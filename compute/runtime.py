@@ -1,0 +1,67 @@
+"""A model together with where its Engram rows live: what training, evaluation and generation share."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from compute.config import EngramModelConfig, dataclass_from_mapping
+from compute.memory.local_table import service_initialised_table
+from compute.memory.client import MemoryClient
+from compute.model.engram_moe import EngramMoEModel
+from compute.hashing.ngram_hash import NgramHasher
+from compute.memory.remote_table import RemoteRowTable
+from compute.memory.row_table import RowTable
+from compute.hashing.tokenizer_compression import TokenizerCompressor
+from compute.train.config import TrainConfig, table_name
+from compute.train.tables import MemoryHandle, engram_table_specs
+from memory_service.core.table_spec import TableSpec
+
+
+@dataclasses.dataclass
+class EngramRuntime:
+    config: TrainConfig
+    model: EngramMoEModel
+    tables: dict[int, RowTable]
+    specs: list[TableSpec]  # the tables' specs, in layer order
+    compressor: TokenizerCompressor
+    hasher: NgramHasher
+    client: MemoryClient | None  # set when the rows are remote
+
+    def close(self) -> None:
+        for table in self.tables.values():
+            if isinstance(table, RemoteRowTable):
+                table.close()
+        if self.client is not None:
+            self.client.close()
+
+
+def build_runtime(config: TrainConfig, device: torch.device, memory: MemoryHandle | None) -> EngramRuntime:
+    """The model (seeded by ``config.seed``) on remote tables through ``memory``, or on in-process ones."""
+    torch.manual_seed(config.seed)
+    compressor = TokenizerCompressor.from_file(config.data.tokenizer_path)
+    hasher = NgramHasher.from_compressor(config.engram, compressor)
+    specs = engram_table_specs(config, {layer: hasher.table_rows(layer) for layer in config.engram.layer_ids})
+    client = None
+    if config.memory.tables == "remote":
+        if memory is None:
+            raise ValueError("memory: remote tables need a memory service (deploy one or use memory.tables: local)")
+        client = memory.client()
+        tables = {layer: RemoteRowTable(client, table_name(layer), device, config.memory.wire_torch_dtype,
+                                         grad_wire_dtype=config.memory.grad_wire_torch_dtype)
+                  for layer in config.engram.layer_ids}
+    else:
+        tables = {layer: service_initialised_table(spec) for layer, spec in zip(config.engram.layer_ids, specs)}
+    model = EngramMoEModel(EngramModelConfig(model=config.model, engram=config.engram), tables).to(device)
+    return EngramRuntime(config, model, tables, specs, compressor, hasher, client)
+
+
+def load_runtime(checkpoint: str | Path, device: torch.device, memory: MemoryHandle | None) -> EngramRuntime:
+    """The model of a training checkpoint, its weights loaded (remote tables: restored by the caller)."""
+    from compute.train.checkpoints import load_trainer_state
+
+    state = load_trainer_state(checkpoint, map_location=device)
+    runtime = build_runtime(dataclass_from_mapping(TrainConfig, state.config), device, memory)
+    runtime.model.load_state_dict(state.model)
+    return runtime

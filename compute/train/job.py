@@ -1,0 +1,150 @@
+"""A training run on Ray: the memory service for its tables, then Ray Train workers running the loop."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from compute.train.checkpoints import memory_checkpoint, resolve_checkpoint
+from compute.config import dataclass_from_mapping
+from compute.train.config import TrainConfig
+from compute.train.loop import METRICS_FILE, SUMMARY_FILE, EngramTrainer, WorkerContext
+from compute.train.progress import DriverProgress, ProgressFile
+from compute.train.tables import MemoryHandle, deploy_from_checkpoint, deploy_or_join, engram_table_specs
+from memory_service import ray_cluster
+from memory_service.controller import NAMESPACE, SHARD_RESOURCE, stop_controller
+
+log = logging.getLogger(__name__)
+
+
+def connect_ray(address: str | None, shards: int, *, token: str | None = None, verbose: bool = False) -> None:
+    """Join the cluster at ``address``, or start an embedded local one whose node hosts memory shards."""
+    ray_cluster.connect(address, token=token, namespace=NAMESPACE, resources={SHARD_RESOURCE: max(8, shards)},
+                        worker_setup_hook=embedded_worker_setup, log_to_driver=verbose, verbose=verbose)
+
+
+# Ray Train's placement-group cleaner asks the State API every few seconds whether the run's controller
+# is alive. An embedded cluster has no dashboard, hence no State API, and the cleaner warned on every try.
+_PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def embedded_worker_setup() -> None:
+    """Run in each worker of the embedded cluster before it works.
+
+    Ray's own helpers in a worker (the cleaner's State API client among them) find "their" cluster through
+    $RAY_ADDRESS or else the newest Ray on the machine, which may be a stranger's: name ours. Keep the
+    cleaner's errors, drop its warnings.
+    """
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    logging.getLogger(_PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
+@dataclasses.dataclass
+class RunMemory:
+    """The run's memory service and whether the run deployed it (then it takes it down at the end)."""
+
+    handle: MemoryHandle | None
+    owned: bool = False
+
+    def close(self) -> None:
+        if self.owned:
+            stop_controller(self.handle.controller, self.handle.namespace)
+
+
+def prepare_memory(config: TrainConfig, controller: str | None = None, resume: Path | None = None) -> RunMemory:
+    """Deploy (or join) the tables a run needs; to ``resume``, deploy them from the checkpoint instead."""
+    if config.memory.tables == "local":
+        return RunMemory(None)
+    if resume is not None:
+        tables = memory_checkpoint(resume)
+        if tables is None:
+            raise ValueError(f"resume: {resume} holds no checkpoint of the memory tables")
+        return RunMemory(deploy_from_checkpoint(str(tables), config.memory.shards, NAMESPACE), owned=True)
+    return RunMemory(*deploy_or_join(engram_table_specs(config), config.memory.shards, controller, NAMESPACE))
+
+
+def run_training(config: TrainConfig, *, resume: str | Path | None = None, memory: RunMemory | None = None) -> dict[str, Any]:
+    """Train with ``config.num_workers`` Ray Train workers; return the last reported metrics."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resume_path = resolve_checkpoint(resume) if resume else None
+    output_dir = Path(config.output_dir).resolve()
+    config = config.replace(output_dir=str(output_dir))  # workers run in Ray Train's own folder
+    owns_memory = memory is None
+    memory = memory or prepare_memory(config, resume=resume_path)
+    log.info("training %d steps on %d worker(s), %s Engram tables; output in %s", config.steps,
+             config.num_workers, config.memory.tables, output_dir)
+    try:
+        trainer = TorchTrainer(
+            _train_worker,
+            train_loop_config={"config": config.to_dict(), "memory": memory.handle,
+                               "resume": str(resume_path) if resume_path else None},
+            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                         resources_per_worker={"CPU": _cpus_per_worker(config)}),
+            run_config=RunConfig(name=output_dir.name, storage_path=str(output_dir.parent / "ray_train")),
+        )
+        with _sigint_handler_kept(), DriverProgress(output_dir, config.steps, METRICS_FILE):
+            result = trainer.fit()
+        if result.error:
+            raise result.error
+        return json.loads((output_dir / SUMMARY_FILE).read_text())
+    finally:
+        if owns_memory:
+            memory.close()
+
+
+@contextlib.contextmanager
+def _sigint_handler_kept():
+    """Put the caller's SIGINT handler back after ``fit()``, which replaces it for good.
+
+    Ray Train's handler closes over the run's TrainController handle, so while it is installed the
+    controller actor outlives the run until the driver disconnects; then its kill races the raylet's
+    own shutdown and the controller can be left behind, orphaned. Dropping the handler frees the handle:
+    Ray ends the controller with the run, while the cluster is still up to see it done.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is not previous:  # fit() installs one only on the main thread
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+
+
+def _cpus_per_worker(config: TrainConfig) -> int:
+    """Share the local machine's cores among workers (a cluster's workers get one core each)."""
+    available = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, available // config.num_workers) if not config.use_gpu else 1
+
+
+def _train_worker(loop_config: dict) -> None:
+    """Ray Train's per-worker entry: the loop, a progress bar on rank 0, reports to Ray Train."""
+    import ray.train
+    import ray.train.torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = dataclass_from_mapping(TrainConfig, loop_config["config"])
+    context = ray.train.get_context()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    ctx = WorkerContext(rank=context.get_world_rank(), world_size=context.get_world_size(),
+                        device=ray.train.torch.get_device(), memory=loop_config["memory"], report=ray.train.report)
+    trainer = EngramTrainer(config, ctx)
+    try:
+        if loop_config["resume"]:
+            trainer.load(Path(loop_config["resume"]))
+        trainer.train(on_step=ProgressFile(config.output_dir, ctx.rank))
+        summary = {**trainer.last_metrics, **trainer.evaluate(config.eval_batches),
+                   "checkpoint": str(trainer.last_checkpoint)}
+        ray.train.report(summary)
+        if ctx.rank == 0:
+            (Path(config.output_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    finally:
+        trainer.close()

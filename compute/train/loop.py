@@ -1,0 +1,290 @@
+"""One data-parallel worker's training loop: dense weights by (DDP) AdamW, Engram rows on the shards.
+
+Step s: the rows of step s were requested earlier (prefetch) and are awaited only at the first Engram
+layer; backward yields each unique row's gradient, pushed to the shards without waiting; the dense
+optimizer steps meanwhile. With ``staleness=0`` the next lookup is issued once this step's updates are
+applied on every shard (exact); with ``staleness=1`` it is issued as soon as the previous step's pushes
+are in, so it overlaps this step's compute but may miss this step's update.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from compute.train.checkpoints import TrainerState, load_trainer_state, save_checkpoint
+from compute.data import HashedBatch, hashed_batches
+from compute.runtime import build_runtime
+from compute.memory.futures import follow
+from compute.memory.local_table import LocalTableOptimizer
+from compute.memory.remote_table import RemoteRowTable
+from compute.memory.row_table import EngramRows
+from compute.train.config import TrainConfig
+from compute.train.tables import MemoryHandle
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclasses.dataclass
+class WorkerContext:
+    """Where this worker stands in the run."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    memory: MemoryHandle | None = None  # None with local tables
+    report: Callable[[dict], None] | None = None  # Ray Train's report on workers
+
+
+class _WaitClock(concurrent.futures.Future):
+    """A future of rows that adds the time its ``result()`` blocks to ``clock['wait_s']``."""
+
+    def __init__(self, clock: dict):
+        super().__init__()
+        self._clock = clock
+
+    def result(self, timeout=None):
+        start = time.perf_counter()
+        try:
+            return super().result(timeout)
+        finally:
+            self._clock["wait_s"] += time.perf_counter() - start
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak."""
+    optim = config.optim
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    progress = (step - optim.warmup_steps) / max(1, config.steps - optim.warmup_steps)
+    return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class EngramTrainer:
+    """Builds the model, its tables and optimisers for one worker, and runs steps."""
+
+    def __init__(self, config: TrainConfig, ctx: WorkerContext):
+        self.config, self.ctx = config, ctx
+        self.runtime = build_runtime(config, ctx.device, ctx.memory)
+        self.model, self.tables = self.runtime.model, self.runtime.tables
+        self.table_optimizer = None
+        if config.memory.tables == "local":
+            self.table_optimizer = LocalTableOptimizer(self.tables, self.runtime.specs[0].optimizer)
+        # DDP averages the dense gradients across ranks; experts no token picked this step get none.
+        self.forward_model = self.model if ctx.world_size == 1 else DistributedDataParallel(
+            self.model, find_unused_parameters=True)
+        table_params = {id(p) for p in self.model.local_tables.parameters()}
+        self.dense_params = [p for p in self.model.parameters() if id(p) not in table_params]
+        self.dense_optimizer = torch.optim.AdamW(
+            self.dense_params, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
+            weight_decay=config.optim.weight_decay)
+        self.step = 0
+        self.data_position = None
+        self.last_metrics: dict = {}
+        self.last_checkpoint: Path | None = None
+        self.totals = {"tokens": 0, "wait_s": 0.0, "push_wait_s": 0.0, "rows": 0, "bytes": 0, "compute_s": 0.0}
+
+    # ---- state ----------------------------------------------------------------------------------
+
+    def load(self, checkpoint: Path) -> None:
+        """Continue from a checkpoint of this run (the memory tables are restored by the driver)."""
+        state = load_trainer_state(checkpoint, map_location=self.ctx.device)
+        self.model.load_state_dict(state.model)
+        self.dense_optimizer.load_state_dict(state.dense_optimizer)
+        if self.table_optimizer is not None:
+            self.table_optimizer.load_state_dict(state.table_optimizer)
+        self.step, self.data_position = state.step, state.data_position
+        torch.set_rng_state(state.rng.cpu())
+
+    def save(self, directory: Path, loader) -> Path:
+        """Every rank calls this after a step's updates are applied; rank 0 writes model and tables."""
+        self._barrier()
+        path = None
+        if self.ctx.rank == 0:
+            state = TrainerState(
+                step=self.step, config=self.config.to_dict(), model=self.model.state_dict(),
+                dense_optimizer=self.dense_optimizer.state_dict(),
+                table_optimizer=self.table_optimizer.state_dict() if self.table_optimizer else None,
+                # The loader has handed out the prefetched next batch too; training resumes at this step.
+                data_position={**loader.state_dict(), "next_step": self.step}, rng=torch.get_rng_state())
+            path = save_checkpoint(directory, state, self.ctx.memory)
+            log.info("checkpoint of step %d written to %s", self.step, path)
+        self._barrier()
+        return path
+
+    # ---- steps ----------------------------------------------------------------------------------
+
+    def batches(self, split: str = "train", num_steps: int | None = None, position=None):
+        data = dataclasses.replace(self.config.data, split=split)
+        return hashed_batches(data, self.config.engram, rank=self.ctx.rank, world_size=self.ctx.world_size,
+                              position=position, num_steps=num_steps)
+
+    @property
+    def _wire_bytes(self) -> int:
+        return 4 if self.config.memory.tables == "local" else self.config.memory.wire_torch_dtype.itemsize
+
+    def fetch(self, batch: HashedBatch, after: list = ()) -> dict[int, concurrent.futures.Future]:
+        """Start every Engram layer's lookup for ``batch``, once the pushes in ``after`` are done.
+
+        Waiting for ``after`` happens off this thread (the lookups start from the last push's
+        callback), so the step that runs meanwhile is not held up; a failed push fails the rows.
+        """
+        rows = {layer: _WaitClock(self.totals) for layer in batch.layers}
+        for layer, layer_rows in batch.layers.items():
+            self.totals["rows"] += len(layer_rows.unique)
+            self.totals["bytes"] += len(layer_rows.unique) * self.tables[layer].dim * self._wire_bytes
+
+        def start() -> None:
+            failed = next((push.exception() for push in after if push.exception() is not None), None)
+            for layer, layer_rows in batch.layers.items():
+                table = self.tables[layer]
+                if failed is not None:
+                    rows[layer].set_exception(failed)
+                elif isinstance(table, RemoteRowTable):
+                    follow(rows[layer], table.fetch(layer_rows.unique, layer_rows.inverse))
+                else:
+                    follow(rows[layer], table.lookup_async(layer_rows.row_ids.to(self.ctx.device)))
+
+        if not after:
+            start()
+            return rows
+        left, lock = [len(after)], threading.Lock()
+
+        def on_push_done(_push: concurrent.futures.Future) -> None:
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            start()
+
+        for push in after:
+            push.add_done_callback(on_push_done)
+        return rows
+
+    def train(self, on_step: Callable[[dict], None] | None = None) -> list[float]:
+        """Run to ``config.steps``; return this rank's loss per step."""
+        config, losses = self.config, []
+        loader = self.batches("train", num_steps=config.steps - self.step, position=self.data_position)
+        batches = iter(loader)
+        pending_pushes: list[concurrent.futures.Future] = []
+        next_batch = next(batches, None)
+        next_rows = self.fetch(next_batch) if next_batch is not None and config.memory.prefetch else None
+        checkpoint_dir = Path(config.output_dir) / "checkpoints"
+        while next_batch is not None:
+            started = time.perf_counter()
+            batch, rows = next_batch, next_rows if next_rows is not None else self.fetch(next_batch)
+            next_batch = next(batches, None)
+            next_rows = None
+            if next_batch is not None and config.memory.prefetch and config.memory.staleness == 1:
+                # Once the previous step's pushes are in, so the rows miss at most this step's update.
+                next_rows = self.fetch(next_batch, after=pending_pushes[:])
+                pending_pushes.clear()
+            loss = self._mean_over_ranks(self._train_step(batch, rows, pending_pushes))
+            losses.append(loss)
+            if config.memory.staleness == 0 or next_batch is None:
+                self._settle(pending_pushes, barrier=config.memory.staleness == 0)
+            if next_batch is not None and config.memory.prefetch and next_rows is None:
+                next_rows = self.fetch(next_batch)
+            self.step += 1
+            self.totals["compute_s"] += time.perf_counter() - started
+            self.totals["tokens"] += batch.input_ids.numel() * self.ctx.world_size
+            metrics = self.last_metrics = self._metrics(loss)
+            if on_step:
+                on_step(metrics)
+            if self.step % config.log_every == 0 or self.step == 1 or next_batch is None:
+                self._log(metrics)
+            if config.checkpoint_every and self.step % config.checkpoint_every == 0 and next_batch is not None:
+                self._settle(pending_pushes, barrier=True)
+                self.save(checkpoint_dir, loader)
+        self._settle(pending_pushes, barrier=True)
+        self.last_checkpoint = self.save(checkpoint_dir, loader)
+        return losses
+
+    def _train_step(self, batch: HashedBatch, rows: dict, pending_pushes: list) -> float:
+        device = self.ctx.device
+        for group in self.dense_optimizer.param_groups:
+            group["lr"] = learning_rate(self.config, self.step)
+        output = self.forward_model(batch.input_ids.to(device), engram_rows=rows, labels=batch.labels.to(device))
+        output.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.dense_params, self.config.optim.grad_clip)
+        if self.table_optimizer is not None:
+            self.table_optimizer.step()
+        else:
+            for layer, future in rows.items():
+                engram_rows: EngramRows = future.result()
+                grads = engram_rows.unique_rows.grad / self.ctx.world_size
+                pending_pushes.append(self.tables[layer].push(
+                    batch.layers[layer].unique, grads, self.step, self.ctx.rank, self.ctx.world_size))
+        self.dense_optimizer.step()
+        self.dense_optimizer.zero_grad(set_to_none=True)
+        return output.lm_loss.item()
+
+    def _settle(self, pending_pushes: list, barrier: bool) -> None:
+        """Wait for this rank's pushes; with ``barrier`` for every rank's too, so the step is applied everywhere."""
+        start = time.perf_counter()
+        for future in pending_pushes:
+            future.result()
+        pending_pushes.clear()
+        self.totals["push_wait_s"] += time.perf_counter() - start
+        if barrier:
+            self._barrier()
+
+    def _log(self, metrics: dict) -> None:
+        """Report to Ray Train; rank 0 also appends to ``<output_dir>/metrics.jsonl``."""
+        if self.ctx.report:
+            self.ctx.report(metrics)
+        if self.ctx.rank == 0:
+            path = Path(self.config.output_dir) / METRICS_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    def _mean_over_ranks(self, value: float) -> float:
+        if self.ctx.world_size == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(total)
+        return total.item() / self.ctx.world_size
+
+    def _barrier(self) -> None:
+        if self.ctx.world_size > 1:
+            dist.barrier()
+
+    def _metrics(self, loss: float) -> dict:
+        totals = self.totals
+        return {"step": self.step, "loss": loss, "lr": learning_rate(self.config, self.step - 1),
+                "tokens_per_s": totals["tokens"] / max(totals["compute_s"], 1e-9),
+                "lookup_wait_share": totals["wait_s"] / max(totals["compute_s"], 1e-9),
+                "push_wait_share": totals["push_wait_s"] / max(totals["compute_s"], 1e-9),
+                "rows_looked_up": totals["rows"], "bytes_moved": totals["bytes"]}
+
+    # ---- evaluation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, num_batches: int) -> dict:
+        """Mean validation loss and perplexity over ``num_batches`` batches (no updates)."""
+        self.model.eval()
+        losses = []
+        for batch in self.batches("validation", num_steps=num_batches):
+            rows = self.fetch(batch)
+            output = self.model(batch.input_ids.to(self.ctx.device), engram_rows=rows,
+                                 labels=batch.labels.to(self.ctx.device))
+            losses.append(output.lm_loss.item())
+        self.model.train()
+        loss = self._mean_over_ranks(sum(losses) / len(losses))
+        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_batches": len(losses)}
+
+    def close(self) -> None:
+        self.runtime.close()

@@ -1,0 +1,48 @@
+"""Helpers shared by the memory-service integration tests: deploy on the session's Ray, raw stubs."""
+from __future__ import annotations
+
+import contextlib
+import uuid
+
+import grpc
+import numpy as np
+import ray
+import torch
+
+from compute.memory.client import MemoryClient
+from memory_service.controller import ControllerOptions, start_controller, stop_controller
+from memory_service.core.row_init import init_rows
+from memory_service.core.table_spec import OptimizerSpec, TableSpec
+
+TOKEN = "test-token"
+
+
+def spec(name: str, *, rows: int = 10_000, dim: int = 16, kind: str = "adam", lr: float = 0.01,
+         storage_dtype: str = "float32", seed: int = 7) -> TableSpec:
+    return TableSpec(name=name, rows=rows, dim=dim, storage_dtype=storage_dtype, seed=seed, num_slots=64,
+                     optimizer=OptimizerSpec(kind=kind, lr=lr))
+
+
+def reference_rows(table: TableSpec, row_ids) -> torch.Tensor:
+    return torch.from_numpy(init_rows(table.seed, np.asarray(row_ids, dtype=np.int64), table.dim, table.init_std))
+
+
+@contextlib.contextmanager
+def deployment(specs: list[TableSpec], shards: int, **client_kwargs):
+    """A controller with ``specs`` on ``shards`` shards (127.0.0.1 only) and a client; torn down after."""
+    name = f"test-memory-{uuid.uuid4().hex[:8]}"
+    controller = start_controller(ControllerOptions(token=TOKEN, host="127.0.0.1"), name=name)
+    try:
+        directory = ray.get(controller.deploy.remote([s.to_dict() for s in specs], shards))
+        with MemoryClient(directory, TOKEN, **client_kwargs) as client:
+            yield controller, client
+    finally:
+        stop_controller(name)
+
+
+def shard_stub(client: MemoryClient, shard: int = 0):
+    """A raw ShardService stub on one shard of ``client``'s routing (for malformed requests)."""
+    from protos import engram_memory_v1_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(client._shard_addresses[shard])
+    return pb_grpc.ShardServiceStub(channel), channel

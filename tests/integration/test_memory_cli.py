@@ -1,0 +1,97 @@
+"""Integration: the `engram memory` commands as docs/memory-service.md shows them, on the session's Ray."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[2]
+TABLES = """\
+tables:
+  - name: layer2
+    rows: 5000
+    dim: 16
+    num_slots: 64
+    optimizer: {kind: adam, lr: 0.005}
+"""
+
+
+def test_up_status_scale_checkpoint_restore_down(ray_cluster, tmp_path):
+    config = tmp_path / "tables.yaml"
+    config.write_text(TABLES)
+    env = {**os.environ, "ENGRAM_HOME": str(tmp_path / "home"), "ENGRAM_MEMORY_TOKEN": "cli-test-token"}
+    common = ["--address", ray_cluster, "--name", f"cli-{uuid.uuid4().hex[:8]}"]
+
+    def engram(*args: str) -> str:
+        # The `engram` console script is compute.cli:main.
+        done = subprocess.run([sys.executable, "-m", "compute.cli", "memory", *args, *common], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert "on 2 shard(s)" in engram("up", "--config", str(config), "--shards", "2", "--host", "127.0.0.1")
+    status = engram("status")
+    assert "p99 ms" in status and len(status.strip().splitlines()) == 3
+    assert "scaled to 3" in engram("scale", "--shards", "3")
+    assert len(engram("status").strip().splitlines()) == 4
+    assert "manifest.json" in engram("checkpoint", str(tmp_path / "ckpt"))
+    assert "restored" in engram("restore", str(tmp_path / "ckpt"), "--shards", "2")
+    assert "stopped" in engram("down")
+    assert not (tmp_path / "home" / "memory.json").exists()
+
+
+def alive_shard_pids() -> set[int]:
+    """Pids of the live shard actors of the session's Ray."""
+    import ray._private.state
+
+    return {a["Pid"] for a in ray._private.state.actors().values()
+            if a["ActorClassName"] == "ShardActor" and a["State"] == "ALIVE"}
+
+
+def test_operator_mistakes_get_one_line_and_down_works_after_a_shard_died(ray_cluster, tmp_path):
+    config = tmp_path / "tables.yaml"
+    config.write_text(TABLES)
+    env = {**os.environ, "ENGRAM_HOME": str(tmp_path / "home"), "ENGRAM_MEMORY_TOKEN": "cli-test-token"}
+    common = ["--address", ray_cluster, "--name", f"cli-{uuid.uuid4().hex[:8]}"]
+
+    def engram(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "compute.cli", "memory", *args, *common], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    def refused(*args: str) -> str:
+        done = engram(*args)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "Traceback" not in done.stderr
+        return done.stderr.strip().splitlines()[-1]
+
+    assert "must be at least 1" in refused("up", "--config", str(config), "--shards", "0")
+    before = alive_shard_pids()
+    assert engram("up", "--config", str(config), "--shards", "2", "--host", "127.0.0.1").returncode == 0
+    shards = alive_shard_pids() - before
+    assert len(shards) == 2
+    message = refused("restore", str(tmp_path / "nope"))
+    assert message == f"engram memory: error: directory: no manifest.json in {tmp_path / 'nope'}; not a checkpoint"
+    assert "must be at least 1" in refused("scale", "--shards", "0")
+    assert len(engram("status").stdout.strip().splitlines()) == 3  # the refused commands changed nothing
+
+    os.kill(shards.pop(), signal.SIGKILL)
+    down = engram("down")
+    assert down.returncode == 0 and "memory service stopped" in down.stdout, down.stderr
+    assert "no memory controller named" in refused("status")
+
+
+def test_commands_without_a_recorded_service_say_what_to_run(tmp_path):
+    env = {**os.environ, "ENGRAM_HOME": str(tmp_path / "home")}
+    done = subprocess.run([sys.executable, "-m", "compute.cli", "memory", "status"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"engram memory: error: no running memory service recorded in "
+                                   f"{tmp_path / 'home' / 'memory.json'}: run `engram memory up`, "
+                                   f"or pass --address of the cluster that runs it")

@@ -1,0 +1,114 @@
+"""Integration: scaling under live traffic, and checkpoint/restore across shard counts."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from tests.integration.memory_deploy import deployment, reference_rows, spec
+
+pytestmark = pytest.mark.ray
+
+LIVE = spec("live", kind="sgd", lr=0.25, dim=8)
+SAVED = spec("saved", kind="adam", lr=0.01)
+
+
+def _push_rows(rank: int, step: int) -> tuple[np.ndarray, torch.Tensor]:
+    """The rows and gradients rank ``rank`` pushes at ``step``: a pure function, so a lagging rank can catch up."""
+    ids = np.sort(np.random.default_rng([rank, step]).choice(LIVE.rows, size=300, replace=False))
+    return ids, torch.full((len(ids), LIVE.dim), float(rank + 1 + step % 3))
+
+
+@pytest.mark.parametrize("synchronous", [False, True], ids=["asynchronous", "synchronous-2-ranks"])
+def test_scaling_2_3_1_under_lookups_and_pushes_loses_and_fails_nothing(ray_cluster, synchronous):
+    world_size = 2 if synchronous else 1
+    with deployment([LIVE], shards=2) as (controller, client):
+        stop = threading.Event()
+        errors: list[BaseException] = []
+        steps_done = [0] * world_size
+        lookups = [0]
+
+        def push(rank: int, step: int) -> None:
+            ids, grads = _push_rows(rank, step)
+            client.push("live", ids, grads, step=step, rank=rank, world_size=world_size,
+                        synchronous=synchronous).result()
+
+        def push_until_stopped(rank: int) -> None:
+            try:
+                while not stop.is_set():
+                    push(rank, steps_done[rank])
+                    steps_done[rank] += 1
+            except BaseException as error:  # noqa: BLE001 - any failure fails the test below
+                errors.append(error)
+
+        def look_up_until_stopped():
+            reader_rng = np.random.default_rng(1)
+            try:
+                while not stop.is_set():
+                    ids = reader_rng.integers(0, LIVE.rows, size=2000)
+                    assert client.lookup("live", ids, dtype=torch.float32).result().shape == (len(ids), LIVE.dim)
+                    lookups[0] += 1
+            except BaseException as error:  # noqa: BLE001
+                errors.append(error)
+
+        workers = [threading.Thread(target=push_until_stopped, args=(rank,)) for rank in range(world_size)]
+        workers.append(threading.Thread(target=look_up_until_stopped))
+        for worker in workers:
+            worker.start()
+        try:
+            assert ray.get(controller.scale.remote(3))["live"] > 0
+            assert ray.get(controller.scale.remote(1))["live"] > 0
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join()
+        assert not errors, errors[0]
+        assert lookups[0] > 0 and min(steps_done) > 0 and client.epoch >= 3
+        last_step = max(steps_done)
+        for rank in range(world_size):  # a lagging rank completes the steps the other one left pending
+            for step in range(steps_done[rank], last_step):
+                push(rank, step)
+        pushed = torch.zeros(LIVE.rows, LIVE.dim)
+        for rank in range(world_size):
+            for step in range(last_step):
+                ids, grads = _push_rows(rank, step)
+                pushed[torch.from_numpy(ids)] += grads
+        every = np.arange(LIVE.rows)
+        expected = reference_rows(LIVE, every) - LIVE.optimizer.lr * pushed
+        torch.testing.assert_close(client.lookup("live", every, dtype=torch.float32).result(), expected)
+        assert len(ray.get(controller.status.remote())) == 1
+
+
+def test_checkpoint_on_3_shards_restores_bit_identical_on_2(ray_cluster, tmp_path):
+    ids = np.random.default_rng(2).choice(SAVED.rows, size=1000, replace=False)
+    with deployment([SAVED], shards=3) as (controller, client):
+        gen = torch.Generator().manual_seed(3)
+        for step in range(3):
+            client.push("saved", ids[step * 200:step * 200 + 600], torch.randn(600, SAVED.dim, generator=gen),
+                        step=step).result()
+        every = np.arange(SAVED.rows)
+        saved_rows = client.lookup("saved", every, dtype=torch.float32).result()
+        ray.get(controller.checkpoint.remote(str(tmp_path)))
+        # One shard holds every slot in slot order, so its checksum covers the whole table and its state.
+        ray.get(controller.scale.remote(1))
+        [original] = ray.get(controller.checksums.remote())["saved"]
+
+        assert ray.get(controller.restore.remote(str(tmp_path), 2)) > 0
+        assert len(ray.get(controller.status.remote())) == 2
+        assert torch.equal(client.lookup("saved", every, dtype=torch.float32).result(), saved_rows)
+        ray.get(controller.scale.remote(1))
+        assert ray.get(controller.checksums.remote())["saved"] == [original]
+
+
+def test_a_push_retried_after_its_slots_moved_is_still_applied_once(ray_cluster):
+    ids = np.arange(0, LIVE.rows, 7, dtype=np.int64)  # rows in every slot
+    grads = torch.ones(len(ids), LIVE.dim)
+    with deployment([LIVE], shards=1) as (controller, client):
+        assert client.push("live", ids, grads, step=0, synchronous=False).result().applied_rows == len(ids)
+        once = client.lookup("live", ids, dtype=torch.float32).result()
+        assert ray.get(controller.scale.remote(3))["live"] > 0  # most slots now live on new shards
+        assert client.push("live", ids, grads, step=0, synchronous=False).result().applied_rows == 0
+        assert torch.equal(client.lookup("live", ids, dtype=torch.float32).result(), once)

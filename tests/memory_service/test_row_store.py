@@ -1,0 +1,263 @@
+"""ShardStore: lookups equal the deterministic init, updates are validated then applied atomically,
+slots move between stores exactly."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from memory_service.core.optimizers import make_optimizer
+from memory_service.core.row_init import init_rows
+from memory_service.row_store import RowStoreError, ShardStore, SlotNotOwned
+from memory_service.core.slots import SlotMap
+from memory_service.core.table_spec import OptimizerSpec, TableSpec
+
+SPEC = TableSpec("layer1", rows=1000, dim=8, optimizer=OptimizerSpec(kind="adam", lr=0.01), seed=3, num_slots=16)
+
+
+def _store(spec: TableSpec = SPEC, slots=None) -> ShardStore:
+    store = ShardStore()
+    store.add_table(spec, range(spec.num_slots) if slots is None else slots)
+    return store
+
+
+def _grads(n: int, dim: int = SPEC.dim, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+
+
+def test_gather_returns_the_deterministic_rows_in_each_transport_dtype():
+    store = _store()
+    row_ids = np.array([999, 0, 17, 17, 512], dtype=np.int64)
+    expected = torch.from_numpy(init_rows(SPEC.seed, row_ids, SPEC.dim, SPEC.init_std))
+    assert torch.equal(store.gather("layer1", row_ids, "float32"), expected)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(store.gather("layer1", torch.from_numpy(row_ids), str(dtype).split(".")[1]),
+                           expected.to(dtype))
+    assert store.gather("layer1", np.empty(0, dtype=np.int64)).shape == (0, SPEC.dim)
+    # Ids straight from wire bytes arrive as a read-only array.
+    wire = np.frombuffer(row_ids.tobytes(), dtype="<i8")
+    assert torch.equal(store.gather("layer1", wire), expected)
+
+
+def test_content_does_not_depend_on_the_shard_count():
+    whole = _store()
+    slot_map = SlotMap.even(SPEC.num_slots, 3)
+    shards = [_store(slots=slot_map.slots_of(shard)) for shard in range(3)]
+    row_ids = np.random.default_rng(1).integers(0, SPEC.rows, 300)
+    gathered = torch.empty(300, SPEC.dim)
+    for shard, positions in slot_map.split(row_ids).items():
+        gathered[positions] = shards[shard].gather("layer1", row_ids[positions])
+    assert torch.equal(gathered, whole.gather("layer1", row_ids))
+    assert sum(store.num_rows("layer1") for store in shards) == SPEC.rows
+
+
+@pytest.mark.parametrize(
+    "call, code, field",
+    [
+        (lambda s: s.gather("nope", [1]), "NOT_FOUND", "table"),
+        (lambda s: s.gather("layer1", [0, 1000]), "INVALID_ARGUMENT", "row_ids"),
+        (lambda s: s.gather("layer1", [-1]), "INVALID_ARGUMENT", "row_ids"),
+        (lambda s: s.gather("layer1", np.array([1.0])), "INVALID_ARGUMENT", "row_ids"),
+        (lambda s: s.gather("layer1", np.zeros((2, 2), dtype=np.int64)), "INVALID_ARGUMENT", "row_ids"),
+        (lambda s: s.gather("layer1", [1], "int8"), "INVALID_ARGUMENT", "dtype"),
+        (lambda s: s.gather("layer1", [0, 12]), "FAILED_PRECONDITION", "row_ids"),
+    ],
+)
+def test_gather_errors_name_their_field(call, code, field):
+    store = _store(slots=range(8))  # slots 8..15 live elsewhere
+    with pytest.raises(RowStoreError) as caught:
+        call(store)
+    assert (caught.value.code, caught.value.field) == (code, field)
+    assert field in str(caught.value)
+
+
+def test_slot_not_owned_lists_the_slots():
+    store = _store(slots=range(8))
+    with pytest.raises(SlotNotOwned) as caught:
+        store.gather("layer1", [1, 9, 25, 10, 2])
+    assert caught.value.slots == [9, 10]
+
+
+def test_updates_equal_the_optimizer_on_the_reference_rows():
+    spec = TableSpec("t", rows=500, dim=4, optimizer=OptimizerSpec(kind="adam", lr=0.05), num_slots=8)
+    store = _store(spec)
+    reference = torch.from_numpy(init_rows(spec.seed, np.arange(spec.rows), spec.dim, spec.init_std))
+    optimizer = make_optimizer(spec.optimizer)
+    state = optimizer.initial_state(spec.rows, spec.dim)
+    for step in range(3):
+        row_ids = np.random.default_rng(step).choice(spec.rows, 60, replace=False)
+        grads = _grads(60, spec.dim, seed=step)
+        store.apply_gradients("t", row_ids, grads)
+        index = torch.from_numpy(row_ids)
+        rows, touched = reference[index], {k: v[index] for k, v in state.items()}
+        optimizer.apply(rows, touched, torch.from_numpy(grads))
+        reference[index] = rows
+        for key, value in touched.items():
+            state[key][index] = value
+    assert torch.equal(store.gather("t", np.arange(spec.rows)), reference)
+
+
+BAD_UPDATES = [
+    ("nope", [1], _grads(1), "NOT_FOUND", "table"),
+    ("layer1", [1, 1], _grads(2), "INVALID_ARGUMENT", "row_ids"),
+    ("layer1", [1, 1000], _grads(2), "INVALID_ARGUMENT", "row_ids"),
+    ("layer1", [1, 2], _grads(2).astype(np.float64), "INVALID_ARGUMENT", "grads"),
+    ("layer1", [1, 2], _grads(3), "INVALID_ARGUMENT", "grads"),
+    ("layer1", [1, 2], _grads(2, dim=7), "INVALID_ARGUMENT", "grads"),
+    ("layer1", [1, 2], np.array([[0.0] * 7 + [np.nan]] * 2, dtype=np.float32), "INVALID_ARGUMENT", "grads"),
+    ("layer1", [1, 2], np.array([[np.inf] * 8] * 2, dtype=np.float32), "INVALID_ARGUMENT", "grads"),
+    ("layer1", [1, 2, 9], _grads(3), "FAILED_PRECONDITION", "row_ids"),  # slot 9 not owned
+]
+
+
+@pytest.mark.parametrize("name, row_ids, grads, code, field", BAD_UPDATES)
+def test_bad_updates_are_refused_and_change_nothing(name, row_ids, grads, code, field):
+    store = _store(slots=range(8))
+    store.apply_gradients("layer1", [0, 5], _grads(2))  # non-trivial optimizer state
+    before = store.checksum("layer1")
+    with pytest.raises(RowStoreError) as caught:
+        store.apply_gradients(name, row_ids, grads)
+    assert (caught.value.code, caught.value.field) == (code, field)
+    if name == "layer1":
+        with pytest.raises(RowStoreError):
+            store.check_gradients(name, row_ids, grads)
+    assert store.checksum("layer1") == before
+
+
+def test_random_mixed_updates_only_change_the_store_when_valid():
+    """Property: a failed update leaves the checksum unchanged; a valid one changes it."""
+    rng = np.random.default_rng(7)
+    store = _store(slots=range(8))
+    for _ in range(40):
+        n = int(rng.integers(1, 20))
+        row_ids = rng.integers(-5, SPEC.rows + 5, n)
+        grads = _grads(n, seed=int(rng.integers(1 << 30)))
+        if rng.random() < 0.3:
+            grads[rng.integers(n), rng.integers(SPEC.dim)] = np.nan
+        before = store.checksum("layer1")
+        try:
+            store.apply_gradients("layer1", row_ids, grads)
+        except RowStoreError:
+            assert store.checksum("layer1") == before
+        else:
+            assert store.checksum("layer1") != before
+
+
+def test_read_only_tables_serve_but_refuse_updates():
+    spec = TableSpec("frozen", rows=300, dim=8, storage_dtype="bfloat16", seed=1, num_slots=4)
+    store = _store(spec)
+    row_ids = np.array([5, 299])
+    expected = torch.from_numpy(init_rows(1, row_ids, 8, spec.init_std)).to(torch.bfloat16)
+    assert torch.equal(store.gather("frozen", row_ids, "bfloat16"), expected)
+    assert torch.equal(store.gather("frozen", row_ids, "float32"), expected.float())
+    before = store.checksum("frozen")
+    with pytest.raises(RowStoreError) as caught:
+        store.apply_gradients("frozen", row_ids, _grads(2))
+    assert (caught.value.code, caught.value.field) == ("FAILED_PRECONDITION", "table")
+    assert store.checksum("frozen") == before
+    assert store.memory_bytes() == 300 * 8 * 2
+
+
+@pytest.mark.parametrize("spec", [SPEC, TableSpec("frozen", rows=301, dim=8, storage_dtype="bfloat16", num_slots=16),
+                                  TableSpec("ada", rows=100, dim=3, optimizer=OptimizerSpec(kind="adagrad"), num_slots=16)],
+                         ids=lambda s: s.name)
+def test_slot_moves_round_trip_exactly(spec):
+    source, target = _store(spec, slots=range(10)), _store(spec, slots=range(10, 16))
+    if not spec.read_only:
+        touched = np.arange(0, spec.rows, 3)
+        touched = touched[touched % 16 < 10]  # the source's slots
+        source.apply_gradients(spec.name, touched, _grads(len(touched), spec.dim))
+    all_rows = np.arange(spec.rows)
+    before = torch.empty(spec.rows, spec.dim, dtype=source.gather(spec.name, [0]).dtype)
+    slot_map = SlotMap(epoch=1, owners=[0] * 10 + [1] * 6)
+    for shard, store in enumerate((source, target)):
+        positions = slot_map.split(all_rows)[shard]
+        before[positions] = store.gather(spec.name, all_rows[positions])
+    checksum_of_all = _store(spec, slots=[])
+    checksum_of_all.import_slots(spec.name, source.export_slots(spec.name, range(10)))
+    checksum_of_all.import_slots(spec.name, target.export_slots(spec.name, range(10, 16)))
+
+    moved = [9, 2, 7]
+    # Imported arrays may be read-only views of received bytes.
+    exported = {key: np.frombuffer(array.tobytes(), dtype=array.dtype).reshape(array.shape)
+                for key, array in source.export_slots(spec.name, moved).items()}
+    target.import_slots(spec.name, exported)
+    source.release_slots(spec.name, moved)
+    assert source.owned_slots(spec.name) == [0, 1, 3, 4, 5, 6, 8]
+    assert target.owned_slots(spec.name) == [2, 7, 9, 10, 11, 12, 13, 14, 15]
+    with pytest.raises(SlotNotOwned):
+        source.gather(spec.name, [2])
+    slot_map.owners[moved] = 1
+    for shard, store in enumerate((source, target)):
+        positions = slot_map.split(all_rows)[shard]
+        assert torch.equal(store.gather(spec.name, all_rows[positions]), before[positions])
+    # Optimizer state moved too: both shards' slots, gathered on one store, checksum as before.
+    merged = _store(spec, slots=[])
+    merged.import_slots(spec.name, source.export_slots(spec.name, source.owned_slots(spec.name)))
+    merged.import_slots(spec.name, target.export_slots(spec.name, target.owned_slots(spec.name)))
+    assert merged.checksum(spec.name) == checksum_of_all.checksum(spec.name)
+    assert merged.num_rows(spec.name) == spec.rows
+
+
+def test_moved_rows_keep_training_identically():
+    """Updates after a move equal updates on a store that never moved its slots."""
+    stay, source, target = _store(), _store(slots=range(8)), _store(slots=range(8, 16))
+    first = np.arange(0, 1000, 7)
+    for store, ids in ((stay, first), (source, first[first % 16 < 8]), (target, first[first % 16 >= 8])):
+        store.apply_gradients("layer1", ids, _grads(len(first))[np.isin(first, ids)])
+    target.import_slots("layer1", source.export_slots("layer1", range(8)))
+    source.release_slots("layer1", range(8))
+    second = np.arange(0, 1000, 5)
+    stay.apply_gradients("layer1", second, _grads(len(second), seed=1))
+    target.apply_gradients("layer1", second, _grads(len(second), seed=1))
+    assert target.checksum("layer1") == stay.checksum("layer1")
+    assert source.owned_slots("layer1") == [] and source.num_rows("layer1") == 0
+
+
+@pytest.mark.parametrize(
+    "mutate, field, code",
+    [
+        (lambda d: d.update(slots=np.array([0])), "slots", "FAILED_PRECONDITION"),  # already owned here
+        (lambda d: d.update(slots=np.array([16])), "slots", "INVALID_ARGUMENT"),
+        (lambda d: d.pop("state.exp_avg"), "state.exp_avg", "INVALID_ARGUMENT"),
+        (lambda d: d.update(rows=d["rows"][:-1]), "rows", "INVALID_ARGUMENT"),
+        (lambda d: d.update(rows=d["rows"].astype(np.float64)), "rows", "INVALID_ARGUMENT"),
+        (lambda d: d.update(extra=np.zeros(1)), "extra", "INVALID_ARGUMENT"),
+        (lambda d: d.pop("slots"), "slots", "INVALID_ARGUMENT"),
+    ],
+)
+def test_bad_imports_are_refused_and_change_nothing(mutate, field, code):
+    source, target = _store(slots=[8, 9]), _store(slots=range(8))
+    data = source.export_slots("layer1", [8, 9])
+    mutate(data)
+    before = target.checksum("layer1")
+    with pytest.raises(RowStoreError) as caught:
+        target.import_slots("layer1", data)
+    assert (caught.value.field, caught.value.code) == (field, code)
+    assert target.checksum("layer1") == before and target.owned_slots("layer1") == list(range(8))
+
+
+def test_slot_operations_validate_slots():
+    store = _store(slots=range(8))
+    with pytest.raises(SlotNotOwned) as caught:
+        store.export_slots("layer1", [1, 12])
+    assert caught.value.slots == [12] and caught.value.field == "slots"
+    with pytest.raises(RowStoreError, match="unique"):
+        store.release_slots("layer1", [1, 1])
+    with pytest.raises(RowStoreError) as caught:
+        store.add_table(SPEC, [0])
+    assert caught.value.field == "name"
+    assert store.owned_slots("layer1") == list(range(8))
+
+
+def test_tables_are_listed_sized_and_dropped():
+    store = _store()
+    other = TableSpec("layer2", rows=64, dim=4, optimizer=OptimizerSpec(kind="sgd"), num_slots=8)
+    store.add_table(other, [1, 3])
+    assert [spec.name for spec in store.specs()] == ["layer1", "layer2"] and store.spec("layer2") == other
+    assert store.num_rows("layer2") == 16
+    assert store.memory_bytes() == SPEC.rows * SPEC.bytes_per_row() + 16 * other.bytes_per_row()
+    store.drop_table("layer1")
+    with pytest.raises(RowStoreError) as caught:
+        store.num_rows("layer1")
+    assert caught.value.code == "NOT_FOUND"
