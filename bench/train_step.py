@@ -24,8 +24,8 @@ from compute.data import DataConfig
 from compute.train.config import MemoryConfig, TrainConfig
 from compute.train.job import connect_ray
 from compute.train.loop import EngramTrainer, WorkerContext
-from compute.train.tables import deploy_or_join, engram_table_specs
-from memory_service.controller import NAMESPACE, stop_controller
+from compute.train.tables import engram_table_specs
+from memory_service.deploy import deploy
 from bench.results_files import figure, write_json
 
 VARIANTS = {  # name: memory settings
@@ -102,7 +102,7 @@ def main() -> None:
         switch_interval_ms = memory_settings.pop("switch_interval_ms", None)
         sys.setswitchinterval(switch_interval_ms / 1e3 if switch_interval_ms else default_switch_interval)
         config = base.replace(**{f"memory__{k}": v for k, v in memory_settings.items()})
-        handle, _ = deploy_or_join(specs, args.shards, None, NAMESPACE) if config.memory.tables == "remote" else (None, False)
+        handle = deploy(specs, args.shards) if config.memory.tables == "remote" else None
         trainer = EngramTrainer(config, WorkerContext(device=device, memory=handle))
         try:
             times = step_times(trainer, device)[warmup:]
@@ -111,7 +111,7 @@ def main() -> None:
         finally:
             trainer.close()
             if handle is not None:
-                stop_controller(handle.controller, handle.namespace)
+                handle.stop()
             sys.setswitchinterval(default_switch_interval)
         print(f"{name}: median step {1e3 * statistics.median(times):.1f} ms over {len(times)} steps", flush=True)
         return {"variant": name, "device": device.type, "steps_timed": len(times),

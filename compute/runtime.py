@@ -15,7 +15,9 @@ from compute.memory.remote_table import RemoteRowTable
 from compute.memory.row_table import RowTable
 from compute.hashing.tokenizer_compression import TokenizerCompressor
 from compute.train.config import TrainConfig, table_name
-from compute.train.tables import MemoryHandle, engram_table_specs
+from compute.memory.service import open_client
+from compute.train.tables import engram_table_specs
+from memory_service.deploy import MemoryHandle
 from memory_service.core.table_spec import TableSpec
 
 
@@ -47,7 +49,7 @@ def build_runtime(config: TrainConfig, device: torch.device, memory: MemoryHandl
     if config.memory.tables == "remote":
         if memory is None:
             raise ValueError("memory: remote tables need a memory service (deploy one or use memory.tables: local)")
-        client = memory.client()
+        client = open_client(memory)
         tables = {layer: RemoteRowTable(client, table_name(layer), device, config.memory.wire_torch_dtype,
                                          grad_wire_dtype=config.memory.grad_wire_torch_dtype)
                   for layer in config.engram.layer_ids}

@@ -3,15 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
 
 STATE_FILE = "memory.json"
 
@@ -32,17 +28,6 @@ def _write_state(state: dict[str, Any]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(state, f, indent=2)
-
-
-def _start_local_head() -> tuple[int, str]:
-    """Start a Ray head of our own in a detached holder process; return its pid and GCS address."""
-    holder = subprocess.Popen([sys.executable, "-m", "memory_service.local_head"], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, start_new_session=True, text=True)
-    address = holder.stdout.readline().strip()
-    if not address:
-        raise RuntimeError("the local Ray head did not start (run `python -m memory_service.local_head` to see why)")
-    log.info("started a local Ray head at %s (holder pid %d)", address, holder.pid)
-    return holder.pid, address
 
 
 def _holder_alive(state: dict[str, Any]) -> bool:
@@ -69,7 +54,7 @@ def _connect(args, *, may_start: bool = False) -> dict[str, Any]:
 
     Never joins a Ray instance that this command was not given and `up` did not start.
     """
-    from memory_service import ray_cluster
+    from memory_service import deploy
 
     state = _read_state()
     if args.address:
@@ -79,15 +64,14 @@ def _connect(args, *, may_start: bool = False) -> dict[str, Any]:
             raise ValueError(f"no running memory service recorded in {_state_path()}: run `engram memory up`, "
                              "or pass --address of the cluster that runs it")
         state = {}
-        state["head_pid"], state["ray_address"] = _start_local_head()
-    ray_cluster.connect(state["ray_address"], token=args.ray_token, verbose=args.verbose)
+        state["head_pid"], state["ray_address"] = deploy.start_local_head()
+    deploy.connect(state["ray_address"], token=args.ray_token, verbose=args.verbose)
     return state
 
 
 def _up(args) -> int:
-    from memory_service.auth import TOKEN_ENV, TlsFiles
-    from memory_service.controller import ControllerOptions, start_controller
     from memory_service.core.table_spec import load_table_specs
+    from memory_service.deploy import TOKEN_ENV, ControllerOptions, TlsFiles, start_controller
 
     specs = load_table_specs(args.config)
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -107,7 +91,7 @@ def _up(args) -> int:
 
 
 def _controller(args):
-    from memory_service.controller import get_controller
+    from memory_service.deploy import get_controller
 
     _connect(args)
     return get_controller(args.name)
@@ -145,7 +129,7 @@ def _checkpoint(args) -> int:
 def _restore(args) -> int:
     import ray
 
-    from memory_service.checkpoint import read_manifest
+    from memory_service.deploy import read_manifest
 
     read_manifest(Path(args.directory).resolve())  # a bad path fails here, before the live tables are touched
     epoch = ray.get(_controller(args).restore.remote(str(Path(args.directory).resolve()), args.shards))
@@ -155,7 +139,7 @@ def _restore(args) -> int:
 
 def _down(args) -> int:
     """Stop the service and the local head `up` started, whatever state they are in; forget the record."""
-    from memory_service.controller import stop_controller
+    from memory_service.deploy import stop_controller
 
     state = _read_state()
     if args.address or _recorded_cluster(state):
@@ -193,7 +177,7 @@ def positive_int(text: str) -> int:
 
 def register(subparsers) -> None:
     """Add `memory` and its subcommands to the `engram` parser."""
-    from memory_service.controller import CONTROLLER_NAME
+    from memory_service.deploy import CONTROLLER_NAME
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--address", help="Ray cluster address (default: the local Ray head that `up` started)")

@@ -18,17 +18,17 @@ from compute.config import dataclass_from_mapping
 from compute.train.config import TrainConfig
 from compute.train.loop import METRICS_FILE, SUMMARY_FILE, EngramTrainer, WorkerContext
 from compute.train.progress import DriverProgress, ProgressFile
-from compute.train.tables import MemoryHandle, deploy_from_checkpoint, deploy_or_join, engram_table_specs
-from memory_service import ray_cluster
-from memory_service.controller import NAMESPACE, SHARD_RESOURCE, stop_controller
+from compute.train.tables import engram_table_specs
+from memory_service import deploy
+from memory_service.deploy import NAMESPACE, SHARD_RESOURCE, MemoryHandle
 
 log = logging.getLogger(__name__)
 
 
 def connect_ray(address: str | None, shards: int, *, token: str | None = None, verbose: bool = False) -> None:
     """Join the cluster at ``address``, or start an embedded local one whose node hosts memory shards."""
-    ray_cluster.connect(address, token=token, namespace=NAMESPACE, resources={SHARD_RESOURCE: max(8, shards)},
-                        worker_setup_hook=embedded_worker_setup, log_to_driver=verbose, verbose=verbose)
+    deploy.connect(address, token=token, namespace=NAMESPACE, resources={SHARD_RESOURCE: max(8, shards)},
+                   worker_setup_hook=embedded_worker_setup, log_to_driver=verbose, verbose=verbose)
 
 
 # Ray Train's placement-group cleaner asks the State API every few seconds whether the run's controller
@@ -56,7 +56,7 @@ class RunMemory:
 
     def close(self) -> None:
         if self.owned:
-            stop_controller(self.handle.controller, self.handle.namespace)
+            self.handle.stop()
 
 
 def prepare_memory(config: TrainConfig, controller: str | None = None, resume: Path | None = None) -> RunMemory:
@@ -67,8 +67,8 @@ def prepare_memory(config: TrainConfig, controller: str | None = None, resume: P
         tables = memory_checkpoint(resume)
         if tables is None:
             raise ValueError(f"resume: {resume} holds no checkpoint of the memory tables")
-        return RunMemory(deploy_from_checkpoint(str(tables), config.memory.shards, NAMESPACE), owned=True)
-    return RunMemory(*deploy_or_join(engram_table_specs(config), config.memory.shards, controller, NAMESPACE))
+        return RunMemory(deploy.deploy_from_checkpoint(tables, config.memory.shards), owned=True)
+    return RunMemory(*deploy.deploy_or_join(engram_table_specs(config), config.memory.shards, controller))
 
 
 def run_training(config: TrainConfig, *, resume: str | Path | None = None, memory: RunMemory | None = None) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from compute.memory.local_table import LocalTableOptimizer
 from compute.memory.remote_table import RemoteRowTable
 from compute.memory.row_table import EngramRows
 from compute.train.config import TrainConfig
-from compute.train.tables import MemoryHandle
+from memory_service.deploy import MemoryHandle
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"

@@ -1,0 +1,106 @@
+"""The one door from jobs and the `engram memory` CLI into the memory service's control plane.
+
+Compute code imports this module and ``memory_service.core``, never the controller, the shards or
+the servers: start or join Ray, deploy tables, join a running service, restore a checkpoint onto a
+new one, operate it, take it down. What a job holds afterwards is a ``MemoryHandle``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from memory_service.auth import TOKEN_ENV, TlsFiles
+from memory_service.checkpoint import read_manifest
+from memory_service.controller import (CONTROLLER_NAME, NAMESPACE, SHARD_RESOURCE, ControllerOptions, get_controller,
+                                       start_controller, stop_controller)
+from memory_service.core.table_spec import TableSpec
+from memory_service.ray_cluster import RayConnectError, connect
+
+__all__ = ["CONTROLLER_NAME", "NAMESPACE", "SHARD_RESOURCE", "TOKEN_ENV", "ControllerOptions", "MemoryHandle",
+           "RayConnectError", "TlsFiles", "connect", "deploy", "deploy_from_checkpoint", "deploy_or_join",
+           "get_controller", "join", "read_manifest", "start_controller", "start_local_head", "stop_controller"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryHandle:
+    """What a worker needs to reach a memory service (picklable, sent to Ray Train workers)."""
+
+    directory: str  # the DirectoryService's address: routing and table specs
+    token: str  # the bearer token of its gRPC endpoints
+    tls_cert_file: str | None
+    controller: str  # the controller actor's name ...
+    namespace: str  # ... in this Ray namespace
+
+    def checkpoint(self, directory: str | Path) -> None:
+        """Write every table, as of now, into ``directory`` (the shards write in parallel)."""
+        ray.get(get_controller(self.controller, self.namespace).checkpoint.remote(str(directory)))
+
+    def stop(self) -> None:
+        """Stop the shards and the controller."""
+        stop_controller(self.controller, self.namespace)
+
+
+def deploy(specs: list[TableSpec], shards: int, namespace: str = NAMESPACE) -> MemoryHandle:
+    """A new memory service (controller and ``shards`` shards) holding ``specs``' tables."""
+    name = f"engram-run-{uuid.uuid4().hex[:8]}"
+    actor = start_controller(ControllerOptions(), name=name, namespace=namespace)
+    ray.get(actor.deploy.remote([spec.to_dict() for spec in specs], shards))
+    log.info("deployed %d tables on %d memory shards (controller %s)", len(specs), shards, name)
+    return _handle(actor, name, namespace)
+
+
+def join(controller: str, specs: list[TableSpec], namespace: str = NAMESPACE) -> MemoryHandle:
+    """The running service of ``controller``, which must hold every table of ``specs`` (name, rows, width)."""
+    actor = get_controller(controller, namespace)
+    deployed = {spec["name"]: spec for spec in ray.get(actor.table_specs.remote())}
+    for spec in specs:
+        have = deployed.get(spec.name)
+        if have is None or (have["rows"], have["dim"]) != (spec.rows, spec.dim):
+            raise ValueError(f"memory: controller {controller!r} has no table {spec.name} of {spec.rows} rows x "
+                             f"{spec.dim}; deployed: {sorted(deployed)}")
+    return _handle(actor, controller, namespace)
+
+
+def deploy_or_join(specs: list[TableSpec], shards: int, controller: str | None,
+                   namespace: str = NAMESPACE) -> tuple[MemoryHandle, bool]:
+    """Join ``controller`` if named, else deploy on ``shards``; also whether this call deployed (and owns) it."""
+    if controller is not None:
+        return join(controller, specs, namespace), False
+    return deploy(specs, shards, namespace), True
+
+
+def deploy_from_checkpoint(directory: str | Path, shards: int, namespace: str = NAMESPACE) -> MemoryHandle:
+    """A new memory service holding the tables of the checkpoint in ``directory``, on ``shards`` shards."""
+    name = f"engram-run-{uuid.uuid4().hex[:8]}"
+    actor = start_controller(ControllerOptions(), name=name, namespace=namespace)
+    ray.get(actor.restore.remote(str(directory), shards))
+    log.info("restored the tables of %s onto %d memory shards (controller %s)", directory, shards, name)
+    return _handle(actor, name, namespace)
+
+
+def start_local_head() -> tuple[int, str]:
+    """Start a Ray head of our own in a detached holder process that outlives the caller.
+
+    Returns the holder's pid (SIGTERM stops the head) and the head's GCS address.
+    """
+    holder = subprocess.Popen([sys.executable, "-m", "memory_service.local_head"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, start_new_session=True, text=True)
+    address = holder.stdout.readline().strip()
+    if not address:
+        raise RuntimeError("the local Ray head did not start (run `python -m memory_service.local_head` to see why)")
+    log.info("started a local Ray head at %s (holder pid %d)", address, holder.pid)
+    return holder.pid, address
+
+
+def _handle(actor: Any, name: str, namespace: str) -> MemoryHandle:
+    info = ray.get(actor.connection_info.remote())
+    return MemoryHandle(info["directory"], info["token"], info["tls_cert_file"], name, namespace)
