@@ -45,13 +45,7 @@ class LocalTableOptimizer:
             if grad is None:
                 continue
             grad = grad.coalesce()
-            rows_touched = grad.indices()[0]
-            rows = table.weight.index_select(0, rows_touched)
-            state = {name: values.index_select(0, rows_touched) for name, values in self.state[layer].items()}
-            self.optimizer.apply(rows, state, grad.values().float())
-            table.weight.index_copy_(0, rows_touched, rows)
-            for name, values in state.items():
-                self.state[layer][name].index_copy_(0, rows_touched, values)
+            self.optimizer.apply_at(table.weight, self.state[layer], grad.indices()[0], grad.values().float())
             table.weight.grad = None
 
     def state_dict(self) -> dict:

@@ -1,10 +1,11 @@
-"""Sparse optimizers applied on the shard to the rows a step touched: SGD, row-wise Adagrad, Adam.
+"""Sparse optimizers for the rows a step touched: SGD, row-wise Adagrad, Adam.
 
-Each ``apply`` gets only the touched rows and their state (gathered copies or views) and updates
-them in place with the same arithmetic as ``torch.optim``, so a shard-side update equals PyTorch's
-optimizer on a dense table whose untouched rows get no gradient. Adam keeps a step count per row
-(float32, as torch keeps its ``step``), so bias correction follows each row's own history. The
-Engram paper trains its tables with Adam at 5x the dense learning rate and no weight decay.
+``apply`` updates gathered rows and their state with the same arithmetic as ``torch.optim``;
+``apply_at`` does the gather, ``apply`` and write-back on a whole table, so a shard's table and an
+in-process one step alike, and both equal PyTorch's optimizer on a dense table whose untouched rows
+get no gradient. Adam keeps a step count per row (float32, as torch keeps its ``step``), so bias
+correction follows each row's own history. The Engram paper trains its tables with Adam at 5x the
+dense learning rate and no weight decay.
 """
 from __future__ import annotations
 
@@ -32,6 +33,17 @@ class SparseOptimizer:
     def apply(self, rows: torch.Tensor, state: dict[str, torch.Tensor], grads: torch.Tensor) -> None:
         """Update ``rows`` [n, dim] and ``state`` in place with ``grads`` [n, dim] (float32)."""
         raise NotImplementedError
+
+    def apply_at(self, rows: torch.Tensor, state: dict[str, torch.Tensor], positions: torch.Tensor,
+                 grads: torch.Tensor) -> None:
+        """Update a whole table's ``rows`` [N, dim] and ``state`` in place at the unique ``positions`` [n]
+        with their ``grads`` [n, dim]; the other rows and their state stay as they are."""
+        touched = rows.index_select(0, positions)
+        touched_state = {name: values.index_select(0, positions) for name, values in state.items()}
+        self.apply(touched, touched_state, grads)
+        rows.index_copy_(0, positions, touched)
+        for name, values in touched_state.items():
+            state[name].index_copy_(0, positions, values)
 
     def _with_l2(self, rows: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         """torch.optim's coupled weight decay: the L2 term joins the gradient."""

@@ -23,7 +23,7 @@ def _torch_optimizer(spec: OptimizerSpec, params):
 
 
 class SparseTable:
-    """A dense table updated the way a shard does: gather touched rows and state, apply, scatter back."""
+    """A dense table updated the way shards and in-process tables are: ``apply_at`` its touched rows."""
 
     def __init__(self, spec: OptimizerSpec, initial: torch.Tensor):
         self.optimizer = make_optimizer(spec)
@@ -31,12 +31,7 @@ class SparseTable:
         self.state = self.optimizer.initial_state(*initial.shape)
 
     def step(self, row_ids: torch.Tensor, grads: torch.Tensor) -> None:
-        rows = self.rows[row_ids]
-        state = {name: tensor[row_ids] for name, tensor in self.state.items()}
-        self.optimizer.apply(rows, state, grads)
-        self.rows[row_ids] = rows
-        for name, tensor in state.items():
-            self.state[name][row_ids] = tensor
+        self.optimizer.apply_at(self.rows, self.state, row_ids, grads)
 
 
 def _random_rows(generator, n, *, constant_per_row=False):
@@ -120,3 +115,19 @@ def test_state_shapes_match_initial_state():
         assert tuple(state) == names
         for name, shape in optimizer.state_shapes(5).items():
             assert state[name].shape == (7, *shape) and state[name].dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adagrad", "adam"])
+def test_apply_at_updates_only_the_touched_rows_as_apply_does(kind):
+    optimizer = make_optimizer(OptimizerSpec(kind=kind, lr=0.1))
+    generator = torch.Generator().manual_seed(2)
+    rows, state = torch.randn(ROWS, DIM, generator=generator), optimizer.initial_state(ROWS, DIM)
+    positions, grads = torch.tensor([30, 2, 11]), torch.randn(3, DIM, generator=generator)
+    expected_rows, expected_state = rows[positions], {name: values[positions] for name, values in state.items()}
+    optimizer.apply(expected_rows, expected_state, grads)
+    untouched = torch.ones(ROWS, dtype=torch.bool).index_fill_(0, positions, False)
+    before = rows[untouched], {name: values[untouched] for name, values in state.items()}
+    optimizer.apply_at(rows, state, positions, grads)
+    assert torch.equal(rows[positions], expected_rows) and torch.equal(rows[untouched], before[0])
+    for name, values in state.items():
+        assert torch.equal(values[positions], expected_state[name]) and torch.equal(values[untouched], before[1][name])
