@@ -26,10 +26,10 @@ from memory_service.core.optimizers import SparseOptimizer, make_optimizer
 from memory_service.core.row_init import fill_initial_rows
 from memory_service.core.slots import slot_row_ids
 from memory_service.core.table_spec import TableSpec
+from protos.wire import WIRE_DTYPE_BY_NAME
 
 log = logging.getLogger(__name__)
 
-TRANSPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 STATE_PREFIX = "state."
 
@@ -184,13 +184,12 @@ class ShardStore:
 
     def gather(self, name: str, row_ids, dtype: str = "float32") -> torch.Tensor:
         """The rows ``row_ids`` [n] as a [n, dim] tensor of transport ``dtype``."""
-        transport = TRANSPORT_DTYPES.get(dtype)
-        if transport is None:
-            raise _invalid("dtype", f"must be one of {list(TRANSPORT_DTYPES)}, got {dtype!r}")
+        if dtype not in WIRE_DTYPE_BY_NAME:
+            raise _invalid("dtype", f"must be one of {list(WIRE_DTYPE_BY_NAME)}, got {dtype!r}")
         with self._lock:
             table = self._table(name)
             positions = self._positions(table, self._checked_row_ids(table.spec, row_ids))
-            return table.rows.index_select(0, positions).to(transport)
+            return table.rows.index_select(0, positions).to(WIRE_DTYPE_BY_NAME[dtype].torch)
 
     def check_gradients(self, name: str, row_ids, grads) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate an update as ``apply_gradients`` would; return it as (int64 [n], float32 [n, dim]) tensors."""

@@ -11,24 +11,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memory_service.auth import BearerTokenInterceptor, TlsFiles
+from protos.wire import DEFAULT_MAX_MESSAGE_BYTES, transport_options
 
 log = logging.getLogger(__name__)
-
-# 64 MiB: a 256K-row bfloat16 batch of dim 64 is 32 MiB; clients chunk anything larger.
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-# HTTP/2's largest frame: a multi-MiB reply moves in a few frames instead of hundreds of 16 KiB ones.
-MAX_FRAME_BYTES = (1 << 24) - 1
-
-
-def transport_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Channel/server arguments: explicit message limits and large HTTP/2 frames."""
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.http2.max_frame_size", MAX_FRAME_BYTES),
-    ]
 
 
 async def start_server(

@@ -17,20 +17,18 @@ import torch
 
 from memory_service import checkpoint
 from memory_service.metrics import ShardMetrics
-from memory_service.row_store import TRANSPORT_DTYPES, RowStoreError, ShardStore, SlotNotOwned
-from memory_service.server import DEFAULT_MAX_MESSAGE_BYTES
+from memory_service.row_store import RowStoreError, ShardStore, SlotNotOwned
 from memory_service.shared_rows import SegmentError, SharedRowSegments
 from memory_service.core.slots import slot_of
 from memory_service.step_aggregator import StepAggregator
 from memory_service.core.table_spec import SpecError, TableSpec
-from protos.wire import (DTYPE_NAMES, arrays_from_proto, arrays_to_proto, encode_lookup_response,
-                                 pending_from_arrays, pending_to_arrays, tensor_from_bytes)
+from protos.wire import (DEFAULT_MAX_MESSAGE_BYTES, ROUTING_EPOCH_KEY, WIRE_DTYPE_BY_ENUM, WIRE_DTYPE_BY_NAME,
+                         arrays_from_proto, arrays_to_proto, encode_lookup_response, pending_from_arrays,
+                         pending_to_arrays, tensor_from_bytes)
 from protos import engram_memory_v1_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# Trailing metadata on routing refusals: clients refresh the routing and retry only these.
-ROUTING_EPOCH_KEY = "engram-routing-epoch"
 # Names under which a slot move carries each aggregator's memory of applied pushes.
 APPLIED_PREFIXES = {True: "applied.synchronous.", False: "applied.asynchronous."}
 
@@ -122,10 +120,10 @@ class ShardServicer:
 
     @staticmethod
     def _dtype(value: int, field: str) -> str:
-        if value not in DTYPE_NAMES:
+        if value not in WIRE_DTYPE_BY_ENUM:
             raise RequestRejected("INVALID_ARGUMENT", field,
-                                  f"{field}: must be one of {sorted(DTYPE_NAMES.values())}, got enum value {value}")
-        return DTYPE_NAMES[value]
+                                  f"{field}: must be one of {sorted(WIRE_DTYPE_BY_NAME)}, got enum value {value}")
+        return WIRE_DTYPE_BY_ENUM[value].name
 
     # ---- data plane -----------------------------------------------------------------------
 
@@ -178,7 +176,7 @@ class ShardServicer:
                 data = self._shared_rows.read(shared.name, shared.offset, num_rows, row_bytes, shared.positions)
             except SegmentError as error:
                 raise RequestRejected("INVALID_ARGUMENT", error.field, str(error)) from None
-            return data.view(TRANSPORT_DTYPES[dtype]).view(num_rows, spec.dim).float()
+            return data.view(WIRE_DTYPE_BY_NAME[dtype].torch).view(num_rows, spec.dim).float()
         if len(request.grads) != num_rows * row_bytes:
             raise RequestRejected(
                 "INVALID_ARGUMENT", "grads",

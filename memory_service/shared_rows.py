@@ -14,10 +14,9 @@ import re
 
 import torch
 
-from protos.wire import as_row_words
+from protos.wire import SHARED_SEGMENT_DIR, SHARED_SEGMENT_PREFIX, as_row_words
 
-SEGMENT_NAME = re.compile(r"engram-rows-[A-Za-z0-9_.-]+")
-SHM_DIR = "/dev/shm"
+SEGMENT_NAME = re.compile(re.escape(SHARED_SEGMENT_PREFIX) + r"[A-Za-z0-9_.-]+")
 
 
 class SegmentError(ValueError):
@@ -91,7 +90,7 @@ class SharedRowSegments:
         try:
             # A segment replaced or resized since it was mapped is mapped again: writing past the
             # end of a shrunk file would kill this process with SIGBUS.
-            stat = os.stat(f"{SHM_DIR}/{name}")
+            stat = os.stat(f"{SHARED_SEGMENT_DIR}/{name}")
             if name not in self._maps or self._maps[name][0] != (stat.st_ino, stat.st_size):
                 self._maps[name] = ((stat.st_ino, stat.st_size), self._map(name))
         except (OSError, ValueError) as error:  # ValueError: an empty file cannot be mapped
@@ -100,12 +99,12 @@ class SharedRowSegments:
 
     @staticmethod
     def _map(name: str) -> mmap.mmap:
-        fd = os.open(f"{SHM_DIR}/{name}", os.O_RDWR)
+        fd = os.open(f"{SHARED_SEGMENT_DIR}/{name}", os.O_RDWR)
         try:
             return mmap.mmap(fd, 0)
         finally:
             os.close(fd)
 
     def _forget_deleted(self) -> None:
-        for name in [name for name in self._maps if not os.path.exists(f"{SHM_DIR}/{name}")]:
+        for name in [name for name in self._maps if not os.path.exists(f"{SHARED_SEGMENT_DIR}/{name}")]:
             del self._maps[name]

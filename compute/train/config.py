@@ -8,9 +8,9 @@ import torch
 
 from compute.config import EngramConfig, ModelConfig, dataclass_from_mapping, load_yaml
 from compute.data.config import DataConfig
+from protos.wire import WIRE_DTYPE_BY_NAME
 
 TABLE_KINDS = ("remote", "local")
-WIRE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +51,8 @@ class MemoryConfig:
         if self.tables not in TABLE_KINDS:
             raise ValueError(f"memory.tables must be one of {TABLE_KINDS}, got {self.tables!r}")
         for field in ("wire_dtype", "grad_wire_dtype"):
-            if getattr(self, field) not in WIRE_DTYPES:
-                raise ValueError(f"memory.{field} must be one of {list(WIRE_DTYPES)}, got {getattr(self, field)!r}")
+            if getattr(self, field) not in WIRE_DTYPE_BY_NAME:
+                raise ValueError(f"memory.{field} must be one of {list(WIRE_DTYPE_BY_NAME)}, got {getattr(self, field)!r}")
         if self.staleness not in (0, 1):
             raise ValueError(f"memory.staleness must be 0 or 1, got {self.staleness!r}")
         if self.shards < 1:
@@ -60,11 +60,11 @@ class MemoryConfig:
 
     @property
     def wire_torch_dtype(self) -> torch.dtype:
-        return WIRE_DTYPES[self.wire_dtype]
+        return WIRE_DTYPE_BY_NAME[self.wire_dtype].torch
 
     @property
     def grad_wire_torch_dtype(self) -> torch.dtype:
-        return WIRE_DTYPES[self.grad_wire_dtype]
+        return WIRE_DTYPE_BY_NAME[self.grad_wire_dtype].torch
 
 
 @dataclasses.dataclass(frozen=True)
