@@ -5,6 +5,10 @@ contiguous, so a lookup is ``position = slot_base[row % num_slots] + row // num_
 ``index_select``. Every call validates all of its input before changing anything; errors carry a
 gRPC-style ``code`` and the ``field`` at fault. Methods are thread-safe (one call at a time).
 
+An update is validated once, by ``check_update``, into a ``RowUpdate`` that also holds its rows'
+storage positions; ``apply_update`` steps the optimizer at those positions, resolving them again only
+if slots moved in or out since (a synchronous step can wait across a move).
+
 Exported slots are ``{"slots": int64 [k], "rows": [m, dim], "state.<name>": [m, ...]}`` with the
 slots' rows in the order of ``slots``, each slot's rows by local index; bfloat16 rows travel as
 their uint16 bit patterns because numpy has no bfloat16.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 import math
 import threading
@@ -57,6 +62,24 @@ def _invalid(field: str, message: str) -> RowStoreError:
     return RowStoreError("INVALID_ARGUMENT", field, message)
 
 
+_LAYOUT_STAMPS = itertools.count()  # a fresh stamp each time any table's storage is laid out
+
+
+@dataclasses.dataclass(frozen=True)
+class RowUpdate:
+    """A validated update of one table: unique int64 ``row_ids`` [n] with float32 ``grads`` [n, dim],
+    and the rows' storage ``positions``, which hold while the table's storage ``layout`` is the same."""
+
+    row_ids: torch.Tensor
+    grads: torch.Tensor
+    positions: torch.Tensor
+    layout: int | None  # None: positions not known to hold
+
+    def select(self, index) -> "RowUpdate":
+        """The rows ``index`` (a mask, slice or positions) picks."""
+        return RowUpdate(self.row_ids[index], self.grads[index], self.positions[index], self.layout)
+
+
 @dataclasses.dataclass
 class _TableShard:
     """One table's share on this shard: rows and state of ``slots``, stored in that order."""
@@ -67,12 +90,14 @@ class _TableShard:
     rows: torch.Tensor
     state: dict[str, torch.Tensor]
     slot_base: torch.Tensor = dataclasses.field(init=False)  # int64 [num_slots]; -1 where not owned
+    layout: int = dataclasses.field(init=False)  # stamp of this storage order, for RowUpdate.positions
 
     def __post_init__(self):
         self.index_slots()
 
     def index_slots(self) -> None:
-        """Recompute ``slot_base`` from the storage order of ``slots``."""
+        """Recompute ``slot_base`` from the storage order of ``slots``, under a new layout stamp."""
+        self.layout = next(_LAYOUT_STAMPS)
         self.slot_base = torch.full((self.spec.num_slots,), -1, dtype=torch.int64)
         offset = 0
         for slot in self.slots:
@@ -191,23 +216,31 @@ class ShardStore:
             positions = self._positions(table, self._checked_row_ids(table.spec, row_ids))
             return table.rows.index_select(0, positions).to(WIRE_DTYPE_BY_NAME[dtype].torch)
 
-    def check_gradients(self, name: str, row_ids, grads) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validate an update as ``apply_gradients`` would; return it as (int64 [n], float32 [n, dim]) tensors."""
+    def check_update(self, name: str, row_ids, grads) -> RowUpdate:
+        """Validate an update of an updatable table: ``row_ids`` [n] unique integers in range on owned
+        slots, ``grads`` float32 [n, dim] and finite. Changes nothing."""
         with self._lock:
             table = self._updatable_table(name)
-            return self._checked_update(table, row_ids, grads)[:2]
+            ids = self._checked_row_ids(table.spec, row_ids)
+            ascending = len(ids) < 2 or bool((ids[1:] > ids[:-1]).all())  # as clients and the aggregator send them
+            if not ascending and len(torch.unique(ids)) != len(ids):
+                raise _invalid("row_ids", "must be unique within one update")
+            grads = to_tensor(grads)
+            if grads.dtype != torch.float32:
+                raise _invalid("grads", f"must be float32, got {grads.dtype}")
+            expected = (len(ids), table.spec.dim)
+            if tuple(grads.shape) != expected:
+                raise _invalid("grads", f"must have shape {expected} (row_ids x dim), got {tuple(grads.shape)}")
+            if not _all_finite(grads):
+                raise _invalid("grads", "holds NaN or Inf values")
+            return RowUpdate(ids, grads, self._positions(table, ids), table.layout)
 
-    def apply_gradients(self, name: str, row_ids, grads) -> None:
-        """Apply the table's optimizer to the unique ``row_ids`` with ``grads``; all-or-nothing."""
+    def apply_update(self, name: str, update: RowUpdate) -> None:
+        """Step the table's optimizer on the rows of ``update`` (from ``check_update``); all-or-nothing."""
         with self._lock:
             table = self._updatable_table(name)
-            _, grads, positions = self._checked_update(table, row_ids, grads)
-            rows = table.rows.index_select(0, positions)
-            state = {key: tensor.index_select(0, positions) for key, tensor in table.state.items()}
-            table.optimizer.apply(rows, state, grads)
-            table.rows.index_copy_(0, positions, rows)
-            for key, tensor in state.items():
-                table.state[key].index_copy_(0, positions, tensor)
+            positions = update.positions if update.layout == table.layout else self._positions(table, update.row_ids)
+            table.optimizer.apply_at(table.rows, table.state, positions, update.grads)
 
     # ----- slot moves -----
 
@@ -293,22 +326,6 @@ class ShardStore:
         if len(base) and int(base.min()) < 0:
             raise SlotNotOwned(table.spec.name, torch.unique(slots[base < 0]).tolist())
         return base.add_(local)
-
-    def _checked_update(self, table: _TableShard, row_ids, grads):
-        """(ids, float32 grads, storage positions) of a valid update."""
-        ids = self._checked_row_ids(table.spec, row_ids)
-        ascending = len(ids) < 2 or bool((ids[1:] > ids[:-1]).all())  # as clients and the aggregator send them
-        if not ascending and len(torch.unique(ids)) != len(ids):
-            raise _invalid("row_ids", "must be unique within one update")
-        grads = to_tensor(grads)
-        if grads.dtype != torch.float32:
-            raise _invalid("grads", f"must be float32, got {grads.dtype}")
-        expected = (len(ids), table.spec.dim)
-        if tuple(grads.shape) != expected:
-            raise _invalid("grads", f"must have shape {expected} (row_ids x dim), got {tuple(grads.shape)}")
-        if not _all_finite(grads):
-            raise _invalid("grads", "holds NaN or Inf values")
-        return ids, grads, self._positions(table, ids)
 
     @staticmethod
     def _checked_new_slots(spec: TableSpec, slots: Iterable[int], owned: Iterable[int]) -> list[int]:

@@ -155,10 +155,10 @@ class ShardServicer:
         spec = self._spec(request.table)
         ids = self._row_ids(request.row_ids)
         grads = self._grads(request, spec, len(ids))
-        self._check_not_frozen(request.table, np.unique(slot_of(ids, spec.num_slots)))
-        ids, grads = self.store.check_gradients(request.table, ids, grads)
+        self._check_not_frozen(request.table, ids, spec.num_slots)
+        update = self.store.check_update(request.table, ids, grads)
         aggregator = self._aggregator(request.table, request.synchronous)
-        ready = aggregator.add(request.step, request.rank, request.world_size, ids, grads,
+        ready = aggregator.add(request.step, request.rank, request.world_size, update,
                                last_part=not request.more_parts)
         applied = self._apply(request.table, ready)
         pending = request.synchronous and request.step in aggregator.pending_steps()
@@ -191,12 +191,16 @@ class ShardServicer:
         return self._aggregators[key]
 
     def _apply(self, table: str, updates) -> int:
-        for row_ids, summed in updates:
-            self.store.apply_gradients(table, row_ids, summed)
-        return sum(len(row_ids) for row_ids, _ in updates)
+        """Apply the RowUpdates an aggregator released; the number of rows they touched."""
+        for update in updates:
+            self.store.apply_update(table, update)
+        return sum(len(update.row_ids) for update in updates)
 
-    def _check_not_frozen(self, table: str, slots: np.ndarray) -> None:
-        moving = self._frozen.get(table, set()).intersection(slots.tolist())
+    def _check_not_frozen(self, table: str, row_ids: np.ndarray, num_slots: int) -> None:
+        frozen = self._frozen.get(table)
+        if not frozen:
+            return
+        moving = frozen.intersection(np.unique(slot_of(row_ids, num_slots)).tolist())
         if moving:
             raise RequestRejected("FAILED_PRECONDITION", "row_ids",
                                   f"row_ids: slots {sorted(moving)} of table '{table}' are moving to another shard",
@@ -282,7 +286,8 @@ class ShardServicer:
         for synchronous, prefix in APPLIED_PREFIXES.items():
             if applied[prefix]:
                 self._aggregator(request.table, synchronous).import_applied(applied[prefix])
-        self._apply(request.table, self._aggregator(request.table, True).import_pending(pending))
+        check = functools.partial(self.store.check_update, request.table)
+        self._apply(request.table, self._aggregator(request.table, True).import_pending(pending, check))
         return pb.ImportSlotsResponse(), 0
 
     @_handler("release_slots")

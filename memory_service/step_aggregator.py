@@ -1,6 +1,7 @@
 """Gradient pushes of one table on one shard, turned into the updates to apply.
 
-Synchronous mode sums a step's contributions and releases them once every rank of the step has
+Pushes arrive validated, as the store's ``RowUpdate``s, and leave as ``RowUpdate``s for the store to
+apply; their storage positions travel with their rows. Synchronous mode sums a step's contributions and releases them once every rank of the step has
 reported (an empty push counts: in this mode a rank pushes to every shard owning slots of the
 table, each step; a push split across requests counts with its last part). Asynchronous mode
 releases each push on arrival. Either way, rows a rank has already contributed to a step are
@@ -19,16 +20,17 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import logging
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
-from memory_service.row_store import RowStoreError, to_tensor
+from memory_service.row_store import RowStoreError, RowUpdate, to_tensor
 
 log = logging.getLogger(__name__)
 
-Update = tuple[torch.Tensor, torch.Tensor]  # (unique int64 row ids [n], float32 grads [n, dim])
+# Validates exported rows and gradients of this table into a RowUpdate (the store's check_update).
+CheckUpdate = Callable[[np.ndarray, np.ndarray], RowUpdate]
 
 
 @dataclasses.dataclass
@@ -39,18 +41,18 @@ class _Step:
     released: bool
     seen: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # rank -> sorted row ids
     reported: set[int] = dataclasses.field(default_factory=set)  # ranks whose last part has arrived
-    parts: list[tuple[int, torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
+    parts: list[tuple[int, RowUpdate]] = dataclasses.field(default_factory=list)  # (rank, rows)
 
-    def take_new_rows(self, rank: int, row_ids: torch.Tensor, grads: torch.Tensor) -> Update | None:
+    def take_new_rows(self, rank: int, update: RowUpdate) -> RowUpdate | None:
         """Record ``rank``'s push; the rows it had not contributed yet, or None if nothing is new."""
         known = self.seen.get(rank)
         if known is not None:
-            fresh = ~torch.isin(row_ids, known)
+            fresh = ~torch.isin(update.row_ids, known)
             if not fresh.any():
                 return None
-            row_ids, grads = row_ids[fresh], grads[fresh]
-        self.mark_seen(rank, row_ids)
-        return row_ids, grads
+            update = update.select(fresh)
+        self.mark_seen(rank, update.row_ids)
+        return update
 
     def mark_seen(self, rank: int, row_ids: torch.Tensor) -> None:
         """Count ``row_ids`` among ``rank``'s contributed rows."""
@@ -62,15 +64,18 @@ class _Step:
         return len(self.reported) >= self.world_size
 
 
-def _sum_by_row(parts: list[tuple[int, torch.Tensor, torch.Tensor]]) -> Update:
-    """Sum the (non-empty list of) parts' gradients per row, in rank order so every replay sums alike."""
-    parts = sorted(parts, key=lambda part: part[0])
-    row_ids = torch.cat([ids for _, ids, _ in parts])
-    grads = torch.cat([g for _, _, g in parts])
-    if len(parts) == 1:
-        return row_ids, grads
-    unique, inverse = torch.unique(row_ids, return_inverse=True)
-    return unique, torch.zeros(len(unique), grads.shape[1]).index_add_(0, inverse, grads)
+def _sum_by_row(parts: list[tuple[int, RowUpdate]]) -> RowUpdate:
+    """Sum the (non-empty list of) parts' gradients per row, in rank order so every replay sums alike.
+    The positions hold if all parts' positions held in the same layout."""
+    updates = [update for _, update in sorted(parts, key=lambda part: part[0])]
+    if len(updates) == 1:
+        return updates[0]
+    unique, inverse = torch.unique(torch.cat([update.row_ids for update in updates]), return_inverse=True)
+    grads = torch.cat([update.grads for update in updates])
+    summed = torch.zeros(len(unique), grads.shape[1]).index_add_(0, inverse, grads)
+    positions = torch.empty_like(unique).index_copy_(0, inverse, torch.cat([update.positions for update in updates]))
+    layouts = {update.layout for update in updates}
+    return RowUpdate(unique, summed, positions, layouts.pop() if len(layouts) == 1 else None)
 
 
 class StepAggregator:
@@ -85,13 +90,10 @@ class StepAggregator:
         self._released: dict[int, list[int]] = {}  # lane -> heap of remembered released steps
         self._forgotten_up_to: dict[int, int] = {}  # lane -> newest step no longer remembered
 
-    def add(self, step: int, rank: int, world_size: int, row_ids, grads, last_part: bool = True) -> list[Update]:
-        """Take one push, or one part of a push split across requests (already validated against the
-        table); return the updates to apply now. A rank counts as reported with its last part."""
+    def add(self, step: int, rank: int, world_size: int, update: RowUpdate, last_part: bool = True) -> list[RowUpdate]:
+        """Take one push, or one part of a push split across requests; return the updates to apply now.
+        A rank counts as reported with its last part."""
         self._check_push(step, rank, world_size)
-        row_ids, grads = to_tensor(row_ids).to(torch.int64), to_tensor(grads)
-        if len(row_ids) != len(grads):
-            raise RowStoreError("INVALID_ARGUMENT", "grads", f"has {len(grads)} rows for {len(row_ids)} row ids")
         lane = 0 if self.synchronous else rank
         if step <= self._forgotten_up_to.get(lane, -1):
             log.warning("dropping a push for step %d (rank %d): older than the remembered steps", step, rank)
@@ -104,13 +106,13 @@ class StepAggregator:
         elif entry.world_size != world_size:
             raise RowStoreError("INVALID_ARGUMENT", "world_size",
                                 f"step {step} has world size {entry.world_size}, this push says {world_size}")
-        new_rows = entry.take_new_rows(rank, row_ids, grads)
+        new_rows = entry.take_new_rows(rank, update)
         newly_reported = last_part and rank not in entry.reported
         if last_part:
             entry.reported.add(rank)
         if new_rows is None and not newly_reported:
             return []
-        return self._collect(lane, step, entry, [(rank, *new_rows)] if new_rows is not None else [])
+        return self._collect(lane, step, entry, [(rank, new_rows)] if new_rows is not None else [])
 
     def pending_steps(self) -> list[int]:
         """Steps still waiting for ranks (synchronous mode), ascending."""
@@ -124,32 +126,37 @@ class StepAggregator:
             if entry.released:
                 continue
             kept, parts = [], []
-            for rank, ids, grads in entry.parts:
-                leaving = torch.isin(ids % num_slots, moving)
-                kept.append((rank, ids[~leaving], grads[~leaving]))
-                parts.append({"rank": rank, "row_ids": ids[leaving].numpy(), "grads": grads[leaving].numpy()})
+            for rank, update in entry.parts:
+                leaving = torch.isin(update.row_ids % num_slots, moving)
+                kept.append((rank, update.select(~leaving)))
+                parts.append({"rank": rank, "row_ids": update.row_ids[leaving].numpy(),
+                              "grads": update.grads[leaving].numpy()})
             entry.parts = kept
             exported.append({"step": step, "world_size": entry.world_size, "ranks": sorted(entry.reported),
                              "parts": parts})
         return exported
 
-    def import_pending(self, exported: list[dict[str, Any]]) -> list[Update]:
-        """Merge another shard's ``export_pending``; return the updates of steps this completes."""
-        ready = []
+    def import_pending(self, exported: list[dict[str, Any]], check: CheckUpdate) -> list[RowUpdate]:
+        """Merge another shard's ``export_pending``, its rows validated by ``check`` before anything
+        changes; return the updates of steps this completes."""
+        records = []
         for record in exported:
             step, world_size = int(record["step"]), int(record["world_size"])
             self._check_push(step, 0, world_size)
-            parts = [(int(p["rank"]), to_tensor(p["row_ids"]), to_tensor(p["grads"])) for p in record["parts"]]
+            parts = [(int(p["rank"]), check(p["row_ids"], p["grads"])) for p in record["parts"]]
+            records.append((step, world_size, record["ranks"], parts))
+        ready = []
+        for step, world_size, ranks, parts in records:
             if step <= self._forgotten_up_to.get(0, -1):
                 if parts:  # released here long ago: apply the late rows now
                     ready.append(_sum_by_row(parts))
                 continue
             entry = self._steps.setdefault((0, step), _Step(world_size, released=False))
-            entry.reported.update(int(rank) for rank in record["ranks"])
-            for rank, ids, _ in parts:
-                entry.mark_seen(rank, ids)
+            entry.reported.update(int(rank) for rank in ranks)
+            for rank, update in parts:
+                entry.mark_seen(rank, update.row_ids)
             ready.extend(self._collect(0, step, entry, parts))
-        return [update for update in ready if len(update[0])]
+        return [update for update in ready if len(update.row_ids)]
 
     def export_applied(self, slots: Iterable[int], num_slots: int) -> dict[str, np.ndarray]:
         """Rows of ``slots`` that each rank contributed to remembered released steps, as flat arrays.
@@ -191,7 +198,7 @@ class StepAggregator:
             if entry.released:
                 entry.mark_seen(rank, rows)
 
-    def _collect(self, lane: int, step: int, entry: _Step, parts) -> list[Update]:
+    def _collect(self, lane: int, step: int, entry: _Step, parts) -> list[RowUpdate]:
         """Queue ``parts`` on a pending step, or release them (and the step, once complete)."""
         if not entry.released:
             entry.parts.extend(parts)
@@ -200,7 +207,7 @@ class StepAggregator:
             parts, entry.parts, entry.released = entry.parts, [], True
             self._remember_released(lane, step)
         update = _sum_by_row(parts) if parts else None
-        return [update] if update is not None and len(update[0]) else []
+        return [update] if update is not None and len(update.row_ids) else []
 
     def _remember_released(self, lane: int, step: int) -> None:
         heap = self._released.setdefault(lane, [])

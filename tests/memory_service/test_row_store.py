@@ -9,7 +9,7 @@ import torch
 from memory_service.core.optimizers import make_optimizer
 from memory_service.core.row_init import init_rows
 from memory_service.row_store import RowStoreError, ShardStore, SlotNotOwned
-from memory_service.core.slots import SlotMap
+from memory_service.core.slots import SlotMap, split_by_shard
 from memory_service.core.table_spec import OptimizerSpec, TableSpec
 
 SPEC = TableSpec("layer1", rows=1000, dim=8, optimizer=OptimizerSpec(kind="adam", lr=0.01), seed=3, num_slots=16)
@@ -23,6 +23,11 @@ def _store(spec: TableSpec = SPEC, slots=None) -> ShardStore:
 
 def _grads(n: int, dim: int = SPEC.dim, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+
+
+def _apply(store: ShardStore, name: str, row_ids, grads) -> None:
+    """Validate and apply one update, as a shard does when nothing waits for other ranks."""
+    store.apply_update(name, store.check_update(name, row_ids, grads))
 
 
 def test_gather_returns_the_deterministic_rows_in_each_transport_dtype():
@@ -45,7 +50,7 @@ def test_content_does_not_depend_on_the_shard_count():
     shards = [_store(slots=slot_map.slots_of(shard)) for shard in range(3)]
     row_ids = np.random.default_rng(1).integers(0, SPEC.rows, 300)
     gathered = torch.empty(300, SPEC.dim)
-    for shard, positions in slot_map.split(row_ids).items():
+    for shard, positions in split_by_shard(row_ids, slot_map.owners).items():
         gathered[positions] = shards[shard].gather("layer1", row_ids[positions])
     assert torch.equal(gathered, whole.gather("layer1", row_ids))
     assert sum(store.num_rows("layer1") for store in shards) == SPEC.rows
@@ -87,7 +92,7 @@ def test_updates_equal_the_optimizer_on_the_reference_rows():
     for step in range(3):
         row_ids = np.random.default_rng(step).choice(spec.rows, 60, replace=False)
         grads = _grads(60, spec.dim, seed=step)
-        store.apply_gradients("t", row_ids, grads)
+        _apply(store, "t", row_ids, grads)
         index = torch.from_numpy(row_ids)
         rows, touched = reference[index], {k: v[index] for k, v in state.items()}
         optimizer.apply(rows, touched, torch.from_numpy(grads))
@@ -113,14 +118,11 @@ BAD_UPDATES = [
 @pytest.mark.parametrize("name, row_ids, grads, code, field", BAD_UPDATES)
 def test_bad_updates_are_refused_and_change_nothing(name, row_ids, grads, code, field):
     store = _store(slots=range(8))
-    store.apply_gradients("layer1", [0, 5], _grads(2))  # non-trivial optimizer state
+    _apply(store, "layer1", [0, 5], _grads(2))  # non-trivial optimizer state
     before = store.checksum("layer1")
     with pytest.raises(RowStoreError) as caught:
-        store.apply_gradients(name, row_ids, grads)
+        store.check_update(name, row_ids, grads)
     assert (caught.value.code, caught.value.field) == (code, field)
-    if name == "layer1":
-        with pytest.raises(RowStoreError):
-            store.check_gradients(name, row_ids, grads)
     assert store.checksum("layer1") == before
 
 
@@ -136,7 +138,7 @@ def test_random_mixed_updates_only_change_the_store_when_valid():
             grads[rng.integers(n), rng.integers(SPEC.dim)] = np.nan
         before = store.checksum("layer1")
         try:
-            store.apply_gradients("layer1", row_ids, grads)
+            _apply(store, "layer1", row_ids, grads)
         except RowStoreError:
             assert store.checksum("layer1") == before
         else:
@@ -152,7 +154,7 @@ def test_read_only_tables_serve_but_refuse_updates():
     assert torch.equal(store.gather("frozen", row_ids, "float32"), expected.float())
     before = store.checksum("frozen")
     with pytest.raises(RowStoreError) as caught:
-        store.apply_gradients("frozen", row_ids, _grads(2))
+        _apply(store, "frozen", row_ids, _grads(2))
     assert (caught.value.code, caught.value.field) == ("FAILED_PRECONDITION", "table")
     assert store.checksum("frozen") == before
     assert store.memory_bytes() == 300 * 8 * 2
@@ -166,12 +168,12 @@ def test_slot_moves_round_trip_exactly(spec):
     if not spec.read_only:
         touched = np.arange(0, spec.rows, 3)
         touched = touched[touched % 16 < 10]  # the source's slots
-        source.apply_gradients(spec.name, touched, _grads(len(touched), spec.dim))
+        _apply(source, spec.name, touched, _grads(len(touched), spec.dim))
     all_rows = np.arange(spec.rows)
     before = torch.empty(spec.rows, spec.dim, dtype=source.gather(spec.name, [0]).dtype)
     slot_map = SlotMap(epoch=1, owners=[0] * 10 + [1] * 6)
     for shard, store in enumerate((source, target)):
-        positions = slot_map.split(all_rows)[shard]
+        positions = split_by_shard(all_rows, slot_map.owners)[shard]
         before[positions] = store.gather(spec.name, all_rows[positions])
     checksum_of_all = _store(spec, slots=[])
     checksum_of_all.import_slots(spec.name, source.export_slots(spec.name, range(10)))
@@ -189,7 +191,7 @@ def test_slot_moves_round_trip_exactly(spec):
         source.gather(spec.name, [2])
     slot_map.owners[moved] = 1
     for shard, store in enumerate((source, target)):
-        positions = slot_map.split(all_rows)[shard]
+        positions = split_by_shard(all_rows, slot_map.owners)[shard]
         assert torch.equal(store.gather(spec.name, all_rows[positions]), before[positions])
     # Optimizer state moved too: both shards' slots, gathered on one store, checksum as before.
     merged = _store(spec, slots=[])
@@ -204,14 +206,32 @@ def test_moved_rows_keep_training_identically():
     stay, source, target = _store(), _store(slots=range(8)), _store(slots=range(8, 16))
     first = np.arange(0, 1000, 7)
     for store, ids in ((stay, first), (source, first[first % 16 < 8]), (target, first[first % 16 >= 8])):
-        store.apply_gradients("layer1", ids, _grads(len(first))[np.isin(first, ids)])
+        _apply(store, "layer1", ids, _grads(len(first))[np.isin(first, ids)])
     target.import_slots("layer1", source.export_slots("layer1", range(8)))
     source.release_slots("layer1", range(8))
     second = np.arange(0, 1000, 5)
-    stay.apply_gradients("layer1", second, _grads(len(second), seed=1))
-    target.apply_gradients("layer1", second, _grads(len(second), seed=1))
+    _apply(stay, "layer1", second, _grads(len(second), seed=1))
+    _apply(target, "layer1", second, _grads(len(second), seed=1))
     assert target.checksum("layer1") == stay.checksum("layer1")
     assert source.owned_slots("layer1") == [] and source.num_rows("layer1") == 0
+
+
+def test_an_update_checked_before_its_storage_moved_lands_on_its_rows():
+    """A synchronous step can wait across a slot move: its positions are resolved again if needed."""
+    moved, unmoved = _store(slots=range(8)), _store(slots=range(8))
+    row_ids, grads = np.array([1, 2, 17, 34]), _grads(4)  # slots 1, 2, 1, 2
+    waiting = moved.check_update("layer1", row_ids, grads)
+    moved.release_slots("layer1", [0])  # slots 1 and 2 now start at storage position 0
+    unmoved.release_slots("layer1", [0])
+    moved.apply_update("layer1", waiting)
+    _apply(unmoved, "layer1", row_ids, grads)
+    assert moved.checksum("layer1") == unmoved.checksum("layer1")
+    gone = moved.check_update("layer1", row_ids, grads)
+    moved.release_slots("layer1", [2])
+    before = moved.checksum("layer1")
+    with pytest.raises(SlotNotOwned):
+        moved.apply_update("layer1", gone)
+    assert moved.checksum("layer1") == before
 
 
 @pytest.mark.parametrize(
