@@ -1,7 +1,9 @@
 """Gradient pushes of one table on one shard, turned into the updates to apply.
 
 Pushes arrive validated, as the store's ``RowUpdate``s, and leave as ``RowUpdate``s for the store to
-apply; their storage positions travel with their rows. Synchronous mode sums a step's contributions and releases them once every rank of the step has
+apply; their storage positions travel with their rows.
+
+Synchronous mode sums a step's contributions and releases them once every rank of the step has
 reported (an empty push counts: in this mode a rank pushes to every shard owning slots of the
 table, each step; a push split across requests counts with its last part). Asynchronous mode
 releases each push on arrival. Either way, rows a rank has already contributed to a step are
