@@ -76,8 +76,8 @@ class TokenChooser:
 class DecodeSession:
     """A batch of token sequences in a KV cache, extended by one token per row a step.
 
-    Each step hashes the newest token's n-grams from the last ``max_ngram_size`` compressed ids and
-    issues its Engram lookups before the model runs, which awaits them only at the Engram layers.
+    Each step hashes the newest token's n-grams from the last ``max_ngram_size`` compressed ids; the
+    model looks their rows up before its first layer and awaits them only at the Engram layers.
     """
 
     def __init__(self, model: EngramMoEModel, compressor: TokenizerCompressor, hasher: NgramHasher, capacity: int,
@@ -133,10 +133,9 @@ class DecodeSession:
     def _forward(
         self, token_ids: np.ndarray, row_ids: dict[int, torch.Tensor], real_tokens: torch.Tensor | None
     ) -> torch.Tensor:
-        # Lookups first: a remote table fetches while the layers before the first Engram layer run.
-        rows = {layer: self.model.row_tables[layer].lookup_async(ids) for layer, ids in row_ids.items()}
+        # The model starts the tables' lookups before its first layer and awaits each at its Engram layer.
         device = self.cache.lengths.device
-        output = self.model(torch.from_numpy(token_ids).to(device), engram_rows=rows, cache=self.cache,
+        output = self.model(torch.from_numpy(token_ids).to(device), engram_row_ids=row_ids, cache=self.cache,
                             real_tokens=real_tokens)
         return output.logits
 

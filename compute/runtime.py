@@ -31,10 +31,21 @@ class EngramRuntime:
     hasher: NgramHasher
     client: MemoryClient | None  # set when the rows are remote
 
+    def table_optimizer_state(self) -> dict | None:
+        """The tables' optimizer state kept in this process, by layer; None when all of it lives on the shards."""
+        state = {}
+        for table in self.tables.values():
+            state.update(table.optimizer_state())
+        return state or None
+
+    def load_table_optimizer_state(self, state: dict | None) -> None:
+        """Continue from a checkpoint's ``table_optimizer_state()``."""
+        for table in self.tables.values():
+            table.load_optimizer_state(state or {})
+
     def close(self) -> None:
         for table in self.tables.values():
-            if isinstance(table, RemoteRowTable):
-                table.close()
+            table.close()
         if self.client is not None:
             self.client.close()
 
@@ -54,7 +65,7 @@ def build_runtime(config: TrainConfig, device: torch.device, memory: MemoryHandl
                                          grad_wire_dtype=config.memory.grad_wire_torch_dtype)
                   for layer in config.engram.layer_ids}
     else:
-        tables = {layer: service_initialised_table(spec) for layer, spec in zip(config.engram.layer_ids, specs)}
+        tables = {layer: service_initialised_table(spec, layer) for layer, spec in zip(config.engram.layer_ids, specs)}
     model = EngramMoEModel(EngramModelConfig(model=config.model, engram=config.engram), tables).to(device)
     return EngramRuntime(config, model, tables, specs, compressor, hasher, client)
 

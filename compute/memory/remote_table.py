@@ -13,10 +13,10 @@ from compute.memory.row_table import EngramRows, RowTable
 
 
 class RemoteRowTable(RowTable):
-    """``fetch`` starts a lookup and returns at once; the rows land in pinned memory and reach the
+    """``prefetch`` starts a lookup and returns at once; the rows land in pinned memory and reach the
     device on a side stream, so a step's compute hides the next step's lookup. The rows handed to the
     model are a leaf in ``compute_dtype``: after ``backward`` its ``.grad`` is the unique-row gradient
-    to ``push``, which leaves the device on another side stream, off the training thread.
+    that ``apply_gradients`` pushes, leaving the device on another side stream, off the training thread.
     """
 
     def __init__(self, client: MemoryClient, table: str, device: torch.device | str = "cpu",
@@ -36,26 +36,18 @@ class RemoteRowTable(RowTable):
         self._pusher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"grads-{table}")
         self._copy_lock = threading.Lock()
 
-    def lookup(self, row_ids: torch.Tensor) -> EngramRows:
-        return self.lookup_async(row_ids).result()
-
-    def lookup_async(self, row_ids: torch.Tensor) -> concurrent.futures.Future:
-        unique_ids, inverse = torch.unique(row_ids, return_inverse=True)
-        return self.fetch(unique_ids, inverse)
-
-    def fetch(self, unique_ids: torch.Tensor, inverse: torch.Tensor) -> concurrent.futures.Future:
-        """A future of the rows of sorted ``unique_ids``, with ``inverse`` mapping tokens to them."""
+    def prefetch(self, unique_ids: torch.Tensor, inverse: torch.Tensor) -> concurrent.futures.Future:
         rows = self.client.lookup(self.table, unique_ids, dtype=self.wire_dtype,
                                   pin_memory=self._copy_stream is not None)
         return self._copier.submit(self._to_device, rows, inverse)
 
-    def push(self, unique_ids: torch.Tensor, grads: torch.Tensor, step: int, rank: int = 0, world_size: int = 1,
-             synchronous: bool = True) -> concurrent.futures.Future:
-        """Send the unique rows' gradients of ``step`` in ``grad_wire_dtype``; summed across ranks on the
-        shard when synchronous. Returns at once: a future of the shards' PushResult."""
-        grads = grads.detach().to(self.grad_wire_dtype)
+    def apply_gradients(self, unique_ids: torch.Tensor, rows: EngramRows, step: int, rank: int = 0,
+                        world_size: int = 1) -> concurrent.futures.Future:
+        """Push the rows' gradients in ``grad_wire_dtype``, divided by ``world_size``: the shards sum the
+        ranks' pushes of a step, so they apply the mean. Returns at once: a future of the shards' PushResult."""
+        grads = (rows.unique_rows.grad / world_size).detach().to(self.grad_wire_dtype)
         if self._push_stream is None:
-            return self.client.push(self.table, unique_ids, grads, step, rank, world_size, synchronous)
+            return self.client.push(self.table, unique_ids, grads, step, rank, world_size)
         computed = torch.cuda.Event()
         computed.record()  # on the training thread's stream, after the kernels that produce ``grads``
         pushed: concurrent.futures.Future = concurrent.futures.Future()
@@ -63,7 +55,7 @@ class RemoteRowTable(RowTable):
         def copy_and_send() -> None:
             try:
                 host = self._to_host(grads, computed)
-                follow(pushed, self.client.push(self.table, unique_ids, host, step, rank, world_size, synchronous))
+                follow(pushed, self.client.push(self.table, unique_ids, host, step, rank, world_size))
             except BaseException as error:  # the trainer learns of it from the future
                 pushed.set_exception(error)
 

@@ -1,13 +1,12 @@
-"""Where an Engram layer's rows come from: the table interface and its in-process implementation."""
+"""Where an Engram layer's rows come from: the one table protocol every caller uses."""
 from __future__ import annotations
 
 import abc
 import concurrent.futures
 import dataclasses
+from typing import Mapping
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from kernels import RowSegments
 
@@ -16,7 +15,7 @@ from kernels import RowSegments
 class EngramRows:
     """The rows a batch touches: each distinct row once, plus where every (token, head) finds its row."""
 
-    unique_rows: torch.Tensor  # [U, dim]; differentiable when the table is trainable in-process
+    unique_rows: torch.Tensor  # [U, dim]; after backward, its gradient is what apply_gradients applies
     inverse: torch.Tensor  # [B, T, heads] int64 indices into unique_rows
     # The entries grouped by row, built ahead for the GPU backward (``kernels.row_segments``).
     segments: RowSegments | None = None
@@ -31,20 +30,49 @@ class EngramRows:
 
 
 class RowTable(abc.ABC):
-    """One Engram layer's table of ``num_rows`` rows of ``dim`` values."""
+    """One Engram layer's table of ``num_rows`` rows of ``dim`` values, wherever the rows live.
+
+    Trainer, runtime and generator hold tables only through these methods and never ask which kind
+    they hold. The kinds today: ``LocalRowTable`` (``compute.memory.local_table``: rows in this
+    process, stepped by the service's sparse optimizer) and ``RemoteRowTable``
+    (``compute.memory.remote_table``: rows on the memory service's shards). Room is left for more
+    behind the same methods: a cached table (hot rows kept on the device in front of a remote one) and
+    a tiered one (rows spread over device, host and shards).
+
+    Row ids are deduplicated once: a training batch arrives deduplicated by the loader and goes to
+    ``prefetch``; ``lookup``, for paths that start from raw ids (generation, evaluation), dedups them.
+    """
 
     num_rows: int
     dim: int
 
-    @abc.abstractmethod
-    def lookup(self, row_ids: torch.Tensor) -> EngramRows:
-        """Rows for ``row_ids [B, T, heads]`` as unique rows plus an inverse index."""
+    def lookup(self, row_ids: torch.Tensor) -> concurrent.futures.Future:
+        """A future of the rows for raw ``row_ids [B, T, heads]`` (int64), as unique rows plus an inverse index."""
+        check_row_ids(row_ids, self.num_rows)
+        unique_ids, inverse = torch.unique(row_ids, return_inverse=True)
+        return self.prefetch(unique_ids, inverse)
 
-    def lookup_async(self, row_ids: torch.Tensor) -> concurrent.futures.Future:
-        """A future of ``lookup(row_ids)``; remote tables override it to overlap the fetch with compute."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        future.set_result(self.lookup(row_ids))
-        return future
+    @abc.abstractmethod
+    def prefetch(self, unique_ids: torch.Tensor, inverse: torch.Tensor) -> concurrent.futures.Future:
+        """Start fetching the rows of sorted, distinct ``unique_ids [U]``; a future of their ``EngramRows``,
+        ``inverse`` mapping each (token, head) to its row. Returns without waiting for the rows."""
+
+    @abc.abstractmethod
+    def apply_gradients(self, unique_ids: torch.Tensor, rows: EngramRows, step: int, rank: int = 0,
+                        world_size: int = 1) -> concurrent.futures.Future:
+        """Apply the gradient that backward left for ``rows`` (prefetched for ``unique_ids``) as ``step``
+        of this ``rank`` among ``world_size``; a future that settles once the update is in."""
+
+    def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The table's optimizer state kept in this process, by layer, for a checkpoint; none by default
+        (a remote table's state lives on its shards, which checkpoint it themselves)."""
+        return {}
+
+    def load_optimizer_state(self, state: Mapping[str, dict[str, torch.Tensor]]) -> None:
+        """Continue from a checkpoint's ``optimizer_state`` of every table (nothing to load by default)."""
+
+    def close(self) -> None:
+        """Release what the table holds beyond its rows (threads, streams); nothing by default."""
 
 
 def check_row_ids(row_ids: torch.Tensor, num_rows: int) -> None:
@@ -57,20 +85,8 @@ def check_row_ids(row_ids: torch.Tensor, num_rows: int) -> None:
         )
 
 
-class LocalRowTable(nn.Module, RowTable):
-    """An in-process table trained with sparse gradients (``torch.optim.SparseAdam`` and friends)."""
-
-    def __init__(self, num_rows: int, dim: int, init_std: float = 0.02, seed: int = 0):
-        super().__init__()
-        self.num_rows, self.dim = num_rows, dim
-        generator = torch.Generator().manual_seed(seed)
-        self.weight = nn.Parameter(torch.randn(num_rows, dim, generator=generator) * init_std)
-
-    def lookup(self, row_ids: torch.Tensor) -> EngramRows:
-        check_row_ids(row_ids, self.num_rows)
-        unique_ids, inverse = torch.unique(row_ids, return_inverse=True)
-        unique_rows = F.embedding(unique_ids.to(self.weight.device), self.weight, sparse=True)
-        return EngramRows(unique_rows, inverse.to(self.weight.device))
-
-    def extra_repr(self) -> str:
-        return f"num_rows={self.num_rows}, dim={self.dim}"
+def settled(value=None) -> concurrent.futures.Future:
+    """A future already holding ``value``: what a table returns for work it did in place."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    future.set_result(value)
+    return future

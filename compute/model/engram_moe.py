@@ -14,7 +14,7 @@ from compute.config import EngramModelConfig, ModelConfig
 from compute.model.engram import ConvHistory, Engram
 from compute.model.hyper_connections import HyperConnection
 from compute.model.moe import MoEFeedForward
-from compute.memory.row_table import EngramRows, LocalRowTable, RowTable
+from compute.memory.row_table import EngramRows, RowTable
 
 
 @dataclasses.dataclass
@@ -137,8 +137,8 @@ class EngramMoEModel(nn.Module):
         if model.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def lookup_rows(self, engram_row_ids: Mapping[int, torch.Tensor]) -> dict[int, EngramRows]:
-        """Look every Engram layer's row ids up in its table."""
+    def lookup_rows(self, engram_row_ids: Mapping[int, torch.Tensor]) -> dict[int, concurrent.futures.Future]:
+        """Start every Engram layer's lookup of its raw row ids; futures of their ``EngramRows``."""
         return {layer: self.row_tables[layer].lookup(engram_row_ids[layer]) for layer in self.config.engram.layer_ids}
 
     def forward(
@@ -150,8 +150,9 @@ class EngramMoEModel(nn.Module):
         cache: DecodeCache | None = None,
         real_tokens: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """Rows given as futures (``RowTable.lookup_async``) are awaited only when their layer runs, so
-        a remote fetch overlaps the layers before it.
+        """Rows given as futures (``RowTable.prefetch``/``lookup``) are awaited only when their layer runs,
+        so a remote fetch overlaps the layers before it; ``engram_row_ids`` are looked up before the first
+        layer runs, so the same holds for them.
 
         With a ``cache``, ``input_ids`` continue the cached rows (right-padded beyond each row's
         ``real_tokens``, default all) and the cache advances by the real tokens.
@@ -188,7 +189,3 @@ class EngramMoEModel(nn.Module):
         everything = sum(p.numel() for p in self.parameters() if id(p) not in seen_tables)
         return {"dense": everything - engram_module, "engram_module": engram_module, "engram_tables": table_params}
 
-
-def build_local_tables(table_rows: Mapping[int, int], row_dim: int, seed: int = 0) -> dict[int, LocalRowTable]:
-    """One in-process table per Engram layer, ``table_rows[layer]`` rows each."""
-    return {layer: LocalRowTable(rows, row_dim, seed=seed + layer) for layer, rows in table_rows.items()}

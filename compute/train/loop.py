@@ -1,10 +1,11 @@
-"""One data-parallel worker's training loop: dense weights by (DDP) AdamW, Engram rows on the shards.
+"""One data-parallel worker's training loop: dense weights by (DDP) AdamW, Engram rows by their tables.
 
-Step s: the rows of step s were requested earlier (prefetch) and are awaited only at the first Engram
-layer; backward yields each unique row's gradient, pushed to the shards without waiting; the dense
-optimizer steps meanwhile. With ``staleness=0`` the next lookup is issued once this step's updates are
-applied on every shard (exact); with ``staleness=1`` it is issued as soon as the previous step's pushes
-are in, so it overlaps this step's compute but may miss this step's update.
+Step s: the rows of step s were requested earlier (``RowTable.prefetch``) and are awaited only at the
+first Engram layer; backward yields each unique row's gradient, which each table applies
+(``apply_gradients``: remote tables push it to the shards without waiting); the dense optimizer steps
+meanwhile. With ``staleness=0`` the next prefetch is issued once this step's updates are applied
+everywhere (exact); with ``staleness=1`` it is issued as soon as the previous step's updates are in, so
+it overlaps this step's compute but may miss this step's update.
 """
 from __future__ import annotations
 
@@ -26,9 +27,6 @@ from compute.train.checkpoints import TrainerState, load_trainer_state, save_che
 from compute.data import HashedBatch, hashed_batches
 from compute.runtime import build_runtime
 from compute.memory.futures import follow
-from compute.memory.local_table import LocalTableOptimizer
-from compute.memory.remote_table import RemoteRowTable
-from compute.memory.row_table import EngramRows
 from compute.train.config import TrainConfig
 from memory_service.deploy import MemoryHandle
 
@@ -79,9 +77,6 @@ class EngramTrainer:
         self.config, self.ctx = config, ctx
         self.runtime = build_runtime(config, ctx.device, ctx.memory)
         self.model, self.tables = self.runtime.model, self.runtime.tables
-        self.table_optimizer = None
-        if config.memory.tables == "local":
-            self.table_optimizer = LocalTableOptimizer(self.tables, self.runtime.specs[0].optimizer)
         # DDP averages the dense gradients across ranks; experts no token picked this step get none.
         self.forward_model = self.model if ctx.world_size == 1 else DistributedDataParallel(
             self.model, find_unused_parameters=True)
@@ -103,8 +98,7 @@ class EngramTrainer:
         state = load_trainer_state(checkpoint, map_location=self.ctx.device)
         self.model.load_state_dict(state.model)
         self.dense_optimizer.load_state_dict(state.dense_optimizer)
-        if self.table_optimizer is not None:
-            self.table_optimizer.load_state_dict(state.table_optimizer)
+        self.runtime.load_table_optimizer_state(state.table_optimizer)
         self.step, self.data_position = state.step, state.data_position
         torch.set_rng_state(state.rng.cpu())
 
@@ -116,7 +110,7 @@ class EngramTrainer:
             state = TrainerState(
                 step=self.step, config=self.config.to_dict(), model=self.model.state_dict(),
                 dense_optimizer=self.dense_optimizer.state_dict(),
-                table_optimizer=self.table_optimizer.state_dict() if self.table_optimizer else None,
+                table_optimizer=self.runtime.table_optimizer_state(),
                 # The loader has handed out the prefetched next batch too; training resumes at this step.
                 data_position={**loader.state_dict(), "next_step": self.step}, rng=torch.get_rng_state())
             path = save_checkpoint(directory, state, self.ctx.memory)
@@ -135,11 +129,12 @@ class EngramTrainer:
     def _wire_bytes(self) -> int:
         return 4 if self.config.memory.tables == "local" else self.config.memory.wire_torch_dtype.itemsize
 
-    def fetch(self, batch: HashedBatch, after: list = ()) -> dict[int, concurrent.futures.Future]:
-        """Start every Engram layer's lookup for ``batch``, once the pushes in ``after`` are done.
+    def prefetch(self, batch: HashedBatch, after: list = ()) -> dict[int, concurrent.futures.Future]:
+        """Start every Engram layer's prefetch of ``batch``'s (loader-deduplicated) rows, once the
+        updates in ``after`` are in.
 
-        Waiting for ``after`` happens off this thread (the lookups start from the last push's
-        callback), so the step that runs meanwhile is not held up; a failed push fails the rows.
+        Waiting for ``after`` happens off this thread (the prefetches start from the last update's
+        callback), so the step that runs meanwhile is not held up; a failed update fails the rows.
         """
         rows = {layer: _WaitClock(self.totals) for layer in batch.layers}
         for layer, layer_rows in batch.layers.items():
@@ -147,30 +142,27 @@ class EngramTrainer:
             self.totals["bytes"] += len(layer_rows.unique) * self.tables[layer].dim * self._wire_bytes
 
         def start() -> None:
-            failed = next((push.exception() for push in after if push.exception() is not None), None)
+            failed = next((update.exception() for update in after if update.exception() is not None), None)
             for layer, layer_rows in batch.layers.items():
-                table = self.tables[layer]
                 if failed is not None:
                     rows[layer].set_exception(failed)
-                elif isinstance(table, RemoteRowTable):
-                    follow(rows[layer], table.fetch(layer_rows.unique, layer_rows.inverse))
                 else:
-                    follow(rows[layer], table.lookup_async(layer_rows.row_ids.to(self.ctx.device)))
+                    follow(rows[layer], self.tables[layer].prefetch(layer_rows.unique, layer_rows.inverse))
 
         if not after:
             start()
             return rows
         left, lock = [len(after)], threading.Lock()
 
-        def on_push_done(_push: concurrent.futures.Future) -> None:
+        def on_update_done(_update: concurrent.futures.Future) -> None:
             with lock:
                 left[0] -= 1
                 if left[0]:
                     return
             start()
 
-        for push in after:
-            push.add_done_callback(on_push_done)
+        for update in after:
+            update.add_done_callback(on_update_done)
         return rows
 
     def train(self, on_step: Callable[[dict], None] | None = None) -> list[float]:
@@ -178,25 +170,25 @@ class EngramTrainer:
         config, losses = self.config, []
         loader = self.batches("train", num_steps=config.steps - self.step, position=self.data_position)
         batches = iter(loader)
-        pending_pushes: list[concurrent.futures.Future] = []
+        pending_updates: list[concurrent.futures.Future] = []
         next_batch = next(batches, None)
-        next_rows = self.fetch(next_batch) if next_batch is not None and config.memory.prefetch else None
+        next_rows = self.prefetch(next_batch) if next_batch is not None and config.memory.prefetch else None
         checkpoint_dir = Path(config.output_dir) / "checkpoints"
         while next_batch is not None:
             started = time.perf_counter()
-            batch, rows = next_batch, next_rows if next_rows is not None else self.fetch(next_batch)
+            batch, rows = next_batch, next_rows if next_rows is not None else self.prefetch(next_batch)
             next_batch = next(batches, None)
             next_rows = None
             if next_batch is not None and config.memory.prefetch and config.memory.staleness == 1:
-                # Once the previous step's pushes are in, so the rows miss at most this step's update.
-                next_rows = self.fetch(next_batch, after=pending_pushes[:])
-                pending_pushes.clear()
-            loss = self._mean_over_ranks(self._train_step(batch, rows, pending_pushes))
+                # Once the previous step's updates are in, so the rows miss at most this step's update.
+                next_rows = self.prefetch(next_batch, after=pending_updates[:])
+                pending_updates.clear()
+            loss = self._mean_over_ranks(self._train_step(batch, rows, pending_updates))
             losses.append(loss)
             if config.memory.staleness == 0 or next_batch is None:
-                self._settle(pending_pushes, barrier=config.memory.staleness == 0)
+                self._settle(pending_updates, barrier=config.memory.staleness == 0)
             if next_batch is not None and config.memory.prefetch and next_rows is None:
-                next_rows = self.fetch(next_batch)
+                next_rows = self.prefetch(next_batch)
             self.step += 1
             self.totals["compute_s"] += time.perf_counter() - started
             self.totals["tokens"] += batch.input_ids.numel() * self.ctx.world_size
@@ -206,37 +198,32 @@ class EngramTrainer:
             if self.step % config.log_every == 0 or self.step == 1 or next_batch is None:
                 self._log(metrics)
             if config.checkpoint_every and self.step % config.checkpoint_every == 0 and next_batch is not None:
-                self._settle(pending_pushes, barrier=True)
+                self._settle(pending_updates, barrier=True)
                 self.save(checkpoint_dir, loader)
-        self._settle(pending_pushes, barrier=True)
+        self._settle(pending_updates, barrier=True)
         self.last_checkpoint = self.save(checkpoint_dir, loader)
         return losses
 
-    def _train_step(self, batch: HashedBatch, rows: dict, pending_pushes: list) -> float:
+    def _train_step(self, batch: HashedBatch, rows: dict, pending_updates: list) -> float:
         device = self.ctx.device
         for group in self.dense_optimizer.param_groups:
             group["lr"] = learning_rate(self.config, self.step)
         output = self.forward_model(batch.input_ids.to(device), engram_rows=rows, labels=batch.labels.to(device))
         output.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.dense_params, self.config.optim.grad_clip)
-        if self.table_optimizer is not None:
-            self.table_optimizer.step()
-        else:
-            for layer, future in rows.items():
-                engram_rows: EngramRows = future.result()
-                grads = engram_rows.unique_rows.grad / self.ctx.world_size
-                pending_pushes.append(self.tables[layer].push(
-                    batch.layers[layer].unique, grads, self.step, self.ctx.rank, self.ctx.world_size))
+        for layer, future in rows.items():
+            pending_updates.append(self.tables[layer].apply_gradients(
+                batch.layers[layer].unique, future.result(), self.step, self.ctx.rank, self.ctx.world_size))
         self.dense_optimizer.step()
         self.dense_optimizer.zero_grad(set_to_none=True)
         return output.lm_loss.item()
 
-    def _settle(self, pending_pushes: list, barrier: bool) -> None:
-        """Wait for this rank's pushes; with ``barrier`` for every rank's too, so the step is applied everywhere."""
+    def _settle(self, pending_updates: list, barrier: bool) -> None:
+        """Wait for this rank's updates; with ``barrier`` for every rank's too, so the step is applied everywhere."""
         start = time.perf_counter()
-        for future in pending_pushes:
+        for future in pending_updates:
             future.result()
-        pending_pushes.clear()
+        pending_updates.clear()
         self.totals["push_wait_s"] += time.perf_counter() - start
         if barrier:
             self._barrier()
@@ -278,7 +265,7 @@ class EngramTrainer:
         self.model.eval()
         losses = []
         for batch in self.batches("validation", num_steps=num_batches):
-            rows = self.fetch(batch)
+            rows = self.prefetch(batch)
             output = self.model(batch.input_ids.to(self.ctx.device), engram_rows=rows,
                                  labels=batch.labels.to(self.ctx.device))
             losses.append(output.lm_loss.item())

@@ -15,7 +15,7 @@ from compute.generate import (
 )
 from compute.model.engram_moe import DecodeCache, EngramMoEModel
 from compute.hashing.ngram_hash import NgramHasher
-from compute.memory.row_table import LocalRowTable
+from compute.memory.local_table import LocalRowTable
 from compute.hashing.tokenizer_compression import TokenizerCompressor, default_tokenizer_path
 
 VOCAB = 211
@@ -136,10 +136,10 @@ class RecordingTable(LocalRowTable):
 
     log: list = []
 
-    def lookup_async(self, row_ids: torch.Tensor) -> concurrent.futures.Future:
+    def lookup(self, row_ids: torch.Tensor) -> concurrent.futures.Future:
         self.log.append(("lookup", self, row_ids.clone()))
         future = AwaitLoggingFuture(self.log, self)
-        future.set_result(self.lookup(row_ids))
+        future.set_result(super().lookup(row_ids).result())
         return future
 
 

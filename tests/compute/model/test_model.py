@@ -5,7 +5,8 @@ import torch
 
 from compute.config import EngramConfig, EngramModelConfig, ModelConfig
 from compute.model.hyper_connections import HyperConnection
-from compute.model.engram_moe import EngramMoEModel, build_local_tables
+from compute.memory.local_table import build_local_tables
+from compute.model.engram_moe import EngramMoEModel
 from compute.model.moe import MoEFeedForward
 
 TABLE_ROWS = 997
@@ -184,7 +185,7 @@ def test_parameter_counts_split_dense_from_engram():
 def test_rows_given_as_futures_equal_rows_looked_up_in_place():
     model = tiny_model(hc_mult=2).eval()
     input_ids, row_ids = random_batch(model)
-    futures = {layer: model.row_tables[layer].lookup_async(ids) for layer, ids in row_ids.items()}
+    futures = {layer: model.row_tables[layer].lookup(ids) for layer, ids in row_ids.items()}
     with torch.no_grad():
         direct = model(input_ids, engram_row_ids=row_ids).logits
         prefetched = model(input_ids, engram_rows=futures).logits
