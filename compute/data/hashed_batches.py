@@ -9,6 +9,7 @@ import torch
 
 from compute.hashing.ngram_hash import NgramHasher
 from compute.hashing.tokenizer_compression import TokenizerCompressor
+from memory_service.core.slots import split_by_shard
 
 
 @dataclasses.dataclass
@@ -48,17 +49,6 @@ def _map_tensors(value, fn):
             value, **{f.name: _map_tensors(getattr(value, f.name), fn) for f in dataclasses.fields(value)}
         )
     return value
-
-
-def split_by_shard(unique_rows: np.ndarray, owners: np.ndarray) -> dict[int, np.ndarray]:
-    """Positions into `unique_rows` grouped by owning shard, where `owners[slot]` is a slot's shard.
-
-    Slot math as the memory service's: a row lives in slot ``row % len(owners)``.
-    """
-    shards = np.asarray(owners)[unique_rows % len(owners)]
-    order = np.argsort(shards, kind="stable")  # stable: positions stay ascending within a shard
-    present, first = np.unique(shards[order], return_index=True)
-    return dict(zip(present.tolist(), np.split(order, first[1:])))
 
 
 class BatchHasher:

@@ -15,8 +15,9 @@ Move = tuple[int, int, int]  # (slot, from_shard, to_shard)
 
 
 def slot_of(row_ids, num_slots: int) -> np.ndarray:
-    """The slot of each row id."""
-    return np.asarray(row_ids, dtype=np.int64) % num_slots
+    """The slot of each row id; a power-of-two slot count (the default) takes a mask, not a division."""
+    row_ids = np.asarray(row_ids, dtype=np.int64)
+    return row_ids & (num_slots - 1) if num_slots & (num_slots - 1) == 0 else row_ids % num_slots
 
 
 def slot_local_index(row_ids, num_slots: int) -> np.ndarray:
@@ -27,6 +28,19 @@ def slot_local_index(row_ids, num_slots: int) -> np.ndarray:
 def slot_row_ids(slot: int, rows_in_slot: int, num_slots: int) -> np.ndarray:
     """The row ids of ``slot`` in local-index order."""
     return slot + num_slots * np.arange(rows_in_slot, dtype=np.int64)
+
+
+def split_by_shard(row_ids, owners: np.ndarray) -> dict[int, np.ndarray]:
+    """Positions into ``row_ids`` grouped by the shard owning each row's slot (``owners[slot]``),
+    ascending within a shard; only shards that get rows appear.
+
+    Small integer ``owners`` (int16, say) sort by radix, several times faster than int64.
+    """
+    shards = np.asarray(owners)[slot_of(row_ids, len(owners))]
+    order = np.argsort(shards, kind="stable")
+    counts = np.bincount(shards)
+    return {shard: order[end - count:end] for shard, (count, end) in
+            enumerate(zip(counts.tolist(), np.cumsum(counts).tolist())) if count}
 
 
 @dataclasses.dataclass
@@ -65,12 +79,8 @@ class SlotMap:
         return np.flatnonzero(self.owners == shard)
 
     def split(self, row_ids) -> dict[int, np.ndarray]:
-        """Positions into ``row_ids`` grouped by owning shard (only shards that get rows appear)."""
-        shards = self.owners[slot_of(row_ids, self.num_slots)]
-        order = np.argsort(shards, kind="stable")
-        present, starts = np.unique(shards[order], return_index=True)
-        groups = np.split(order, starts[1:])
-        return {int(shard): positions for shard, positions in zip(present, groups)}
+        """Positions into ``row_ids`` grouped by owning shard, as ``split_by_shard`` groups them."""
+        return split_by_shard(row_ids, self.owners)
 
     def rebalanced(self, num_shards: int) -> tuple["SlotMap", list[Move]]:
         """A balanced map over ``num_shards`` shards reached by moving as few slots as possible.

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from compute.config import EngramConfig
-from compute.data import BatchHasher, DataConfig, HashedBatch, PackedSequences, hashed_batches, split_by_shard
+from compute.data import BatchHasher, DataConfig, HashedBatch, PackedSequences, hashed_batches
 from compute.hashing.ngram_hash import NgramHasher
 from compute.hashing.tokenizer_compression import TokenizerCompressor
 
@@ -88,14 +88,6 @@ def test_unique_inverse_and_shard_split_describe_the_row_ids():
         for shard, where in rows.shard_positions.items():
             assert (ROUTING[layer][rows.unique[where].numpy() % NUM_SLOTS] == shard).all()
             assert (where[1:] > where[:-1]).all()
-
-
-def test_split_by_shard_leaves_out_shards_without_rows():
-    owners = np.array([0, 2, 2, 0])
-    split = split_by_shard(np.array([1, 2, 4, 5, 8]), owners)
-    assert split.keys() == {0, 2}
-    np.testing.assert_array_equal(split[0], [2, 4])
-    np.testing.assert_array_equal(split[2], [0, 1, 3])
 
 
 def test_bad_routing_is_named(compressor):

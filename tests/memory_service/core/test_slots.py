@@ -1,10 +1,10 @@
-"""Slot arithmetic and SlotMap: even layout, split by shard, minimal rebalancing."""
+"""Slot arithmetic, the split by shard, and SlotMap: even layout, minimal rebalancing."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from memory_service.core.slots import SlotMap, slot_local_index, slot_of, slot_row_ids
+from memory_service.core.slots import SlotMap, slot_local_index, slot_of, slot_row_ids, split_by_shard
 
 
 def test_slot_math_inverts():
@@ -32,6 +32,20 @@ def test_split_groups_positions_by_owner():
         assert np.all(slot_map.owners[row_ids[positions] % 16] == shard)
     assert sorted(np.concatenate(list(groups.values())).tolist()) == list(range(len(row_ids)))
     assert np.array_equal(groups[0], [0, 5])  # caller order kept inside a shard
+
+
+def test_split_by_shard_leaves_out_shards_without_rows():
+    owners = np.array([0, 2, 2, 0])
+    split = split_by_shard(np.array([1, 2, 4, 5, 8]), owners)
+    assert split.keys() == {0, 2}
+    np.testing.assert_array_equal(split[0], [2, 4])
+    np.testing.assert_array_equal(split[2], [0, 1, 3])
+
+
+def test_slot_of_masks_power_of_two_counts_like_the_modulo():
+    row_ids = np.array([-5, -1, 0, 1, 63, 64, 2**40 + 7], dtype=np.int64)
+    for num_slots in (1, 64, 48):
+        np.testing.assert_array_equal(slot_of(row_ids, num_slots), row_ids % num_slots)
 
 
 def _minimum_moves(before: SlotMap, num_shards: int) -> int:
