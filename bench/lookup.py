@@ -16,9 +16,11 @@ import numpy as np
 import ray
 import torch
 
-from compute.memory.client import MemoryClient, _SharedRowSegment
+from compute.memory.client import MemoryClient
+from compute.memory.shared_segments import SharedRowSegment
 from memory_service.controller import ControllerOptions, start_controller, stop_controller
 from memory_service.core.row_init import init_rows
+from memory_service.core.slots import split_by_shard
 from memory_service.row_store import ShardStore
 from memory_service.shared_rows import SharedRowSegments
 from memory_service.core.table_spec import OptimizerSpec, TableSpec
@@ -61,7 +63,7 @@ def where_the_time_goes(spec: TableSpec, batches: list[np.ndarray], shards: int,
     store = ShardStore()
     store.add_table(spec, range(spec.num_slots))
     owners = np.random.default_rng(0).integers(0, shards, size=spec.num_slots).astype(np.int16)
-    segment = _SharedRowSegment(max(len(ids) for ids in batches) * spec.dim * 2)
+    segment = SharedRowSegment(max(len(ids) for ids in batches) * spec.dim * 2)
     segments = SharedRowSegments()
     prepared = []
     for ids in batches:
@@ -78,7 +80,7 @@ def where_the_time_goes(spec: TableSpec, batches: list[np.ndarray], shards: int,
 
     steps = {
         "client: deduplicate ids (np.unique)": ms(lambda ids, *_: np.unique(ids, return_inverse=True)),
-        "client: split by shard": ms(lambda ids, unique, *_: np.argsort(owners[unique % spec.num_slots], kind="stable")),
+        "client: split by shard": ms(lambda ids, unique, *_: split_by_shard(unique, owners)),
         f"shard: gather its ~{len(prepared[0][3])} rows + bfloat16 (ShardStore.gather)": ms(
             lambda ids, unique, inverse, positions, rows: store.gather(spec.name, unique[positions], "bfloat16")),
         "shard: write them at their places in the client's shared memory": ms(

@@ -44,5 +44,5 @@ def shard_stub(client: MemoryClient, shard: int = 0):
     """A raw ShardService stub on one shard of ``client``'s routing (for malformed requests)."""
     from protos import engram_memory_v1_pb2_grpc as pb_grpc
 
-    channel = grpc.insecure_channel(client._shard_addresses[shard])
+    channel = grpc.insecure_channel(client.shard_address(shard))
     return pb_grpc.ShardServiceStub(channel), channel

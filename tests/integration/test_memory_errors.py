@@ -90,13 +90,13 @@ def test_a_call_without_or_with_a_wrong_token_is_refused(memory):
             stub.Lookup(request, metadata=metadata)
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(MemoryServiceError) as caught:
-        MemoryClient(client._directory_address, token="wrong")
+        MemoryClient(client.directory, token="wrong")
     assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_health_check_answers_without_a_token(memory):
     _, client, _ = memory
-    with grpc.insecure_channel(client._shard_addresses[0]) as channel:
+    with grpc.insecure_channel(client.shard_address(0)) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="engram.memory.v1.ShardService"))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -106,7 +106,7 @@ def test_reflection_lists_the_services_to_a_caller_with_the_token(memory):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     _, client, _ = memory
-    with grpc.insecure_channel(client._shard_addresses[0]) as channel:
+    with grpc.insecure_channel(client.shard_address(0)) as channel:
         replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), metadata=AUTH)
         services = {s.name for reply in replies for s in reply.list_services_response.service}
@@ -133,5 +133,5 @@ def test_large_lookups_are_chunked_into_requests_under_the_limit(memory):
     _, client, _ = memory
     ids = np.random.default_rng(5).integers(0, TABLE.rows, size=262_144)
     whole = client.lookup("errors", ids, dtype=torch.float32).result()
-    with MemoryClient(client._directory_address, TOKEN, max_rows_per_request=1000) as chunking:
+    with MemoryClient(client.directory, TOKEN, max_rows_per_request=1000) as chunking:
         assert torch.equal(chunking.lookup("errors", ids, dtype=torch.float32).result(), whole)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from compute.memory.client import MemoryClient, _SharedRowSegment, remove_orphaned_segments
+from compute.memory.client import MemoryClient
+from compute.memory.shared_segments import SharedRowSegment, remove_orphaned_segments
 from memory_service.shared_rows import SegmentError, SharedRowSegments
 from protos import engram_memory_v1_pb2 as pb
 from tests.integration.memory_deploy import TOKEN, deployment, reference_rows, shard_stub, spec
@@ -72,7 +73,7 @@ def test_segments_read_back_rows_as_written_and_name_the_gradient_field(segment_
 
 
 def test_client_segment_is_removed_on_close_and_when_dropped_unclosed():
-    closed, dropped = _SharedRowSegment(1 << 20), _SharedRowSegment(1 << 20)
+    closed, dropped = SharedRowSegment(1 << 20), SharedRowSegment(1 << 20)
     paths = [f"/dev/shm/{segment.name}" for segment in (closed, dropped)]
     assert all(os.path.exists(path) for path in paths)
     closed.close()
@@ -82,11 +83,11 @@ def test_client_segment_is_removed_on_close_and_when_dropped_unclosed():
 
 
 def test_segments_of_a_killed_client_are_swept_and_live_ones_kept():
-    ours = _SharedRowSegment(1 << 20)
+    ours = SharedRowSegment(1 << 20)
     killed = subprocess.run(
         [sys.executable, "-c", "import os, signal\n"
-         "from compute.memory.client import _SharedRowSegment\n"
-         "segment = _SharedRowSegment(1 << 20)\n"
+         "from compute.memory.shared_segments import SharedRowSegment\n"
+         "segment = SharedRowSegment(1 << 20)\n"
          "print(segment.name, flush=True)\n"
          "os.kill(os.getpid(), signal.SIGKILL)"],
         capture_output=True, text=True, cwd=Path(__file__).parents[2])
@@ -119,27 +120,27 @@ def test_segments_refuse_bad_segments_offsets_and_positions_writing_nothing(segm
 @pytest.mark.ray
 def test_local_client_gets_rows_through_unix_sockets_and_shared_memory(ray_cluster):
     with deployment([TABLE, SGD_TABLE], shards=2) as (_, local):
-        assert local._local_shards == {0, 1}
-        assert all(address.startswith("unix:") for address in local._shard_addresses.values())
+        assert local.co_located_shards == {0, 1}
+        assert all(address.startswith("unix:") for address in local.shard_addresses().values())
         random_ids = np.random.default_rng(1).integers(0, TABLE.rows, size=5000)
         for ids in (random_ids, np.unique(random_ids)):  # the caller's order, and already deduplicated
             expected = reference_rows(TABLE, ids)
             assert torch.equal(local.lookup("local", ids, dtype=torch.float32).result(), expected)
             assert torch.equal(local.lookup("local", ids, dtype=torch.bfloat16).result(), expected.bfloat16())
-        with MemoryClient(local._directory_address, TOKEN, use_local_transport=False) as remote:
-            assert not remote._local_shards
-            assert all(not address.startswith("unix:") for address in remote._shard_addresses.values())
+        with MemoryClient(local.directory, TOKEN, use_local_transport=False) as remote:
+            assert not remote.co_located_shards
+            assert all(not address.startswith("unix:") for address in remote.shard_addresses().values())
             torch.testing.assert_close(remote.lookup("local", random_ids, dtype=torch.float32).result(),
                                        reference_rows(TABLE, random_ids), rtol=0, atol=0)
         # Pushes: co-located shards read the gradients from shared memory, remote ones from the request.
         ids = np.unique(random_ids)[:300]
         grads = torch.randn(len(ids), SGD_TABLE.dim, generator=torch.Generator().manual_seed(2))
         local.push("local_sgd", ids, grads, step=0).result()
-        with MemoryClient(local._directory_address, TOKEN, use_local_transport=False) as remote:
+        with MemoryClient(local.directory, TOKEN, use_local_transport=False) as remote:
             remote.push("local_sgd", ids, grads, step=1).result()
         expected = reference_rows(SGD_TABLE, ids) - 2 * SGD_TABLE.optimizer.lr * grads
         torch.testing.assert_close(local.lookup("local_sgd", ids, dtype=torch.float32).result(), expected)
-        names = [segment.name for segment in local._shared_rows._free]
+        names = local.idle_segment_names
         assert names and all(os.path.exists(f"/dev/shm/{name}") for name in names)
     assert not any(os.path.exists(f"/dev/shm/{name}") for name in names)  # closing the client removes them
 

@@ -1,0 +1,135 @@
+"""The client's gRPC calls: channels and stubs per address, each failure sorted into "resend after a
+routing refresh" or an error for the caller, and the retry loop with its backoff."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import grpc
+import numpy as np
+
+from protos import engram_memory_v1_pb2 as pb
+from protos import engram_memory_v1_pb2_grpc as pb_grpc
+from protos.wire import LOOKUP_METHOD, ROUTING_EPOCH_KEY, bearer_metadata, decode_lookup_rows, transport_options
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class MemoryServiceError(RuntimeError):
+    """A call the memory service refused; ``code`` is the gRPC status, the message is the server's."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.details = message
+
+
+class ResendAfterRefresh(Exception):
+    """A part of a call must be resent once the routing is refreshed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff for routing changes and transient failures: exponential with jitter, bounded in time."""
+
+    initial_s: float = 0.005
+    max_s: float = 0.5
+    deadline_s: float = 60.0
+
+    def delays(self):
+        delay, start = self.initial_s, time.monotonic()
+        while time.monotonic() - start < self.deadline_s:
+            yield delay * (0.5 + random.random())
+            delay = min(delay * 2, self.max_s)
+
+
+class Channels:
+    """grpc.aio channels to the directory and the shards, one per address; used on one event loop."""
+
+    def __init__(self, token: str | None, tls_cert_file: str | None, max_message_bytes: int):
+        self._metadata = bearer_metadata(token) if token else ()
+        self.credentials = grpc.ssl_channel_credentials(Path(tls_cert_file).read_bytes()) if tls_cert_file else None
+        # This client retries by itself; gRPC's own retries would buffer a copy of every request.
+        self._options = [*transport_options(max_message_bytes), ("grpc.enable_retries", 0)]
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._shard_stubs: dict[str, pb_grpc.ShardServiceStub] = {}
+
+    async def directory(self, address: str, method: str, request):
+        """One DirectoryService call; MemoryServiceError when it fails."""
+        stub = pb_grpc.DirectoryServiceStub(self._channel(address))
+        try:
+            return await getattr(stub, method)(request, metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            raise MemoryServiceError(error.code(), error.details()) from None
+
+    async def shard(self, address: str, method: str, request):
+        """One ShardService call (``Lookup`` replies with the rows' bytes only); ResendAfterRefresh for
+        routing refusals and transient failures, MemoryServiceError for the rest."""
+        try:
+            return await getattr(self._shard_stub(address), method)(request, metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            trailing = {key for key, _ in error.trailing_metadata() or ()}  # (key, value) pairs on every grpcio
+            if error.code() in TRANSIENT_CODES or ROUTING_EPOCH_KEY in trailing:
+                log.debug("shard %s %s: %s; will retry", address, method, error.details())
+                raise ResendAfterRefresh() from None
+            raise MemoryServiceError(error.code(), error.details()) from None
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            if self.credentials is not None:
+                channel = grpc.aio.secure_channel(address, self.credentials, options=self._options)
+            else:
+                channel = grpc.aio.insecure_channel(address, options=self._options)
+            self._channels[address] = channel
+        return self._channels[address]
+
+    def _shard_stub(self, address: str) -> pb_grpc.ShardServiceStub:
+        if address not in self._shard_stubs:
+            stub = pb_grpc.ShardServiceStub(self._channel(address))
+            # Same bytes on the wire; only the reply's rows are read, as a view instead of parsed.
+            stub.Lookup = self._channel(address).unary_unary(
+                LOOKUP_METHOD, request_serializer=pb.LookupRequest.SerializeToString,
+                response_deserializer=decode_lookup_rows)
+            self._shard_stubs[address] = stub
+        return self._shard_stubs[address]
+
+
+async def with_retries(attempt: Callable[[np.ndarray], Awaitable[np.ndarray]], pending: np.ndarray,
+                       policy: RetryPolicy, refresh_routing: Callable[[], Awaitable[None]]) -> None:
+    """Run ``attempt(pending)`` -> positions still to resend, refreshing the routing between tries."""
+    delays = policy.delays()
+    while True:
+        pending = await attempt(pending)
+        if not len(pending):
+            return
+        delay = next(delays, None)
+        if delay is None:
+            raise MemoryServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                     f"gave up after {policy.deadline_s}s of routing changes/failures")
+        await asyncio.sleep(delay)
+        try:
+            await refresh_routing()
+        except MemoryServiceError as error:
+            if error.code not in TRANSIENT_CODES:
+                raise
+
+
+async def gather_parts(parts: list[tuple[np.ndarray, Any]]) -> np.ndarray:
+    """Await (positions, coroutine) parts; return the positions of the parts to resend."""
+    results = await asyncio.gather(*(coroutine for _, coroutine in parts), return_exceptions=True)
+    retry = [positions for (positions, _), result in zip(parts, results) if isinstance(result, ResendAfterRefresh)]
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, ResendAfterRefresh):
+            raise result
+    return np.concatenate(retry) if retry else np.empty(0, dtype=np.int64)

@@ -1,0 +1,63 @@
+"""MemoryClient's lookup against shards answered in-process: the rows of every id in the caller's
+order, bit for bit, whether they come through the reply or the client's shared memory, and in
+page-locked memory when asked (on CUDA machines)."""
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from compute.memory.calls import Channels
+from compute.memory.client import MemoryClient
+from memory_service.shared_rows import SharedRowSegments
+from protos import engram_memory_v1_pb2 as pb
+from protos.wire import WIRE_DTYPE_BY_ENUM, decode_lookup_rows, encode_lookup_response
+
+ROWS, DIM, NUM_SLOTS = 4096, 16, 64
+TABLE = torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(0))
+OWNERS = (np.arange(NUM_SLOTS) % 2).astype("<i4")
+
+
+@pytest.fixture
+def shards(monkeypatch, tmp_path):
+    """Two shards answered in-process (through the real codec and segment writer); ``co_located``
+    picks whether the client finds their sockets on this machine."""
+    segments = SharedRowSegments()
+    socket_path = tmp_path / "shard.sock"
+    socket_path.touch()
+
+    async def directory(self, address, method, request):
+        assert method == "GetRouting"
+        return pb.Routing(epoch=1, tables=[pb.TableRouting(name="t", num_slots=NUM_SLOTS, owners=OWNERS.tobytes(),
+                                                           rows=ROWS, dim=DIM)],
+                          shards=[pb.ShardInfo(index=i, address=f"shard-{i}:1", local_address=f"unix:{socket_path}",
+                                               hostname=socket.gethostname()) for i in (0, 1)])
+
+    async def shard(self, address, method, request):
+        ids = torch.from_numpy(np.frombuffer(request.row_ids, dtype="<i8").copy())
+        rows = TABLE[ids].to(WIRE_DTYPE_BY_ENUM[request.dtype].torch)
+        if request.HasField("shared_rows"):
+            segments.write(request.shared_rows.name, request.shared_rows.offset, rows, request.shared_rows.positions)
+            return decode_lookup_rows(encode_lookup_response(rows, request.dtype, 1, rows_in_reply=False))
+        return decode_lookup_rows(encode_lookup_response(rows, request.dtype, 1))
+
+    monkeypatch.setattr(Channels, "directory", directory)
+    monkeypatch.setattr(Channels, "shard", shard)
+
+
+@pytest.mark.parametrize("co_located", [True, False])
+@pytest.mark.parametrize("pin_memory", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="page-locked memory needs CUDA"))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lookup_returns_every_row_bit_for_bit_in_the_asked_memory(shards, co_located, pin_memory, dtype):
+    random_ids = np.random.default_rng(1).integers(0, ROWS, size=3000)
+    with MemoryClient("directory:1", use_local_transport=co_located, max_rows_per_request=500) as client:
+        assert client.co_located_shards == ({0, 1} if co_located else set())
+        for ids in (random_ids, np.unique(random_ids), random_ids[:1], random_ids[:0]):
+            rows = client.lookup("t", ids, dtype=dtype, pin_memory=pin_memory).result()
+            expected = TABLE[torch.from_numpy(ids)].to(dtype)
+            assert rows.dtype == dtype and rows.shape == expected.shape
+            assert torch.equal(rows.view(torch.uint8), expected.view(torch.uint8))
+            assert rows.is_pinned() == pin_memory
