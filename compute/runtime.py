@@ -18,7 +18,6 @@ from compute.train.config import TrainConfig, table_name
 from compute.memory.service import open_client
 from compute.train.tables import engram_table_specs
 from memory_service.deploy import MemoryHandle
-from memory_service.core.table_spec import TableSpec
 
 
 @dataclasses.dataclass
@@ -26,7 +25,6 @@ class EngramRuntime:
     config: TrainConfig
     model: EngramMoEModel
     tables: dict[int, RowTable]
-    specs: list[TableSpec]  # the tables' specs, in layer order
     compressor: TokenizerCompressor
     hasher: NgramHasher
     client: MemoryClient | None  # set when the rows are remote
@@ -55,7 +53,6 @@ def build_runtime(config: TrainConfig, device: torch.device, memory: MemoryHandl
     torch.manual_seed(config.seed)
     compressor = TokenizerCompressor.from_file(config.data.tokenizer_path)
     hasher = NgramHasher.from_compressor(config.engram, compressor)
-    specs = engram_table_specs(config, {layer: hasher.table_rows(layer) for layer in config.engram.layer_ids})
     client = None
     if config.memory.tables == "remote":
         if memory is None:
@@ -65,9 +62,12 @@ def build_runtime(config: TrainConfig, device: torch.device, memory: MemoryHandl
                                          grad_wire_dtype=config.memory.grad_wire_torch_dtype)
                   for layer in config.engram.layer_ids}
     else:
-        tables = {layer: service_initialised_table(spec, layer) for layer, spec in zip(config.engram.layer_ids, specs)}
+        specs = engram_table_specs(config, {layer: hasher.table_rows(layer) for layer in config.engram.layer_ids})
+        by_name = {spec.name: spec for spec in specs}
+        tables = {layer: service_initialised_table(by_name[table_name(layer)], layer)
+                  for layer in config.engram.layer_ids}
     model = EngramMoEModel(EngramModelConfig(model=config.model, engram=config.engram), tables).to(device)
-    return EngramRuntime(config, model, tables, specs, compressor, hasher, client)
+    return EngramRuntime(config, model, tables, compressor, hasher, client)
 
 
 def load_runtime(checkpoint: str | Path, device: torch.device, memory: MemoryHandle | None) -> EngramRuntime:
