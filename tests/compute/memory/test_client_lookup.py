@@ -11,6 +11,7 @@ import torch
 
 from compute.memory.calls import Channels
 from compute.memory.client import MemoryClient
+from compute.memory.routing import this_node
 from memory_service.shared_rows import SharedRowSegments
 from protos import engram_memory_v1_pb2 as pb
 from protos.wire import WIRE_DTYPE_BY_ENUM, decode_lookup_rows, encode_lookup_response
@@ -33,7 +34,7 @@ def shards(monkeypatch, tmp_path):
         return pb.Routing(epoch=1, tables=[pb.TableRouting(name="t", num_slots=NUM_SLOTS, owners=OWNERS.tobytes(),
                                                            rows=ROWS, dim=DIM)],
                           shards=[pb.ShardInfo(index=i, address=f"shard-{i}:1", local_address=f"unix:{socket_path}",
-                                               hostname=socket.gethostname()) for i in (0, 1)])
+                                               node=this_node(), hostname=socket.gethostname()) for i in (0, 1)])
 
     async def shard(self, address, method, request):
         ids = torch.from_numpy(np.frombuffer(request.row_ids, dtype="<i8").copy())
