@@ -87,10 +87,6 @@ class MemoryClient:
         """The address this client calls shard ``index`` at: ``unix:<path>`` if co-located, else ``host:port``."""
         return self._routing.addresses[index]
 
-    def shard_addresses(self) -> dict[int, str]:
-        """Every shard's address, by shard index, as ``shard_address`` gives it."""
-        return dict(self._routing.addresses)
-
     @property
     def idle_segment_names(self) -> list[str]:
         """The shared-memory segments (``/dev/shm/<name>``) kept for the next calls; ``close`` removes them."""
