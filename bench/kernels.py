@@ -23,6 +23,9 @@ import torch
 
 import kernels
 from bench.results_files import figure, write_json
+from kernels.engram_gate_triton import EngramGate
+from kernels.row_gather_triton import GatherRows, scatter_row_grads_triton
+from kernels.short_conv_triton import ShortConv
 
 log = logging.getLogger("bench.kernels")
 
@@ -146,20 +149,20 @@ def kernel_cases(tokens, hc, dim, heads, head_dim):
     # atomics), and without them under deterministic mode (the backward sorts).
     for name, given, deterministic in (("gather_rows", segments, False), ("gather_rows[atomic]", None, False),
                                        ("gather_rows[det]", None, True)):
-        backward = (kernels.scatter_row_grads_triton, kernels.scatter_row_grads_reference,
+        backward = (scatter_row_grads_triton, kernels.scatter_row_grads_reference,
                     (grad, inverse, num_rows, given))
-        yield Case(name, kernels.GatherRows.apply, kernels.gather_rows_reference, [rows], (inverse, DTYPE, given),
+        yield Case(name, GatherRows.apply, kernels.gather_rows_reference, [rows], (inverse, DTYPE, given),
                    *gather_bytes, deterministic, backward)
 
     key, hidden, value = make(tokens, hc, dim), make(tokens, hc, dim), make(tokens, dim)
     key_w, hidden_w = make(hc, dim, dtype=torch.float32), make(hc, dim, dtype=torch.float32)
-    yield Case("engram_gate", kernels.EngramGate.apply, kernels.engram_gate_reference,
+    yield Case("engram_gate", EngramGate.apply, kernels.engram_gate_reference,
                [key, hidden, value, key_w, hidden_w], (), _sizes(key, hidden, value, key),
                _sizes(key, hidden, value, key, key, hidden, value))
 
     conv_in = make(SEQUENCES, tokens // SEQUENCES, hc, dim)
     norm_w, conv_w = make(hc, dim, dtype=torch.float32), make(hc * dim, CONV_TAPS, dtype=torch.float32)
-    yield Case("short_conv", kernels.ShortConv.apply, kernels.short_conv_reference, [conv_in, norm_w, conv_w],
+    yield Case("short_conv", ShortConv.apply, kernels.short_conv_reference, [conv_in, norm_w, conv_w],
                (DILATION,), _sizes(conv_in, conv_in), _sizes(conv_in, conv_in, conv_in))
 
 
@@ -208,7 +211,7 @@ def random_row_copy_gbps(tokens: int, heads: int, head_dim: int) -> float:
     bandwidth its reads can reach."""
     rows = torch.randn(tokens * heads, head_dim, dtype=DTYPE, device="cuda")
     permutation = torch.randperm(tokens * heads, device="cuda")[:, None]
-    ms = median_ms(lambda: kernels.GatherRows.apply(rows, permutation, DTYPE))
+    ms = median_ms(lambda: GatherRows.apply(rows, permutation, DTYPE))
     return (2 * _sizes(rows) + _sizes(permutation)) / ms / 1e6
 
 

@@ -1,4 +1,5 @@
-"""Choose between the Triton kernels and the PyTorch references per call, and size and allocate the Triton launches."""
+"""What the op modules share: choosing the Triton kernel or the PyTorch reference per call, naming the
+input a dispatcher rejects, and sizing and allocating the Triton launches."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +9,6 @@ import torch
 
 BACKEND_ENV = "ENGRAM_KERNELS"
 BACKENDS = ("auto", "triton", "reference")
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def kernel_backend() -> str:
@@ -25,6 +25,12 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if backend == "reference" or any(t.dtype == torch.float64 for t in tensors):
         return False
     return backend == "triton" or all(t.is_cuda for t in tensors)
+
+
+def check(condition: bool, field: str, message: str) -> None:
+    """A dispatcher's input check: ``ValueError`` naming the argument ``field`` unless ``condition``."""
+    if not condition:
+        raise ValueError(f"{field}: {message}")
 
 
 def programs_and_chunk(total: int, target_programs: int = 512) -> tuple[int, int]:
@@ -48,15 +54,6 @@ def written_in_full():
 def interpreting() -> bool:
     """Whether Triton runs on the CPU interpreter (``TRITON_INTERPRET=1``), where no GPU code runs."""
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def warp_choices(*num_warps: int) -> list:
-    """Autotuning choices of ``num_warps``; only the first under the CPU interpreter, where timing means nothing."""
-    import triton  # here, not at module level: importing ``kernels`` must not import Triton
-
-    if interpreting():
-        num_warps = num_warps[:1]
-    return [triton.Config({}, num_warps=w) for w in num_warps]
 
 
 def config_choices(*choices: dict) -> list:

@@ -1,23 +1,23 @@
-"""Context-aware gate: per branch, how well a token's memory key agrees with its hidden state."""
+"""Context-aware gate: per branch, how well a token's memory key agrees with its hidden state.
+
+``engram_gate`` checks its inputs and runs the Triton kernels of ``engram_gate_triton`` or the
+reference here.
+"""
 from __future__ import annotations
 
 import math
 
 import torch
 
+from kernels.dispatch import check, use_triton
+
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def engram_gate_reference(
-    key: torch.Tensor,
-    hidden: torch.Tensor,
-    value: torch.Tensor,
-    key_norm_w: torch.Tensor,
-    hidden_norm_w: torch.Tensor,
-    eps: float | None = None,
-) -> torch.Tensor:
+def engram_gate_reference(key: torch.Tensor, hidden: torch.Tensor, value: torch.Tensor, key_norm_w: torch.Tensor,
+                          hidden_norm_w: torch.Tensor, eps: float | None = None) -> torch.Tensor:
     """``key, hidden [N, hc, D]``, ``value [N, D]``, norm weights ``[hc, D]`` -> ``[N, hc, D]``.
 
     ``s = <rms(key)*w_k, rms(hidden)*w_h> / sqrt(D)``; ``gate = sigmoid(sign(s) sqrt(max(|s|, 1e-6)))``;
@@ -34,3 +34,19 @@ def engram_gate_reference(
     score = (normed_key * normed_hidden).sum(-1) / math.sqrt(dim)
     gate = torch.sigmoid(score.sign() * score.abs().clamp_min(1e-6).sqrt())
     return (gate.unsqueeze(-1) * value.unsqueeze(-2)).to(out_dtype)
+
+
+def engram_gate(key: torch.Tensor, hidden: torch.Tensor, value: torch.Tensor, key_norm_w: torch.Tensor,
+                hidden_norm_w: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+    """The gate ``[N, hc, D]`` of ``engram_gate_reference``; differentiable."""
+    check(key.dim() == 3, "key", f"expected shape [N, hc, D], got {list(key.shape)}")
+    check(hidden.shape == key.shape, "hidden", f"expected shape {list(key.shape)}, got {list(hidden.shape)}")
+    check(value.shape == (key.shape[0], key.shape[2]), "value",
+          f"expected shape {[key.shape[0], key.shape[2]]}, got {list(value.shape)}")
+    for name, weight in (("key_norm_w", key_norm_w), ("hidden_norm_w", hidden_norm_w)):
+        check(weight.shape == key.shape[1:], name, f"expected shape {list(key.shape[1:])}, got {list(weight.shape)}")
+    if use_triton(key, hidden, value):
+        from kernels.engram_gate_triton import EngramGate  # Triton is imported only when a Triton path runs
+
+        return EngramGate.apply(key, hidden, value, key_norm_w, hidden_norm_w, eps)
+    return engram_gate_reference(key, hidden, value, key_norm_w, hidden_norm_w, eps)
