@@ -66,8 +66,8 @@ def _check_segments(segments: RowSegments | None, inverse: torch.Tensor, num_row
         return
     check(isinstance(segments, RowSegments), "segments", f"expected RowSegments, got {type(segments).__name__}")
     check(segments.order.shape == (inverse.numel(),) and segments.offsets.shape == (num_rows + 1,), "segments",
-          f"expected order [{inverse.numel()}] and offsets [{num_rows + 1}], got "
-          f"{list(segments.order.shape)} and {list(segments.offsets.shape)}: build them with row_segments(inverse, num_rows)")
+          f"expected order [{inverse.numel()}] and offsets [{num_rows + 1}], got {list(segments.order.shape)} and "
+          f"{list(segments.offsets.shape)}: build them with row_segments(inverse, num_rows)")
     check(segments.order.dtype == segments.offsets.dtype == torch.int32, "segments",
           f"expected int32 order and offsets, got {segments.order.dtype} and {segments.offsets.dtype}: build them "
           "with row_segments(inverse, num_rows)")

@@ -7,23 +7,19 @@ import torch
 import kernels
 from kernel_checks import CUDA_SHAPES, DTYPES, TRITON, assert_matches_reference, cases, conv_inputs
 
-# (batch, seq, D, kernel, dilation, programs a branch on the CPU interpreter), all at hc=3.
+# (batch, seq, hc, D, kernel, dilation, programs a branch on the CPU interpreter).
 CPU_SHAPES = [
-    (2, 11, 20, 4, 3, 4),  # 6 chains of 4 steps a branch, 6 steps a program: ranges cross chains; D = 16 + 4
-    (2, 17, 20, 3, 1, 3),  # ranges start and end inside chains, with halos on both sides
-    (1, 40, 200, 4, 3, 1),  # one program walks every chain; D = 128 + 72 of a 128-column tail (ragged)
-    (1, 9, 16, 4, 2, 2),  # D a power of two: two pieces of 8
-    (2, 2, 136, 2, 3, 8),  # shorter than the halo; class 2 has no step at all; idle programs
-    (2, 1, 20, 1, 1, 64),  # more programs than steps: the idle ones still write their (zero) sums
+    (2, 11, 3, 20, 4, 3, 4),  # 6 chains of 4 steps a branch, 6 steps a program: ranges cross chains; D = 16 + 4
+    (2, 17, 3, 20, 3, 1, 3),  # ranges start and end inside chains, with halos on both sides
+    (1, 40, 3, 200, 4, 3, 1),  # one program walks every chain; D = 128 + 72 of a 128-column tail (ragged)
+    (1, 9, 3, 16, 4, 2, 2),  # D a power of two: two pieces of 8
+    (2, 2, 3, 136, 2, 3, 8),  # shorter than the halo; class 2 has no step at all; idle programs
+    (2, 1, 3, 20, 1, 1, 64),  # more programs than steps: the idle ones still write their (zero) sums
 ]
-
-
-# (batch, seq, hc, D, kernel, dilation, programs): the CUDA shapes' tokens as 4 sequences where they split
-# evenly, else one; the model's 4 taps at dilation 3; programs as the card's SMs give them.
+# The CUDA shapes' tokens as 4 sequences where they split evenly, else one; the model's 4 taps at
+# dilation 3; programs as the card's SMs give them.
 CUDA_CONV_SHAPES = [(4, tokens // 4, hc, dim, 4, 3, None) if tokens % 4 == 0 else (1, tokens, hc, dim, 4, 3, None)
                     for tokens, hc, dim, _, _ in CUDA_SHAPES]
-CONV_CASES = cases([(batch, seq, 3, dim, kernel, dilation, programs)
-                    for batch, seq, dim, kernel, dilation, programs in CPU_SHAPES], CUDA_CONV_SHAPES)
 
 
 def interpreter_programs(monkeypatch, programs: int) -> None:
@@ -39,7 +35,8 @@ def check_conv(batch, seq, hc, dim, kernel, dilation, dtype, device) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("impl, batch, seq, hc, dim, kernel, dilation, programs", CONV_CASES, indirect=["impl"])
+@pytest.mark.parametrize("impl, batch, seq, hc, dim, kernel, dilation, programs",
+                         cases(CPU_SHAPES, CUDA_CONV_SHAPES), indirect=["impl"])
 def test_short_conv(impl, batch, seq, hc, dim, kernel, dilation, programs, dtype, monkeypatch):
     if impl.name == "interpreter":
         interpreter_programs(monkeypatch, programs)
