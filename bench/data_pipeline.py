@@ -16,11 +16,11 @@ import time
 
 import numpy as np
 
+from bench.results_files import figure, write_json
 from compute.config import EngramConfig
 from compute.data import DataConfig, hashed_batches, resolve_sources
 from compute.data.token_stream import load_token_stream
 from compute.hashing.tokenizer_compression import TokenizerCompressor, default_tokenizer_path
-from bench.results_files import figure, write_json
 
 NUM_SLOTS, NUM_SHARDS = 1024, 2
 

@@ -22,10 +22,10 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from bench.results_files import figure, write_json  # noqa: E402
 from compute.config import EngramConfig  # noqa: E402
 from compute.hashing.ngram_hash import NgramHasher  # noqa: E402
 from compute.hashing.tokenizer_compression import TokenizerCompressor  # noqa: E402
-from bench.results_files import figure, write_json  # noqa: E402
 
 TARGET_TOKENS_PER_S = 10e6
 

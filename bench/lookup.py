@@ -16,15 +16,15 @@ import numpy as np
 import ray
 import torch
 
+from bench.results_files import figure, write_json
 from compute.memory.client import MemoryClient
 from compute.memory.shared_segments import SharedRowSegment
 from memory_service.controller import ControllerOptions, start_controller, stop_controller
 from memory_service.core.row_init import init_rows
 from memory_service.core.slots import split_by_shard
+from memory_service.core.table_spec import OptimizerSpec, TableSpec
 from memory_service.row_store import ShardStore
 from memory_service.shared_rows import SharedRowSegments
-from memory_service.core.table_spec import OptimizerSpec, TableSpec
-from bench.results_files import figure, write_json
 
 BATCHES = (1024, 4096, 16384, 65536, 262144)
 TARGET_BATCH = 65536

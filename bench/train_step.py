@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from bench.results_files import figure, write_json
 from compute.config import EngramConfig, ModelConfig
 from compute.data import DataConfig
 from compute.train.config import MemoryConfig, TrainConfig
@@ -26,7 +27,6 @@ from compute.train.job import connect_ray
 from compute.train.loop import EngramTrainer, WorkerContext
 from compute.train.tables import engram_table_specs
 from memory_service.deploy import deploy
-from bench.results_files import figure, write_json
 
 VARIANTS = {  # name: memory settings
     "in-process tables": dict(tables="local"),

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from compute.model.engram_moe import DecodeCache, EngramMoEModel
 from compute.hashing.ngram_hash import NgramHasher
 from compute.hashing.tokenizer_compression import TokenizerCompressor
+from compute.model.engram_moe import DecodeCache, EngramMoEModel
 
 EOS_TOKEN = "<｜end▁of▁sentence｜>"  # DeepSeek's end of sequence
 

@@ -7,15 +7,15 @@ from pathlib import Path
 import torch
 
 from compute.config import EngramModelConfig, dataclass_from_mapping
-from compute.memory.local_table import service_initialised_table
-from compute.memory.client import MemoryClient
-from compute.model.engram_moe import EngramMoEModel
 from compute.hashing.ngram_hash import NgramHasher
+from compute.hashing.tokenizer_compression import TokenizerCompressor
+from compute.memory.client import MemoryClient
+from compute.memory.local_table import service_initialised_table
 from compute.memory.remote_table import RemoteRowTable
 from compute.memory.row_table import RowTable
-from compute.hashing.tokenizer_compression import TokenizerCompressor
-from compute.train.config import TrainConfig, table_name
 from compute.memory.service import open_client
+from compute.model.engram_moe import EngramMoEModel
+from compute.train.config import TrainConfig, table_name
 from compute.train.tables import engram_table_specs
 from memory_service.deploy import MemoryHandle
 

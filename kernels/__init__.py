@@ -15,7 +15,12 @@ every run.
 from kernels.dispatch import use_triton
 from kernels.engram_gate import engram_gate, engram_gate_reference
 from kernels.row_gather import (
-    RowSegments, gather_rows, gather_rows_reference, row_segments, scatter_row_grads, scatter_row_grads_reference,
+    RowSegments,
+    gather_rows,
+    gather_rows_reference,
+    row_segments,
+    scatter_row_grads,
+    scatter_row_grads_reference,
 )
 from kernels.short_conv import short_conv, short_conv_reference
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import grpc
 
+from protos.wire import AUTHORIZATION_KEY
+
 HEALTH_SERVICE_PREFIX = "/grpc.health.v1.Health/"
 TOKEN_ENV = "ENGRAM_MEMORY_TOKEN"
 
@@ -19,11 +21,6 @@ TOKEN_ENV = "ENGRAM_MEMORY_TOKEN"
 def new_token() -> str:
     """A fresh random bearer token (256 bits, URL-safe)."""
     return secrets.token_urlsafe(32)
-
-
-def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
-    """The call metadata that carries ``token``."""
-    return (("authorization", f"Bearer {token}"),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +54,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(HEALTH_SERVICE_PREFIX):
             return await continuation(handler_call_details)
-        presented = dict(handler_call_details.invocation_metadata or ()).get("authorization")
+        presented = dict(handler_call_details.invocation_metadata or ()).get(AUTHORIZATION_KEY)
         if presented is None:
             return self._missing
         if not hmac.compare_digest(presented.encode(), self._expected):

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from memory_service.row_store import ShardStore
 from memory_service.core.table_spec import TableSpec
+from memory_service.row_store import ShardStore
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

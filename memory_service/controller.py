@@ -17,15 +17,15 @@ import grpc
 import ray
 
 from memory_service import checkpoint
-from memory_service.auth import TlsFiles, bearer_metadata, new_token
+from memory_service.auth import TlsFiles, new_token
+from memory_service.core.slots import SlotMap
+from memory_service.core.table_spec import TableSpec
 from memory_service.directory import DirectoryServicer
 from memory_service.server import start_server
 from memory_service.shard_actor import ShardActor
-from memory_service.core.slots import SlotMap
-from memory_service.core.table_spec import TableSpec
 from protos import engram_memory_v1_pb2 as pb
 from protos import engram_memory_v1_pb2_grpc as pb_grpc
-from protos.wire import CONTROLLER_NAME, DEFAULT_MAX_MESSAGE_BYTES, NAMESPACE, transport_options
+from protos.wire import CONTROLLER_NAME, DEFAULT_MAX_MESSAGE_BYTES, NAMESPACE, bearer_metadata, transport_options
 
 log = logging.getLogger(__name__)
 

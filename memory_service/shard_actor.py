@@ -16,9 +16,10 @@ import ray
 
 from memory_service.auth import TlsFiles
 from memory_service.metrics import RayMetricsExporter, ShardMetrics
-from memory_service.server import DEFAULT_MAX_MESSAGE_BYTES, start_server
+from memory_service.server import start_server
 from memory_service.servicer import ShardServicer
 from protos import engram_memory_v1_pb2 as pb
+from protos.wire import DEFAULT_MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from compute.runtime import load_runtime
 from compute.generate import Generator, SamplingParams
+from compute.runtime import load_runtime
 from compute.train.config import TrainConfig
 from compute.train.job import connect_ray, prepare_memory, run_training
 from compute.train.loop import METRICS_FILE

@@ -8,7 +8,6 @@ import signal
 from pathlib import Path
 from typing import Any
 
-
 STATE_FILE = "memory.json"
 
 

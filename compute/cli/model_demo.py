@@ -7,10 +7,10 @@ import logging
 import torch
 
 from compute.config import EngramModelConfig
-from compute.memory.local_table import build_local_tables
-from compute.model.engram_moe import EngramMoEModel
 from compute.hashing.ngram_hash import NgramHasher
 from compute.hashing.tokenizer_compression import TokenizerCompressor
+from compute.memory.local_table import build_local_tables
+from compute.model.engram_moe import EngramMoEModel
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from compute.train.checkpoints import load_trainer_state, resolve_checkpoint
 from compute.config import dataclass_from_mapping
-from compute.runtime import load_runtime
 from compute.generate import Generator, add_generation_arguments, print_completions, sampling_from_args
+from compute.runtime import load_runtime
+from compute.train.checkpoints import load_trainer_state, resolve_checkpoint
 from compute.train.config import TrainConfig
 from compute.train.job import RunMemory, connect_ray, prepare_memory, run_training
 from compute.train.loop import EngramTrainer, WorkerContext

@@ -7,8 +7,8 @@ import threading
 import torch
 
 import kernels
-from compute.memory.futures import follow
 from compute.memory.client import MemoryClient
+from compute.memory.futures import follow
 from compute.memory.row_table import EngramRows, RowTable
 
 

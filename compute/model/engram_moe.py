@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compute.model.attention import CachePlacement, CausalSelfAttention, KVCache
 from compute.config import EngramModelConfig, ModelConfig
+from compute.memory.row_table import EngramRows, RowTable
+from compute.model.attention import CachePlacement, CausalSelfAttention, KVCache
 from compute.model.engram import ConvHistory, Engram
 from compute.model.hyper_connections import HyperConnection
 from compute.model.moe import MoEFeedForward
-from compute.memory.row_table import EngramRows, RowTable
 
 
 @dataclasses.dataclass

@@ -13,8 +13,8 @@ from typing import Any
 import ray
 import torch
 
-from compute.train.checkpoints import memory_checkpoint, resolve_checkpoint
 from compute.config import dataclass_from_mapping
+from compute.train.checkpoints import memory_checkpoint, resolve_checkpoint
 from compute.train.config import TrainConfig
 from compute.train.loop import METRICS_FILE, SUMMARY_FILE, EngramTrainer, WorkerContext
 from compute.train.progress import DriverProgress, ProgressFile

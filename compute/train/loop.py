@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from compute.train.checkpoints import TrainerState, load_trainer_state, save_checkpoint
 from compute.data import HashedBatch, hashed_batches
-from compute.runtime import build_runtime
 from compute.memory.futures import follow
+from compute.runtime import build_runtime
+from compute.train.checkpoints import TrainerState, load_trainer_state, save_checkpoint
 from compute.train.config import TrainConfig
 from memory_service.deploy import MemoryHandle
 

@@ -10,13 +10,19 @@ import torch
 
 from compute.config import EngramConfig, EngramModelConfig, ModelConfig
 from compute.generate import (
-    Completion, DecodeSession, Generator, SamplingParams, TokenChooser, add_generation_arguments, print_completions,
+    Completion,
+    DecodeSession,
+    Generator,
+    SamplingParams,
+    TokenChooser,
+    add_generation_arguments,
+    print_completions,
     sampling_from_args,
 )
-from compute.model.engram_moe import DecodeCache, EngramMoEModel
 from compute.hashing.ngram_hash import NgramHasher
-from compute.memory.local_table import LocalRowTable
 from compute.hashing.tokenizer_compression import TokenizerCompressor, default_tokenizer_path
+from compute.memory.local_table import LocalRowTable
+from compute.model.engram_moe import DecodeCache, EngramMoEModel
 
 VOCAB = 211
 ENGRAM = EngramConfig(engram_vocab_size=(101, 103), max_ngram_size=3, n_embed_per_ngram=16, n_head_per_ngram=2,

@@ -102,7 +102,7 @@ def test_a_push_split_into_many_requests_applies_as_one(memory):
     _, client = memory
     ids = np.sort(np.random.default_rng(6).choice(SPLIT_PARTS.rows, size=500, replace=False))
     gen = torch.Generator().manual_seed(8)
-    with MemoryClient(client._directory_address, TOKEN, max_rows_per_request=40) as splitting:
+    with MemoryClient(client.directory, TOKEN, max_rows_per_request=40) as splitting:
         for step in range(3):
             rank_0, rank_1 = torch.randn(2, len(ids), SPLIT_PARTS.dim, generator=gen)
             first = splitting.push("split_parts", ids, rank_0, step=step, rank=0, world_size=2).result()

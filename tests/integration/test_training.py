@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from compute.train.checkpoints import load_trainer_state, memory_checkpoint
 from compute.config import EngramConfig, ModelConfig
 from compute.data import DataConfig
+from compute.memory.service import open_client
+from compute.train.checkpoints import load_trainer_state, memory_checkpoint
 from compute.train.config import MemoryConfig, OptimConfig, TrainConfig, table_name
 from compute.train.job import run_training
 from compute.train.loop import EngramTrainer, WorkerContext
-from compute.memory.service import open_client
 from compute.train.tables import engram_table_specs
 from memory_service.deploy import deploy, deploy_from_checkpoint
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kernel_checks import IMPLEMENTATIONS, Implementation
 
 

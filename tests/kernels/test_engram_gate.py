@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import CUDA_SHAPES, DTYPES, TRITON, assert_matches_reference, cases, gate_inputs, relative_error
 
 import kernels
-from kernel_checks import CUDA_SHAPES, DTYPES, TRITON, assert_matches_reference, cases, gate_inputs, relative_error
 
 # (tokens, hc, D). The interpreter's tiles are 2 or 4 tokens x 256 columns: D=300 takes a full and a
 # masked chunk, D=24 one masked chunk; 1, 5, 7 and 11 tokens end in a part-filled tile; hc=3 pads

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from kernel_checks import ON_GPU, TRITON_PREIMPORTED
 
 

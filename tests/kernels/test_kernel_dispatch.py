@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import CUDA_MARKS, gather_inputs
 
 import kernels
-from kernel_checks import CUDA_MARKS, gather_inputs
 from kernels.dispatch import written_in_full
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kernel_checks import TRITON, cases, relative_error
 
 import kernels
-from kernel_checks import TRITON, cases, relative_error
 
 MODEL_TESTS = Path(__file__).resolve().parents[1] / "compute" / "model"  # test_model's tiny model and batch
 

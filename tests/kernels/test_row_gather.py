@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import CUDA_MARKS, CUDA_SHAPES, DTYPES, TRITON, cases, gather_inputs, relative_error
 
 import kernels
-from kernel_checks import CUDA_MARKS, CUDA_SHAPES, DTYPES, TRITON, cases, gather_inputs, relative_error
 
 # (num_rows, dim, tokens, heads): each row used about twice.
 CPU_SHAPES = [(13, 12, 7, 3)]

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import CUDA_SHAPES, DTYPES, TRITON, assert_matches_reference, cases, conv_inputs
 
 import kernels
-from kernel_checks import CUDA_SHAPES, DTYPES, TRITON, assert_matches_reference, cases, conv_inputs
 
 # (batch, seq, hc, D, kernel, dilation, programs a branch on the CPU interpreter).
 CPU_SHAPES = [

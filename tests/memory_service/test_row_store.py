@@ -8,9 +8,9 @@ import torch
 
 from memory_service.core.optimizers import make_optimizer
 from memory_service.core.row_init import init_rows
-from memory_service.row_store import RowStoreError, ShardStore, SlotNotOwned
 from memory_service.core.slots import SlotMap, split_by_shard
 from memory_service.core.table_spec import OptimizerSpec, TableSpec
+from memory_service.row_store import RowStoreError, ShardStore, SlotNotOwned
 
 SPEC = TableSpec("layer1", rows=1000, dim=8, optimizer=OptimizerSpec(kind="adam", lr=0.01), seed=3, num_slots=16)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from compute.config import EngramConfig
-from compute.model.engram import Engram
 from compute.memory.row_table import EngramRows
+from compute.model.engram import Engram
 
 HEADS_PER_NGRAM = 2  # the golden file fixes the embedding width (K=32), not how it splits into heads
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from compute.config import EngramConfig, EngramModelConfig, ModelConfig
-from compute.model.hyper_connections import HyperConnection
 from compute.memory.local_table import build_local_tables
 from compute.model.engram_moe import EngramMoEModel
+from compute.model.hyper_connections import HyperConnection
 from compute.model.moe import MoEFeedForward
 
 TABLE_ROWS = 997
