@@ -145,18 +145,24 @@ def test_local_client_gets_rows_through_unix_sockets_and_shared_memory(ray_clust
     assert not any(os.path.exists(f"/dev/shm/{name}") for name in names)  # closing the client removes them
 
 
+def refuse_bad_segments(call, field: str, request_with, segment_file: str) -> None:
+    """``call`` refuses a segment that does not exist and an offset past its end, naming ``field``."""
+    for shared, part in ((pb.SharedRows(name="engram-rows-absent"), "name"),
+                         (pb.SharedRows(name=segment_file, offset=4000), "offset")):
+        with pytest.raises(grpc.RpcError) as caught:
+            call(request_with(shared), metadata=AUTH)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"{field}.{part}" in caught.value.details()
+
+
 @pytest.mark.ray
 def test_shard_refuses_a_bad_segment_with_the_field_named_and_changes_nothing(ray_cluster, segment_file):
     with deployment([TABLE], shards=1) as (_, client):
         stub, channel = shard_stub(client)
         with channel:
-            for shared, field in ((pb.SharedRows(name="engram-rows-absent"), "shared_rows.name"),
-                                  (pb.SharedRows(name=segment_file, offset=4000), "shared_rows.offset")):
-                request = pb.LookupRequest(table="local", row_ids=np.arange(4, dtype="<i8").tobytes(),
-                                           dtype=pb.FLOAT32, shared_rows=shared)
-                with pytest.raises(grpc.RpcError) as caught:
-                    stub.Lookup(request, metadata=AUTH)
-                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in caught.value.details()
+            ids = np.arange(4, dtype="<i8").tobytes()
+            refuse_bad_segments(stub.Lookup, "shared_rows",
+                                lambda shared: pb.LookupRequest(table="local", row_ids=ids, dtype=pb.FLOAT32,
+                                                                shared_rows=shared), segment_file)
             positions = np.array([3, 0, 2, 1], dtype="<i8")
             request = pb.LookupRequest(table="local", row_ids=np.arange(4, dtype="<i8").tobytes(), dtype=pb.FLOAT32,
                                        shared_rows=pb.SharedRows(name=segment_file, offset=64,
@@ -164,13 +170,9 @@ def test_shard_refuses_a_bad_segment_with_the_field_named_and_changes_nothing(ra
             reply = stub.Lookup(request, metadata=AUTH)
             assert reply.rows == b"" and (reply.num_rows, reply.dim) == (4, TABLE.dim)
             before = client.lookup("local", np.arange(4), dtype=torch.float32).result()
-            for shared, field in ((pb.SharedRows(name="engram-rows-absent"), "shared_grads.name"),
-                                  (pb.SharedRows(name=segment_file, offset=4000), "shared_grads.offset")):
-                request = pb.UpdateRequest(table="local", row_ids=np.arange(4, dtype="<i8").tobytes(),
-                                           grad_dtype=pb.FLOAT32, shared_grads=shared)
-                with pytest.raises(grpc.RpcError) as caught:
-                    stub.Update(request, metadata=AUTH)
-                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in caught.value.details()
+            refuse_bad_segments(stub.Update, "shared_grads",
+                                lambda shared: pb.UpdateRequest(table="local", row_ids=ids, grad_dtype=pb.FLOAT32,
+                                                                shared_grads=shared), segment_file)
             assert torch.equal(client.lookup("local", np.arange(4), dtype=torch.float32).result(), before)
         written = np.frombuffer(segment_bytes(segment_file), dtype="<f4")[16:16 + 4 * TABLE.dim].reshape(4, TABLE.dim)
         assert torch.equal(torch.from_numpy(written[positions].copy()), reference_rows(TABLE, np.arange(4)))
