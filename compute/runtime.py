@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from compute.config import EngramModelConfig, dataclass_from_mapping
@@ -40,6 +41,14 @@ class EngramRuntime:
         """Continue from a checkpoint's ``table_optimizer_state()``."""
         for table in self.tables.values():
             table.load_optimizer_state(state or {})
+
+    def loader_routing(self) -> tuple[dict[int, np.ndarray], int] | None:
+        """Each Engram layer's slot owners and their routing epoch, so that the loader splits rows by
+        shard ahead of the step; None with in-process tables."""
+        if self.client is None:
+            return None
+        epoch, owners = self.client.slot_owners()
+        return {layer: owners[table_name(layer)] for layer in self.config.engram.layer_ids}, epoch
 
     def close(self) -> None:
         for table in self.tables.values():

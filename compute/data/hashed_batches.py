@@ -9,7 +9,7 @@ import torch
 
 from compute.hashing.ngram_hash import NgramHasher
 from compute.hashing.tokenizer_compression import TokenizerCompressor
-from memory_service.core.slots import split_by_shard
+from memory_service.core.slots import ShardSplit, split_by_shard
 
 
 @dataclasses.dataclass
@@ -21,6 +21,13 @@ class LayerRows:
     inverse: torch.Tensor  # [B, T, heads] int64: unique[inverse] == row_ids
     # shard -> positions into `unique` of the rows that shard owns (ascending); None without routing.
     shard_positions: dict[int, torch.Tensor] | None = None
+    routing_epoch: int | None = None  # the routing epoch `shard_positions` was split under
+
+    def shard_split(self) -> ShardSplit | None:
+        """`shard_positions` as the memory client takes them; None without routing."""
+        if self.shard_positions is None:
+            return None
+        return ShardSplit(self.routing_epoch, {shard: p.numpy() for shard, p in self.shard_positions.items()})
 
 
 @dataclasses.dataclass
@@ -55,8 +62,9 @@ class BatchHasher:
     """Turns packed windows and their left contexts into a `HashedBatch` (pure numpy/torch, no I/O)."""
 
     def __init__(self, compressor: TokenizerCompressor, hasher: NgramHasher,
-                 routing: Mapping[int, np.ndarray] | None = None):
-        """`routing`, if given, maps each Engram layer id to its table's slot owners array [num_slots]."""
+                 routing: Mapping[int, np.ndarray] | None = None, routing_epoch: int = 0):
+        """`routing`, if given, maps each Engram layer id to its table's slot owners array [num_slots], as of
+        the memory service's `routing_epoch`."""
         if routing is not None:
             missing = sorted(set(hasher.layer_ids) - set(routing))
             if missing:
@@ -65,6 +73,7 @@ class BatchHasher:
         self.compressor = compressor
         self.hasher = hasher
         self.routing = routing
+        self.routing_epoch = routing_epoch
 
     @property
     def context_len(self) -> int:
@@ -94,6 +103,7 @@ class BatchHasher:
             unique=torch.from_numpy(unique),
             inverse=torch.from_numpy(inverse.reshape(row_ids.shape)),
             shard_positions=shard_positions,
+            routing_epoch=None if shard_positions is None else self.routing_epoch,
         )
 
     @staticmethod

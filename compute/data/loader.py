@@ -105,12 +105,13 @@ def _as_is(batch: HashedBatch) -> HashedBatch:
 
 
 def hashed_batches(data: DataConfig, engram: EngramConfig, *, rank: int = 0, world_size: int = 1,
-                   routing: Mapping[int, np.ndarray] | None = None, position: Mapping[str, Any] | None = None,
-                   num_steps: int | None = None, pin_memory: bool | None = None) -> HashedBatchLoader:
+                   routing: Mapping[int, np.ndarray] | None = None, routing_epoch: int = 0,
+                   position: Mapping[str, Any] | None = None, num_steps: int | None = None,
+                   pin_memory: bool | None = None) -> HashedBatchLoader:
     """Rank `rank`'s batches of `data.split`, each carrying `data.batch_size // world_size` sequences.
 
-    `routing` maps each Engram layer id to its table's slot owners array, to split unique rows by
-    shard; `position` (a saved `state_dict()`) resumes where it left off without replaying the steps.
+    `routing` maps each Engram layer id to its table's slot owners array (as of `routing_epoch`), to
+    split unique rows by shard in the loader's workers; `position` (a saved `state_dict()`) resumes where it left off without replaying the steps.
     """
     if data.batch_size % world_size:
         raise ValueError(f"batch_size: {data.batch_size} is not divisible by world_size {world_size}")
@@ -120,7 +121,7 @@ def hashed_batches(data: DataConfig, engram: EngramConfig, *, rank: int = 0, wor
     if not files:
         raise ValueError(f"{data.split} split: the sources {list(data.split_sources)} hold no files")
     stream = load_token_stream(files, tokenizer_path, data.eos_token)
-    batch_hasher = BatchHasher(compressor, NgramHasher.from_compressor(engram, compressor), routing)
+    batch_hasher = BatchHasher(compressor, NgramHasher.from_compressor(engram, compressor), routing, routing_epoch)
     packed = PackedSequences(stream, data.seq_len, batch_hasher.context_len, engram.pad_id)
     dataset = StepDataset(packed, StepSchedule(len(packed), data.batch_size, data.seed, data.shuffle),
                           batch_hasher, rank, world_size)

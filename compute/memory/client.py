@@ -23,6 +23,7 @@ import torch
 from compute.memory.calls import Channels, MemoryServiceError, RetryPolicy, gather_parts, with_retries
 from compute.memory.routing import Routing, TableRoute, connection_info_from_controller
 from compute.memory.shared_segments import SharedSegmentPool, remove_orphaned_segments
+from memory_service.core.slots import ShardSplit
 from protos import engram_memory_v1_pb2 as pb
 from protos.wire import (CONTROLLER_NAME, DEFAULT_MAX_MESSAGE_BYTES, NAMESPACE, SHARED_SEGMENT_DIR, WIRE_DTYPE_BY_TORCH,
                          as_row_words)
@@ -95,14 +96,23 @@ class MemoryClient:
     def table_dim(self, table: str) -> int:
         return self._route(table).dim
 
-    def lookup(self, table: str, row_ids, dtype: torch.dtype = torch.bfloat16,
-               pin_memory: bool = False) -> concurrent.futures.Future:
+    def slot_owners(self) -> tuple[int, dict[str, np.ndarray]]:
+        """The routing epoch and each table's slot -> shard array, for a loader to split rows by shard ahead."""
+        routing = self._routing
+        return routing.epoch, {name: route.owners for name, route in routing.tables.items()}
+
+    def lookup(self, table: str, row_ids, dtype: torch.dtype = torch.bfloat16, pin_memory: bool = False,
+               shard_split: ShardSplit | None = None) -> concurrent.futures.Future:
         """A future of the rows of ``row_ids`` ([n, dim] in ``dtype``), in the caller's order; in
-        page-locked memory with ``pin_memory`` when CUDA is available."""
+        page-locked memory with ``pin_memory`` when CUDA is available.
+
+        ``shard_split`` is the caller's split of sorted, distinct ``row_ids`` by owning shard, made
+        under a routing epoch (a loader makes it ahead of the step): used while that epoch is current.
+        """
         if dtype not in WIRE_DTYPE_BY_TORCH:
             raise ValueError(f"dtype: must be one of {list(WIRE_DTYPE_BY_TORCH)}, got {dtype}")
         ids = _as_int64(row_ids, "row_ids")
-        return self._run(self._lookup(table, ids, dtype, pin_memory and torch.cuda.is_available()))
+        return self._run(self._lookup(table, ids, dtype, pin_memory and torch.cuda.is_available(), shard_split))
 
     def push(self, table: str, row_ids, grads, step: int, rank: int = 0, world_size: int = 1,
              synchronous: bool = True) -> concurrent.futures.Future:
@@ -180,7 +190,8 @@ class MemoryClient:
 
     # ---- lookup -----------------------------------------------------------------------------
 
-    async def _lookup(self, table: str, ids: np.ndarray, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+    async def _lookup(self, table: str, ids: np.ndarray, dtype: torch.dtype, pinned: bool,
+                      shard_split: ShardSplit | None) -> torch.Tensor:
         route = self._route(table)
         unique, inverse = (ids, None) if _sorted_unique(ids) else np.unique(ids, return_inverse=True)
         # `received` holds the rows of `unique` in its order: co-located shards write theirs in place,
@@ -207,7 +218,12 @@ class MemoryClient:
             as_row_words(received).index_copy_(0, torch.from_numpy(positions), as_row_words(rows))
 
         async def attempt(pending: np.ndarray) -> np.ndarray:
-            groups = self._route(table).split(unique, pending)
+            nonlocal shard_split
+            if shard_split is not None and shard_split.epoch == self._routing.epoch and inverse is None:
+                groups = dict(shard_split.positions)  # every row is pending on the first attempt
+            else:
+                groups = self._route(table).split(unique, pending)
+            shard_split = None  # a retry follows a routing change: split afresh
             parts = [(chunk, fetch(shard, chunk)) for shard, positions in groups.items()
                      for chunk in _chunks(positions, per_request)]
             return await gather_parts(parts)

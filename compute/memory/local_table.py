@@ -18,6 +18,7 @@ from torch import nn
 from compute.memory.row_table import EngramRows, RowTable, settled
 from memory_service.core.optimizers import make_optimizer
 from memory_service.core.row_init import init_rows
+from memory_service.core.slots import ShardSplit
 from memory_service.core.table_spec import OptimizerSpec, TableSpec
 
 
@@ -38,7 +39,8 @@ class LocalRowTable(nn.Module, RowTable):
         generator = torch.Generator().manual_seed(seed)
         self.weight = nn.Parameter(torch.randn(num_rows, dim, generator=generator) * init_std)
 
-    def prefetch(self, unique_ids: torch.Tensor, inverse: torch.Tensor) -> concurrent.futures.Future:
+    def prefetch(self, unique_ids: torch.Tensor, inverse: torch.Tensor,
+                 shard_split: ShardSplit | None = None) -> concurrent.futures.Future:
         """The rows, read now: gradients reach ``weight`` as a sparse gradient of the touched rows."""
         device = self.weight.device
         return settled(EngramRows(F.embedding(unique_ids.to(device), self.weight, sparse=True), inverse.to(device)))

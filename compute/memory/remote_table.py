@@ -10,6 +10,7 @@ import kernels
 from compute.memory.client import MemoryClient
 from compute.memory.futures import follow
 from compute.memory.row_table import EngramRows, RowTable
+from memory_service.core.slots import ShardSplit
 
 
 class RemoteRowTable(RowTable):
@@ -36,9 +37,10 @@ class RemoteRowTable(RowTable):
         self._pusher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"grads-{table}")
         self._copy_lock = threading.Lock()
 
-    def prefetch(self, unique_ids: torch.Tensor, inverse: torch.Tensor) -> concurrent.futures.Future:
+    def prefetch(self, unique_ids: torch.Tensor, inverse: torch.Tensor,
+                 shard_split: ShardSplit | None = None) -> concurrent.futures.Future:
         rows = self.client.lookup(self.table, unique_ids, dtype=self.wire_dtype,
-                                  pin_memory=self._copy_stream is not None)
+                                  pin_memory=self._copy_stream is not None, shard_split=shard_split)
         return self._copier.submit(self._to_device, rows, inverse)
 
     def apply_gradients(self, unique_ids: torch.Tensor, rows: EngramRows, step: int, rank: int = 0,

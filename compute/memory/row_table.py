@@ -9,6 +9,7 @@ from typing import Mapping
 import torch
 
 from kernels import RowSegments
+from memory_service.core.slots import ShardSplit
 
 
 @dataclasses.dataclass
@@ -53,9 +54,11 @@ class RowTable(abc.ABC):
         return self.prefetch(unique_ids, inverse)
 
     @abc.abstractmethod
-    def prefetch(self, unique_ids: torch.Tensor, inverse: torch.Tensor) -> concurrent.futures.Future:
+    def prefetch(self, unique_ids: torch.Tensor, inverse: torch.Tensor,
+                 shard_split: ShardSplit | None = None) -> concurrent.futures.Future:
         """Start fetching the rows of sorted, distinct ``unique_ids [U]``; a future of their ``EngramRows``,
-        ``inverse`` mapping each (token, head) to its row. Returns without waiting for the rows."""
+        ``inverse`` mapping each (token, head) to its row. Returns without waiting for the rows.
+        ``shard_split``, the loader's split of ``unique_ids`` by shard, saves a remote table that work."""
 
     @abc.abstractmethod
     def apply_gradients(self, unique_ids: torch.Tensor, rows: EngramRows, step: int, rank: int = 0,

@@ -122,8 +122,9 @@ class EngramTrainer:
 
     def batches(self, split: str = "train", num_steps: int | None = None, position=None):
         data = dataclasses.replace(self.config.data, split=split)
+        owners, epoch = self.runtime.loader_routing() or (None, 0)
         return hashed_batches(data, self.config.engram, rank=self.ctx.rank, world_size=self.ctx.world_size,
-                              position=position, num_steps=num_steps)
+                              routing=owners, routing_epoch=epoch, position=position, num_steps=num_steps)
 
     @property
     def _wire_bytes(self) -> int:
@@ -147,7 +148,8 @@ class EngramTrainer:
                 if failed is not None:
                     rows[layer].set_exception(failed)
                 else:
-                    follow(rows[layer], self.tables[layer].prefetch(layer_rows.unique, layer_rows.inverse))
+                    follow(rows[layer], self.tables[layer].prefetch(layer_rows.unique, layer_rows.inverse,
+                                                                    layer_rows.shard_split()))
 
         if not after:
             start()

@@ -43,6 +43,15 @@ def split_by_shard(row_ids, owners: np.ndarray) -> dict[int, np.ndarray]:
             enumerate(zip(counts.tolist(), np.cumsum(counts).tolist())) if count}
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardSplit:
+    """Row ids split by owning shard (``split_by_shard``'s positions) under the routing of ``epoch``:
+    made ahead (by a data loader, say), it is good for as long as ``epoch`` is current."""
+
+    epoch: int
+    positions: Mapping[int, np.ndarray]
+
+
 @dataclasses.dataclass
 class SlotMap:
     """Which shard owns each slot, versioned by ``epoch``."""

@@ -64,8 +64,16 @@ def all_rows(handle, config: TrainConfig) -> dict[int, torch.Tensor]:
 def check_remote_rows_train_like_in_process_tables(tmp_path, device: str, rtol: float, rows_atol: float) -> None:
     config = tiny_run(tmp_path)
     with memory_service(deploy(engram_table_specs(config), 2)) as handle:
-        remote_losses, _ = train(config, handle, device=device)
+        remote_losses, remote = train(config, handle, device=device)
         remote_rows = all_rows(handle, config)
+    # The loader split each layer's rows by shard under the service's routing, for the client to use.
+    epoch, owners = remote.runtime.client.slot_owners()
+    first = next(iter(remote.batches(num_steps=1)))
+    for layer, layer_rows in first.layers.items():
+        assert layer_rows.routing_epoch == epoch and layer_rows.shard_positions.keys() == {0, 1}
+        shards = owners[table_name(layer)][layer_rows.unique.numpy() % config.memory.num_slots]
+        for shard, positions in layer_rows.shard_positions.items():
+            assert (shards[positions.numpy()] == shard).all()
     local_losses, local = train(config.replace(memory__tables="local", output_dir=str(tmp_path / "local")),
                                 device=device)
     np.testing.assert_allclose(remote_losses, local_losses, rtol=rtol)

@@ -12,6 +12,7 @@ import torch
 from compute.memory.calls import Channels
 from compute.memory.client import MemoryClient
 from compute.memory.routing import this_node
+from memory_service.core.slots import ShardSplit
 from memory_service.shared_rows import SharedRowSegments
 from protos import engram_memory_v1_pb2 as pb
 from protos.wire import WIRE_DTYPE_BY_ENUM, decode_lookup_rows, encode_lookup_response
@@ -62,3 +63,26 @@ def test_lookup_returns_every_row_bit_for_bit_in_the_asked_memory(shards, co_loc
             assert rows.dtype == dtype and rows.shape == expected.shape
             assert torch.equal(rows.view(torch.uint8), expected.view(torch.uint8))
             assert rows.is_pinned() == pin_memory
+
+
+def test_a_loaders_shard_split_is_used_while_its_routing_epoch_is_current(shards, monkeypatch):
+    served = []
+    answer = Channels.shard
+
+    async def recording(self, address, method, request):
+        served.append((address, len(request.row_ids) // 8))
+        return await answer(self, address, method, request)
+
+    monkeypatch.setattr(Channels, "shard", recording)
+    ids = np.unique(np.random.default_rng(2).integers(0, ROWS, size=500))
+    everything_on_shard_0 = {0: np.arange(len(ids))}  # not the routing's split: shows which split was taken
+    with MemoryClient("directory:1", use_local_transport=False) as client:
+        epoch, owners = client.slot_owners()
+        assert epoch == 1 and np.array_equal(owners["t"], OWNERS)
+        for split_epoch, expected_shards in ((1, {"shard-0:1"}), (0, {"shard-0:1", "shard-1:1"})):
+            served.clear()
+            rows = client.lookup("t", ids, dtype=torch.float32,
+                                 shard_split=ShardSplit(split_epoch, everything_on_shard_0)).result()
+            assert torch.equal(rows, TABLE[torch.from_numpy(ids)])
+            assert {address for address, _ in served} == expected_shards
+            assert sum(count for _, count in served) == len(ids)
