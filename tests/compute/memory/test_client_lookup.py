@@ -62,7 +62,7 @@ def test_lookup_returns_every_row_bit_for_bit_in_the_asked_memory(shards, co_loc
             expected = TABLE[torch.from_numpy(ids)].to(dtype)
             assert rows.dtype == dtype and rows.shape == expected.shape
             assert torch.equal(rows.view(torch.uint8), expected.view(torch.uint8))
-            assert rows.is_pinned() == pin_memory
+            assert rows.is_pinned() == (pin_memory and len(ids) > 0)  # torch pins no storage for zero rows
 
 
 def test_a_loaders_shard_split_is_used_while_its_routing_epoch_is_current(shards, monkeypatch):
