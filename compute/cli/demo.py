@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="train a small Engram-MoE on remote memory, then generate")
     parser.add_argument("--config", default="demo_train", help="run YAML (default: the shipped demo_train)")
     parser.add_argument("--steps", type=int, help="override the config's steps")
-    parser.add_argument("--output-dir", help="where the run writes (default: a new folder under the config's output_dir)")
+    parser.add_argument("--output-dir",
+                        help="where the run writes (default: a new folder under the config's output_dir)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.set_defaults(func=run)

@@ -111,7 +111,8 @@ def hashed_batches(data: DataConfig, engram: EngramConfig, *, rank: int = 0, wor
     """Rank `rank`'s batches of `data.split`, each carrying `data.batch_size // world_size` sequences.
 
     `routing` maps each Engram layer id to its table's slot owners array (as of `routing_epoch`), to
-    split unique rows by shard in the loader's workers; `position` (a saved `state_dict()`) resumes where it left off without replaying the steps.
+    split unique rows by shard in the loader's workers; `position` (a saved `state_dict()`) resumes where
+    it left off without replaying the steps.
     """
     if data.batch_size % world_size:
         raise ValueError(f"batch_size: {data.batch_size} is not divisible by world_size {world_size}")

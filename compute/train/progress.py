@@ -63,8 +63,9 @@ class DriverProgress:
 
     def _refresh(self) -> None:
         for record in self._new_metrics():
+            wait = 100 * record["lookup_wait_share"]
             self.bar.write(f"step {record['step']:>6}  loss {record['loss']:7.3f}  "
-                           f"tokens/s {record['tokens_per_s']:8.0f}  lookup wait {100 * record['lookup_wait_share']:5.1f}%")
+                           f"tokens/s {record['tokens_per_s']:8.0f}  lookup wait {wait:5.1f}%")
         latest = _read_json(self.progress)
         if latest and latest["step"] > self.bar.n:
             self.bar.update(latest["step"] - self.bar.n)
