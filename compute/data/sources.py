@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import os
 import sysconfig
 from pathlib import Path
 from typing import Iterator
@@ -37,17 +39,23 @@ def is_validation_file(relative_path: str, validation_fraction: float) -> bool:
 def stdlib_files(split: str, validation_fraction: float) -> list[SourceFile]:
     """The standard library's ``*.py`` files of one split, sorted by relative path."""
     root = stdlib_root()
-    relative_paths = sorted(
-        path.relative_to(root).as_posix()
-        for path in root.rglob("*.py")
-        if not _NOT_STDLIB_DIRS.intersection(path.relative_to(root).parts)
-    )
     want_validation = split == "validation"
     return [
         SourceFile(root / relative, "text", lenient_decoding=True)
-        for relative in relative_paths
+        for relative in _python_files_below(root)
         if is_validation_file(relative, validation_fraction) == want_validation
     ]
+
+
+@functools.cache
+def _python_files_below(root: Path) -> tuple[str, ...]:
+    """The ``*.py`` files below ``root`` as sorted relative paths, never walking into installed packages."""
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in _NOT_STDLIB_DIRS]
+        relative = Path(folder).relative_to(root)
+        found += [(relative / name).as_posix() for name in files if name.endswith(".py")]
+    return tuple(sorted(found))
 
 
 def resolve_sources(sources: tuple[str, ...], split: str, validation_fraction: float,
