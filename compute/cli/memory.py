@@ -148,6 +148,8 @@ def _down(args) -> int:
             print("memory service stopped")
         except ValueError as exc:  # no such controller, or the recorded cluster is gone
             print(f"nothing to stop: {exc}")
+    else:
+        print(f"nothing to stop: no running memory service recorded in {_state_path()}")
     if not args.address and _holder_alive(state):
         import ray
 

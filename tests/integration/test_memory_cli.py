@@ -1,10 +1,12 @@
 """Integration: the `engram memory` commands as docs/memory-service.md shows them, on the session's Ray."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -95,3 +97,36 @@ def test_commands_without_a_recorded_service_say_what_to_run(tmp_path):
     assert done.stderr.strip() == (f"engram memory: error: no running memory service recorded in "
                                    f"{tmp_path / 'home' / 'memory.json'}: run `engram memory up`, "
                                    f"or pass --address of the cluster that runs it")
+
+
+def test_up_without_an_address_starts_a_ray_head_of_its_own_and_down_stops_it(tmp_path):
+    """Beside the session's Ray (and any other on the machine), `up` starts and records its own head."""
+    config = tmp_path / "tables.yaml"
+    config.write_text(TABLES)
+    env = {**os.environ, "ENGRAM_HOME": str(tmp_path / "home")}
+
+    def engram(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "compute.cli", "memory", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    engram("up", "--config", str(config), "--shards", "1", "--host", "127.0.0.1")
+    state = json.loads((tmp_path / "home" / "memory.json").read_text())
+    os.kill(state["head_pid"], 0)  # the holder of our head runs
+    assert len(engram("status").stdout.strip().splitlines()) == 2
+    down = engram("down").stdout
+    assert "memory service stopped" in down and f"holder pid {state['head_pid']}" in down
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _alive(state["head_pid"]):
+        time.sleep(0.2)
+    assert not _alive(state["head_pid"])
+    assert "nothing to stop: no running memory service recorded" in engram("down").stdout
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
