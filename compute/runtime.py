@@ -42,13 +42,13 @@ class EngramRuntime:
         for table in self.tables.values():
             table.load_optimizer_state(state or {})
 
-    def loader_routing(self) -> tuple[dict[int, np.ndarray], int] | None:
-        """Each Engram layer's slot owners and their routing epoch, so that the loader splits rows by
-        shard ahead of the step; None with in-process tables."""
+    def loader_routing(self) -> tuple[int, dict[int, np.ndarray]] | None:
+        """The routing epoch and each Engram layer's slot owners under it, so that the loader splits rows
+        by shard ahead of the step; None with in-process tables."""
         if self.client is None:
             return None
         epoch, owners = self.client.slot_owners()
-        return {layer: owners[table_name(layer)] for layer in self.config.engram.layer_ids}, epoch
+        return epoch, {layer: owners[table_name(layer)] for layer in self.config.engram.layer_ids}
 
     def close(self) -> None:
         for table in self.tables.values():

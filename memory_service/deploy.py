@@ -51,8 +51,7 @@ class MemoryHandle:
 
 def deploy(specs: list[TableSpec], shards: int, namespace: str = NAMESPACE) -> MemoryHandle:
     """A new memory service (controller and ``shards`` shards) holding ``specs``' tables."""
-    name = f"engram-run-{uuid.uuid4().hex[:8]}"
-    actor = start_controller(ControllerOptions(), name=name, namespace=namespace)
+    actor, name = _new_controller(namespace)
     ray.get(actor.deploy.remote([spec.to_dict() for spec in specs], shards))
     log.info("deployed %d tables on %d memory shards (controller %s)", len(specs), shards, name)
     return _handle(actor, name, namespace)
@@ -80,8 +79,7 @@ def deploy_or_join(specs: list[TableSpec], shards: int, controller: str | None,
 
 def deploy_from_checkpoint(directory: str | Path, shards: int, namespace: str = NAMESPACE) -> MemoryHandle:
     """A new memory service holding the tables of the checkpoint in ``directory``, on ``shards`` shards."""
-    name = f"engram-run-{uuid.uuid4().hex[:8]}"
-    actor = start_controller(ControllerOptions(), name=name, namespace=namespace)
+    actor, name = _new_controller(namespace)
     ray.get(actor.restore.remote(str(directory), shards))
     log.info("restored the tables of %s onto %d memory shards (controller %s)", directory, shards, name)
     return _handle(actor, name, namespace)
@@ -99,6 +97,12 @@ def start_local_head() -> tuple[int, str]:
         raise RuntimeError("the local Ray head did not start (run `python -m memory_service.local_head` to see why)")
     log.info("started a local Ray head at %s (holder pid %d)", address, holder.pid)
     return holder.pid, address
+
+
+def _new_controller(namespace: str) -> tuple[Any, str]:
+    """A new controller of a job's own, under a fresh name; returns it and its name."""
+    name = f"engram-run-{uuid.uuid4().hex[:8]}"
+    return start_controller(ControllerOptions(), name=name, namespace=namespace), name
 
 
 def _handle(actor: Any, name: str, namespace: str) -> MemoryHandle:

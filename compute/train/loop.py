@@ -122,7 +122,7 @@ class EngramTrainer:
 
     def batches(self, split: str = "train", num_steps: int | None = None, position=None):
         data = dataclasses.replace(self.config.data, split=split)
-        owners, epoch = self.runtime.loader_routing() or (None, 0)
+        epoch, owners = self.runtime.loader_routing() or (0, None)
         return hashed_batches(data, self.config.engram, rank=self.ctx.rank, world_size=self.ctx.world_size,
                               routing=owners, routing_epoch=epoch, position=position, num_steps=num_steps)
 
