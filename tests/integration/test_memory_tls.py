@@ -1,53 +1,296 @@
-"""TLS with operator-given certificate files: a client trusting the certificate gets through, plaintext does not."""
+"""TLS and mutual TLS end to end, with certificates made here (trustme): real shards, controller and
+directory on the session's Ray, the `engram memory` CLI and a training job. What docs/security.md claims."""
 from __future__ import annotations
 
-import asyncio
-import shutil
+import contextlib
+import json
+import os
+import stat
 import subprocess
-import threading
+import sys
+import uuid
+from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
+import ray
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from compute.memory.client import MemoryClient, MemoryServiceError
 from memory_service.auth import TlsFiles
-from memory_service.directory import DirectoryServicer
-from memory_service.server import start_server
+from memory_service.checkpoint import PathRefused
+from memory_service.controller import ControllerOptions, start_controller, stop_controller
 from protos import engram_memory_v1_pb2 as pb
 from protos import engram_memory_v1_pb2_grpc as pb_grpc
+from protos.wire import NAMESPACE, ClientTls, bearer_metadata
+from tests.integration.memory_deploy import ADMIN_TOKEN, TOKEN, reference_rows, spec
+
+trustme = pytest.importorskip("trustme")
+
+ROOT = Path(__file__).resolve().parents[2]
+TABLE = spec("tls_table", rows=2_000, dim=8, kind="sgd", lr=0.5)
+ROWS = np.array([0, 1, 2, 63, 64, 1_999])
 
 
-@pytest.fixture()
-def tls_files(tmp_path) -> TlsFiles:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    return TlsFiles(str(cert), str(key))
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, str]:
+    """PEM files: the trusted CA, a server certificate it signed (IP SAN 127.0.0.1, serverAuth and
+    clientAuth), a client certificate it signed, and a client certificate of another, untrusted CA."""
+    folder = tmp_path_factory.mktemp("pki")
+    ca, other_ca = trustme.CA(), trustme.CA()
+    files = {}
+
+    def write(name: str, blob) -> str:
+        path = folder / name
+        blob.write_to_path(str(path))
+        files[name] = str(path)
+        return str(path)
+
+    write("ca.pem", ca.cert_pem)
+    write("other-ca.pem", other_ca.cert_pem)
+    for name, issuer, identities in (("server", ca, ("127.0.0.1", "localhost")), ("client", ca, ("trainer-1",)),
+                                     ("stranger", other_ca, ("trainer-2",))):
+        leaf = issuer.issue_cert(*identities)
+        write(f"{name}.pem", leaf.cert_chain_pems[0])
+        write(f"{name}.key", leaf.private_key_pem)
+    return files
 
 
-@pytest.fixture()
-def tls_directory(tls_files):
-    """A DirectoryService over TLS on its own event loop thread; yields its address."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    servicer = DirectoryServicer(lambda: pb.Routing(epoch=3), lambda: [])
-    server, address = asyncio.run_coroutine_threadsafe(start_server(
-        lambda s: pb_grpc.add_DirectoryServiceServicer_to_server(servicer, s), ["engram.memory.v1.DirectoryService"],
-        token="tls-token", tls=tls_files), loop).result()
-    yield address, tls_files
-    asyncio.run_coroutine_threadsafe(server.stop(None), loop).result()
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join()
+@contextlib.contextmanager
+def tls_controller(tls: TlsFiles, data_root: Path, specs=(TABLE,), shards: int = 2, tls_ca_file: str | None = None):
+    """A controller serving over ``tls`` with ``specs`` on ``shards`` shards; yields it and its connection info."""
+    name = f"test-tls-{uuid.uuid4().hex[:8]}"
+    options = ControllerOptions(data_token=TOKEN, admin_token=ADMIN_TOKEN, tls=tls, tls_ca_file=tls_ca_file,
+                                host="127.0.0.1", data_root=str(data_root), reflection=False)
+    controller = start_controller(options, name=name)
+    try:
+        ray.get(controller.deploy.remote([s.to_dict() for s in specs], shards))
+        yield controller, ray.get(controller.connection_info.remote()), name
+    finally:
+        stop_controller(name)
 
 
-def test_tls_client_connects_and_plaintext_is_refused(tls_directory):
-    address, tls = tls_directory
-    with MemoryClient(address, "tls-token", tls_cert_file=tls.cert_file) as client:
-        assert client.epoch == 3
+@pytest.fixture(scope="module")
+def tls_service(ray_cluster, pki, tmp_path_factory):
+    """One TLS (server-authenticated only) deployment for the module."""
+    tls = TlsFiles(pki["server.pem"], pki["server.key"])
+    with tls_controller(tls, tmp_path_factory.mktemp("tls-data"), tls_ca_file=pki["ca.pem"]) as (controller, info, _):
+        yield controller, info
+
+
+@pytest.fixture(scope="module")
+def mtls_service(ray_cluster, pki, tmp_path_factory):
+    """One mutual-TLS deployment for the module: client certificates must chain to the CA."""
+    tls = TlsFiles(pki["server.pem"], pki["server.key"], client_ca_file=pki["ca.pem"])
+    root = tmp_path_factory.mktemp("mtls-data")
+    with tls_controller(tls, root) as (controller, info, _):
+        yield controller, info, root
+
+
+def refused(directory: str, tls: ClientTls | None) -> MemoryServiceError:
+    """The error a client gets when it cannot even fetch the routing."""
     with pytest.raises(MemoryServiceError) as caught:
-        MemoryClient(address, "tls-token")
-    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        MemoryClient(directory, TOKEN, tls=tls).close()
+    return caught.value
+
+
+def raw_channel(address: str, tls: ClientTls | None) -> grpc.Channel:
+    return grpc.secure_channel(address, tls.credentials()) if tls else grpc.insecure_channel(address)
+
+
+def raw_stats(address: str, tls: ClientTls | None) -> grpc.StatusCode | None:
+    """A raw Stats call on a shard with the data token: None if it answered, else its status code."""
+    with raw_channel(address, tls) as channel:
+        try:
+            pb_grpc.ShardServiceStub(channel).Stats(pb.StatsRequest(), metadata=bearer_metadata(TOKEN), timeout=10)
+        except grpc.RpcError as error:
+            return error.code()
+    return None
+
+
+def lookup_and_push(client: MemoryClient, step: int) -> torch.Tensor:
+    """Rows read back as initialised, one SGD push, rows moved by exactly -lr * grad."""
+    before = client.lookup("tls_table", ROWS, dtype=torch.float32).result()
+    grads = torch.ones(len(ROWS), TABLE.dim)
+    assert client.push("tls_table", ROWS, grads, step=step).result().applied_rows == len(ROWS)
+    after = client.lookup("tls_table", ROWS, dtype=torch.float32).result()
+    torch.testing.assert_close(after, before - 0.5 * grads)
+    return before
+
+
+# ---- 1. TLS --------------------------------------------------------------------------------------------------
+
+
+def test_tls_client_trusting_the_ca_works_plaintext_and_other_cas_are_refused(tls_service, pki):
+    controller, info = tls_service
+    assert info["tls"] == ClientTls(pki["ca.pem"])  # what the controller tells data clients: the servers' CA only
+    trusted = ClientTls(pki["ca.pem"])
+    with MemoryClient(info["directory"], TOKEN, tls=trusted) as client:
+        # With TLS the Unix-socket fast path is off: every shard is reached over TLS on TCP.
+        assert client.co_located_shards == frozenset()
+        shards = [client.shard_address(i) for i in range(2)]
+        assert all(not address.startswith("unix:") for address in shards)
+        before = lookup_and_push(client, step=0)
+        torch.testing.assert_close(before, reference_rows(TABLE, ROWS))
+
+    assert refused(info["directory"], None).code == grpc.StatusCode.UNAVAILABLE  # plaintext to a TLS server
+    assert refused(info["directory"], ClientTls(pki["other-ca.pem"])).code == grpc.StatusCode.UNAVAILABLE
+    for address in shards:  # the shards refuse the same way as the directory
+        assert raw_stats(address, trusted) is None
+        assert raw_stats(address, None) == grpc.StatusCode.UNAVAILABLE
+        assert raw_stats(address, ClientTls(pki["other-ca.pem"])) == grpc.StatusCode.UNAVAILABLE
+
+
+# ---- 3. Tokens over TLS -----------------------------------------------------------------------------------------
+
+
+def test_over_tls_the_data_token_is_refused_admin_rpcs_and_health_needs_no_token(tls_service, pki):
+    controller, info = tls_service
+    trusted = ClientTls(pki["ca.pem"])
+    with MemoryClient(info["directory"], TOKEN, tls=trusted) as client:
+        address = client.shard_address(0)
+    with raw_channel(address, trusted) as channel:
+        shard = pb_grpc.ShardServiceStub(channel)
+        for token, expected in ((TOKEN, grpc.StatusCode.PERMISSION_DENIED),
+                                ("not-the-token-0123456789", grpc.StatusCode.UNAUTHENTICATED)):
+            with pytest.raises(grpc.RpcError) as caught:
+                shard.DropTable(pb.DropTableRequest(table="tls_table"), metadata=bearer_metadata(token), timeout=10)
+            assert caught.value.code() == expected
+        with pytest.raises(grpc.RpcError) as caught:
+            shard.Stats(pb.StatsRequest(), timeout=10)  # no token at all
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "engram.memory.v1.ShardService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    with raw_channel(info["directory"], trusted) as channel:
+        directory = pb_grpc.DirectoryServiceStub(channel)
+        assert directory.GetRouting(pb.GetRoutingRequest(), metadata=bearer_metadata(TOKEN), timeout=10).epoch >= 1
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    # The refused DropTable changed nothing: the table is still served.
+    with MemoryClient(info["directory"], TOKEN, tls=trusted) as client:
+        assert [t.name for t in client.tables()] == ["tls_table"]
+        assert client.lookup("tls_table", ROWS).result().shape == (len(ROWS), TABLE.dim)
+
+
+# ---- 2. Mutual TLS ----------------------------------------------------------------------------------------------
+
+
+def test_mutual_tls_needs_a_client_certificate_of_the_trusted_ca(mtls_service, pki):
+    controller, info, _ = mtls_service
+    # The controller gives data clients the CA and, as the cluster's identity, the servers' certificate.
+    assert info["tls"] == ClientTls(pki["ca.pem"], pki["server.pem"], pki["server.key"])
+    client_cert = ClientTls(pki["ca.pem"], pki["client.pem"], pki["client.key"])
+    for tls in (client_cert, info["tls"]):
+        with MemoryClient(info["directory"], TOKEN, tls=tls) as client:
+            assert client.co_located_shards == frozenset()
+            lookup_and_push(client, step=0 if tls is client_cert else 1)
+            shards = [client.shard_address(i) for i in range(2)]
+
+    no_cert = ClientTls(pki["ca.pem"])
+    stranger = ClientTls(pki["ca.pem"], pki["stranger.pem"], pki["stranger.key"])
+    assert refused(info["directory"], no_cert).code == grpc.StatusCode.UNAVAILABLE
+    assert refused(info["directory"], stranger).code == grpc.StatusCode.UNAVAILABLE
+    assert refused(info["directory"], None).code == grpc.StatusCode.UNAVAILABLE
+    for address in shards:
+        assert raw_stats(address, client_cert) is None
+        assert raw_stats(address, no_cert) == grpc.StatusCode.UNAVAILABLE
+        assert raw_stats(address, stranger) == grpc.StatusCode.UNAVAILABLE
+        assert raw_stats(address, None) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_under_mutual_tls_the_controllers_admin_calls_work(mtls_service, pki):
+    controller, info, root = mtls_service
+    assert len(ray.get(controller.status.remote())) == 2
+    assert ray.get(controller.scale.remote(3))["tls_table"] > 0
+    status = ray.get(controller.status.remote())
+    assert [row["shard"] for row in status] == [0, 1, 2] and sum(row["slots"] for row in status) == TABLE.num_slots
+
+    manifest = Path(ray.get(controller.checkpoint.remote("ckpt/one")))
+    assert manifest == root.resolve() / "ckpt" / "one" / "manifest.json"
+    assert json.loads(manifest.read_text())["tables"][0]["spec"]["name"] == "tls_table"
+    written = [manifest, *manifest.parent.rglob("*.npz")]
+    assert len(written) == 4 and all(stat.S_IMODE(path.stat().st_mode) == 0o600 for path in written)
+    for folder in (root / "ckpt", manifest.parent, manifest.parent / "tls_table"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    for outside in ("../no-such-folder", "..", str(root.parent)):  # whether it exists or not, the same refusal
+        with pytest.raises(PathRefused, match=f"must lie inside the data root {root.resolve()}; '.*' does not$"):
+            ray.get(controller.checkpoint.remote(outside))
+
+    client_cert = ClientTls(pki["ca.pem"], pki["client.pem"], pki["client.key"])
+    with MemoryClient(info["directory"], TOKEN, tls=client_cert) as client:  # the client follows the move
+        assert client.lookup("tls_table", ROWS).result().shape == (len(ROWS), TABLE.dim)
+        assert len({client.shard_address(i) for i in range(3)}) == 3
+
+
+# ---- 4. The CLI -------------------------------------------------------------------------------------------------
+
+
+def test_cli_up_status_checkpoint_down_over_mutual_tls(ray_cluster, pki, tmp_path):
+    config = tmp_path / "tables.yaml"
+    config.write_text("tables:\n  - name: cli_tls\n    rows: 1000\n    dim: 8\n    num_slots: 16\n")
+    home, data_root = tmp_path / "home", tmp_path / "data"
+    env = {**os.environ, "ENGRAM_HOME": str(home), "ENGRAM_MEMORY_TOKEN": TOKEN, "ENGRAM_MEMORY_ADMIN_TOKEN": ADMIN_TOKEN}
+    common = ["--address", ray_cluster, "--name", f"cli-tls-{uuid.uuid4().hex[:8]}"]
+
+    def engram(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "compute.cli", "memory", *args, *common], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    up = engram("up", "--config", str(config), "--shards", "2", "--host", "127.0.0.1", "--data-root", str(data_root),
+                "--tls-cert", pki["server.pem"], "--tls-key", pki["server.key"], "--tls-client-ca", pki["ca.pem"])
+    try:
+        assert "on 2 shard(s)" in up and f"checkpoints under {data_root.resolve()}" in up
+        state_file = home / "memory.json"
+        assert stat.S_IMODE(state_file.stat().st_mode) == 0o600
+        state = json.loads(state_file.read_text())
+        assert (state["token"], state["admin_token"]) == (TOKEN, ADMIN_TOKEN)
+        assert (state["tls_ca_file"], state["tls_cert_file"], state["tls_key_file"]) == (
+            pki["ca.pem"], pki["server.pem"], pki["server.key"])
+
+        status = engram("status").strip().splitlines()
+        assert "p99 ms" in status[0] and len(status) == 3
+        # A trainer with its own client certificate reaches the service `up` recorded; one without is refused.
+        client_cert = ClientTls(pki["ca.pem"], pki["client.pem"], pki["client.key"])
+        with MemoryClient(state["directory"], state["token"], tls=client_cert) as client:
+            assert client.lookup("cli_tls", ROWS[:3]).result().shape == (3, 8)
+        assert refused(state["directory"], ClientTls(pki["ca.pem"])).code == grpc.StatusCode.UNAVAILABLE
+
+        assert "manifest.json" in engram("checkpoint", "saved")
+        assert (data_root / "saved" / "manifest.json").exists()
+        assert len(list((data_root / "saved" / "cli_tls").glob("shard-*.npz"))) == 2
+    finally:
+        assert "memory service stopped" in engram("down")
+    assert not (home / "memory.json").exists()
+
+
+# ---- 5. A training job --------------------------------------------------------------------------------------------
+
+
+def test_a_training_job_over_mutual_tls_trains_like_in_process_tables(ray_cluster, pki, tmp_path):
+    from compute.train.job import RunMemory, run_training
+    from compute.train.tables import engram_table_specs
+    from memory_service.deploy import MemoryHandle
+    from tests.integration.test_training import tiny_run, train
+
+    config = tiny_run(tmp_path, steps=3, output_dir=str(tmp_path / "runs" / "mtls"))
+    tls = TlsFiles(pki["server.pem"], pki["server.key"], client_ca_file=pki["ca.pem"])
+    with tls_controller(tls, tmp_path / "runs", specs=engram_table_specs(config)) as (controller, info, name):
+        assert info["tls"] is not None and info["tls"].cert_file == pki["server.pem"]
+        handle = MemoryHandle(info["directory"], info["token"], info["tls"], name, NAMESPACE)
+        before = ray.get(controller.checksums.remote())
+        run_training(config, memory=RunMemory(handle))
+        after = ray.get(controller.checksums.remote())
+    lines = (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()
+    remote_losses = [json.loads(line)["loss"] for line in lines]
+    assert len(remote_losses) == 3
+    # Every table's rows trained on every shard, and the losses are those of in-process tables.
+    assert before.keys() == after.keys() and all(
+        a != b for table in before for a, b in zip(before[table], after[table]))
+    local_losses, _ = train(config.replace(memory__tables="local", output_dir=str(tmp_path / "local")))
+    np.testing.assert_allclose(remote_losses, local_losses, rtol=1e-6)
