@@ -259,7 +259,7 @@ class ShardStore:
             table = self._table(name)
             if "slots" not in data:
                 raise _invalid("slots", "missing from the imported data")
-            slots = self._checked_new_slots(table.spec, np.asarray(data["slots"]).tolist(), owned=table.slots)
+            slots = self._checked_new_slots(table.spec, self._slot_array(data["slots"]), owned=table.slots)
             incoming = self._checked_import_tensors(table, slots, data)
             merged = {key: torch.cat([tensor, incoming[key]]) for key, tensor in table.tensors().items()}
             self._replace_storage(table, table.slots + slots, merged)
@@ -326,6 +326,14 @@ class ShardStore:
         if len(base) and int(base.min()) < 0:
             raise SlotNotOwned(table.spec.name, torch.unique(slots[base < 0]).tolist())
         return base.add_(local)
+
+    @staticmethod
+    def _slot_array(values) -> list[int]:
+        """The imported ``slots``: a one-dimensional array of integers (not floats, booleans or objects)."""
+        array = np.asarray(values)
+        if array.dtype.kind not in "iu" or array.ndim != 1:
+            raise _invalid("slots", f"must be a one-dimensional integer array, got {array.dtype} of shape {array.shape}")
+        return array.tolist()
 
     @staticmethod
     def _checked_new_slots(spec: TableSpec, slots: Iterable[int], owned: Iterable[int]) -> list[int]:

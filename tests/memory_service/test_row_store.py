@@ -244,6 +244,11 @@ def test_an_update_checked_before_its_storage_moved_lands_on_its_rows():
         (lambda d: d.update(rows=d["rows"].astype(np.float64)), "rows", "INVALID_ARGUMENT"),
         (lambda d: d.update(extra=np.zeros(1)), "extra", "INVALID_ARGUMENT"),
         (lambda d: d.pop("slots"), "slots", "INVALID_ARGUMENT"),
+        # found by the RPC fuzzer (bench/rpc_fuzzing.py): ImportSlots answered INTERNAL (TypeError) for these
+        (lambda d: d.update(slots=d["slots"].reshape(1, 2)), "slots", "INVALID_ARGUMENT"),
+        (lambda d: d.update(slots=np.array(8)), "slots", "INVALID_ARGUMENT"),
+        (lambda d: d.update(slots=np.array([8.0, 9.0])), "slots", "INVALID_ARGUMENT"),
+        (lambda d: d.update(slots=np.array([b"8", b"9"])), "slots", "INVALID_ARGUMENT"),
     ],
 )
 def test_bad_imports_are_refused_and_change_nothing(mutate, field, code):
