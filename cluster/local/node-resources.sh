@@ -16,7 +16,7 @@ for arg in "$@"; do
   case "$arg" in
     memory=*) memory_hosts="${arg#memory=}" ;;
     compute=*) compute_hosts="${arg#compute=}" ;;
-    [1-9]*) shards="$arg" ;;
+    [1-9] | [1-9][0-9]) shards="$arg" ;;
     *) echo "node-resources.sh: unknown argument '$arg'" >&2; exit 2 ;;
   esac
 done

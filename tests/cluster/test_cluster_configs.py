@@ -29,7 +29,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import jsonschema
@@ -176,7 +175,8 @@ def test_local_hosts_are_split_into_memory_and_compute():
 
 
 def _run_node_resources(tmp_path: Path, args: list[str], addresses: str, gpus: int) -> subprocess.CompletedProcess:
-    """Run cluster/local/node-resources.sh as a host with ``addresses`` and ``gpus`` GPUs (stub hostname, nvidia-smi)."""
+    """Run cluster/local/node-resources.sh as a host with ``addresses`` and ``gpus`` GPUs (stubbed hostname and
+    nvidia-smi)."""
     stubs = tmp_path / "bin"
     stubs.mkdir(exist_ok=True)
     (stubs / "hostname").write_text(f'#!/bin/sh\nif [ "$1" = -I ]; then echo "{addresses} "; else echo stubhost; fi\n')
@@ -276,8 +276,8 @@ def test_ray_config_installs_the_project_and_starts_a_secured_memory_service(nam
     for flag in TLS_FLAGS:
         path = os.path.normpath(flags[flag])
         assert os.path.isabs(path)
-        assert any(path.startswith(mount + "/") for mount in map(lambda m: _expand_home(m, home), _remote_mounts(prepared))), \
-            f"{flag} {path} is on no file mount"
+        mounts = [_expand_home(mount, home) for mount in _remote_mounts(prepared)]
+        assert any(path.startswith(mount + "/") for mount in mounts), f"{flag} {path} is on no file mount"
     # The data root is on shared storage that every node's setup mounts (checked to be a mount point).
     data_root = flags["--data-root"]
     mount_point = "/mnt/engram"
@@ -303,16 +303,22 @@ def _strict(schema):
     - ``x-kubernetes-int-or-string`` accepts an integer or a string (the CRDs also spell it as anyOf);
     - ``nullable`` admits null;
     - other ``x-kubernetes-*`` keys (list types, CEL ``x-kubernetes-validations``) are left to the server:
-      jsonschema ignores unknown keywords, and no rule of them is about the fields these manifests set
-      (test_cel_rules_are_only_about_updates checks that).
+      jsonschema ignores unknown keywords, and the manifests set none of the fields the CEL rules guard
+      (test_cel_rules_are_only_about_fields_the_manifests_leave_out checks that).
     """
-    if isinstance(schema, list):
-        return [_strict(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {key: _strict(value) if key not in ("enum", "required", "default", "example") else value
-           for key, value in schema.items()}
-    if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+    out = dict(schema)
+    if "properties" in out:  # a mapping of field names (any name, even "default") to schemas
+        out["properties"] = {name: _strict(sub) for name, sub in out["properties"].items()}
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(out.get(key), dict):
+            out[key] = _strict(out[key])
+    for key in ("anyOf", "allOf", "oneOf"):
+        if key in out:
+            out[key] = [_strict(sub) for sub in out[key]]
+    open_object = out.get("x-kubernetes-preserve-unknown-fields")
+    if "properties" in out and "additionalProperties" not in out and not open_object:
         out["additionalProperties"] = False
     if out.get("x-kubernetes-int-or-string") and "anyOf" not in out and "type" not in out:
         out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
@@ -537,7 +543,3 @@ def test_dockerfile_installs_the_project_for_the_manifests():
     assert cluster["spec"]["rayVersion"] == ray.__version__
     for name in ("compute", "memory_service", "protos", "kernels", "pyproject.toml"):
         assert re.search(rf"^COPY .*\b{re.escape(name)}\b", dockerfile, re.M), name
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(pytest.main([__file__, "-q"]))
