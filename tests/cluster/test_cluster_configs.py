@@ -543,3 +543,32 @@ def test_dockerfile_installs_the_project_for_the_manifests():
     assert cluster["spec"]["rayVersion"] == ray.__version__
     for name in ("compute", "memory_service", "protos", "kernels", "pyproject.toml"):
         assert re.search(rf"^COPY .*\b{re.escape(name)}\b", dockerfile, re.M), name
+
+
+def _dns1035_label(name: str) -> bool:
+    return bool(re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", name))
+
+
+def test_manifests_pass_the_operators_own_rules():
+    """Rules KubeRay v1.7.0 enforces in its controller (utils/validation.go), not in the CRD schema."""
+    cluster = _load(KUBERAY / "raycluster.yaml")
+    spec = cluster["spec"]
+    assert _dns1035_label(cluster["metadata"]["name"])
+    for group in spec["workerGroupSpecs"]:
+        assert 0 <= group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]
+        assert not ("resources" in group and "resources" in group["rayStartParams"]), "one place for Ray resources"
+        assert "labels" not in group["rayStartParams"]
+    if spec["authOptions"]["mode"] == "token":  # token auth needs Ray 2.52.0 or later
+        assert tuple(map(int, spec["rayVersion"].split("."))) >= (2, 52, 0)
+    assert len({g["groupName"] for g in spec["workerGroupSpecs"]}) == len(spec["workerGroupSpecs"])
+
+    job = _load(KUBERAY / "rayjob.yaml")
+    js = job["spec"]
+    assert _dns1035_label(job["metadata"]["name"])
+    if js.get("clusterSelector"):  # a job on a cluster the operator did not create
+        assert js["clusterSelector"].get("ray.io/cluster")
+        assert js.get("backoffLimit", 0) == 0 and not js.get("suspend")
+        assert js.get("submissionMode", "K8sJobMode") != "SidecarMode"
+    if not js.get("shutdownAfterJobFinishes"):
+        assert js.get("ttlSecondsAfterFinished", 0) == 0
+    assert js.get("activeDeadlineSeconds", 1) > 0
