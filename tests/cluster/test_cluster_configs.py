@@ -572,3 +572,35 @@ def test_manifests_pass_the_operators_own_rules():
     if not js.get("shutdownAfterJobFinishes"):
         assert js.get("ttlSecondsAfterFinished", 0) == 0
     assert js.get("activeDeadlineSeconds", 1) > 0
+
+
+def _documented_commands(path: Path) -> list[list[str]]:
+    """Every `engram memory ...` / `engram train ...` a doc shows, as argument lists with placeholders filled in."""
+    text = re.sub(r"\\\n\s*", " ", path.read_text())  # shell line continuations
+    commands = []
+    for match in re.finditer(r"engram (?:memory|train)\b[^'`#;|)\n]*", text):
+        command = match.group(0).strip()
+        command = re.sub(r"\[(--[^\]]+)\]", r"\1", command)  # [--shards M] -> --shards M
+        command = re.sub(r"<[^>]*>", "x", command)  # <run checkpoint> -> x
+        words = command.split()
+        if words == ["engram", "train"] or words[2:3] == ["..."]:
+            continue  # prose that names the command, not a command line
+        commands.append([{"M": "4", "N": "4", "...": "x"}.get(word, word) for word in words])
+    return commands
+
+
+@pytest.mark.parametrize("doc", ["docs/operations.md", "cluster/README.md"])
+def test_documented_commands_parse_with_the_cli(doc):
+    commands = _documented_commands(ROOT / doc)
+    assert len(commands) >= 3
+    seen = set()
+    for words in commands:
+        try:
+            _parse_engram([], words[1:])
+        except SystemExit:
+            pytest.fail(f"{doc}: `{' '.join(words)}` does not parse with the engram CLI")
+        seen.add(" ".join(words[1:3]))
+    if doc == "docs/operations.md":
+        for sub in ("memory up", "memory status", "memory scale", "memory checkpoint", "memory restore",
+                    "memory down", "train --config"):
+            assert sub in seen, f"{doc} shows no `engram {sub}`"
