@@ -7,6 +7,8 @@ the wire's raw bytes and numpy/torch arrays. Imports nothing from ``compute`` or
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import warnings
 
 import numpy as np
@@ -156,8 +158,48 @@ def arrays_to_proto(arrays: dict[str, np.ndarray]) -> list[pb.NamedArray]:
     return out
 
 
+class WireError(ValueError):
+    """Named arrays (or pending records in them) that do not decode; ``field`` names the part at fault,
+    e.g. ``arrays[2].dtype``. Bad input, never a bug: servers answer it INVALID_ARGUMENT."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+# What arrays may hold on the wire: booleans, integers and floats (never objects, strings, records or voids).
+_ARRAY_KINDS = "biuf"
+
+
+def _array_dtype(text: str, field: str) -> np.dtype:
+    try:
+        dtype = np.dtype(text)
+    except (TypeError, ValueError, SyntaxError, KeyError, OverflowError):
+        raise WireError(field, f"{text!r} is not a numpy dtype") from None
+    if dtype.kind not in _ARRAY_KINDS or dtype.subdtype is not None or dtype.itemsize == 0:
+        raise WireError(field, f"{text!r} is not a boolean, integer or floating-point dtype")
+    return dtype
+
+
 def arrays_from_proto(named: list[pb.NamedArray]) -> dict[str, np.ndarray]:
-    return {a.name: np.frombuffer(a.data, dtype=np.dtype(a.dtype)).reshape(tuple(a.shape)).copy() for a in named}
+    """The arrays ``arrays_to_proto`` sent, each a copy; WireError naming the first one that does not
+    decode: a dtype that is not a plain number, a negative dimension, data not the shape's size or a
+    name given twice."""
+    arrays = {}
+    for index, array in enumerate(named):
+        field = f"arrays[{index}]"
+        dtype = _array_dtype(array.dtype, f"{field}.dtype")
+        shape = tuple(array.shape)
+        if any(size < 0 for size in shape):
+            raise WireError(f"{field}.shape", f"{list(shape)} has a negative dimension")
+        expected = math.prod(shape) * dtype.itemsize  # Python integers: no overflow
+        if len(array.data) != expected:
+            raise WireError(f"{field}.data", f"{len(array.data)} bytes, expected {expected} for shape {list(shape)} "
+                                             f"of {dtype.str}")
+        if array.name in arrays:
+            raise WireError(f"{field}.name", f"{array.name!r} appears twice")
+        arrays[array.name] = np.frombuffer(array.data, dtype=dtype).reshape(shape).copy()
+    return arrays
 
 
 PENDING_PREFIX = "pending."
@@ -177,14 +219,49 @@ def pending_to_arrays(records: list[dict]) -> dict[str, np.ndarray]:
     return arrays
 
 
+_PENDING_NAME = re.compile(r"(\d+)\.(header|ranks)|(\d+)\.(\d+)\.(rank|row_ids|grads)")
+
+
+def _pending_array(flat: dict[str, np.ndarray], name: str, kinds: str, ndim: int, size: int | None = None) -> np.ndarray:
+    array = flat.get(name)
+    if array is None:
+        raise WireError(PENDING_PREFIX + name, "missing from the pending entries")
+    if array.dtype.kind not in kinds or array.ndim != ndim or (size is not None and array.size != size):
+        raise WireError(PENDING_PREFIX + name, f"unexpected {array.dtype} array of shape {array.shape}")
+    return array
+
+
 def pending_from_arrays(arrays: dict[str, np.ndarray]) -> list[dict]:
-    """The inverse of ``pending_to_arrays``; pops the pending entries out of ``arrays``."""
-    flat = {name[len(PENDING_PREFIX):]: arrays.pop(name) for name in list(arrays) if name.startswith(PENDING_PREFIX)}
-    records = []
-    for i in sorted({int(name.split(".")[0]) for name in flat}):
-        step, world_size = flat[f"{i}.header"].tolist()
-        parts = sorted({int(name.split(".")[1]) for name in flat if name.startswith(f"{i}.") and name.count(".") == 2})
-        records.append({"step": step, "world_size": world_size, "ranks": flat[f"{i}.ranks"].tolist(), "parts": [
-            {"rank": int(flat[f"{i}.{j}.rank"][0]), "row_ids": flat[f"{i}.{j}.row_ids"], "grads": flat[f"{i}.{j}.grads"]}
-            for j in parts]})
-    return records
+    """The inverse of ``pending_to_arrays``; pops the pending entries out of ``arrays``. WireError naming
+    the entry when they are not what ``pending_to_arrays`` writes (an unknown name, a missing header,
+    ranks or part, integers where floats belong...); ``arrays`` is then left as it was."""
+    flat = {name[len(PENDING_PREFIX):]: array for name, array in arrays.items() if name.startswith(PENDING_PREFIX)}
+    records, parts_of = {}, {}
+    for name in flat:
+        match = _PENDING_NAME.fullmatch(name)
+        if match is None:
+            raise WireError(PENDING_PREFIX + name, "not a pending entry (expected <i>.header, <i>.ranks or "
+                                                   "<i>.<j>.rank|row_ids|grads)")
+        if match.group(1) is not None:
+            records.setdefault(int(match.group(1)), None)
+        else:
+            parts_of.setdefault(int(match.group(3)), set()).add(int(match.group(4)))
+    orphans = sorted(set(parts_of) - set(records))
+    if orphans:
+        raise WireError(f"{PENDING_PREFIX}{orphans[0]}.header", "missing from the pending entries")
+    decoded = []
+    for i in sorted(records):
+        step, world_size = _pending_array(flat, f"{i}.header", "iu", 1, 2).tolist()
+        ranks = _pending_array(flat, f"{i}.ranks", "iu", 1).tolist()
+        parts = []
+        for j in sorted(parts_of.get(i, ())):
+            row_ids = _pending_array(flat, f"{i}.{j}.row_ids", "iu", 1)
+            grads = _pending_array(flat, f"{i}.{j}.grads", "f", 2)
+            if len(grads) != len(row_ids):
+                raise WireError(f"{PENDING_PREFIX}{i}.{j}.grads", f"{len(grads)} rows for {len(row_ids)} row ids")
+            rank = int(_pending_array(flat, f"{i}.{j}.rank", "iu", 1, 1)[0])
+            parts.append({"rank": rank, "row_ids": row_ids, "grads": grads})
+        decoded.append({"step": step, "world_size": world_size, "ranks": ranks, "parts": parts})
+    for name in flat:
+        del arrays[PENDING_PREFIX + name]
+    return decoded
