@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import logging
 import math
+import os
 import threading
 import warnings
 from typing import Iterable, Mapping
@@ -56,6 +57,17 @@ class SlotNotOwned(RowStoreError):
         shown = self.slots[:8] + (["..."] if len(self.slots) > 8 else [])
         super().__init__("FAILED_PRECONDITION", field,
                          f"table {table!r}: slots {shown} are not owned by this shard")
+
+
+def table_bytes(spec: TableSpec, slots: Iterable[int]) -> int:
+    """Bytes a shard needs to hold ``slots`` of ``spec``: rows and optimizer state, the row ids it
+    initialises them from, and the slot index. Exact in Python integers, whatever the sizes."""
+    rows = sum(spec.rows_in_slot(slot) for slot in slots)
+    return rows * (spec.bytes_per_row() + 8) + spec.num_slots * 8
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _invalid(field: str, message: str) -> RowStoreError:
@@ -169,13 +181,23 @@ class ShardStore:
             if spec.name in self._tables:
                 raise RowStoreError("FAILED_PRECONDITION", "name", f"table {spec.name!r} already exists")
             slots = self._checked_new_slots(spec, slots, owned=())
-            row_ids = np.concatenate([slot_row_ids(slot, spec.rows_in_slot(slot), spec.num_slots) for slot in slots]
-                                     or [np.empty(0, dtype=np.int64)])
-            rows = torch.empty(len(row_ids), spec.dim, dtype=_STORAGE_DTYPES[spec.storage_dtype])
-            fill_initial_rows(rows, spec.seed, row_ids, spec.init_std)
-            optimizer = None if spec.read_only else make_optimizer(spec.optimizer)
-            state = optimizer.initial_state(len(row_ids), spec.dim) if optimizer else {}
-            self._tables[spec.name] = _TableShard(spec, optimizer, slots, rows, state)
+            needed, available = table_bytes(spec, slots), physical_memory_bytes()
+            if needed > available:
+                raise RowStoreError("RESOURCE_EXHAUSTED", "rows",
+                                    f"table {spec.name!r}: its {len(slots)} slots here need {needed} bytes, more than "
+                                    f"this machine's {available} bytes of memory")
+            try:
+                row_ids = np.concatenate([slot_row_ids(slot, spec.rows_in_slot(slot), spec.num_slots)
+                                          for slot in slots] or [np.empty(0, dtype=np.int64)])
+                rows = torch.empty(len(row_ids), spec.dim, dtype=_STORAGE_DTYPES[spec.storage_dtype])
+                fill_initial_rows(rows, spec.seed, row_ids, spec.init_std)
+                optimizer = None if spec.read_only else make_optimizer(spec.optimizer)
+                state = optimizer.initial_state(len(row_ids), spec.dim) if optimizer else {}
+                table = _TableShard(spec, optimizer, slots, rows, state)
+            except MemoryError as error:  # within the machine's memory, but not free now
+                raise RowStoreError("RESOURCE_EXHAUSTED", "rows",
+                                    f"table {spec.name!r}: cannot allocate {needed} bytes ({error})") from None
+            self._tables[spec.name] = table
             log.info("table %s: holding %d slots, %d rows", spec.name, len(slots), len(row_ids))
 
     def drop_table(self, name: str) -> None:

@@ -286,3 +286,19 @@ def test_tables_are_listed_sized_and_dropped():
     with pytest.raises(RowStoreError) as caught:
         store.num_rows("layer1")
     assert caught.value.code == "NOT_FOUND"
+
+
+@pytest.mark.parametrize("sizes", [
+    dict(rows=2**62, num_slots=16),  # numpy's MemoryError for the row ids
+    dict(rows=1000, num_slots=2**62),  # torch's "Storage size calculation overflowed" for the slot index
+    dict(rows=100, dim=2**62, num_slots=16),
+    dict(rows=10**30, num_slots=10**40),  # OverflowError: Python int too large to convert to C long
+])
+def test_a_table_larger_than_the_machine_is_refused_before_allocating(sizes):
+    """Found by the RPC fuzzer (bench/rpc_fuzzing.py): AddTable with these sizes answered INTERNAL."""
+    store = _store()
+    spec = TableSpec(name="huge", dim=sizes.pop("dim", 8), **sizes)
+    with pytest.raises(RowStoreError) as caught:
+        store.add_table(spec, [0, 1])
+    assert (caught.value.code, caught.value.field) == ("RESOURCE_EXHAUSTED", "rows")
+    assert [s.name for s in store.specs()] == ["layer1"]
