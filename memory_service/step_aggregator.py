@@ -31,6 +31,9 @@ from memory_service.row_store import RowStoreError, RowUpdate, to_tensor
 
 log = logging.getLogger(__name__)
 
+# The per-(step, rank) columns of export_applied; its ``row_ids`` holds their rows one after another.
+APPLIED_COLUMNS = ("lane", "step", "world_size", "rank", "row_count")
+
 # Validates exported rows and gradients of this table into a RowUpdate (the store's check_update).
 CheckUpdate = Callable[[np.ndarray, np.ndarray], RowUpdate]
 
@@ -188,6 +191,7 @@ class StepAggregator:
         A step still pending here is left alone: counting the exporter's ranks as reported to it
         would release it early.
         """
+        self.check_applied(arrays)
         row_ids = torch.split(to_tensor(arrays["row_ids"]), np.asarray(arrays["row_count"]).tolist())
         for lane, step, world_size, rank, rows in zip(*(np.asarray(arrays[name]).tolist() for name in
                                                         ("lane", "step", "world_size", "rank")), row_ids):
@@ -199,6 +203,33 @@ class StepAggregator:
                 self._remember_released(lane, step)
             if entry.released:
                 entry.mark_seen(rank, rows)
+
+    @staticmethod
+    def check_applied(arrays: dict[str, np.ndarray]) -> None:
+        """RowStoreError (INVALID_ARGUMENT, naming the array) unless ``arrays`` is what ``export_applied``
+        writes: one-dimensional integer columns ``lane``, ``step``, ``world_size``, ``rank`` and
+        ``row_count`` of one length, counts >= 0 and world sizes >= 1 that add up to ``row_ids``'s length.
+        Changes nothing: callers check before they import anything."""
+        for name in APPLIED_COLUMNS + ("row_ids",):
+            array = arrays.get(name)
+            if array is None:
+                raise RowStoreError("INVALID_ARGUMENT", name, "missing from the applied pushes")
+            array = np.asarray(array)
+            if array.dtype.kind not in "iu" or array.ndim != 1:
+                raise RowStoreError("INVALID_ARGUMENT", name, f"must be a one-dimensional integer array, got "
+                                                              f"{array.dtype} of shape {array.shape}")
+        unknown = sorted(set(arrays) - set(APPLIED_COLUMNS) - {"row_ids"})
+        if unknown:
+            raise RowStoreError("INVALID_ARGUMENT", unknown[0], "not a column of the applied pushes")
+        lengths = {len(arrays[name]) for name in APPLIED_COLUMNS}
+        if len(lengths) != 1:
+            raise RowStoreError("INVALID_ARGUMENT", "row_count", f"columns {list(APPLIED_COLUMNS)} differ in length")
+        counts = np.asarray(arrays["row_count"])
+        if (counts < 0).any() or int(counts.sum()) != len(arrays["row_ids"]):
+            raise RowStoreError("INVALID_ARGUMENT", "row_count",
+                                f"counts must be >= 0 and add up to the {len(arrays['row_ids'])} row ids")
+        if (np.asarray(arrays["world_size"]) < 1).any():
+            raise RowStoreError("INVALID_ARGUMENT", "world_size", "must be >= 1")
 
     def _collect(self, lane: int, step: int, entry: _Step, parts) -> list[RowUpdate]:
         """Queue ``parts`` on a pending step, or release them (and the step, once complete)."""

@@ -233,3 +233,33 @@ def test_released_updates_carry_the_stores_positions_while_they_hold():
     assert mixed.add(0, 0, 2, dataclasses.replace(first, layout=-1)) == []
     [released] = mixed.add(0, 1, 2, _push([5, 7], seed=2))
     assert released.layout is None and torch.equal(released.grads, summed.grads)
+
+
+def _applied() -> dict[str, np.ndarray]:
+    old = StepAggregator(synchronous=True)
+    old.add(0, 0, 1, _push([1, 2, 5], seed=1))
+    return old.export_applied([1], 4)
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda a: a.pop("row_ids"), "row_ids"),  # KeyError before: ImportSlots answered INTERNAL (the RPC fuzzer)
+    (lambda a: a.pop("lane"), "lane"),
+    (lambda a: a.update(row_count=np.asarray([3])), "row_count"),  # more rows than row_ids holds
+    (lambda a: a.update(row_count=np.asarray([-1])), "row_count"),
+    (lambda a: a.update(step=np.asarray([0, 1])), "row_count"),  # columns of different lengths
+    (lambda a: a.update(rank=np.asarray([0.5])), "rank"),
+    (lambda a: a.update(row_ids=np.asarray([[1, 5]])), "row_ids"),
+    (lambda a: a.update(world_size=np.asarray([0])), "world_size"),
+    (lambda a: a.update(extra=np.asarray([1])), "extra"),
+])
+def test_malformed_applied_pushes_are_refused_naming_the_array_and_change_nothing(mutate, field):
+    arrays = _applied()
+    mutate(arrays)
+    new = StepAggregator(synchronous=True)
+    with pytest.raises(RowStoreError) as caught:
+        new.import_applied(arrays)
+    assert (caught.value.code, caught.value.field) == ("INVALID_ARGUMENT", field)
+    with pytest.raises(RowStoreError):
+        StepAggregator.check_applied(arrays)
+    assert new.pending_steps() == [] and new.export_applied([0, 1, 2, 3], 4)["row_ids"].tolist() == []
+    StepAggregator.check_applied(_applied())  # what export_applied writes passes
