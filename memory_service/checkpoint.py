@@ -1,12 +1,15 @@
 """Checkpoint files: one ``.npz`` per (table, shard) written in parallel, and one manifest.
 
 A shard file holds ``ShardStore.export_slots`` of every slot the shard owned, so restoring onto a
-different shard count means picking slots out of whichever files hold them.
+different shard count means picking slots out of whichever files hold them. Every path a request
+names is resolved inside the service's data root (``inside_root``) and refused otherwise; files
+and folders are created readable by their owner only.
 """
 from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +20,49 @@ from memory_service.row_store import ShardStore
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+DATA_ROOT_ENV = "ENGRAM_DATA_ROOT"
+
+
+class PathRefused(ValueError):
+    """A path a request named lies outside the data root or is not a checkpoint file; ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+    def __reduce__(self):  # raised in an actor, it reaches the caller whole
+        return type(self), (self.field, self.message)
+
+
+def default_data_root() -> Path:
+    """``$ENGRAM_DATA_ROOT``, else ``~/.engram/data``."""
+    return Path(os.environ.get(DATA_ROOT_ENV) or Path.home() / ".engram" / "data")
+
+
+def inside_root(root: Path, path: str, field: str) -> Path:
+    """``path`` (relative to ``root``, or absolute) resolved, symbolic links included; PathRefused if
+    it is not strictly inside ``root``. The refusal reads the same whether or not the path exists."""
+    root = Path(root).resolve()
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise PathRefused(field, f"must name a folder inside the data root {root}")
+    resolved = (root / path).resolve()
+    if root not in resolved.parents:
+        raise PathRefused(field, f"must lie inside the data root {root}; {path!r} does not")
+    return resolved
+
+
+def _private_folder(path: Path) -> None:
+    """Create ``path`` and its missing parents with mode 0700."""
+    missing = [folder for folder in (path, *path.parents) if not folder.exists()]
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary sibling and rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write an owner-only file through a temporary sibling and rename: a crash never leaves half a file."""
+    _private_folder(path.parent)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
@@ -41,9 +80,8 @@ def read_slots(directory: Path, spec: TableSpec, paths: list[str], slots: list[i
     """The export dicts holding ``slots`` of ``spec``'s table, read from the shard files ``paths``."""
     wanted = set(slots)
     parts = []
-    for relative in paths:
-        with np.load(directory / relative) as saved:
-            arrays = {name: saved[name] for name in saved.files}
+    for index, relative in enumerate(paths):
+        arrays = _read_shard_file(directory, relative, f"paths[{index}]")
         # A scratch store holds the whole file so that only the wanted slots are exported from it.
         scratch = ShardStore()
         scratch.add_table(spec, [])
@@ -52,6 +90,17 @@ def read_slots(directory: Path, spec: TableSpec, paths: list[str], slots: list[i
         if present:
             parts.append(scratch.export_slots(spec.name, present))
     return parts
+
+
+def _read_shard_file(directory: Path, relative: str, field: str) -> dict[str, np.ndarray]:
+    path = inside_root(directory, relative, field)
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            return {name: saved[name] for name in saved.files}
+    except FileNotFoundError:
+        raise PathRefused(field, f"{relative!r} is not in the checkpoint") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError):
+        raise PathRefused(field, f"{relative!r} is not a checkpoint shard file") from None
 
 
 def write_manifest(directory: Path, specs: list[TableSpec], files: dict[str, list[dict[str, Any]]], epoch: int) -> None:

@@ -17,7 +17,7 @@ import grpc
 import ray
 
 from memory_service import checkpoint
-from memory_service.auth import TlsFiles, new_token
+from memory_service.auth import DEFAULT_GRACE_S, AccessTokens, TlsFiles, check_token
 from memory_service.core.slots import SlotMap
 from memory_service.core.table_spec import TableSpec
 from memory_service.directory import DirectoryServicer
@@ -25,7 +25,8 @@ from memory_service.server import start_server
 from memory_service.shard_actor import ShardActor
 from protos import engram_memory_v1_pb2 as pb
 from protos import engram_memory_v1_pb2_grpc as pb_grpc
-from protos.wire import CONTROLLER_NAME, DEFAULT_MAX_MESSAGE_BYTES, NAMESPACE, bearer_metadata, transport_options
+from protos.wire import (CONTROLLER_NAME, DEFAULT_MAX_MESSAGE_BYTES, NAMESPACE, ClientTls, bearer_metadata, open_channel,
+                         transport_options)
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,35 @@ class Shard:
 
 @dataclasses.dataclass
 class ControllerOptions:
-    """How shards are placed and secured."""
+    """How shards are placed and secured, and where their files live."""
 
-    token: str | None = None              # None: generate one at deploy
+    data_token: str | None = None         # what clients present; None: generated
+    admin_token: str | None = None        # what the controller presents; None: generated
     tls: TlsFiles | None = None
+    tls_ca_file: str | None = None        # the CA that signed tls.cert_file; None: tls.client_ca_file, else the cert
     host: str | None = None               # bind address of every server; None: the node's IP
     shard_resource: str = SHARD_RESOURCE
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    data_root: str | None = None          # checkpoints are read and written only under it; None: default_data_root()
+                                          # of the controller's process (callers resolve it on their side)
+    reflection: bool = False              # serve gRPC reflection (to token holders)
+
+    def __post_init__(self):
+        for token, name in ((self.data_token, "data token"), (self.admin_token, "admin token")):
+            if token is not None:
+                check_token(token, name)
+        if self.data_token is not None and self.data_token == self.admin_token:
+            raise ValueError("admin token: must differ from the data token")
+
+    def client_tls(self) -> ClientTls | None:
+        """What the controller and the clients it informs use to reach the servers: the servers' CA and,
+        under mutual TLS, the servers' own certificate as the cluster's identity."""
+        if self.tls is None:
+            return None
+        ca_file = self.tls_ca_file or self.tls.client_ca_file or self.tls.cert_file
+        if self.tls.client_ca_file is None:
+            return ClientTls(ca_file)
+        return ClientTls(ca_file, self.tls.cert_file, self.tls.key_file)
 
 
 @ray.remote(num_cpus=0)
@@ -62,8 +85,10 @@ class MemoryController:
     def __init__(self, options: ControllerOptions):
         logging.basicConfig(level=logging.INFO)
         self._options = options
-        self._token = options.token or new_token()
-        self._metadata = bearer_metadata(self._token)
+        generated = AccessTokens.generate()
+        self._tokens = AccessTokens(options.data_token or generated.data, options.admin_token or generated.admin)
+        self._data_root = Path(options.data_root or checkpoint.default_data_root()).resolve()
+        self._client_tls = options.client_tls()
         self._host = options.host or ray.util.get_node_ip_address()
         self._shards: list[Shard] = []
         self._tables: dict[str, tuple[TableSpec, SlotMap]] = {}
@@ -77,16 +102,26 @@ class MemoryController:
         if self._server is None:
             servicer = DirectoryServicer(self._routing, self._table_infos)
             self._server, self._directory_address = await start_server(
-                lambda server: pb_grpc.add_DirectoryServiceServicer_to_server(servicer, server),
-                [pb.DESCRIPTOR.services_by_name["DirectoryService"].full_name],
-                token=self._token, host=self._host, tls=self._options.tls,
-                max_message_bytes=self._options.max_message_bytes)
+                servicer.add_to_server, [pb.DESCRIPTOR.services_by_name["DirectoryService"].full_name],
+                tokens=self._tokens, host=self._host, tls=self._options.tls,
+                max_message_bytes=self._options.max_message_bytes, reflection_enabled=self._options.reflection)
         return self._directory_address
 
     def connection_info(self) -> dict[str, Any]:
-        """What a client inside the cluster needs: the directory address, the token, whether TLS is on."""
-        return {"directory": self._directory_address, "token": self._token,
-                "tls_cert_file": self._options.tls.cert_file if self._options.tls else None}
+        """What a data client inside the cluster needs: the directory address, the data token, its TLS settings."""
+        return {"directory": self._directory_address, "token": self._tokens.data, "tls": self._client_tls,
+                "data_root": str(self._data_root)}
+
+    async def rotate_tokens(self, data: str, admin: str, grace_s: float = DEFAULT_GRACE_S) -> dict[str, Any]:
+        """Replace the tokens on every server; the old ones keep working for ``grace_s`` seconds.
+        Returns ``connection_info`` with the new data token."""
+        AccessTokens(data, admin)  # refuse bad tokens before any server takes them
+        async with self._lock:
+            await asyncio.gather(*(s.actor.rotate_tokens.remote(data, admin, grace_s) for s in self._shards))
+            self._tokens.rotate(data, admin, grace_s)
+        log.info("rotated the data and admin tokens on %d shards and the directory (grace %.0f s)",
+                 len(self._shards), grace_s)
+        return self.connection_info()
 
     # ---- state as protos --------------------------------------------------------------------
 
@@ -114,20 +149,16 @@ class MemoryController:
     # ---- shards -----------------------------------------------------------------------------
 
     async def _call(self, shard: Shard, method: str, request):
-        return await getattr(shard.stub, method)(request, metadata=self._metadata)
+        return await getattr(shard.stub, method)(request, metadata=bearer_metadata(self._tokens.admin))
 
     async def _start_shard(self, index: int, reserve_bytes: int) -> Shard:
         # Not detached: shards share the controller's fate, so a killed controller leaks no shards.
         actor = ShardActor.options(
             resources={self._options.shard_resource: 1}, memory=max(reserve_bytes, 1 << 20),
-        ).remote(index, self._token, self._options.tls, self._options.host, self._options.max_message_bytes)
+        ).remote(index, (self._tokens.data, self._tokens.admin), str(self._data_root), self._options.tls,
+                 self._options.host, self._options.max_message_bytes, self._options.reflection)
         info = await actor.start.remote()
-        options = transport_options(self._options.max_message_bytes)
-        if self._options.tls:
-            credentials = grpc.ssl_channel_credentials(Path(self._options.tls.cert_file).read_bytes())
-            channel = grpc.aio.secure_channel(info["address"], credentials, options=options)
-        else:
-            channel = grpc.aio.insecure_channel(info["address"], options=options)
+        channel = open_channel(info["address"], self._client_tls, transport_options(self._options.max_message_bytes))
         log.info("shard %d serving on %s (node %s)", index, info["address"], info["node"][:12])
         return Shard(index, actor, info["address"], info["local_address"], info["node"], info["hostname"],
                      pb_grpc.ShardServiceStub(channel), channel)
@@ -245,13 +276,19 @@ class MemoryController:
             result[name] = [r.sha256 for r in replies]
         return result
 
+    def _inside_root(self, directory: str) -> Path:
+        """``directory`` (relative to the data root, or absolute) resolved inside the root; ValueError if not."""
+        return checkpoint.inside_root(self._data_root, str(directory), "directory")
+
     async def checkpoint(self, directory: str) -> str:
-        """Write every table, shards in parallel, updates frozen meanwhile; return the manifest path."""
-        path = Path(directory).resolve()
+        """Write every table under ``directory`` (inside the data root), shards in parallel, updates frozen
+        meanwhile; return the manifest path."""
+        path = self._inside_root(directory)
+        relative = str(path.relative_to(self._data_root))
         async with self._lock:
             await self._freeze_all(True)
             try:
-                replies = await asyncio.gather(*(self._call(s, "Checkpoint", pb.CheckpointRequest(directory=str(path)))
+                replies = await asyncio.gather(*(self._call(s, "Checkpoint", pb.CheckpointRequest(directory=relative))
                                                  for s in self._shards))
             finally:
                 await self._freeze_all(False)
@@ -270,7 +307,7 @@ class MemoryController:
 
     async def restore(self, directory: str, num_shards: int | None = None) -> int:
         """Replace all tables by the checkpoint in ``directory`` on ``num_shards`` shards; return the epoch."""
-        path = Path(directory).resolve()
+        path = self._inside_root(directory)
         entries = checkpoint.read_manifest(path)
         num_shards = num_shards or len(self._shards) or max(len(files) for _, files in entries)
         async with self._lock:
@@ -283,18 +320,19 @@ class MemoryController:
             self._epoch += 1
             for spec, files in entries:
                 slot_map = SlotMap.even(spec.num_slots, num_shards)
-                await asyncio.gather(*(self._restore_shard(s, path, spec, files, slot_map) for s in self._shards))
+                await asyncio.gather(*(self._restore_shard(s, str(path.relative_to(self._data_root)), spec, files,
+                                                           slot_map) for s in self._shards))
                 self._tables[spec.name] = (spec, SlotMap(self._epoch, slot_map.owners))
             await self._broadcast_epoch()
             log.info("restored %d tables from %s onto %d shards", len(entries), path, num_shards)
             return self._epoch
 
-    async def _restore_shard(self, shard: Shard, path: Path, spec: TableSpec, files, slot_map: SlotMap) -> None:
+    async def _restore_shard(self, shard: Shard, directory: str, spec: TableSpec, files, slot_map: SlotMap) -> None:
         mine = set(slot_map.slots_of(shard.index).tolist())
         paths = [f["path"] for f in files if mine.intersection(f["slots"])]
         await self._call(shard, "AddTable", pb.AddTableRequest(spec_json=json.dumps(spec.to_dict()), slots=[],
                                                                epoch=self._epoch))
-        await self._call(shard, "Restore", pb.RestoreRequest(directory=str(path), table=spec.name, paths=paths,
+        await self._call(shard, "Restore", pb.RestoreRequest(directory=directory, table=spec.name, paths=paths,
                                                              slots=sorted(mine)))
 
     async def shutdown(self) -> None:

@@ -16,16 +16,18 @@ from typing import Any
 
 import ray
 
-from memory_service.auth import TOKEN_ENV, TlsFiles
-from memory_service.checkpoint import read_manifest
+from memory_service.auth import ADMIN_TOKEN_ENV, TOKEN_ENV, AccessTokens, TlsFiles
+from memory_service.checkpoint import PathRefused, default_data_root, read_manifest
 from memory_service.controller import (CONTROLLER_NAME, NAMESPACE, SHARD_RESOURCE, ControllerOptions, get_controller,
                                        start_controller, stop_controller)
 from memory_service.core.table_spec import TableSpec
 from memory_service.ray_cluster import RayConnectError, connect
+from protos.wire import ClientTls
 
-__all__ = ["CONTROLLER_NAME", "NAMESPACE", "SHARD_RESOURCE", "TOKEN_ENV", "ControllerOptions", "MemoryHandle",
-           "RayConnectError", "TlsFiles", "connect", "deploy", "deploy_from_checkpoint", "deploy_or_join",
-           "get_controller", "join", "read_manifest", "start_controller", "start_local_head", "stop_controller"]
+__all__ = ["ADMIN_TOKEN_ENV", "CONTROLLER_NAME", "NAMESPACE", "SHARD_RESOURCE", "TOKEN_ENV", "AccessTokens", "ClientTls",
+           "ControllerOptions", "MemoryHandle", "PathRefused", "RayConnectError", "TlsFiles", "connect",
+           "default_data_root", "deploy", "deploy_from_checkpoint", "deploy_or_join", "get_controller", "join",
+           "read_manifest", "start_controller", "start_local_head", "stop_controller"]
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +37,14 @@ class MemoryHandle:
     """What a worker needs to reach a memory service (picklable, sent to Ray Train workers)."""
 
     directory: str  # the DirectoryService's address: routing and table specs
-    token: str  # the bearer token of its gRPC endpoints
-    tls_cert_file: str | None
+    token: str  # the data token: lookups and pushes, nothing that changes tables or files
+    tls: ClientTls | None  # how to reach its TLS servers; None: plaintext
     controller: str  # the controller actor's name ...
     namespace: str  # ... in this Ray namespace
 
     def checkpoint(self, directory: str | Path) -> None:
-        """Write every table, as of now, into ``directory`` (the shards write in parallel)."""
+        """Write every table, as of now, into ``directory`` (inside the service's data root; the shards
+        write in parallel)."""
         ray.get(get_controller(self.controller, self.namespace).checkpoint.remote(str(directory)))
 
     def stop(self) -> None:
@@ -49,9 +52,11 @@ class MemoryHandle:
         stop_controller(self.controller, self.namespace)
 
 
-def deploy(specs: list[TableSpec], shards: int, namespace: str = NAMESPACE) -> MemoryHandle:
-    """A new memory service (controller and ``shards`` shards) holding ``specs``' tables."""
-    actor, name = _new_controller(namespace)
+def deploy(specs: list[TableSpec], shards: int, namespace: str = NAMESPACE,
+           data_root: str | Path | None = None) -> MemoryHandle:
+    """A new memory service (controller and ``shards`` shards) holding ``specs``' tables, whose
+    checkpoints go under ``data_root`` (default: ``default_data_root()``)."""
+    actor, name = _new_controller(namespace, data_root)
     ray.get(actor.deploy.remote([spec.to_dict() for spec in specs], shards))
     log.info("deployed %d tables on %d memory shards (controller %s)", len(specs), shards, name)
     return _handle(actor, name, namespace)
@@ -69,17 +74,19 @@ def join(controller: str, specs: list[TableSpec], namespace: str = NAMESPACE) ->
     return _handle(actor, controller, namespace)
 
 
-def deploy_or_join(specs: list[TableSpec], shards: int, controller: str | None,
-                   namespace: str = NAMESPACE) -> tuple[MemoryHandle, bool]:
+def deploy_or_join(specs: list[TableSpec], shards: int, controller: str | None, namespace: str = NAMESPACE,
+                   data_root: str | Path | None = None) -> tuple[MemoryHandle, bool]:
     """Join ``controller`` if named, else deploy on ``shards``; also whether this call deployed (and owns) it."""
     if controller is not None:
         return join(controller, specs, namespace), False
-    return deploy(specs, shards, namespace), True
+    return deploy(specs, shards, namespace, data_root), True
 
 
-def deploy_from_checkpoint(directory: str | Path, shards: int, namespace: str = NAMESPACE) -> MemoryHandle:
-    """A new memory service holding the tables of the checkpoint in ``directory``, on ``shards`` shards."""
-    actor, name = _new_controller(namespace)
+def deploy_from_checkpoint(directory: str | Path, shards: int, namespace: str = NAMESPACE,
+                           data_root: str | Path | None = None) -> MemoryHandle:
+    """A new memory service holding the tables of the checkpoint in ``directory`` (inside ``data_root``),
+    on ``shards`` shards."""
+    actor, name = _new_controller(namespace, data_root)
     ray.get(actor.restore.remote(str(directory), shards))
     log.info("restored the tables of %s onto %d memory shards (controller %s)", directory, shards, name)
     return _handle(actor, name, namespace)
@@ -99,12 +106,13 @@ def start_local_head() -> tuple[int, str]:
     return holder.pid, address
 
 
-def _new_controller(namespace: str) -> tuple[Any, str]:
+def _new_controller(namespace: str, data_root: str | Path | None) -> tuple[Any, str]:
     """A new controller of a job's own, under a fresh name; returns it and its name."""
     name = f"engram-run-{uuid.uuid4().hex[:8]}"
-    return start_controller(ControllerOptions(), name=name, namespace=namespace), name
+    options = ControllerOptions(data_root=str(Path(data_root or default_data_root()).resolve()))
+    return start_controller(options, name=name, namespace=namespace), name
 
 
 def _handle(actor: Any, name: str, namespace: str) -> MemoryHandle:
     info = ray.get(actor.connection_info.remote())
-    return MemoryHandle(info["directory"], info["token"], info["tls_cert_file"], name, namespace)
+    return MemoryHandle(info["directory"], info["token"], info["tls"], name, namespace)

@@ -3,16 +3,21 @@ from __future__ import annotations
 
 from typing import Callable
 
+import grpc
+
+from memory_service.server import register_service
 from protos import engram_memory_v1_pb2 as pb
-from protos import engram_memory_v1_pb2_grpc as pb_grpc
 
 
-class DirectoryServicer(pb_grpc.DirectoryServiceServicer):
+class DirectoryServicer:
     """Answers from the controller's current state, read through two callables."""
 
     def __init__(self, routing: Callable[[], pb.Routing], tables: Callable[[], list[pb.TableSpecInfo]]):
         self._routing = routing
         self._tables = tables
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        register_service(server, "DirectoryService", self)
 
     async def GetRouting(self, request: pb.GetRoutingRequest, context) -> pb.Routing:
         return self._routing()

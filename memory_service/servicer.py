@@ -18,16 +18,21 @@ import torch
 from memory_service import checkpoint
 from memory_service.metrics import ShardMetrics
 from memory_service.row_store import RowStoreError, ShardStore, SlotNotOwned
+from memory_service.server import register_service
 from memory_service.shared_rows import SegmentError, SharedRowSegments
+from memory_service.core.push_checks import InvalidPush
 from memory_service.core.slots import slot_of
 from memory_service.step_aggregator import StepAggregator
 from memory_service.core.table_spec import SpecError, TableSpec
 from protos.wire import (DEFAULT_MAX_MESSAGE_BYTES, ROUTING_EPOCH_KEY, WIRE_DTYPE_BY_ENUM, WIRE_DTYPE_BY_NAME,
-                         arrays_from_proto, arrays_to_proto, encode_lookup_response, pending_from_arrays,
+                         WireError, arrays_from_proto, arrays_to_proto, encode_lookup_response, pending_from_arrays,
                          pending_to_arrays, tensor_from_bytes)
 from protos import engram_memory_v1_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+# Refusals of bad input that carry no status code of their own: answered INVALID_ARGUMENT.
+INVALID_INPUT = (SpecError, checkpoint.PathRefused, WireError, InvalidPush)
 
 # Names under which a slot move carries each aggregator's memory of applied pushes.
 APPLIED_PREFIXES = {True: "applied.synchronous.", False: "applied.asynchronous."}
@@ -50,7 +55,7 @@ def _handler(method: str):
             start = time.perf_counter()
             try:
                 response, rows = body(self, request)
-            except (RowStoreError, RequestRejected, SpecError) as error:
+            except (RowStoreError, RequestRejected, *INVALID_INPUT) as error:
                 await self._refuse(context, error)
             except Exception as error:  # a bug, not bad input: log it, keep serving, tell the caller plainly
                 log.exception("%s failed", method)
@@ -67,8 +72,9 @@ class ShardServicer:
     """Serves the tables of one ShardStore; ``shard_index`` and ``epoch`` name it in routing errors."""
 
     def __init__(self, shard_index: int, metrics: ShardMetrics | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, data_root: Path | None = None):
         self.shard_index = shard_index
+        self.data_root = Path(data_root or checkpoint.default_data_root())  # checkpoints are read and written here
         self.epoch = 0
         self.address = ""
         self.node = ""
@@ -81,25 +87,12 @@ class ShardServicer:
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register every ShardService method; Lookup replies skip protobuf's copies (same bytes)."""
-        service = pb.DESCRIPTOR.services_by_name["ShardService"]
-        handlers = {
-            method.name: grpc.unary_unary_rpc_method_handler(
-                getattr(self, method.name), request_deserializer=getattr(pb, method.input_type.name).FromString,
-                response_serializer=getattr(pb, method.output_type.name).SerializeToString)
-            for method in service.methods
-        }
-        handlers["Lookup"] = grpc.unary_unary_rpc_method_handler(
-            self.Lookup, request_deserializer=pb.LookupRequest.FromString,
-            response_serializer=lambda reply: encode_lookup_response(*reply))
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+        register_service(server, "ShardService", self, {"Lookup": lambda reply: encode_lookup_response(*reply)})
 
     # ---- errors ---------------------------------------------------------------------------
 
     async def _refuse(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
-        if isinstance(error, SpecError):
-            code, message = "INVALID_ARGUMENT", str(error)
-        else:
-            code, message = error.code, str(error)
+        code, message = getattr(error, "code", "INVALID_ARGUMENT"), str(error)
         if isinstance(error, SlotNotOwned) or getattr(error, "routing", False):
             message = f"{message} (shard {self.shard_index}, routing epoch {self.epoch}); refresh the routing"
             context.set_trailing_metadata(((ROUTING_EPOCH_KEY, str(self.epoch)),))
@@ -249,6 +242,9 @@ class ShardServicer:
 
     @_handler("set_epoch")
     def SetEpoch(self, request: pb.SetEpochRequest):
+        if request.epoch < self.epoch:
+            raise RequestRejected("FAILED_PRECONDITION", "epoch",
+                                  f"epoch: routing epochs only grow; this shard is at {self.epoch}, got {request.epoch}")
         self.epoch = request.epoch
         return pb.SetEpochResponse(), 0
 
@@ -299,10 +295,11 @@ class ShardServicer:
 
     @_handler("checkpoint")
     def Checkpoint(self, request: pb.CheckpointRequest):
+        directory = checkpoint.inside_root(self.data_root, request.directory, "directory")
         files = []
         for spec in self.store.specs():
             slots = self.store.owned_slots(spec.name)
-            path = checkpoint.write_shard_file(Path(request.directory), spec.name, self.shard_index,
+            path = checkpoint.write_shard_file(directory, spec.name, self.shard_index,
                                                self.store.export_slots(spec.name, slots))
             files.append(pb.CheckpointFile(table=spec.name, path=path, slots=slots))
         return pb.CheckpointResponse(files=files), 0
@@ -310,6 +307,9 @@ class ShardServicer:
     @_handler("restore")
     def Restore(self, request: pb.RestoreRequest):
         spec = self._spec(request.table)
-        for arrays in checkpoint.read_slots(Path(request.directory), spec, list(request.paths), list(request.slots)):
+        directory = checkpoint.inside_root(self.data_root, request.directory, "directory")
+        # Every file is read and checked before the first slot is imported: a bad one changes nothing.
+        parts = checkpoint.read_slots(directory, spec, list(request.paths), list(request.slots))
+        for arrays in parts:
             self.store.import_slots(request.table, arrays)
         return pb.RestoreResponse(), 0

@@ -11,10 +11,11 @@ import shutil
 import socket
 import sys
 import tempfile
+from pathlib import Path
 
 import ray
 
-from memory_service.auth import TlsFiles
+from memory_service.auth import AccessTokens, TlsFiles
 from memory_service.metrics import RayMetricsExporter, ShardMetrics
 from memory_service.server import start_server
 from memory_service.servicer import ShardServicer
@@ -40,13 +41,15 @@ def keep_large_buffers_mapped() -> None:
 class ShardActor:
     """Owns one ShardServicer; the controller talks to it over gRPC, Ray only starts and stops it."""
 
-    def __init__(self, shard_index: int, token: str, tls: TlsFiles | None = None, host: str | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+    def __init__(self, shard_index: int, tokens: tuple[str, str], data_root: str, tls: TlsFiles | None = None,
+                 host: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 reflection: bool = False):
         logging.basicConfig(level=logging.INFO)
         keep_large_buffers_mapped()
-        self._token, self._tls = token, tls
+        self._tokens, self._tls, self._reflection = AccessTokens(*tokens), tls, reflection
         self._host = host or ray.util.get_node_ip_address()
-        self._servicer = ShardServicer(shard_index, ShardMetrics(RayMetricsExporter(shard_index)), max_message_bytes)
+        self._servicer = ShardServicer(shard_index, ShardMetrics(RayMetricsExporter(shard_index)), max_message_bytes,
+                                       Path(data_root))
         self._servicer.node = ray.get_runtime_context().get_node_id()
         self._server = None
         self._socket_dir = None if tls else tempfile.mkdtemp(prefix="engram-shard-")  # mode 0700
@@ -58,10 +61,14 @@ class ShardActor:
             self._server, self._servicer.address = await start_server(
                 self._servicer.add_to_server,
                 [pb.DESCRIPTOR.services_by_name["ShardService"].full_name],
-                token=self._token, host=self._host, tls=self._tls,
-                max_message_bytes=self._servicer.max_message_bytes, unix_socket=local_socket)
+                tokens=self._tokens, host=self._host, tls=self._tls, max_message_bytes=self._servicer.max_message_bytes,
+                unix_socket=local_socket, reflection_enabled=self._reflection)
         return {"address": self._servicer.address, "local_address": f"unix:{local_socket}" if local_socket else "",
                 "node": self._servicer.node, "hostname": socket.gethostname()}
+
+    def rotate_tokens(self, data: str, admin: str, grace_s: float) -> None:
+        """Accept new tokens from now on, the current ones for ``grace_s`` more seconds."""
+        self._tokens.rotate(data, admin, grace_s)
 
     async def stop(self) -> None:
         if self._server is not None:

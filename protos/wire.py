@@ -10,7 +10,9 @@ import dataclasses
 import math
 import re
 import warnings
+from pathlib import Path
 
+import grpc
 import numpy as np
 import torch
 
@@ -61,6 +63,34 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
     """The call metadata that carries ``token``."""
     return ((AUTHORIZATION_KEY, f"Bearer {token}"),)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientTls:
+    """How a client checks the servers' certificates (PEM ``ca_file``) and, where the servers ask for
+    mutual TLS, proves who it is (``cert_file`` and ``key_file``)."""
+
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def __post_init__(self):
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls: give a client certificate and its key together, or neither")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        identity = {}
+        if self.cert_file is not None:
+            identity = {"private_key": Path(self.key_file).read_bytes(),
+                        "certificate_chain": Path(self.cert_file).read_bytes()}
+        return grpc.ssl_channel_credentials(Path(self.ca_file).read_bytes(), **identity)
+
+
+def open_channel(address: str, tls: ClientTls | None, options: list[tuple[str, int]]) -> grpc.aio.Channel:
+    """A grpc.aio channel to ``address``: TLS with ``tls``, else plaintext."""
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, tls.credentials(), options=options)
 
 
 def transport_options(max_message_bytes: int) -> list[tuple[str, int]]:

@@ -12,7 +12,7 @@ COMMAND_MODULES = (
     "compute.cli.model_demo",  # model-demo
     "compute.cli.train",  # train, eval, generate
     "compute.cli.demo",  # demo
-    "compute.cli.memory",  # memory up|status|scale|checkpoint|restore|down
+    "compute.cli.memory",  # memory up|status|scale|rotate-tokens|checkpoint|restore|down
 )
 
 

@@ -70,22 +70,55 @@ def _connect(args, *, may_start: bool = False) -> dict[str, Any]:
 
 def _up(args) -> int:
     from memory_service.core.table_spec import load_table_specs
-    from memory_service.deploy import TOKEN_ENV, ControllerOptions, TlsFiles, start_controller
+    from memory_service.deploy import (ADMIN_TOKEN_ENV, TOKEN_ENV, AccessTokens, ControllerOptions, TlsFiles,
+                                       default_data_root, start_controller)
 
     specs = load_table_specs(args.config)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("tls-cert/tls-key: give both or neither")
+    if (args.tls_client_ca or args.tls_ca) and not args.tls_cert:
+        raise ValueError("tls-client-ca/tls-ca: need --tls-cert and --tls-key")
+    generated = AccessTokens.generate()
+    tokens = AccessTokens(args.data_token or os.environ.get(TOKEN_ENV) or generated.data,
+                          args.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or generated.admin)
     state = _connect(args, may_start=True)
-    options = ControllerOptions(token=args.token or os.environ.get(TOKEN_ENV), host=args.host,
-                                tls=TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None)
+    tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    options = ControllerOptions(data_token=tokens.data, admin_token=tokens.admin, tls=tls, tls_ca_file=args.tls_ca,
+                                host=args.host, data_root=str(Path(args.data_root or default_data_root()).resolve()),
+                                reflection=args.reflection)
     controller = start_controller(options, name=args.name)
     import ray
 
     directory = ray.get(controller.deploy.remote([spec.to_dict() for spec in specs], args.shards))
     info = ray.get(controller.connection_info.remote())
-    _write_state({**state, **info, "controller": args.name})
-    print(f"memory service up: {len(specs)} table(s) on {args.shards} shard(s); directory {directory}")
-    print(f"token and addresses saved to {_state_path()} (mode 600)")
+    _write_state({**state, **_recorded_connection(info), "admin_token": tokens.admin, "controller": args.name})
+    print(f"memory service up: {len(specs)} table(s) on {args.shards} shard(s); directory {directory}; "
+          f"checkpoints under {info['data_root']}")
+    print(f"tokens (data and admin) and addresses saved to {_state_path()} (mode 600)")
+    return 0
+
+
+def _recorded_connection(info: dict[str, Any]) -> dict[str, Any]:
+    """The controller's connection info as the state file records it (JSON)."""
+    tls = info["tls"]
+    return {"directory": info["directory"], "token": info["token"], "data_root": info["data_root"],
+            "tls_ca_file": tls.ca_file if tls else None, "tls_cert_file": tls.cert_file if tls else None,
+            "tls_key_file": tls.key_file if tls else None}
+
+
+def _rotate_tokens(args) -> int:
+    import ray
+
+    from memory_service.deploy import AccessTokens
+
+    generated = AccessTokens.generate()
+    data, admin = args.data_token or generated.data, args.admin_token or generated.admin
+    info = ray.get(_controller(args).rotate_tokens.remote(data, admin, args.grace_s))
+    print(f"tokens rotated on every server; the old ones stop working in {args.grace_s:.0f} s")
+    state = _read_state()
+    if state.get("controller") == args.name:
+        _write_state({**state, **_recorded_connection(info), "admin_token": admin})
+        print(f"the new tokens are saved in {_state_path()}; give the data token to the jobs that use the service")
     return 0
 
 
@@ -120,7 +153,7 @@ def _scale(args) -> int:
 def _checkpoint(args) -> int:
     import ray
 
-    manifest = ray.get(_controller(args).checkpoint.remote(str(Path(args.directory).resolve())))
+    manifest = ray.get(_controller(args).checkpoint.remote(args.directory))
     print(f"checkpoint written: {manifest}")
     return 0
 
@@ -128,10 +161,7 @@ def _checkpoint(args) -> int:
 def _restore(args) -> int:
     import ray
 
-    from memory_service.deploy import read_manifest
-
-    read_manifest(Path(args.directory).resolve())  # a bad path fails here, before the live tables are touched
-    epoch = ray.get(_controller(args).restore.remote(str(Path(args.directory).resolve()), args.shards))
+    epoch = ray.get(_controller(args).restore.remote(args.directory, args.shards))
     print(f"restored {args.directory} (routing epoch {epoch})")
     return 0
 
@@ -185,26 +215,43 @@ def register(subparsers) -> None:
     common.add_argument("--ray-token", help="the cluster's Ray auth token (default: $RAY_AUTH_TOKEN, "
                         "$RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
     common.add_argument("--name", default=CONTROLLER_NAME, help="controller actor name")
+    tokens = argparse.ArgumentParser(add_help=False)
+    tokens.add_argument("--data-token", help="the token for lookups and pushes, which jobs hold "
+                        "(default: $ENGRAM_MEMORY_TOKEN, else generated)")
+    tokens.add_argument("--admin-token", help="the token for everything else, which only the controller and "
+                        "this CLI hold (default: $ENGRAM_MEMORY_ADMIN_TOKEN, else generated)")
     memory = subparsers.add_parser("memory", help="deploy and operate the memory service")
     commands = memory.add_subparsers(dest="memory_command", required=True, metavar="SUBCOMMAND")
 
-    up = commands.add_parser("up", parents=[common], help="deploy the tables of a YAML file onto N shards")
+    up = commands.add_parser("up", parents=[common, tokens], help="deploy the tables of a YAML file onto N shards")
     up.add_argument("--config", required=True, help="tables.yaml: `tables: [{name, rows, dim, ...}]`")
     up.add_argument("--shards", type=positive_int, default=2)
-    up.add_argument("--token", help="bearer token (default: $ENGRAM_MEMORY_TOKEN, else generated)")
+    up.add_argument("--data-root", help="the folder (shared by the memory nodes) that checkpoints are written "
+                    "under and restored from (default: $ENGRAM_DATA_ROOT, else ~/.engram/data)")
     up.add_argument("--tls-cert", help="PEM certificate chain for the servers (TLS on)")
     up.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    up.add_argument("--tls-client-ca", help="PEM CA that client certificates must chain to (mutual TLS on)")
+    up.add_argument("--tls-ca", help="PEM CA that signed --tls-cert, for clients to check it "
+                    "(default: --tls-client-ca, else --tls-cert itself)")
     up.add_argument("--host", help="address the servers bind (default: each node's IP)")
+    up.add_argument("--reflection", action="store_true", help="serve gRPC reflection (to token holders)")
     up.set_defaults(func=_up)
 
     commands.add_parser("status", parents=[common], help="a table per shard").set_defaults(func=_status)
     scale = commands.add_parser("scale", parents=[common], help="move slots onto M shards, live")
     scale.add_argument("--shards", type=positive_int, required=True)
     scale.set_defaults(func=_scale)
-    save = commands.add_parser("checkpoint", parents=[common], help="write all tables to DIR")
+    rotate = commands.add_parser("rotate-tokens", parents=[common],
+                                 help="replace the data and admin tokens on every server, live")
+    rotate.add_argument("--data-token", help="the new data token (default: generated)")
+    rotate.add_argument("--admin-token", help="the new admin token (default: generated)")
+    rotate.add_argument("--grace-s", type=float, default=60.0, help="how long the old tokens keep working")
+    rotate.set_defaults(func=_rotate_tokens)
+    save = commands.add_parser("checkpoint", parents=[common], help="write all tables to DIR (under the data root)")
     save.add_argument("directory")
     save.set_defaults(func=_checkpoint)
-    load = commands.add_parser("restore", parents=[common], help="replace all tables by the checkpoint in DIR")
+    load = commands.add_parser("restore", parents=[common],
+                               help="replace all tables by the checkpoint in DIR (under the data root)")
     load.add_argument("directory")
     load.add_argument("--shards", type=positive_int, help="shard count to restore onto (default: the current one)")
     load.set_defaults(func=_restore)

@@ -7,7 +7,6 @@ import dataclasses
 import logging
 import random
 import time
-from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import grpc
@@ -15,7 +14,8 @@ import numpy as np
 
 from protos import engram_memory_v1_pb2 as pb
 from protos import engram_memory_v1_pb2_grpc as pb_grpc
-from protos.wire import LOOKUP_METHOD, ROUTING_EPOCH_KEY, bearer_metadata, decode_lookup_rows, transport_options
+from protos.wire import (LOOKUP_METHOD, ROUTING_EPOCH_KEY, ClientTls, bearer_metadata, decode_lookup_rows, open_channel,
+                         transport_options)
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,9 @@ class RetryPolicy:
 class Channels:
     """grpc.aio channels to the directory and the shards, one per address; used on one event loop."""
 
-    def __init__(self, token: str | None, tls_cert_file: str | None, max_message_bytes: int):
+    def __init__(self, token: str | None, tls: ClientTls | None, max_message_bytes: int):
         self._metadata = bearer_metadata(token) if token else ()
-        self.credentials = grpc.ssl_channel_credentials(Path(tls_cert_file).read_bytes()) if tls_cert_file else None
+        self._tls = tls
         # This client retries by itself; gRPC's own retries would buffer a copy of every request.
         self._options = [*transport_options(max_message_bytes), ("grpc.enable_retries", 0)]
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -87,11 +87,7 @@ class Channels:
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            if self.credentials is not None:
-                channel = grpc.aio.secure_channel(address, self.credentials, options=self._options)
-            else:
-                channel = grpc.aio.insecure_channel(address, options=self._options)
-            self._channels[address] = channel
+            self._channels[address] = open_channel(address, self._tls, self._options)
         return self._channels[address]
 
     def _shard_stub(self, address: str) -> pb_grpc.ShardServiceStub:

@@ -23,10 +23,11 @@ import torch
 from compute.memory.calls import Channels, MemoryServiceError, RetryPolicy, gather_parts, with_retries
 from compute.memory.routing import Routing, TableRoute, connection_info_from_controller
 from compute.memory.shared_segments import SharedSegmentPool, remove_orphaned_segments
+from memory_service.core import push_checks
 from memory_service.core.slots import ShardSplit
 from protos import engram_memory_v1_pb2 as pb
 from protos.wire import (CONTROLLER_NAME, DEFAULT_MAX_MESSAGE_BYTES, NAMESPACE, SHARED_SEGMENT_DIR, WIRE_DTYPE_BY_TORCH,
-                         as_row_words)
+                         ClientTls, as_row_words)
 
 __all__ = ["MemoryClient", "MemoryServiceError", "PushResult", "RetryPolicy"]
 
@@ -43,16 +44,16 @@ class PushResult:
 class MemoryClient:
     """Client of one memory deployment, addressed by its directory (``host:port``)."""
 
-    def __init__(self, directory: str, token: str | None = None, *, tls_cert_file: str | None = None,
+    def __init__(self, directory: str, token: str | None = None, *, tls: ClientTls | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_rows_per_request: int = 65536,
                  retry: RetryPolicy = RetryPolicy(), use_local_transport: bool = True):
         self._directory_address = directory
-        self._calls = Channels(token, tls_cert_file, max_message_bytes)
+        self._calls = Channels(token, tls, max_message_bytes)
         self._max_message_bytes = max_message_bytes
         self._max_rows_per_request = max_rows_per_request
         self._retry = retry
         self._routing = Routing()
-        self._use_local_transport = use_local_transport and tls_cert_file is None and os.path.isdir(SHARED_SEGMENT_DIR)
+        self._use_local_transport = use_local_transport and tls is None and os.path.isdir(SHARED_SEGMENT_DIR)
         if self._use_local_transport:
             remove_orphaned_segments()
         self._segments = SharedSegmentPool()
@@ -63,9 +64,9 @@ class MemoryClient:
 
     @classmethod
     def from_controller(cls, name: str = CONTROLLER_NAME, namespace: str = NAMESPACE, **kwargs) -> "MemoryClient":
-        """Inside a Ray cluster: ask the controller actor for the directory address and token."""
+        """Inside a Ray cluster: ask the controller actor for the directory address, data token and TLS."""
         info = connection_info_from_controller(name, namespace)
-        return cls(info["directory"], info["token"], tls_cert_file=info["tls_cert_file"], **kwargs)
+        return cls(info["directory"], info["token"], tls=info["tls"], **kwargs)
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -117,6 +118,7 @@ class MemoryClient:
     def push(self, table: str, row_ids, grads, step: int, rank: int = 0, world_size: int = 1,
              synchronous: bool = True) -> concurrent.futures.Future:
         """Send the gradients of unique ``row_ids`` for (step, rank); a future of the combined PushResult.
+        A push that no shard would accept (ids, shape, NaN/Inf, step/rank) raises ``InvalidPush`` here.
 
         ``grads`` travel in their own dtype when it is a wire dtype (float32, bfloat16, float16), else
         as float32; the shard accumulates and applies them in float32.
@@ -124,8 +126,13 @@ class MemoryClient:
         ids = _as_int64(row_ids, "row_ids")
         grads = torch.as_tensor(grads).detach()
         grads = (grads if grads.dtype in WIRE_DTYPE_BY_TORCH else grads.float()).to("cpu").contiguous()
-        if grads.ndim != 2 or grads.shape[0] != len(ids):
-            raise ValueError(f"grads: expected shape [{len(ids)}, dim], got {tuple(grads.shape)}")
+        # The whole push is checked as the shards would check it before any part is sent: a push
+        # refused for its content changes no shard.
+        route = self._route(table)
+        push_checks.check_push_header(step, rank, world_size)
+        checked_ids = push_checks.check_row_ids(torch.from_numpy(ids), route.rows, table)
+        push_checks.check_unique(checked_ids)
+        push_checks.check_grads(grads, len(ids), route.dim)
         return self._run(self._push(table, ids, grads, step, rank, world_size, synchronous))
 
     def tables(self) -> list[pb.TableSpecInfo]:
@@ -249,10 +256,8 @@ class MemoryClient:
 
     async def _push(self, table: str, ids: np.ndarray, grads: torch.Tensor, step: int, rank: int,
                     world_size: int, synchronous: bool) -> PushResult:
-        self._route(table)
-        if not _sorted_unique(ids) and len(np.unique(ids)) != len(ids):  # the trainer's ids are sorted: no sort
-            raise ValueError("row_ids: a push must name each row once (sum duplicate rows' gradients first)")
         totals = {"applied": 0, "duplicate": False, "pending": False}
+        acknowledged: set[int] = set()  # shards that took all their rows of this push
         # Co-located shards read the gradients from shared memory: one copy in, none through the socket.
         segment = self._segments.acquire(grads.numel() * grads.element_size()) if self._routing.co_located else None
         if segment:
@@ -268,6 +273,8 @@ class MemoryClient:
             else:
                 request.grads = _tensor_bytes(grads[torch.from_numpy(positions)])
             reply = await self._call_shard(shard, "Update", request)
+            if not more_parts:
+                acknowledged.add(shard)
             totals["applied"] += reply.applied_rows
             totals["duplicate"] |= reply.duplicate
             totals["pending"] |= reply.pending
@@ -296,9 +303,14 @@ class MemoryClient:
 
         try:
             await self._with_retries(attempt, np.arange(len(ids)))
-        except BaseException:
+        except BaseException as error:
             if segment:  # a shard may still be reading it: never reuse it
                 segment.close()
+            if isinstance(error, MemoryServiceError) and acknowledged:
+                raise MemoryServiceError(error.code, (
+                    f"{error.details}; shards {sorted(acknowledged)} had already taken their rows of this push "
+                    f"(step {step}, rank {rank}): resend it with the same step and rank, and those shards "
+                    "answer 'duplicate' while the others apply their rows")) from None
             raise
         if segment:
             self._segments.release(segment)

@@ -74,7 +74,7 @@ def _on_this_machine(shard: pb.ShardInfo, node: str) -> bool:
 
 
 def connection_info_from_controller(name: str = CONTROLLER_NAME, namespace: str = NAMESPACE) -> dict:
-    """Inside a Ray cluster: the controller actor's ``directory``, ``token`` and ``tls_cert_file``."""
+    """Inside a Ray cluster: the controller actor's ``directory``, data ``token`` and ``tls`` (a ClientTls or None)."""
     import ray
 
     return ray.get(ray.get_actor(name, namespace=namespace).connection_info.remote())

@@ -7,4 +7,4 @@ from memory_service.deploy import MemoryHandle
 
 def open_client(handle: MemoryHandle, **options) -> MemoryClient:
     """A new client on ``handle``'s service; ``options`` go to ``MemoryClient``."""
-    return MemoryClient(handle.directory, handle.token, tls_cert_file=handle.tls_cert_file, **options)
+    return MemoryClient(handle.directory, handle.token, tls=handle.tls, **options)

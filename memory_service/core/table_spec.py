@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,6 +16,10 @@ import yaml
 
 OPTIMIZER_KINDS = ("sgd", "adagrad", "adam")
 STORAGE_DTYPES = ("float32", "bfloat16")
+
+# A table name becomes a file name in checkpoints: letters, digits, '_', '-' and '.', starting with a
+# letter or digit (so never '.' or '..'), at most 64 characters.
+TABLE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 # Bytes of optimizer state per row: (values per row element, values per row) for each kind.
 _STATE_VALUES = {"sgd": (0, 0), "adagrad": (0, 1), "adam": (2, 1)}
@@ -117,8 +122,9 @@ class TableSpec:
     num_slots: int = 1024
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name.strip():
-            raise SpecError("name", f"must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.name, str) or not TABLE_NAME_PATTERN.fullmatch(self.name):
+            raise SpecError("name", "must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or "
+                            f"digit, got {self.name!r}")
         _check_int("rows", self.rows, minimum=1)
         _check_int("dim", self.dim, minimum=1)
         _check_choice("storage_dtype", self.storage_dtype, STORAGE_DTYPES)

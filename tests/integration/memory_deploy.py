@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import uuid
 
 import grpc
@@ -14,7 +15,8 @@ from memory_service.controller import ControllerOptions, start_controller, stop_
 from memory_service.core.row_init import init_rows
 from memory_service.core.table_spec import OptimizerSpec, TableSpec
 
-TOKEN = "test-token"
+TOKEN = "test-data-token-0123456789"
+ADMIN_TOKEN = "test-admin-token-0123456789"
 
 
 def spec(name: str, *, rows: int = 10_000, dim: int = 16, kind: str = "adam", lr: float = 0.01,
@@ -28,16 +30,20 @@ def reference_rows(table: TableSpec, row_ids) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def deployment(specs: list[TableSpec], shards: int, **client_kwargs):
-    """A controller with ``specs`` on ``shards`` shards (127.0.0.1 only) and a client; torn down after."""
+def deployment(specs: list[TableSpec], shards: int, data_root: str | None = None, reflection: bool = False,
+               **client_kwargs):
+    """A controller with ``specs`` on ``shards`` shards (127.0.0.1 only, checkpoints under ``data_root``,
+    default a fresh temporary folder) and a client holding the data token; torn down after."""
     name = f"test-memory-{uuid.uuid4().hex[:8]}"
-    controller = start_controller(ControllerOptions(token=TOKEN, host="127.0.0.1"), name=name)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        root = data_root or cleanup.enter_context(tempfile.TemporaryDirectory(prefix="engram-data-"))
+        options = ControllerOptions(data_token=TOKEN, admin_token=ADMIN_TOKEN, host="127.0.0.1", data_root=root,
+                                    reflection=reflection)
+        controller = start_controller(options, name=name)
+        cleanup.callback(stop_controller, name)
         directory = ray.get(controller.deploy.remote([s.to_dict() for s in specs], shards))
         with MemoryClient(directory, TOKEN, **client_kwargs) as client:
             yield controller, client
-    finally:
-        stop_controller(name)
 
 
 def shard_stub(client: MemoryClient, shard: int = 0):

@@ -15,6 +15,7 @@ import pytest
 pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[2]
+DATA_TOKEN = "cli-test-data-token-0001"
 TABLES = """\
 tables:
   - name: layer2
@@ -28,7 +29,7 @@ tables:
 def test_up_status_scale_checkpoint_restore_down(ray_cluster, tmp_path):
     config = tmp_path / "tables.yaml"
     config.write_text(TABLES)
-    env = {**os.environ, "ENGRAM_HOME": str(tmp_path / "home"), "ENGRAM_MEMORY_TOKEN": "cli-test-token"}
+    env = {**os.environ, "ENGRAM_HOME": str(tmp_path / "home"), "ENGRAM_MEMORY_TOKEN": DATA_TOKEN}
     common = ["--address", ray_cluster, "--name", f"cli-{uuid.uuid4().hex[:8]}"]
 
     def engram(*args: str) -> str:
@@ -38,13 +39,23 @@ def test_up_status_scale_checkpoint_restore_down(ray_cluster, tmp_path):
         assert done.returncode == 0, done.stderr
         return done.stdout
 
-    assert "on 2 shard(s)" in engram("up", "--config", str(config), "--shards", "2", "--host", "127.0.0.1")
+    data_root = tmp_path / "data"
+    assert "on 2 shard(s)" in engram("up", "--config", str(config), "--shards", "2", "--host", "127.0.0.1",
+                                     "--data-root", str(data_root))
+    state = json.loads((tmp_path / "home" / "memory.json").read_text())
+    assert state["token"] == DATA_TOKEN and len(state["admin_token"]) >= 40  # the admin token was generated
+    assert (tmp_path / "home" / "memory.json").stat().st_mode & 0o777 == 0o600
     status = engram("status")
     assert "p99 ms" in status and len(status.strip().splitlines()) == 3
     assert "scaled to 3" in engram("scale", "--shards", "3")
     assert len(engram("status").strip().splitlines()) == 4
-    assert "manifest.json" in engram("checkpoint", str(tmp_path / "ckpt"))
-    assert "restored" in engram("restore", str(tmp_path / "ckpt"), "--shards", "2")
+    assert f"{data_root / 'ckpt' / 'manifest.json'}" in engram("checkpoint", "ckpt")
+    assert (data_root / "ckpt" / "manifest.json").stat().st_mode & 0o777 == 0o600
+    assert "restored" in engram("restore", "ckpt", "--shards", "2")
+    assert "rotated" in engram("rotate-tokens", "--grace-s", "0")
+    rotated = json.loads((tmp_path / "home" / "memory.json").read_text())
+    assert rotated["token"] != DATA_TOKEN and rotated["admin_token"] != state["admin_token"]
+    assert len(engram("status").strip().splitlines()) == 3  # the controller uses the new admin token
     assert "stopped" in engram("down")
     assert not (tmp_path / "home" / "memory.json").exists()
 
@@ -60,7 +71,7 @@ def alive_shard_pids() -> set[int]:
 def test_operator_mistakes_get_one_line_and_down_works_after_a_shard_died(ray_cluster, tmp_path):
     config = tmp_path / "tables.yaml"
     config.write_text(TABLES)
-    env = {**os.environ, "ENGRAM_HOME": str(tmp_path / "home"), "ENGRAM_MEMORY_TOKEN": "cli-test-token"}
+    env = {**os.environ, "ENGRAM_HOME": str(tmp_path / "home"), "ENGRAM_DATA_ROOT": str(tmp_path / "data")}
     common = ["--address", ray_cluster, "--name", f"cli-{uuid.uuid4().hex[:8]}"]
 
     def engram(*args: str) -> subprocess.CompletedProcess:
@@ -78,8 +89,12 @@ def test_operator_mistakes_get_one_line_and_down_works_after_a_shard_died(ray_cl
     assert engram("up", "--config", str(config), "--shards", "2", "--host", "127.0.0.1").returncode == 0
     shards = alive_shard_pids() - before
     assert len(shards) == 2
-    message = refused("restore", str(tmp_path / "nope"))
-    assert message == f"engram memory: error: directory: no manifest.json in {tmp_path / 'nope'}; not a checkpoint"
+    message = refused("restore", "nope")
+    assert message == f"engram memory: error: directory: no manifest.json in {tmp_path / 'data' / 'nope'}; not a checkpoint"
+    for outside in ("../outside", str(tmp_path / "outside"), "/etc"):
+        message = refused("checkpoint", outside)
+        assert message.startswith(f"engram memory: error: directory: must lie inside the data root {tmp_path / 'data'}")
+    assert not (tmp_path / "outside").exists()
     assert "must be at least 1" in refused("scale", "--shards", "0")
     assert len(engram("status").stdout.strip().splitlines()) == 3  # the refused commands changed nothing
 

@@ -84,19 +84,19 @@ def test_scaling_2_3_1_under_lookups_and_pushes_loses_and_fails_nothing(ray_clus
 
 def test_checkpoint_on_3_shards_restores_bit_identical_on_2(ray_cluster, tmp_path):
     ids = np.random.default_rng(2).choice(SAVED.rows, size=1000, replace=False)
-    with deployment([SAVED], shards=3) as (controller, client):
+    with deployment([SAVED], shards=3, data_root=str(tmp_path)) as (controller, client):
         gen = torch.Generator().manual_seed(3)
         for step in range(3):
             client.push("saved", ids[step * 200:step * 200 + 600], torch.randn(600, SAVED.dim, generator=gen),
                         step=step).result()
         every = np.arange(SAVED.rows)
         saved_rows = client.lookup("saved", every, dtype=torch.float32).result()
-        ray.get(controller.checkpoint.remote(str(tmp_path)))
+        ray.get(controller.checkpoint.remote("saved-at-step-3"))
         # One shard holds every slot in slot order, so its checksum covers the whole table and its state.
         ray.get(controller.scale.remote(1))
         [original] = ray.get(controller.checksums.remote())["saved"]
 
-        assert ray.get(controller.restore.remote(str(tmp_path), 2)) > 0
+        assert ray.get(controller.restore.remote(str(tmp_path / "saved-at-step-3"), 2)) > 0
         assert len(ray.get(controller.status.remote())) == 2
         assert torch.equal(client.lookup("saved", every, dtype=torch.float32).result(), saved_rows)
         ray.get(controller.scale.remote(1))

@@ -63,7 +63,7 @@ def all_rows(handle, config: TrainConfig) -> dict[int, torch.Tensor]:
 
 def check_remote_rows_train_like_in_process_tables(tmp_path, device: str, rtol: float, rows_atol: float) -> None:
     config = tiny_run(tmp_path)
-    with memory_service(deploy(engram_table_specs(config), 2)) as handle:
+    with memory_service(deploy(engram_table_specs(config), 2, data_root=tmp_path)) as handle:
         remote_losses, remote = train(config, handle, device=device)
         remote_rows = all_rows(handle, config)
     # The loader split each layer's rows by shard under the service's routing, for the client to use.
@@ -100,12 +100,12 @@ def test_on_the_gpu_remote_rows_train_like_in_process_tables(ray_cluster, tmp_pa
 
 def test_a_resumed_run_continues_exactly_where_its_checkpoint_left_off(ray_cluster, tmp_path):
     config = tiny_run(tmp_path, checkpoint_every=2)
-    with memory_service(deploy(engram_table_specs(config), 2)) as handle:
+    with memory_service(deploy(engram_table_specs(config), 2, data_root=tmp_path)) as handle:
         straight, _ = train(config, handle)
     halfway = tmp_path / "run" / "checkpoints" / "step_000002"
     assert load_trainer_state(halfway).step == 2
     resumed_config = config.replace(output_dir=str(tmp_path / "resumed"))
-    with memory_service(deploy_from_checkpoint(memory_checkpoint(halfway), 3)) as handle:
+    with memory_service(deploy_from_checkpoint(memory_checkpoint(halfway), 3, data_root=tmp_path)) as handle:
         resumed, trainer = train(resumed_config, handle, resume=halfway)
     assert trainer.step == 4
     np.testing.assert_allclose(resumed, straight[2:], rtol=1e-6)
@@ -114,7 +114,7 @@ def test_a_resumed_run_continues_exactly_where_its_checkpoint_left_off(ray_clust
 def test_two_workers_on_half_batches_equal_one_worker_on_the_whole_batch(ray_cluster, tmp_path):
     results = {}
     config = tiny_run(tmp_path)
-    with memory_service(deploy(engram_table_specs(config), 1)) as handle:
+    with memory_service(deploy(engram_table_specs(config), 1, data_root=tmp_path)) as handle:
         initial_rows = all_rows(handle, config)
     for workers in (1, 2):
         config = tiny_run(tmp_path, num_workers=workers, steps=3, output_dir=str(tmp_path / f"workers{workers}"))
@@ -123,7 +123,8 @@ def test_two_workers_on_half_batches_equal_one_worker_on_the_whole_batch(ray_clu
         # Ray Train's own handler would hold the run's TrainController, alive until the session's teardown.
         assert signal.getsignal(signal.SIGINT) is sigint, "run_training must put the SIGINT handler back"
         state = load_trainer_state(summary["checkpoint"])
-        with memory_service(deploy_from_checkpoint(memory_checkpoint(summary["checkpoint"]), 2)) as h:
+        saved_tables = memory_checkpoint(summary["checkpoint"])
+        with memory_service(deploy_from_checkpoint(saved_tables, 2, data_root=tmp_path)) as h:
             results[workers] = (state.model, all_rows(h, config))
     (dense_1, rows_1), (dense_2, rows_2) = results[1], results[2]
     assert dense_1.keys() == dense_2.keys()
@@ -141,7 +142,7 @@ def test_staleness_1_lookups_miss_only_the_latest_update(ray_cluster, tmp_path):
     stale_config = exact_config.replace(memory__staleness=1, output_dir=str(tmp_path / "stale"))
     losses = {}
     for name, config in (("exact", exact_config), ("stale", stale_config)):
-        with memory_service(deploy(engram_table_specs(config), 2)) as handle:
+        with memory_service(deploy(engram_table_specs(config), 2, data_root=tmp_path)) as handle:
             losses[name], _ = train(config, handle)
     # Step 0 reads the initial rows either way; step 1's rows were fetched before step 0's update.
     assert losses["stale"][0] == losses["exact"][0]

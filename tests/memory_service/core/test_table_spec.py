@@ -20,6 +20,11 @@ def test_dict_round_trip_is_json_safe():
     "values, field",
     [
         ({"name": "", "rows": 10, "dim": 4}, "name"),
+        ({"name": "../../x", "rows": 10, "dim": 4}, "name"),
+        ({"name": "a/b", "rows": 10, "dim": 4}, "name"),
+        ({"name": "..", "rows": 10, "dim": 4}, "name"),
+        ({"name": "x" * 65, "rows": 10, "dim": 4}, "name"),
+        ({"name": 7, "rows": 10, "dim": 4}, "name"),
         ({"name": "t", "rows": 0, "dim": 4}, "rows"),
         ({"name": "t", "rows": 10, "dim": 2.5}, "dim"),
         ({"name": "t", "rows": 10, "dim": 4, "storage_dtype": "float16"}, "storage_dtype"),
