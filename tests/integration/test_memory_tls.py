@@ -187,6 +187,40 @@ def test_over_tls_the_data_token_is_refused_admin_rpcs_and_health_needs_no_token
         assert client.lookup("tls_table", ROWS).result().shape == (len(ROWS), TABLE.dim)
 
 
+def test_over_tls_rotated_tokens_replace_the_old_ones_after_the_grace_period(tls_service, pki):
+    controller, info = tls_service
+    trusted = ClientTls(pki["ca.pem"])
+    with MemoryClient(info["directory"], TOKEN, tls=trusted) as client:
+        address = client.shard_address(1)
+
+    def answers(token: str) -> list[grpc.StatusCode | None]:
+        """Whether the directory and a shard take ``token``: None where they do, else the refusal."""
+        codes = []
+        with raw_channel(info["directory"], trusted) as channel:
+            try:
+                pb_grpc.DirectoryServiceStub(channel).ListTables(pb.ListTablesRequest(), metadata=bearer_metadata(token),
+                                                                 timeout=10)
+                codes.append(None)
+            except grpc.RpcError as error:
+                codes.append(error.code())
+        with raw_channel(address, trusted) as channel:
+            try:
+                pb_grpc.ShardServiceStub(channel).Stats(pb.StatsRequest(), metadata=bearer_metadata(token), timeout=10)
+                codes.append(None)
+            except grpc.RpcError as error:
+                codes.append(error.code())
+        return codes
+
+    new_data, new_admin = "rotated-data-token-0123456789", "rotated-admin-token-0123456789"
+    rotated = ray.get(controller.rotate_tokens.remote(new_data, new_admin, 0.0))  # no grace: the old ones end now
+    assert rotated["token"] == new_data
+    assert answers(TOKEN) == [grpc.StatusCode.UNAUTHENTICATED] * 2
+    assert answers(new_data) == [None, None]
+    assert len(ray.get(controller.status.remote())) == 2  # the controller holds the new admin token
+    ray.get(controller.rotate_tokens.remote(TOKEN, ADMIN_TOKEN, 60.0))  # back, with a grace period
+    assert answers(TOKEN) == [None, None] and answers(new_data) == [None, None]
+
+
 # ---- 2. Mutual TLS ----------------------------------------------------------------------------------------------
 
 
