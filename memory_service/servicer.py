@@ -47,20 +47,23 @@ class RequestRejected(Exception):
 
 
 def _handler(method: str):
-    """Run a synchronous handler body, map refusals to status codes and record metrics."""
+    """Run a synchronous handler body, which returns (response, rows, row bytes carried); map refusals
+    to status codes and record metrics."""
 
     def decorate(body):
         @functools.wraps(body)
         async def handler(self: "ShardServicer", request, context: grpc.aio.ServicerContext):
             start = time.perf_counter()
             try:
-                response, rows = body(self, request)
+                response, rows, wire_bytes = body(self, request)
             except (RowStoreError, RequestRejected, *INVALID_INPUT) as error:
                 await self._refuse(context, error)
             except Exception as error:  # a bug, not bad input: log it, keep serving, tell the caller plainly
                 log.exception("%s failed", method)
                 await context.abort(grpc.StatusCode.INTERNAL, f"{method}: {type(error).__name__}: {error}")
-            self.metrics.record(method, time.perf_counter() - start, rows)
+            self.metrics.record(method, time.perf_counter() - start, rows, wire_bytes)
+            if method != "lookup":  # only lookups leave the held bytes and the pending steps as they were
+                self.metrics.set_state(self.store.memory_bytes(), self.pending_steps())
             return response
 
         return handler
@@ -135,7 +138,7 @@ class ShardServicer:
         shared = request.HasField("shared_rows")
         if shared:
             self._write_shared_rows(request.shared_rows, rows)
-        return (rows, request.dtype, self.epoch, not shared), len(ids)  # encoded by encode_lookup_response
+        return (rows, request.dtype, self.epoch, not shared), len(ids), reply_bytes  # see encode_lookup_response
 
     def _write_shared_rows(self, shared: pb.SharedRows, rows) -> None:
         try:
@@ -156,7 +159,9 @@ class ShardServicer:
         applied = self._apply(request.table, ready)
         pending = request.synchronous and request.step in aggregator.pending_steps()
         duplicate = not ready and not pending and len(ids) > 0
-        return pb.UpdateResponse(applied_rows=applied, duplicate=duplicate, pending=pending, epoch=self.epoch), len(ids)
+        wire_bytes = len(ids) * spec.dim * WIRE_DTYPE_BY_ENUM[request.grad_dtype].torch.itemsize
+        return (pb.UpdateResponse(applied_rows=applied, duplicate=duplicate, pending=pending, epoch=self.epoch),
+                len(ids), wire_bytes)
 
     def _grads(self, request: pb.UpdateRequest, spec: TableSpec, num_rows: int) -> torch.Tensor:
         dtype = self._dtype(request.grad_dtype, "grad_dtype")
@@ -176,6 +181,11 @@ class ShardServicer:
                 f"grads: expected {num_rows * row_bytes} bytes ({num_rows} rows x dim {spec.dim} x {dtype}), "
                 f"got {len(request.grads)}")
         return tensor_from_bytes(request.grads, dtype, (num_rows, spec.dim)).float()
+
+    def pending_steps(self) -> int:
+        """Synchronous steps, over all tables, that still wait for some rank's push."""
+        return sum(len(aggregator.pending_steps()) for (_, synchronous), aggregator in self._aggregators.items()
+                   if synchronous)
 
     def _aggregator(self, table: str, synchronous: bool) -> StepAggregator:
         key = (table, synchronous)
@@ -212,12 +222,12 @@ class ShardServicer:
             shard_index=self.shard_index, address=self.address, node=self.node, epoch=self.epoch,
             memory_bytes=self.store.memory_bytes(), tables=tables, requests_total=self.metrics.requests_total,
             requests_per_s=self.metrics.requests_per_s(), p50_lookup_ms=p50, p99_lookup_ms=p99)
-        return response, 0
+        return response, 0, 0
 
     @_handler("checksum")
     def Checksum(self, request: pb.ChecksumRequest):
         self._spec(request.table)
-        return pb.ChecksumResponse(sha256=self.store.checksum(request.table)), 0
+        return pb.ChecksumResponse(sha256=self.store.checksum(request.table)), 0, 0
 
     # ---- control plane --------------------------------------------------------------------
 
@@ -229,7 +239,7 @@ class ShardServicer:
             raise RequestRejected("INVALID_ARGUMENT", "spec_json", f"spec_json: not JSON ({error})") from None
         self.store.add_table(spec, list(request.slots))
         self.epoch = max(self.epoch, request.epoch)
-        return pb.AddTableResponse(), 0
+        return pb.AddTableResponse(), 0, 0
 
     @_handler("drop_table")
     def DropTable(self, request: pb.DropTableRequest):
@@ -238,7 +248,7 @@ class ShardServicer:
         self._frozen.pop(request.table, None)
         for synchronous in (False, True):
             self._aggregators.pop((request.table, synchronous), None)
-        return pb.DropTableResponse(), 0
+        return pb.DropTableResponse(), 0, 0
 
     @_handler("set_epoch")
     def SetEpoch(self, request: pb.SetEpochRequest):
@@ -246,7 +256,7 @@ class ShardServicer:
             raise RequestRejected("FAILED_PRECONDITION", "epoch",
                                   f"epoch: routing epochs only grow; this shard is at {self.epoch}, got {request.epoch}")
         self.epoch = request.epoch
-        return pb.SetEpochResponse(), 0
+        return pb.SetEpochResponse(), 0, 0
 
     @_handler("freeze_slots")
     def FreezeSlots(self, request: pb.FreezeSlotsRequest):
@@ -256,7 +266,7 @@ class ShardServicer:
             frozen.update(request.slots)
         else:
             frozen.difference_update(request.slots)
-        return pb.FreezeSlotsResponse(), 0
+        return pb.FreezeSlotsResponse(), 0, 0
 
     @_handler("export_slots")
     def ExportSlots(self, request: pb.ExportSlotsRequest):
@@ -269,7 +279,7 @@ class ShardServicer:
         for synchronous, prefix in APPLIED_PREFIXES.items():
             applied = self._aggregator(request.table, synchronous).export_applied(request.slots, spec.num_slots)
             arrays.update({prefix + name: array for name, array in applied.items()})
-        return pb.ExportSlotsResponse(arrays=arrays_to_proto(arrays)), 0
+        return pb.ExportSlotsResponse(arrays=arrays_to_proto(arrays)), 0, 0
 
     @_handler("import_slots")
     def ImportSlots(self, request: pb.ImportSlotsRequest):
@@ -284,14 +294,14 @@ class ShardServicer:
                 self._aggregator(request.table, synchronous).import_applied(applied[prefix])
         check = functools.partial(self.store.check_update, request.table)
         self._apply(request.table, self._aggregator(request.table, True).import_pending(pending, check))
-        return pb.ImportSlotsResponse(), 0
+        return pb.ImportSlotsResponse(), 0, 0
 
     @_handler("release_slots")
     def ReleaseSlots(self, request: pb.ReleaseSlotsRequest):
         self._spec(request.table)
         self.store.release_slots(request.table, list(request.slots))
         self._frozen.get(request.table, set()).difference_update(request.slots)
-        return pb.ReleaseSlotsResponse(), 0
+        return pb.ReleaseSlotsResponse(), 0, 0
 
     @_handler("checkpoint")
     def Checkpoint(self, request: pb.CheckpointRequest):
@@ -302,7 +312,7 @@ class ShardServicer:
             path = checkpoint.write_shard_file(directory, spec.name, self.shard_index,
                                                self.store.export_slots(spec.name, slots))
             files.append(pb.CheckpointFile(table=spec.name, path=path, slots=slots))
-        return pb.CheckpointResponse(files=files), 0
+        return pb.CheckpointResponse(files=files), 0, 0
 
     @_handler("restore")
     def Restore(self, request: pb.RestoreRequest):
@@ -312,4 +322,4 @@ class ShardServicer:
         parts = checkpoint.read_slots(directory, spec, list(request.paths), list(request.slots))
         for arrays in parts:
             self.store.import_slots(request.table, arrays)
-        return pb.RestoreResponse(), 0
+        return pb.RestoreResponse(), 0, 0

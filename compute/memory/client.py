@@ -15,12 +15,14 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 
 import grpc
 import numpy as np
 import torch
 
 from compute.memory.calls import Channels, MemoryServiceError, RetryPolicy, gather_parts, with_retries
+from compute.memory.client_metrics import ClientMetrics
 from compute.memory.routing import Routing, TableRoute, connection_info_from_controller
 from compute.memory.shared_segments import SharedSegmentPool, remove_orphaned_segments
 from memory_service.core import push_checks
@@ -57,6 +59,7 @@ class MemoryClient:
         if self._use_local_transport:
             remove_orphaned_segments()
         self._segments = SharedSegmentPool()
+        self._metrics = ClientMetrics()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._serve_calls, name="memory-client", daemon=True)
         self._thread.start()
@@ -199,6 +202,7 @@ class MemoryClient:
 
     async def _lookup(self, table: str, ids: np.ndarray, dtype: torch.dtype, pinned: bool,
                       shard_split: ShardSplit | None) -> torch.Tensor:
+        start = time.perf_counter()
         route = self._route(table)
         unique, inverse = (ids, None) if _sorted_unique(ids) else np.unique(ids, return_inverse=True)
         # `received` holds the rows of `unique` in its order: co-located shards write theirs in place,
@@ -250,12 +254,14 @@ class MemoryClient:
             raise
         if segment:
             self._segments.release(segment)
+        self._metrics.record("lookup", time.perf_counter() - start, len(unique), len(unique) * row_bytes)
         return out
 
     # ---- push -------------------------------------------------------------------------------
 
     async def _push(self, table: str, ids: np.ndarray, grads: torch.Tensor, step: int, rank: int,
                     world_size: int, synchronous: bool) -> PushResult:
+        start = time.perf_counter()
         totals = {"applied": 0, "duplicate": False, "pending": False}
         acknowledged: set[int] = set()  # shards that took all their rows of this push
         # Co-located shards read the gradients from shared memory: one copy in, none through the socket.
@@ -314,6 +320,7 @@ class MemoryClient:
             raise
         if segment:
             self._segments.release(segment)
+        self._metrics.record("push", time.perf_counter() - start, len(ids), grads.numel() * grads.element_size())
         return PushResult(totals["applied"], totals["duplicate"], totals["pending"])
 
 

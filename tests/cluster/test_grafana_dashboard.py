@@ -1,11 +1,11 @@
 """cluster/grafana/engram-memory-dashboard.json queries metrics that exist, under the names Prometheus sees.
 
-The metric names, kinds, tag keys and histogram buckets come from memory_service/metrics.py itself: its
-``RayMetricsExporter`` is built against a stand-in for ``ray.util.metrics`` that records what it defines.
-Ray exports a custom metric NAME as ``ray_NAME`` to Prometheus; a Counter as ``ray_NAME_total``; a Histogram
-as ``ray_NAME_bucket`` / ``_sum`` / ``_count``. The one panel on Ray's own metrics (shard memory) is checked
-against the gauges Ray's reporter agent defines. The ``method`` values the panels select must be ones the
-servicer records.
+The metric names, kinds, tag keys and histogram buckets come from the code itself: the shards'
+``RayMetricsExporter`` (memory_service/metrics.py) and the clients' ``ClientMetrics``
+(compute/memory/client_metrics.py) are built against a stand-in for ``ray.util.metrics`` that records
+what they define. Ray exports a custom metric NAME as ``ray_NAME`` to Prometheus; a Counter as
+``ray_NAME_total``; a Histogram as ``ray_NAME_bucket`` / ``_sum`` / ``_count``. The ``method`` values the
+panels select must be ones the servicer or the client records.
 """
 from __future__ import annotations
 
@@ -25,18 +25,22 @@ RAY_STANDARD_LABELS = {"ip", "Component", "instance", "job", "SessionName", "Nod
 
 @pytest.fixture(scope="module")
 def defined_metrics() -> dict[str, dict]:
-    """name -> {kind, tag_keys, boundaries} for every Ray metric memory_service/metrics.py defines."""
+    """name -> {kind, tag_keys, boundaries, source} for every Ray metric that the shards
+    (memory_service/metrics.py) and the clients (compute/memory/client_metrics.py) define."""
+    import ray
     import ray.util
 
-    from memory_service import metrics as module
+    from compute.memory import client_metrics
+    from memory_service import metrics as shard_metrics
 
     defined: dict[str, dict] = {}
+    source = ""
 
     def recorder(kind):
         class Metric:
             def __init__(self, name, description="", boundaries=None, tag_keys=()):
                 self.tag_keys = set(tag_keys)
-                defined[name] = {"kind": kind, "tag_keys": self.tag_keys, "boundaries": boundaries}
+                defined[name] = {"kind": kind, "tag_keys": self.tag_keys, "boundaries": boundaries, "source": source}
 
             def set_default_tags(self, tags):
                 assert set(tags) <= self.tag_keys, f"default tags {tags} outside {self.tag_keys}"
@@ -44,16 +48,21 @@ def defined_metrics() -> dict[str, dict]:
         return Metric
 
     fake = types.SimpleNamespace(Counter=recorder("counter"), Gauge=recorder("gauge"), Histogram=recorder("histogram"))
-    original = getattr(ray.util, "metrics", None)
-    ray.util.metrics = fake  # what `from ray.util import metrics` inside RayMetricsExporter picks up
+    original, initialized = getattr(ray.util, "metrics", None), ray.is_initialized
+    ray.util.metrics = fake  # what `from ray.util import metrics` inside the exporters picks up
+    ray.is_initialized = lambda: True  # the client records metrics only inside Ray
     try:
-        module.RayMetricsExporter(shard_index=0)
+        source = "shard"
+        shard_metrics.RayMetricsExporter(shard_index=0)
+        source = "client"
+        client_metrics.ClientMetrics()
     finally:
+        ray.is_initialized = initialized
         if original is None:
             del ray.util.metrics
         else:
             ray.util.metrics = original
-    assert defined, "RayMetricsExporter defined no metric"
+    assert {spec["source"] for spec in defined.values()} == {"shard", "client"}
     return defined
 
 
@@ -72,16 +81,11 @@ def _prometheus_series(defined: dict[str, dict]) -> dict[str, tuple[str, dict]]:
     return series
 
 
-def _ray_gauges() -> set[str]:
-    from ray.dashboard.modules.reporter.reporter_agent import METRICS_GAUGES
-
-    return {f"ray_{gauge.name}" for gauge in METRICS_GAUGES.values()}
-
-
 def _recorded_methods() -> set[str]:
-    """The ``method`` tag values the servicer records: one per ``@_handler("...")``."""
-    source = (ROOT / "memory_service" / "servicer.py").read_text()
-    return set(re.findall(r'@_handler\("([a-z_]+)"\)', source))
+    """The ``method`` tag values recorded: the servicer's, one per ``@_handler("...")``, and the client's."""
+    servicer = (ROOT / "memory_service" / "servicer.py").read_text()
+    client = (ROOT / "compute" / "memory" / "client.py").read_text()
+    return set(re.findall(r'@_handler\("([a-z_]+)"\)', servicer)) | set(re.findall(r'_metrics\.record\("([a-z_]+)"', client))
 
 
 def _dashboard() -> dict:
@@ -102,25 +106,23 @@ def _metric_names(expr: str) -> set[str]:
     return {n for n in names if n not in PROMQL_WORDS and not n.startswith("__")}
 
 
-def test_module_defines_the_metrics_the_dashboard_is_about(defined_metrics):
+def test_the_metrics_carry_the_tags_the_dashboard_is_about(defined_metrics):
     kinds = {spec["kind"] for spec in defined_metrics.values()}
-    assert {"counter", "histogram"} <= kinds
-    for spec in defined_metrics.values():
-        assert {"shard", "method"} <= spec["tag_keys"]
+    assert {"counter", "histogram", "gauge"} <= kinds
+    for spec in defined_metrics.values():  # shards: per request by method, state per shard; clients: by method
+        expected = {"shard"} if spec["kind"] == "gauge" else {"shard", "method"}
+        assert spec["tag_keys"] == (expected if spec["source"] == "shard" else {"method"})
 
 
 def test_every_expression_names_a_metric_that_exists(defined_metrics):
     series = _prometheus_series(defined_metrics)
-    ray_gauges = _ray_gauges()
     exprs = _exprs(_dashboard())
     assert exprs
     for title, expr in exprs:
         names = _metric_names(expr)
         assert names, f"{title}: no metric in {expr!r}"
         for name in names:
-            assert name in series or name in ray_gauges, f"{title}: {name} is neither in metrics.py nor Ray's gauges"
-    engram_panels = [t for t, e in exprs if _metric_names(e) & set(series)]
-    assert len(engram_panels) >= len(exprs) - 1, "all panels but the memory one are over metrics.py's metrics"
+            assert name in series, f"{title}: {name} is defined by neither the shards nor the clients"
 
 
 def test_every_metric_of_the_module_is_on_the_dashboard(defined_metrics):
@@ -159,9 +161,13 @@ def test_latency_quantiles_use_the_histogram_buckets(defined_metrics):
     for title, expr in quantile_exprs:
         assert _metric_names(expr) & set(histograms), f"{title}: a quantile needs a _bucket series"
         assert re.search(r"by\s*\([^)]*\ble\b", expr), f"{title}: sum by le, or the quantile is meaningless"
-    for spec in histograms.values():  # the panel tells the precision the buckets give
-        description = next(p["description"] for p in _dashboard()["panels"] if "Lookup latency" in p["title"])
-        assert len(spec["boundaries"]) == len(re.findall(r"\d+(?:\.\d+)? m?s\b", description))
+    for name, spec in histograms.items():  # a panel on each histogram tells the precision its buckets give
+        described = [panel for panel in _dashboard()["panels"] if "buckets" in panel["description"]
+                     and any(name in target["expr"] for target in panel["targets"])]
+        assert described, f"no panel lists the buckets of {name}"
+        for panel in described:
+            assert len(spec["boundaries"]) == len(re.findall(r"\d+(?:\.\d+)? m?s\b", panel["description"])), \
+                panel["title"]
 
 
 def test_required_panels_exist():

@@ -1,0 +1,35 @@
+"""The client's side of the memory service as Ray metrics: call latency, rows and row bytes per method.
+
+Recorded only in processes where Ray is initialised (training and serving workers), whose metrics
+Ray's dashboard exports to Prometheus next to the shards' (cluster/grafana/ draws both).
+"""
+from __future__ import annotations
+
+import sys
+
+LATENCY_BOUNDARIES_S = [1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 5.0]
+
+
+class ClientMetrics:
+    """Counts one client's lookups and pushes; does nothing outside Ray."""
+
+    def __init__(self):
+        ray = sys.modules.get("ray")
+        self._enabled = ray is not None and ray.is_initialized()
+        if not self._enabled:
+            return
+        from ray.util import metrics
+
+        self._latency = metrics.Histogram("engram_client_latency_s", "memory-service call latency seen by a client",
+                                          boundaries=LATENCY_BOUNDARIES_S, tag_keys=("method",))
+        self._rows = metrics.Counter("engram_client_rows", "rows a client looked up or pushed", tag_keys=("method",))
+        self._wire_bytes = metrics.Counter("engram_client_wire_bytes", "row and gradient bytes a client moved",
+                                           tag_keys=("method",))
+
+    def record(self, method: str, seconds: float, rows: int, wire_bytes: int) -> None:
+        if not self._enabled:
+            return
+        tags = {"method": method}
+        self._latency.observe(seconds, tags)
+        self._rows.inc(rows, tags)
+        self._wire_bytes.inc(wire_bytes, tags)
