@@ -38,12 +38,14 @@ The verdict on each example (``FuzzTarget.check``):
   the shard is then rebuilt from scratch (``reset``) and the comparison starts again from the
   fresh state; a state change is therefore only ever compared across requests that could not make one;
 * no file appeared outside the data root (the whole work folder, with the process's cwd inside it,
-  and every folder above it are compared, the latter for the names the fuzzer sends), and the data
-  root holds only the files present at the start and those that successful Checkpoints reported.
+  every folder above it and /dev/shm are compared, the latter two for the names the fuzzer sends),
+  and the data root holds only the files present at the start and those that successful Checkpoints
+  reported.
 """
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import dataclasses
 import json
@@ -486,6 +488,7 @@ class FuzzTarget:
         self.segment_name = f"{SHARED_SEGMENT_PREFIX}fuzz-{os.getpid()}-{id(self):x}"
         self.segment_path = Path(SHARED_SEGMENT_DIR) / self.segment_name
         self.segment_path.write_bytes(bytes(64 * 1024))
+        atexit.register(self.segment_path.unlink, missing_ok=True)  # also when a run is cut short
         self.tokens = AccessTokens(DATA_TOKEN, ADMIN_TOKEN)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="fuzz-servers")
@@ -630,6 +633,10 @@ class FuzzTarget:
             problems.append(f"files outside the data root changed: {changed[:5]}")
         if self._above() != self.above_before:
             problems.append(f"files above the work folder appeared: {self._above()}")
+        made = [name for name in SEGMENT_NAMES if name and "/" not in name and "\x00" not in name
+                and os.path.lexists(os.path.join(SHARED_SEGMENT_DIR, name))]
+        if made:
+            problems.append(f"shared-memory segments the fuzzer named appeared: {made}")
         stray = self._data_files() - self.allowed_files
         if stray:
             problems.append(f"files in the data root no successful Checkpoint reported: {sorted(stray)[:5]}")

@@ -90,11 +90,21 @@ def _export_of_slot_15(table: str) -> list[pb.NamedArray]:
     return arrays_to_proto(real_export(table, [15]))
 
 
+def _pending_with_nan_grads() -> list[pb.NamedArray]:
+    from protos.wire import arrays_to_proto, pending_to_arrays
+
+    grads = np.full((1, 8), np.nan, dtype=np.float32)
+    return arrays_to_proto(pending_to_arrays([{"step": 3, "world_size": 2, "ranks": [0], "parts": [
+        {"rank": 0, "row_ids": np.asarray([15], np.int64), "grads": grads}]}]))
+
+
 # Minimal requests for each known bug: admin token, each once.
 KNOWN_BUG_CASES = [
     ("import-after-store", "ShardService/ImportSlots",
      lambda: _import_with("adam", _export_of_slot_15("adam") + [
          pb.NamedArray(name="applied.synchronous.lane", dtype="<i8", shape=[1], data=bytes(8))])),
+    ("import-after-store", "ShardService/ImportSlots",
+     lambda: _import_with("adam", _export_of_slot_15("adam") + _pending_with_nan_grads())),
     ("spec-json-recursion", "ShardService/AddTable",
      lambda: pb.AddTableRequest(spec_json="[" * 100_000, epoch=1).SerializeToString()),
     ("checkpoint-oserror", "ShardService/Checkpoint",
