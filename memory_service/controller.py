@@ -41,6 +41,7 @@ class Shard:
     local_address: str  # unix:<path> for clients on the shard's machine; '' when there is none
     node: str
     hostname: str
+    reserved_bytes: int  # Ray `memory` reserved for its rows and optimizer state
     stub: pb_grpc.ShardServiceStub
     channel: grpc.aio.Channel
 
@@ -161,17 +162,22 @@ class MemoryController:
         channel = open_channel(info["address"], self._client_tls, transport_options(self._options.max_message_bytes))
         log.info("shard %d serving on %s (node %s)", index, info["address"], info["node"][:12])
         return Shard(index, actor, info["address"], info["local_address"], info["node"], info["hostname"],
-                     pb_grpc.ShardServiceStub(channel), channel)
+                     info["reserved_bytes"], pb_grpc.ShardServiceStub(channel), channel)
 
     def _reserve_bytes(self, specs: list[TableSpec], num_shards: int) -> int:
+        """Ray ``memory`` a shard reserves: its even share of every table's rows and optimizer state."""
         return sum(spec.rows * spec.bytes_per_row() for spec in specs) // num_shards
 
-    async def _grow_to(self, num_shards: int, specs: list[TableSpec]) -> None:
+    async def _grow_to(self, num_shards: int, specs: list[TableSpec], *, add_empty_tables: bool) -> None:
+        """Start shards up to ``num_shards``, each reserving its share of ``specs``' memory (so Ray places
+        them only on memory nodes with room, and the autoscaler sizes those); with ``add_empty_tables``,
+        the new shards get every table of ``specs`` with no slots yet (they fill as slots move in)."""
         reserve = self._reserve_bytes(specs, num_shards)
         new = await asyncio.gather(*(self._start_shard(i, reserve) for i in range(len(self._shards), num_shards)))
-        for shard in new:
-            await asyncio.gather(*(self._call(shard, "AddTable", pb.AddTableRequest(
-                spec_json=json.dumps(spec.to_dict()), slots=[], epoch=self._epoch)) for spec in specs))
+        if add_empty_tables:
+            for shard in new:
+                await asyncio.gather(*(self._call(shard, "AddTable", pb.AddTableRequest(
+                    spec_json=json.dumps(spec.to_dict()), slots=[], epoch=self._epoch)) for spec in specs))
         self._shards.extend(new)
 
     async def _shrink_to(self, num_shards: int) -> None:
@@ -201,7 +207,7 @@ class MemoryController:
                 raise ValueError(f"tables: already deployed {sorted(self._tables)}; run down first")
             await self.start()
             self._epoch = 1
-            await self._grow_to(num_shards, [])
+            await self._grow_to(num_shards, specs, add_empty_tables=False)
             for spec in specs:
                 slot_map = SlotMap.even(spec.num_slots, num_shards)
                 await asyncio.gather(*(self._call(s, "AddTable", pb.AddTableRequest(
@@ -217,7 +223,7 @@ class MemoryController:
         if num_shards < 1 or any(num_shards > spec.num_slots for spec in specs):
             raise ValueError(f"num_shards: must be in [1, num_slots], got {num_shards}")
         async with self._lock:
-            await self._grow_to(num_shards, specs)
+            await self._grow_to(num_shards, specs, add_empty_tables=True)
             moved = {}
             for spec, slot_map in list(self._tables.values()):
                 new_map, moves = slot_map.rebalanced(num_shards)
@@ -258,14 +264,15 @@ class MemoryController:
     # ---- status / checkpoint / restore ------------------------------------------------------
 
     async def status(self) -> list[dict[str, Any]]:
-        """One record per shard: index, node, address, slots, rows, bytes, requests/s, p50/p99 lookup ms."""
+        """One record per shard: index, node, address, slots, rows, bytes held and reserved, requests/s,
+        p50/p99 lookup ms."""
         stats = await asyncio.gather(*(self._call(s, "Stats", pb.StatsRequest()) for s in self._shards))
         return [{
             "shard": st.shard_index, "node": st.node, "address": st.address, "epoch": st.epoch,
             "slots": sum(t.slots for t in st.tables), "rows": sum(t.rows for t in st.tables),
-            "bytes": st.memory_bytes, "requests_per_s": st.requests_per_s,
+            "bytes": st.memory_bytes, "reserved_bytes": shard.reserved_bytes, "requests_per_s": st.requests_per_s,
             "p50_ms": st.p50_lookup_ms, "p99_ms": st.p99_lookup_ms,
-        } for st in stats]
+        } for shard, st in zip(self._shards, stats)]
 
     async def checksums(self) -> dict[str, list[str]]:
         """Per table, each shard's checksum of its slots (tests compare these around bad input)."""
@@ -316,7 +323,7 @@ class MemoryController:
                 await asyncio.gather(*(self._call(s, "DropTable", pb.DropTableRequest(table=name)) for s in self._shards))
             self._tables.clear()
             await self._shrink_to(min(num_shards, len(self._shards)))
-            await self._grow_to(num_shards, [])
+            await self._grow_to(num_shards, [spec for spec, _ in entries], add_empty_tables=False)
             self._epoch += 1
             for spec, files in entries:
                 slot_map = SlotMap.even(spec.num_slots, num_shards)

@@ -55,7 +55,8 @@ class ShardActor:
         self._socket_dir = None if tls else tempfile.mkdtemp(prefix="engram-shard-")  # mode 0700
 
     async def start(self) -> dict[str, str]:
-        """Start serving; return this shard's ``address``, ``local_address`` ('' with TLS), ``node`` and ``hostname``."""
+        """Start serving; return this shard's ``address``, ``local_address`` ('' with TLS), ``node``, ``hostname``
+        and the Ray ``memory`` it reserved (``reserved_bytes``)."""
         local_socket = f"{self._socket_dir}/shard-{self._servicer.shard_index}.sock" if self._socket_dir else None
         if self._server is None:
             self._server, self._servicer.address = await start_server(
@@ -64,7 +65,8 @@ class ShardActor:
                 tokens=self._tokens, host=self._host, tls=self._tls, max_message_bytes=self._servicer.max_message_bytes,
                 unix_socket=local_socket, reflection_enabled=self._reflection)
         return {"address": self._servicer.address, "local_address": f"unix:{local_socket}" if local_socket else "",
-                "node": self._servicer.node, "hostname": socket.gethostname()}
+                "node": self._servicer.node, "hostname": socket.gethostname(),
+                "reserved_bytes": int(ray.get_runtime_context().get_assigned_resources().get("memory", 0))}
 
     def rotate_tokens(self, data: str, admin: str, grace_s: float) -> None:
         """Accept new tokens from now on, the current ones for ``grace_s`` more seconds."""

@@ -133,9 +133,10 @@ def _status(args) -> int:
     import ray
 
     rows = ray.get(_controller(args).status.remote())
-    header = ("shard", "node", "address", "slots", "rows", "bytes", "req/s", "p50 ms", "p99 ms")
+    header = ("shard", "node", "address", "slots", "rows", "bytes", "reserved", "req/s", "p50 ms", "p99 ms")
     table = [(str(r["shard"]), r["node"][:12], r["address"], str(r["slots"]), str(r["rows"]), _human_bytes(r["bytes"]),
-              f"{r['requests_per_s']:.1f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}") for r in rows]
+              _human_bytes(r["reserved_bytes"]), f"{r['requests_per_s']:.1f}", f"{r['p50_ms']:.2f}",
+              f"{r['p99_ms']:.2f}") for r in rows]
     widths = [max(len(cell) for cell in column) for column in zip(header, *table)]
     for line in (header, *table):
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))

@@ -19,6 +19,7 @@ from tests.integration.memory_deploy import ADMIN_TOKEN, TOKEN, deployment, shar
 pytestmark = pytest.mark.ray
 
 TABLE = spec("access", rows=2000, dim=8)
+LARGER = spec("larger", rows=20_000, dim=16)  # makes each shard's share exceed the 1 MiB floor of a reservation
 SHARD_SERVICE = pb.DESCRIPTOR.services_by_name["ShardService"]
 ADMIN_METHODS = [m for m in SHARD_SERVICE.methods if f"/{SHARD_SERVICE.full_name}/{m.name}" not in DATA_METHODS]
 
@@ -30,7 +31,7 @@ def bearer(token: str) -> tuple[tuple[str, str]]:
 @pytest.fixture(scope="module")
 def memory(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("data-root")
-    with deployment([TABLE], shards=2, data_root=str(root)) as (controller, client):
+    with deployment([TABLE, LARGER], shards=2, data_root=str(root)) as (controller, client):
         stub, channel = shard_stub(client)
         yield controller, client, stub, root
         channel.close()
@@ -186,3 +187,12 @@ def test_a_push_cut_short_names_the_shards_that_took_it_and_resending_completes_
     finally:
         impatient.close()
         channel.close()
+
+
+def test_each_shard_reserves_its_share_of_the_tables_memory_from_ray(memory):
+    """So Ray places shards only on memory nodes with room for them, and its autoscaler can size those."""
+    controller, _, _, _ = memory
+    shards = ray.get(controller.status.remote())
+    share = sum(table.rows * table.bytes_per_row() for table in (TABLE, LARGER)) // 2
+    assert share > 1 << 20 and [shard["reserved_bytes"] for shard in shards] == [share] * 2
+    assert all(shard["bytes"] <= 1.1 * shard["reserved_bytes"] for shard in shards)
