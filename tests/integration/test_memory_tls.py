@@ -18,7 +18,10 @@ import ray
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from compute.config import EngramConfig, ModelConfig
+from compute.data import DataConfig
 from compute.memory.client import MemoryClient, MemoryServiceError
+from compute.train.config import MemoryConfig, OptimConfig, TrainConfig
 from compute.train.tables import engram_table_specs
 from memory_service.auth import TlsFiles
 from memory_service.checkpoint import PathRefused
@@ -82,11 +85,18 @@ def tls_service(ray_cluster, pki, tmp_path_factory):
         yield controller, info
 
 
-def tiny_training(data_root: Path):
-    """The tiny training run of test_training.py, 3 steps, its output (and memory checkpoint) under ``data_root``."""
-    from tests.integration.test_training import tiny_run
-
-    return tiny_run(data_root, steps=3, output_dir=str(data_root / "run"))
+def tiny_training(data_root: Path) -> TrainConfig:
+    """test_training.py's tiny run (float32 rows on the wire, so runs match exactly), 3 steps; its output
+    and memory checkpoint under ``data_root``."""
+    return TrainConfig(
+        model=ModelConfig(hidden_size=32, num_layers=2, num_attention_heads=2, hc_mult=2, max_seq_len=32,
+                          num_routed_experts=4, num_experts_per_token=2, expert_hidden_size=32, tie_embeddings=True),
+        engram=EngramConfig(engram_vocab_size=(211, 223), n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=(0, 1)),
+        data=DataConfig(max_files=3, seq_len=16, batch_size=4, num_workers=0),
+        optim=OptimConfig(lr=1e-2, warmup_steps=1),
+        memory=MemoryConfig(shards=2, num_slots=16, wire_dtype="float32"),
+        steps=3, log_every=1, eval_batches=1, output_dir=str(data_root / "run"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +346,7 @@ def test_a_training_job_over_mutual_tls_trains_like_in_process_tables(mtls_servi
     from compute.train.checkpoints import memory_checkpoint
     from compute.train.job import RunMemory, run_training
     from memory_service.deploy import MemoryHandle
-    from tests.integration.test_training import train
+    from compute.train.loop import EngramTrainer, WorkerContext
 
     controller, info, root, name = mtls_service
     config = tiny_training(root)
@@ -350,5 +360,10 @@ def test_a_training_job_over_mutual_tls_trains_like_in_process_tables(mtls_servi
     # Every Engram table's rows trained on every shard, and the losses are those of in-process tables.
     assert all(a != b for table in tables for a, b in zip(before[table], after[table], strict=True))
     assert (memory_checkpoint(summary["checkpoint"]) / "manifest.json").is_file()
-    local_losses, _ = train(config.replace(memory__tables="local", output_dir=str(tmp_path / "local")))
+    local = EngramTrainer(config.replace(memory__tables="local", output_dir=str(tmp_path / "local")),
+                          WorkerContext(device=torch.device("cpu")))
+    try:
+        local_losses = local.train()
+    finally:
+        local.close()
     np.testing.assert_allclose(remote_losses, local_losses, rtol=1e-6)
