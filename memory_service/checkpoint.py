@@ -21,6 +21,7 @@ from memory_service.row_store import ShardStore
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 DATA_ROOT_ENV = "ENGRAM_DATA_ROOT"
+MAX_PATH_CHARS, MAX_NAME_CHARS = 1024, 255  # what common file systems take
 
 
 class PathRefused(ValueError):
@@ -45,6 +46,8 @@ def inside_root(root: Path, path: str, field: str) -> Path:
     root = Path(root).resolve()
     if not isinstance(path, str) or not path or "\x00" in path:
         raise PathRefused(field, f"must name a folder inside the data root {root}")
+    if len(path) > MAX_PATH_CHARS or any(len(part) > MAX_NAME_CHARS for part in Path(path).parts):
+        raise PathRefused(field, f"must be at most {MAX_PATH_CHARS} characters, each name at most {MAX_NAME_CHARS}")
     resolved = (root / path).resolve()
     if root not in resolved.parents:
         raise PathRefused(field, f"must lie inside the data root {root}; {path!r} does not")
@@ -70,9 +73,13 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def write_shard_file(directory: Path, table: str, shard_index: int, arrays: dict[str, np.ndarray]) -> str:
-    """Save one shard's slots of ``table``; return the path relative to ``directory``."""
+    """Save one shard's slots of ``table``; return the path relative to ``directory``. PathRefused when
+    the path cannot be a folder of files (a file is in the way, a name is too long)."""
     relative = f"{table}/shard-{shard_index:04d}.npz"
-    _atomic_write(directory / relative, lambda f: np.savez(f, **arrays))
+    try:
+        _atomic_write(directory / relative, lambda f: np.savez(f, **arrays))
+    except (NotADirectoryError, IsADirectoryError, FileExistsError) as error:
+        raise PathRefused("directory", f"cannot hold checkpoint files ({error.strerror})") from None
     return relative
 
 

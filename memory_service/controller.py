@@ -54,6 +54,8 @@ class ControllerOptions:
     admin_token: str | None = None        # what the controller presents; None: generated
     tls: TlsFiles | None = None
     tls_ca_file: str | None = None        # the CA that signed tls.cert_file; None: tls.client_ca_file, else the cert
+    tls_client_cert_file: str | None = None  # under mutual TLS, the identity the controller and its jobs present;
+    tls_client_key_file: str | None = None   # None: the servers' own certificate and key
     host: str | None = None               # bind address of every server; None: the node's IP
     shard_resource: str = SHARD_RESOURCE
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -67,16 +69,21 @@ class ControllerOptions:
                 check_token(token, name)
         if self.data_token is not None and self.data_token == self.admin_token:
             raise ValueError("admin token: must differ from the data token")
+        if (self.tls_client_cert_file is None) != (self.tls_client_key_file is None):
+            raise ValueError("tls-client-cert/tls-client-key: give both or neither")
+        if self.tls_client_cert_file and (self.tls is None or self.tls.client_ca_file is None):
+            raise ValueError("tls-client-cert: a client identity needs mutual TLS (--tls-client-ca)")
 
     def client_tls(self) -> ClientTls | None:
         """What the controller and the clients it informs use to reach the servers: the servers' CA and,
-        under mutual TLS, the servers' own certificate as the cluster's identity."""
+        under mutual TLS, the client identity (by default the servers' own certificate and key)."""
         if self.tls is None:
             return None
         ca_file = self.tls_ca_file or self.tls.client_ca_file or self.tls.cert_file
         if self.tls.client_ca_file is None:
             return ClientTls(ca_file)
-        return ClientTls(ca_file, self.tls.cert_file, self.tls.key_file)
+        return ClientTls(ca_file, self.tls_client_cert_file or self.tls.cert_file,
+                         self.tls_client_key_file or self.tls.key_file)
 
 
 @ray.remote(num_cpus=0)

@@ -20,6 +20,7 @@ from memory_service.metrics import ShardMetrics
 from memory_service.row_store import RowStoreError, ShardStore, SlotNotOwned
 from memory_service.server import register_service
 from memory_service.shared_rows import SegmentError, SharedRowSegments
+from memory_service.core import push_checks
 from memory_service.core.push_checks import InvalidPush
 from memory_service.core.slots import slot_of
 from memory_service.step_aggregator import StepAggregator
@@ -235,8 +236,8 @@ class ShardServicer:
     def AddTable(self, request: pb.AddTableRequest):
         try:
             spec = TableSpec.from_dict(json.loads(request.spec_json))
-        except json.JSONDecodeError as error:
-            raise RequestRejected("INVALID_ARGUMENT", "spec_json", f"spec_json: not JSON ({error})") from None
+        except (json.JSONDecodeError, RecursionError) as error:
+            raise RequestRejected("INVALID_ARGUMENT", "spec_json", f"spec_json: not a JSON table spec ({error})") from None
         self.store.add_table(spec, list(request.slots))
         self.epoch = max(self.epoch, request.epoch)
         return pb.AddTableResponse(), 0, 0
@@ -283,11 +284,20 @@ class ShardServicer:
 
     @_handler("import_slots")
     def ImportSlots(self, request: pb.ImportSlotsRequest):
-        self._spec(request.table)
+        spec = self._spec(request.table)
         arrays = arrays_from_proto(request.arrays)
         pending = pending_from_arrays(arrays)  # removes the pending entries from `arrays`
         applied = {prefix: {name[len(prefix):]: arrays.pop(name) for name in list(arrays) if name.startswith(prefix)}
                    for prefix in APPLIED_PREFIXES.values()}
+        # Everything is checked before anything changes: the applied-push memory, and the pending partial
+        # sums as pushes (their slots are not owned here yet).
+        for columns in applied.values():
+            if columns:
+                StepAggregator.check_applied(columns)
+        for record in pending:
+            for part in record["parts"]:
+                ids = push_checks.check_row_ids(torch.from_numpy(part["row_ids"]), spec.rows, spec.name)
+                push_checks.check_grads(torch.from_numpy(part["grads"]), len(ids), spec.dim)
         self.store.import_slots(request.table, arrays)
         for synchronous, prefix in APPLIED_PREFIXES.items():
             if applied[prefix]:

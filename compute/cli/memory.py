@@ -84,6 +84,7 @@ def _up(args) -> int:
     state = _connect(args, may_start=True)
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     options = ControllerOptions(data_token=tokens.data, admin_token=tokens.admin, tls=tls, tls_ca_file=args.tls_ca,
+                                tls_client_cert_file=args.tls_client_cert, tls_client_key_file=args.tls_client_key,
                                 host=args.host, data_root=str(Path(args.data_root or default_data_root()).resolve()),
                                 reflection=args.reflection)
     controller = start_controller(options, name=args.name)
@@ -111,12 +112,16 @@ def _rotate_tokens(args) -> int:
 
     from memory_service.deploy import AccessTokens
 
+    state = _read_state()
+    recorded = state.get("controller") == args.name
+    if not recorded and not (args.data_token and args.admin_token):
+        raise ValueError(f"rotate-tokens: controller {args.name!r} is not the one `up` recorded in {_state_path()}, "
+                         "so new tokens could not be saved; pass --data-token and --admin-token")
     generated = AccessTokens.generate()
     data, admin = args.data_token or generated.data, args.admin_token or generated.admin
     info = ray.get(_controller(args).rotate_tokens.remote(data, admin, args.grace_s))
     print(f"tokens rotated on every server; the old ones stop working in {args.grace_s:.0f} s")
-    state = _read_state()
-    if state.get("controller") == args.name:
+    if recorded:
         _write_state({**state, **_recorded_connection(info), "admin_token": admin})
         print(f"the new tokens are saved in {_state_path()}; give the data token to the jobs that use the service")
     return 0
@@ -234,6 +239,9 @@ def register(subparsers) -> None:
     up.add_argument("--tls-client-ca", help="PEM CA that client certificates must chain to (mutual TLS on)")
     up.add_argument("--tls-ca", help="PEM CA that signed --tls-cert, for clients to check it "
                     "(default: --tls-client-ca, else --tls-cert itself)")
+    up.add_argument("--tls-client-cert", help="under mutual TLS, the PEM certificate (signed by --tls-client-ca) "
+                    "that the controller and the jobs it informs present (default: --tls-cert)")
+    up.add_argument("--tls-client-key", help="PEM private key for --tls-client-cert")
     up.add_argument("--host", help="address the servers bind (default: each node's IP)")
     up.add_argument("--reflection", action="store_true", help="serve gRPC reflection (to token holders)")
     up.set_defaults(func=_up)

@@ -64,11 +64,12 @@ def pki(tmp_path_factory) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def tls_controller(tls: TlsFiles, data_root: Path, specs=(TABLE,), shards: int = 2, tls_ca_file: str | None = None):
-    """A controller serving over ``tls`` with ``specs`` on ``shards`` shards; yields it and its connection info."""
+def tls_controller(tls: TlsFiles, data_root: Path, specs=(TABLE,), shards: int = 2, **tls_options):
+    """A controller serving over ``tls`` with ``specs`` on ``shards`` shards; yields it and its connection info.
+    ``tls_options``: ControllerOptions' tls_ca_file, tls_client_cert_file, tls_client_key_file."""
     name = f"test-tls-{uuid.uuid4().hex[:8]}"
-    options = ControllerOptions(data_token=TOKEN, admin_token=ADMIN_TOKEN, tls=tls, tls_ca_file=tls_ca_file,
-                                host="127.0.0.1", data_root=str(data_root), reflection=False)
+    options = ControllerOptions(data_token=TOKEN, admin_token=ADMIN_TOKEN, tls=tls, host="127.0.0.1",
+                                data_root=str(data_root), reflection=False, **tls_options)
     controller = start_controller(options, name=name)
     try:
         ray.get(controller.deploy.remote([s.to_dict() for s in specs], shards))
@@ -282,15 +283,14 @@ def test_under_mutual_tls_the_controllers_admin_calls_work(mtls_service, pki):
         assert len({client.shard_address(i) for i in range(3)}) == 3
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ControllerOptions.client_tls presents the servers' certificate (tls.cert_file) as the controller's client "
-    "certificate under mutual TLS, so when the servers' CA (tls_ca_file / --tls-ca) is not the client CA "
-    "(client_ca_file / --tls-client-ca), the shards refuse the controller's own AddTable and deploy fails UNAVAILABLE"))
 def test_mutual_tls_with_a_server_ca_other_than_the_client_ca(ray_cluster, pki, tmp_path):
+    """The servers' certificate comes from one CA, clients' from another: the controller and its jobs
+    present the client identity they are given, never the servers' key."""
     tls = TlsFiles(pki["other-server.pem"], pki["other-server.key"], client_ca_file=pki["ca.pem"])
-    with tls_controller(tls, tmp_path, shards=1, tls_ca_file=pki["other-ca.pem"]) as (_, info, _):
-        client_cert = ClientTls(pki["other-ca.pem"], pki["client.pem"], pki["client.key"])
-        with MemoryClient(info["directory"], TOKEN, tls=client_cert) as client:
+    with tls_controller(tls, tmp_path, shards=1, tls_ca_file=pki["other-ca.pem"],
+                        tls_client_cert_file=pki["client.pem"], tls_client_key_file=pki["client.key"]) as (_, info, _):
+        assert info["tls"] == ClientTls(pki["other-ca.pem"], pki["client.pem"], pki["client.key"])
+        with MemoryClient(info["directory"], TOKEN, tls=info["tls"]) as client:
             assert client.lookup("tls_table", ROWS).result().shape == (len(ROWS), TABLE.dim)
 
 
