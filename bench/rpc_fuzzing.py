@@ -275,7 +275,8 @@ def mutated_import(draw) -> pb.ImportSlotsRequest:
             arrays[index].data = arrays[index].data[:draw(st.integers(0, len(arrays[index].data)))]
         elif action == "add":
             arrays.append(draw(named_array()))
-        elif action == "nan" and arrays[index].dtype == "<f4" and arrays[index].data and not len(arrays[index].data) % 4:
+        elif action == "nan" and arrays[index].dtype == "<f4" and len(arrays[index].data) % 4 == 0 \
+                and arrays[index].data:
             values = np.frombuffer(arrays[index].data, dtype="<f4").copy()
             values[draw(st.integers(0, len(values) - 1))] = draw(st.sampled_from([float("nan"), float("inf")]))
             arrays[index].data = values.tobytes()
@@ -618,8 +619,10 @@ class FuzzTarget:
         return found
 
     def _above(self) -> dict[str, set[str]]:
-        """The entries naming what the fuzzer sends, in every folder above the work folder."""
-        return {str(folder): {n for n in os.listdir(folder) if "escape-fuzz" in n or n in ("new", "fresh", "nested")}
+        """The entries in every folder above the work folder that only the fuzzer's paths name (the
+        ``escape-fuzz`` of ``../../escape-fuzz`` and ``/tmp/escape-fuzz``); other names there are
+        other programs' business."""
+        return {str(folder): {n for n in os.listdir(folder) if "escape-fuzz" in n}
                 for folder in self.workdir.parents if os.access(folder, os.R_OK)}
 
     def _data_files(self) -> set[str]:

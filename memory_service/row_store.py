@@ -354,7 +354,8 @@ class ShardStore:
         """The imported ``slots``: a one-dimensional array of integers (not floats, booleans or objects)."""
         array = np.asarray(values)
         if array.dtype.kind not in "iu" or array.ndim != 1:
-            raise _invalid("slots", f"must be a one-dimensional integer array, got {array.dtype} of shape {array.shape}")
+            raise _invalid("slots", f"must be a one-dimensional integer array, got {array.dtype} of shape "
+                                    f"{array.shape}")
         return array.tolist()
 
     @staticmethod

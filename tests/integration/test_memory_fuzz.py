@@ -10,10 +10,10 @@ slots and the epoch as they were; an OK answer of a method that may change state
 SetEpoch, FreezeSlots, ...) is legitimate, so the shard is rebuilt to its initial tables and the
 comparison starts afresh. The longer run is ``python -m bench.fuzz --examples N --seed S``.
 
-Cases the fuzzer finds that lie in files this test does not own are listed in ``KNOWN_BUGS``: each has
-its minimal request as an xfail(strict=True) case below, and the fuzz cases that reach it are xfail too,
-so the suite stays green while they are visible; fixing one turns its cases into XPASS, i.e. failures
-that ask for the marker to go.
+Cases the fuzzer finds in files this test does not own go in ``KNOWN_BUGS``, and the fuzz cases that
+reach them are marked xfail(strict=True), so the suite stays green while they are visible; fixing one
+turns its cases into XPASS, i.e. failures that ask for the marker to go. What it found so far is fixed,
+its minimal requests kept in ``REGRESSIONS``.
 """
 from __future__ import annotations
 
@@ -28,21 +28,15 @@ from protos import engram_memory_v1_pb2 as pb
 
 EXAMPLES = {"random": 10, "truncated": 10, "oversized": 2, "confused": 10, "hostile": 25}
 
-KNOWN_BUGS = {
-    "import-after-store": "servicer.ImportSlots imports the slots into the store before it checks the applied and "
-                          "pending arrays: a request refused for those (INVALID_ARGUMENT, or INTERNAL before) has "
-                          "already changed the table; StepAggregator.check_applied and pending_from_arrays can run "
-                          "first",
-    "spec-json-recursion": "servicer.AddTable catches only json.JSONDecodeError: deeply nested spec_json raises "
-                           "RecursionError from json.loads and is answered INTERNAL",
-    "checkpoint-oserror": "servicer.Checkpoint / checkpoint.write_shard_file let OSError out as INTERNAL: a directory "
-                          "naming an existing file (NotADirectoryError) or a name over 255 bytes (ENAMETOOLONG)",
-}
+# Bugs the fuzzer finds in files this test does not own, by name: a reason each, for the xfail(strict=True)
+# markers of the fuzz cases in XFAIL_FUZZ that run into them. Empty: the ones it found (ImportSlots letting
+# WireError out as INTERNAL and importing slots before checking their applied and pending arrays, AddTable's
+# RecursionError on deeply nested spec_json, Checkpoint's OSError for a file in the way or a name over 255
+# bytes) are fixed; their minimal requests are the REGRESSIONS below.
+KNOWN_BUGS: dict[str, str] = {}
 
 # (method, kind) fuzz cases that run into a known bug with the derandomized examples above.
-XFAIL_FUZZ = {
-    ("Checkpoint", "hostile"): "checkpoint-oserror",
-}
+XFAIL_FUZZ: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +92,9 @@ def _pending_with_nan_grads() -> list[pb.NamedArray]:
         {"rank": 0, "row_ids": np.asarray([15], np.int64), "grads": grads}]}]))
 
 
-# Minimal requests for each known bug: admin token, each once.
-KNOWN_BUG_CASES = [
+# Minimal requests for what the fuzzer found: admin token, each once; each must now get a proper refusal
+# and change nothing.
+REGRESSIONS = [
     ("import-after-store", "ShardService/ImportSlots",
      lambda: _import_with("adam", _export_of_slot_15("adam") + [
          pb.NamedArray(name="applied.synchronous.lane", dtype="<i8", shape=[1], data=bytes(8))])),
@@ -114,11 +109,11 @@ KNOWN_BUG_CASES = [
 ]
 
 
-@pytest.mark.parametrize("bug, label, request_bytes", [
-    pytest.param(bug, label, build, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[bug]), id=f"{bug}-{i}")
-    for i, (bug, label, build) in enumerate(KNOWN_BUG_CASES)])
-def test_known_bug(target, bug, label, request_bytes):
-    target.check(Case(METHODS_BY_LABEL[label], "hostile", request_bytes(), "admin"))
+@pytest.mark.parametrize("found, label, request_bytes", [
+    pytest.param(found, label, build, id=f"{found}-{i}") for i, (found, label, build) in enumerate(REGRESSIONS)])
+def test_what_the_fuzzer_found_is_refused_and_changes_nothing(target, found, label, request_bytes):
+    outcome = target.check(Case(METHODS_BY_LABEL[label], "hostile", request_bytes(), "admin"))
+    assert outcome.code == "INVALID_ARGUMENT", outcome
 
 
 def test_refusals_carry_the_contracted_codes(target):
