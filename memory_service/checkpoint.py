@@ -7,6 +7,7 @@ and folders are created readable by their owner only.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import zipfile
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from memory_service.core.table_spec import TableSpec
-from memory_service.row_store import ShardStore
+from memory_service.row_store import ShardStore, as_serving_export
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -89,13 +90,17 @@ def read_slots(directory: Path, spec: TableSpec, paths: list[str], slots: list[i
     parts = []
     for index, relative in enumerate(paths):
         arrays = _read_shard_file(directory, relative, f"paths[{index}]")
-        # A scratch store holds the whole file so that only the wanted slots are exported from it.
+        # A scratch store holds the whole file (as saved: a training table's float32 rows and state, or
+        # a serving table's bfloat16 rows) so that only the wanted slots are exported from it.
+        saved = dataclasses.replace(spec, storage_dtype="bfloat16" if arrays.get("rows", np.empty(0)).dtype ==
+                                    np.uint16 else "float32")
         scratch = ShardStore()
-        scratch.add_table(spec, [])
+        scratch.add_table(saved, [])
         scratch.import_slots(spec.name, arrays)
         present = sorted(wanted.intersection(scratch.owned_slots(spec.name)))
         if present:
-            parts.append(scratch.export_slots(spec.name, present))
+            part = scratch.export_slots(spec.name, present)
+            parts.append(as_serving_export(part) if spec.read_only and not saved.read_only else part)
     return parts
 
 

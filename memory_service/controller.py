@@ -319,10 +319,13 @@ class MemoryController:
             table=spec.name, slots=slot_map.slots_of(s.index).tolist(), frozen=frozen))
             for spec, slot_map in self._tables.values() for s in self._shards))
 
-    async def restore(self, directory: str, num_shards: int | None = None) -> int:
-        """Replace all tables by the checkpoint in ``directory`` on ``num_shards`` shards; return the epoch."""
+    async def restore(self, directory: str, num_shards: int | None = None, read_only: bool = False) -> int:
+        """Replace all tables by the checkpoint in ``directory`` on ``num_shards`` shards; return the epoch.
+        ``read_only``: as serving tables (bfloat16 rows, no optimizer state, updates refused)."""
         path = self._inside_root(directory)
         entries = checkpoint.read_manifest(path)
+        if read_only:
+            entries = [(dataclasses.replace(spec, storage_dtype="bfloat16"), files) for spec, files in entries]
         num_shards = num_shards or len(self._shards) or max(len(files) for _, files in entries)
         async with self._lock:
             await self.start()

@@ -26,8 +26,8 @@ from protos.wire import ClientTls
 
 __all__ = ["ADMIN_TOKEN_ENV", "CONTROLLER_NAME", "NAMESPACE", "SHARD_RESOURCE", "TOKEN_ENV", "AccessTokens", "ClientTls",
            "ControllerOptions", "MemoryHandle", "PathRefused", "RayConnectError", "TlsFiles", "connect",
-           "default_data_root", "deploy", "deploy_from_checkpoint", "deploy_or_join", "get_controller", "join",
-           "read_manifest", "start_controller", "start_local_head", "stop_controller"]
+           "default_data_root", "deploy", "deploy_from_checkpoint", "deploy_or_join", "describe_table_memory",
+           "get_controller", "join", "read_manifest", "start_controller", "start_local_head", "stop_controller"]
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,26 @@ def deploy_or_join(specs: list[TableSpec], shards: int, controller: str | None, 
 
 
 def deploy_from_checkpoint(directory: str | Path, shards: int, namespace: str = NAMESPACE,
-                           data_root: str | Path | None = None) -> MemoryHandle:
+                           data_root: str | Path | None = None, read_only: bool = False) -> MemoryHandle:
     """A new memory service holding the tables of the checkpoint in ``directory`` (inside ``data_root``),
-    on ``shards`` shards."""
+    on ``shards`` shards; ``read_only``: as serving tables (bfloat16 rows, no optimizer state)."""
     actor, name = _new_controller(namespace, data_root)
-    ray.get(actor.restore.remote(str(directory), shards))
-    log.info("restored the tables of %s onto %d memory shards (controller %s)", directory, shards, name)
+    ray.get(actor.restore.remote(str(directory), shards, read_only))
+    specs = [TableSpec.from_dict(spec) for spec in ray.get(actor.table_specs.remote())]
+    log.info("restored the tables of %s onto %d memory shards (controller %s): %s", directory, shards, name,
+             describe_table_memory(specs))
     return _handle(actor, name, namespace)
+
+
+def describe_table_memory(specs: list[TableSpec]) -> str:
+    """The shards' memory for ``specs`` in words; for serving tables, against the same tables for training."""
+    held = sum(spec.rows * spec.bytes_per_row() for spec in specs)
+    text = f"{held / 2**30:.2f} GiB of rows and optimizer state"
+    if specs and all(spec.read_only for spec in specs):
+        trained = sum(spec.rows * dataclasses.replace(spec, storage_dtype="float32").bytes_per_row() for spec in specs)
+        text = (f"{held / 2**30:.2f} GiB of bfloat16 rows without optimizer state "
+                f"({held / trained:.0%} of the {trained / 2**30:.2f} GiB the same tables take for training)")
+    return text
 
 
 def start_local_head() -> tuple[int, str]:

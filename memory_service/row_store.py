@@ -166,6 +166,13 @@ def _as_tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return to_tensor(np.ascontiguousarray(array))
 
 
+def as_serving_export(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A float32 table's ``export_slots`` as its read-only serving table's: rows rounded to bfloat16
+    (as their uint16 bit patterns), optimizer state dropped."""
+    rows = torch.from_numpy(np.ascontiguousarray(arrays["rows"], dtype=np.float32)).to(torch.bfloat16)
+    return {"slots": arrays["slots"], "rows": _as_numpy(rows)}
+
+
 class ShardStore:
     """Many tables' rows for the slots this shard owns: lookup, sparse updates and slot moves."""
 

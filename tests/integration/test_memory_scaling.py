@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import threading
 
+import grpc
 import numpy as np
 import pytest
 import ray
 import torch
 
+from compute.memory.client import MemoryServiceError
 from tests.integration.memory_deploy import deployment, reference_rows, spec
 
 pytestmark = pytest.mark.ray
@@ -112,3 +114,23 @@ def test_a_push_retried_after_its_slots_moved_is_still_applied_once(ray_cluster)
         assert ray.get(controller.scale.remote(3))["live"] > 0  # most slots now live on new shards
         assert client.push("live", ids, grads, step=0, synchronous=False).result().applied_rows == 0
         assert torch.equal(client.lookup("live", ids, dtype=torch.float32).result(), once)
+
+
+def test_a_checkpoint_restores_as_read_only_serving_tables_in_half_the_memory(ray_cluster, tmp_path):
+    with deployment([SAVED], shards=2, data_root=str(tmp_path)) as (controller, client):
+        ids = np.arange(0, SAVED.rows, 7)
+        client.push("saved", ids, torch.randn(len(ids), SAVED.dim, generator=torch.Generator().manual_seed(5)),
+                    step=0).result()
+        every = np.arange(SAVED.rows)
+        trained = client.lookup("saved", every, dtype=torch.float32).result()
+        training_bytes = sum(shard["bytes"] for shard in ray.get(controller.status.remote()))
+        ray.get(controller.checkpoint.remote("trained"))
+
+        ray.get(controller.restore.remote("trained", 2, True))
+        served = client.lookup("saved", every, dtype=torch.float32).result()
+        assert torch.equal(served, trained.to(torch.bfloat16).float())
+        serving_bytes = sum(shard["bytes"] for shard in ray.get(controller.status.remote()))
+        assert serving_bytes * SAVED.bytes_per_row() == training_bytes * SAVED.dim * 2  # bf16 rows, no Adam state
+        with pytest.raises(MemoryServiceError) as caught:
+            client.push("saved", ids[:4], torch.ones(4, SAVED.dim), step=1).result()
+        assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION and "read-only" in caught.value.details
