@@ -18,10 +18,8 @@ import ray
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from compute.config import EngramConfig, ModelConfig
-from compute.data import DataConfig
 from compute.memory.client import MemoryClient, MemoryServiceError
-from compute.train.config import MemoryConfig, OptimConfig, TrainConfig
+from compute.train.config import TrainConfig
 from compute.train.tables import engram_table_specs
 from memory_service.auth import TlsFiles
 from memory_service.checkpoint import PathRefused
@@ -30,6 +28,7 @@ from protos import engram_memory_v1_pb2 as pb
 from protos import engram_memory_v1_pb2_grpc as pb_grpc
 from protos.wire import NAMESPACE, ClientTls, bearer_metadata
 from tests.integration.memory_deploy import ADMIN_TOKEN, TOKEN, reference_rows, spec
+from tests.integration.tiny_runs import tiny_run
 
 trustme = pytest.importorskip("trustme")
 
@@ -87,17 +86,8 @@ def tls_service(ray_cluster, pki, tmp_path_factory):
 
 
 def tiny_training(data_root: Path) -> TrainConfig:
-    """test_training.py's tiny run (float32 rows on the wire, so runs match exactly), 3 steps; its output
-    and memory checkpoint under ``data_root``."""
-    return TrainConfig(
-        model=ModelConfig(hidden_size=32, num_layers=2, num_attention_heads=2, hc_mult=2, max_seq_len=32,
-                          num_routed_experts=4, num_experts_per_token=2, expert_hidden_size=32, tie_embeddings=True),
-        engram=EngramConfig(engram_vocab_size=(211, 223), n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=(0, 1)),
-        data=DataConfig(max_files=3, seq_len=16, batch_size=4, num_workers=0),
-        optim=OptimConfig(lr=1e-2, warmup_steps=1),
-        memory=MemoryConfig(shards=2, num_slots=16, wire_dtype="float32"),
-        steps=3, log_every=1, eval_batches=1, output_dir=str(data_root / "run"),
-    )
+    """The shared tiny run, 3 steps; its output and memory checkpoint under ``data_root``."""
+    return tiny_run(data_root, steps=3)
 
 
 @pytest.fixture(scope="module")
