@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import ray
 import torch
@@ -23,6 +23,10 @@ from memory_service import deploy
 from memory_service.deploy import NAMESPACE, SHARD_RESOURCE, MemoryHandle
 
 log = logging.getLogger(__name__)
+
+# What GPU/compute nodes advertise, one unit per training worker they take (cluster/local.yaml, aws.yaml);
+# memory nodes advertise SHARD_RESOURCE instead, and the head neither.
+COMPUTE_RESOURCE = "engram_compute"
 
 
 def connect_ray(address: str | None, shards: int, *, token: str | None = None, verbose: bool = False) -> None:
@@ -87,13 +91,16 @@ def run_training(config: TrainConfig, *, resume: str | Path | None = None, memor
     memory = memory or prepare_memory(config, resume=resume_path)
     log.info("training %d steps on %d worker(s), %s Engram tables; output in %s", config.steps,
              config.num_workers, config.memory.tables, output_dir)
+    resources = worker_resources([node["Resources"] for node in ray.nodes() if node["Alive"]], config.num_workers,
+                                 config.use_gpu)
+    _log_placement(resources, config.num_workers)
     try:
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config={"config": config.to_dict(), "memory": memory.handle,
                                "resume": str(resume_path) if resume_path else None},
             scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                         resources_per_worker={"CPU": _cpus_per_worker(config)}),
+                                         resources_per_worker=resources),
             run_config=RunConfig(name=output_dir.name, storage_path=str(output_dir.parent / "ray_train")),
         )
         with _sigint_handler_kept(), DriverProgress(output_dir, config.steps, METRICS_FILE):
@@ -123,10 +130,35 @@ def _sigint_handler_kept():
             signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
-def _cpus_per_worker(config: TrainConfig) -> int:
-    """Share the local machine's cores among workers (a cluster's workers get one core each)."""
-    available = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, available // config.num_workers) if not config.use_gpu else 1
+def worker_resources(nodes: Iterable[Mapping[str, float]], num_workers: int, use_gpu: bool) -> dict[str, float]:
+    """What each training worker asks Ray for, given the resources of the cluster's (alive) nodes.
+
+    A cluster whose nodes advertise ``engram_compute`` gets one unit per worker, so workers land on the
+    GPU/compute nodes only (never on memory nodes or the head); each takes the cores its node has per
+    compute slot (at least one). Without ``engram_compute`` (the embedded laptop Ray) nothing extra is
+    asked: the workers share the cluster's cores (one core each when they use GPUs).
+    """
+    nodes = list(nodes)
+    slots = [(node.get("CPU", 0), node[COMPUTE_RESOURCE]) for node in nodes if node.get(COMPUTE_RESOURCE, 0) > 0]
+    if slots:
+        return {"CPU": max(1, min(int(cpus // units) for cpus, units in slots)), COMPUTE_RESOURCE: 1}
+    if use_gpu:
+        return {"CPU": 1}
+    cpus = sum(node.get("CPU", 0) for node in nodes) or 1
+    return {"CPU": max(1, int(cpus) // num_workers)}
+
+
+def _log_placement(resources: dict[str, float], num_workers: int) -> None:
+    if COMPUTE_RESOURCE not in resources:
+        log.info("the cluster advertises no %s: the %d worker(s) go wherever Ray has room (%s each)",
+                 COMPUTE_RESOURCE, num_workers, resources)
+        return
+    slots = ray.cluster_resources().get(COMPUTE_RESOURCE, 0)
+    log.info("placing the %d worker(s) on compute nodes: %s each (the cluster advertises %g %s)", num_workers,
+             resources, slots, COMPUTE_RESOURCE)
+    if slots < num_workers:
+        log.warning("%d worker(s) but only %g %s in the cluster: the run waits for more compute nodes", num_workers,
+                    slots, COMPUTE_RESOURCE)
 
 
 def _train_worker(loop_config: dict) -> None:
