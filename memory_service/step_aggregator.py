@@ -27,7 +27,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from memory_service.row_store import RowStoreError, RowUpdate, to_tensor
+from memory_service.core import push_checks
+from memory_service.row_store import RowStoreError, RowUpdate, refused_as_invalid, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -252,9 +253,4 @@ class StepAggregator:
 
     @staticmethod
     def _check_push(step: int, rank: int, world_size: int) -> None:
-        if step < 0:
-            raise RowStoreError("INVALID_ARGUMENT", "step", f"must be >= 0, got {step}")
-        if world_size < 1:
-            raise RowStoreError("INVALID_ARGUMENT", "world_size", f"must be >= 1, got {world_size}")
-        if not 0 <= rank < world_size:
-            raise RowStoreError("INVALID_ARGUMENT", "rank", f"must be in [0, {world_size}), got {rank}")
+        refused_as_invalid(push_checks.check_push_header, step, rank, world_size)
