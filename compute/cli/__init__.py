@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "compute.cli.train",  # train, eval, generate
     "compute.cli.demo",  # demo
     "compute.cli.memory",  # memory up|status|scale|rotate-tokens|checkpoint|restore|down
+    "compute.cli.serve",  # serve, generate-batch
 )
 
 
