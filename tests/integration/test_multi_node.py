@@ -11,6 +11,7 @@ All nodes are stopped by the process groups the test started.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,7 @@ def cluster(tmp_path):
         yield nodes
     finally:
         nodes.stop()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def engram_env(cluster: LocalRayNodes, tmp_path: Path) -> dict[str, str]:
