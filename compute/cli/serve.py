@@ -23,6 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     scaling.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
     scaling.add_argument("--autoscale", metavar="MIN:MAX", help="let Serve's autoscaler keep MIN..MAX replicas")
     serve.add_argument("--replica-cpus", type=float, default=1.0, help="cores per replica (default 1)")
+    serve.add_argument("--gpus-per-replica", type=float, default=1.0,
+                       help="GPUs per replica with --device cuda (0.5: two replicas share a GPU)")
     serve.add_argument("--max-batch-size", type=int, default=16, help="prompts per batched Generator call")
     serve.add_argument("--batch-wait-ms", type=float, default=10.0,
                        help="how long a batch waits for more prompts (default 10 ms)")
@@ -76,7 +78,8 @@ def run_serve(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     try:
         app = build_app(checkpoint, memory.handle, device=args.device, replicas=args.replicas, autoscale=autoscale,
-                        replica_cpus=args.replica_cpus, max_batch_size=args.max_batch_size,
+                        replica_cpus=args.replica_cpus, gpus_per_replica=args.gpus_per_replica,
+                        max_batch_size=args.max_batch_size,
                         batch_wait_s=args.batch_wait_ms / 1000)
         url = start_serving(app, args.host, args.port)
         scaling = f"{autoscale[0]}..{autoscale[1]} replicas (autoscaled)" if autoscale else f"{args.replicas} replica(s)"

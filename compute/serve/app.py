@@ -124,13 +124,13 @@ def parse_autoscale(text: str) -> tuple[int, int]:
 
 def build_app(checkpoint: str | Path, memory: MemoryHandle | None, *, device: str = "cpu", replicas: int = 1,
               autoscale: tuple[int, int] | None = None, replica_cpus: float = 1.0, max_batch_size: int = 16,
-              batch_wait_s: float = 0.01, target_ongoing_requests: float = 4.0):
+              batch_wait_s: float = 0.01, target_ongoing_requests: float = 4.0, gpus_per_replica: float = 1.0):
     """The Serve application: ``replicas`` fixed replicas, or between ``autoscale``'s MIN and MAX replicas
     as Serve's policy decides from the requests each replica has in flight (``target_ongoing_requests``)."""
     if replicas < 1:
         raise ValueError(f"replicas: must be >= 1, got {replicas}")
     options: dict[str, Any] = {"name": DEPLOYMENT_NAME, "max_ongoing_requests": max(2 * max_batch_size, 8),
-                               "ray_actor_options": placement_options(device, replica_cpus)}
+                               "ray_actor_options": placement_options(device, replica_cpus, gpus=gpus_per_replica)}
     if autoscale is None:
         options["num_replicas"] = replicas
     else:

@@ -94,14 +94,15 @@ def serving_engine(runtime: EngramRuntime) -> ServingEngine:
     return ServingEngine(Generator(runtime.model, runtime.compressor, runtime.hasher))
 
 
-def placement_options(device: str, cpus: float, cluster_resources: dict[str, Any] | None = None) -> dict[str, Any]:
+def placement_options(device: str, cpus: float, cluster_resources: dict[str, Any] | None = None,
+                      gpus: float = 1.0) -> dict[str, Any]:
     """Ray actor options for a replica or batch worker: ``cpus`` cores, one ``engram_compute`` unit when the
-    cluster advertises that resource (so the model lands on compute nodes, never on memory nodes), a GPU
-    when ``device`` is CUDA."""
+    cluster advertises that resource (so the model lands on compute nodes, never on memory nodes), ``gpus``
+    GPUs (a fraction lets replicas share one) when ``device`` is CUDA."""
     resources = ray.cluster_resources() if cluster_resources is None else cluster_resources
     options: dict[str, Any] = {"num_cpus": cpus}
     if resources.get(COMPUTE_RESOURCE, 0) > 0:
         options["resources"] = {COMPUTE_RESOURCE: 1}
     if str(device).startswith("cuda"):
-        options["num_gpus"] = 1
+        options["num_gpus"] = gpus
     return options
