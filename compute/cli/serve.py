@@ -65,6 +65,13 @@ def _open(args: argparse.Namespace):
     connect_ray(args.address, args.shards or config.memory.shards, token=args.ray_token, verbose=args.verbose)
     memory = open_serving_memory(checkpoint, args.shards)
     print(f"memory: {memory.describe()}", flush=True)
+    if memory.handle is not None:
+        import ray
+
+        address = ray.get_runtime_context().gcs_address
+        print(f"memory: controller {memory.handle.controller} on {args.shards or config.memory.shards} shards; to "
+              f"scale it: engram memory scale --address {address} --name {memory.handle.controller} "
+              f"--shards N", flush=True)
     return checkpoint, memory
 
 
