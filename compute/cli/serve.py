@@ -69,7 +69,8 @@ def _open(args: argparse.Namespace):
         import ray
 
         address = ray.get_runtime_context().gcs_address
-        print(f"memory: controller {memory.handle.controller} on {args.shards or config.memory.shards} shards; to "
+        shards = args.shards or config.memory.shards
+        print(f"memory: controller {memory.handle.controller} on {shards} shards; to "
               f"scale it: engram memory scale --address {address} --name {memory.handle.controller} "
               f"--shards N", flush=True)
     return checkpoint, memory
@@ -89,7 +90,8 @@ def run_serve(args: argparse.Namespace) -> int:
                         max_batch_size=args.max_batch_size,
                         batch_wait_s=args.batch_wait_ms / 1000)
         url = start_serving(app, args.host, args.port)
-        scaling = f"{autoscale[0]}..{autoscale[1]} replicas (autoscaled)" if autoscale else f"{args.replicas} replica(s)"
+        scaling = (f"{autoscale[0]}..{autoscale[1]} replicas (autoscaled)" if autoscale
+                   else f"{args.replicas} replica(s)")
         print(f"serving {checkpoint} at {url} ({scaling}, {args.device}): POST {url}/generate, POST {url}/stream, "
               f"GET {url}/health; Ctrl-C stops", flush=True)
         stop.wait()

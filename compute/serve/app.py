@@ -11,7 +11,8 @@ Routes (any path prefix the app is mounted under):
 
 A bad body gets 400 and ``{"error": "<field>: <what is wrong>"}``. Non-streamed prompts from all
 clients go through ``@serve.batch``: those that arrive within ``batch_wait_s`` of each other are
-generated together, one ``Generator`` call per sampling group (``ServingEngine.generate``).
+generated together, one ``Generator`` call per sampling group (``ServingEngine.generate``); streamed
+prompts likewise through a batching async generator that yields every decoding step's tokens.
 """
 from __future__ import annotations
 
@@ -23,14 +24,14 @@ import os
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, AsyncIterator
 
 import torch
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from compute.serve.engine import BadRequest, GenerationRequest, PromptItem, completion_record, parse_request
+from compute.serve.engine import BadRequest, PromptItem, completion_record, parse_request
 from compute.serve.runtime import load_serving_runtime, placement_options, serving_engine
 from memory_service.deploy import MemoryHandle
 
@@ -53,6 +54,8 @@ class EngramGenerator:
         self._keys = itertools.count()
         self._generate_batch.set_max_batch_size(max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self._stream_batch.set_max_batch_size(max_batch_size)
+        self._stream_batch.set_batch_wait_timeout_s(batch_wait_s)
         self.batches: list[int] = []  # the size of each batch generated, newest last (the last 1000)
 
     async def __call__(self, request: Request):
@@ -78,7 +81,7 @@ class EngramGenerator:
         except BadRequest as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         if stream:
-            return StreamingResponse(self._stream_lines(parsed, items), media_type="application/x-ndjson")
+            return StreamingResponse(self._stream_lines(items), media_type="application/x-ndjson")
         try:
             generated = await asyncio.gather(*(self._generate_batch(item) for item in items))
         except Exception as exc:  # noqa: BLE001 - a failed generation is the server's error, said in one line
@@ -91,14 +94,42 @@ class EngramGenerator:
         self.batches = (self.batches + [len(items)])[-1000:]
         return await asyncio.to_thread(self.engine.generate, items)
 
-    def _stream_lines(self, request: GenerationRequest, items: list[PromptItem]) -> Iterator[bytes]:
-        """NDJSON lines as tokens come (run by Starlette in a worker thread)."""
+    # A stream that arrives while others decode starts a batch of its own beside them (up to 4 at once)
+    # rather than waiting for them to end.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=4)
+    async def _stream_batch(self, items: list[PromptItem]) -> AsyncIterator[list]:
+        """Streamed prompts, batched as the others: per decoding step, each prompt's new token
+        (``StopIteration`` ends a prompt's stream)."""
+        self.batches = (self.batches + [len(items)])[-1000:]
+        streams = [(positions, self.engine.stream([items[p] for p in positions]))
+                   for positions in self.engine.batches(items)]
+        while streams:
+            step: list = [StopIteration] * len(items)
+            for entry in list(streams):
+                positions, steps = entry
+                tokens = await asyncio.to_thread(next, steps, None)
+                if tokens is None:
+                    streams.remove(entry)
+                    continue
+                for position, token in zip(positions, tokens):
+                    if token is not None:
+                        step[position] = token
+            if streams:
+                yield step
+
+    async def _stream_lines(self, items: list[PromptItem]) -> AsyncIterator[bytes]:
+        """NDJSON lines as tokens come, then the completions."""
         generated: list[list[int]] = [[] for _ in items]
         tokenizer = self.generator.tokenizer
+        active = [(index, self._stream_batch(item)) for index, item in enumerate(items)]
         try:
-            for step_tokens in self.engine.stream(items):
-                for index, token in enumerate(step_tokens):
-                    if token is None:
+            while active:
+                for entry in list(active):
+                    index, tokens = entry
+                    try:
+                        token = await tokens.__anext__()
+                    except StopAsyncIteration:
+                        active.remove(entry)
                         continue
                     generated[index].append(token)
                     text = "" if token == self.generator.eos_id else tokenizer.decode([token])

@@ -132,20 +132,23 @@ class ServingEngine:
             items.append(PromptItem(ids, request.max_new_tokens, request.sampling, group))
         return items
 
-    def generate(self, items: Sequence[PromptItem]) -> list[list[int]]:
-        """Each item's new token ids, in order: one ``generate_ids`` call per group (split where the
-        group's longest prompt plus its most new tokens would not fit the context)."""
-        results: list[list[int] | None] = [None] * len(items)
+    def batches(self, items: Sequence[PromptItem]) -> list[list[int]]:
+        """The positions of ``items`` that share a Generator call: those of one group, split where the
+        group's longest prompt plus its most new tokens would not fit the model's context."""
         groups: dict[Hashable, list[int]] = {}
         for position, item in enumerate(items):
             groups.setdefault(item.group, []).append(position)
-        for positions in groups.values():
-            for batch in self._fitting_batches(items, positions):
-                max_new = max(items[p].max_new_tokens for p in batch)
-                generated = self.generator.generate_ids([items[p].token_ids for p in batch], max_new,
-                                                        items[batch[0]].sampling)
-                for p, ids in zip(batch, generated):
-                    results[p] = ids[: items[p].max_new_tokens]  # a row never depends on its neighbours
+        return [batch for positions in groups.values() for batch in self._fitting_batches(items, positions)]
+
+    def generate(self, items: Sequence[PromptItem]) -> list[list[int]]:
+        """Each item's new token ids, in order: one ``generate_ids`` call per batch of ``batches``."""
+        results: list[list[int] | None] = [None] * len(items)
+        for batch in self.batches(items):
+            max_new = max(items[p].max_new_tokens for p in batch)
+            generated = self.generator.generate_ids([items[p].token_ids for p in batch], max_new,
+                                                    items[batch[0]].sampling)
+            for p, ids in zip(batch, generated):
+                results[p] = ids[: items[p].max_new_tokens]  # a row never depends on its neighbours
         return results
 
     def _fitting_batches(self, items: Sequence[PromptItem], positions: list[int]) -> Iterator[list[int]]:
@@ -162,7 +165,8 @@ class ServingEngine:
 
     @torch.inference_mode()
     def stream(self, items: Sequence[PromptItem]) -> Iterator[list[int | None]]:
-        """Generate ``items`` (one group) token by token: per step, each row's new token (None once it stopped).
+        """Generate ``items`` (one batch of ``batches``) token by token: per step, each row's new token
+        (None once it stopped).
 
         The same loop as ``Generator.generate_ids``, so the tokens equal its result."""
         generator, sampling = self.generator, items[0].sampling

@@ -125,18 +125,23 @@ def test_concurrent_greedy_requests_equal_single_process_generation(checkpoint, 
 
 
 def test_streamed_tokens_arrive_one_a_line_and_equal_the_batch_result(reference, server):
-    status, payload = post(f"{server}/stream", {"prompts": PROMPTS[:2], "max_new_tokens": 5})
-    assert status == 200
-    lines = [json.loads(line) for line in payload.decode().splitlines()]
-    done = lines[-1]
-    assert done["done"] is True
-    for index, prompt in enumerate(PROMPTS[:2]):
-        expected = reference(prompt, 5)
-        streamed = [line["token_id"] for line in lines[:-1] if line["index"] == index]
-        assert streamed[: len(expected.token_ids)] == expected.token_ids
-        assert done["completions"][index]["token_ids"] == expected.token_ids
-    same, _ = post(f"{server}/generate?stream=true", {"prompt": PROMPTS[0], "max_new_tokens": 5})
-    assert same == 200
+    bodies = [{"prompts": PROMPTS[:2], "max_new_tokens": 5}, {"prompt": PROMPTS[2], "max_new_tokens": 3},
+              {"prompt": PROMPTS[3], "max_new_tokens": 6}]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:  # concurrent streams share decoding steps
+        answers = list(pool.map(lambda body: post(f"{server}/stream", body), bodies))
+    for body, (status, payload) in zip(bodies, answers):
+        assert status == 200, payload
+        lines = [json.loads(line) for line in payload.decode().splitlines()]
+        done = lines[-1]
+        assert done["done"] is True and all("token_id" in line for line in lines[:-1])
+        for index, prompt in enumerate(body.get("prompts") or [body["prompt"]]):
+            expected = reference(prompt, body["max_new_tokens"])
+            streamed = [line["token_id"] for line in lines[:-1] if line["index"] == index]
+            assert streamed[: len(expected.token_ids)] == expected.token_ids
+            assert done["completions"][index] == {"text": expected.text, "token_ids": expected.token_ids,
+                                                  "finish_reason": expected.finish_reason}
+    status, payload = post(f"{server}/generate?stream=true", {"prompt": PROMPTS[0], "max_new_tokens": 5})
+    assert status == 200 and json.loads(payload.decode().splitlines()[-1])["done"]
 
 
 @pytest.mark.parametrize("body, field", [

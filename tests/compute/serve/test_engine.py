@@ -49,6 +49,15 @@ def test_a_group_too_long_for_the_context_together_is_split_into_batches_that_fi
     assert engine.generate(items) == [alone(engine, long_prompt, 8), alone(engine, (5, 6), 20)]
 
 
+def test_batches_keep_groups_apart():
+    greedy, sampled = SamplingParams(), SamplingParams(temperature=1.0)
+    items = [PromptItem((1,), 2, greedy, greedy), PromptItem((2,), 2, sampled, sampled),
+             PromptItem((3, 4), 2, greedy, greedy), PromptItem((5,), 2, sampled, (sampled, 1))]
+    engine = ServingEngine.__new__(ServingEngine)
+    engine.max_seq_len = 32
+    assert sorted(engine.batches(items)) == [[0, 2], [1], [3]]
+
+
 def test_streamed_steps_equal_the_batched_result(engine):
     items = [PromptItem(tuple(p), 2 + 2 * i, SamplingParams(), None) for i, p in enumerate(PROMPTS)]
     streamed = [[] for _ in items]
