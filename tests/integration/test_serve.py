@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -211,3 +214,32 @@ def test_batch_generation_keeps_input_order_and_resumes_after_an_interruption(ra
                         str(partial), "--workers", "2", "--batch-size", "2", "--max-new-tokens", "4",
                         "--worker-cpus", "0.5", "--address", ray_cluster, "--device", "cpu"]) == 0
     assert partial.read_text() == full.read_text()
+
+
+def test_the_engram_serve_command_serves_until_interrupted_and_then_stops_its_memory(ray_cluster, checkpoint,
+                                                                                     reference):
+    stop_serving()  # the module's server: one Serve per Ray cluster, and the command starts its own
+    port = free_port()
+    command = [sys.executable, "-m", "compute.cli", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
+               "--replica-cpus", "0.5", "--address", ray_cluster, "--device", "cpu"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output = []
+        for line in process.stdout:
+            output.append(line)
+            if line.startswith("serving "):
+                break
+        assert f"at http://127.0.0.1:{port}" in output[-1], "".join(output)
+        assert any("bfloat16 rows without optimizer state" in line for line in output)
+        controller = next(line.split()[2] for line in output if line.startswith("memory: controller"))
+        status, payload = post(f"http://127.0.0.1:{port}/generate", {"prompt": PROMPTS[1], "max_new_tokens": 4})
+        assert status == 200
+        assert json.loads(payload)["completions"][0]["token_ids"] == reference(PROMPTS[1], 4).token_ids
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0 and rest.rstrip().endswith("stopped"), rest
+    alive = {actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)}
+    assert controller not in alive
