@@ -125,3 +125,27 @@ def test_batch_input_and_resume_point(tmp_path):
     source.write_text('{"prompt": ""}\n')
     with pytest.raises(ValueError, match="^input: line 1"):
         read_prompts(source)
+
+
+def test_a_checkpoint_on_in_process_tables_serves_without_a_memory_service(tmp_path):
+    from compute.serve.runtime import load_serving_runtime, open_serving_memory
+    from compute.train.checkpoints import load_trainer_state
+    from compute.train.loop import EngramTrainer, WorkerContext
+    from tests.integration.tiny_runs import tiny_run
+
+    trainer = EngramTrainer(tiny_run(tmp_path, steps=1, memory__tables="local"), WorkerContext())
+    try:
+        trainer.train()
+        checkpoint = trainer.last_checkpoint
+    finally:
+        trainer.close()
+    memory = open_serving_memory(checkpoint)  # needs no Ray: nothing to deploy
+    assert memory.handle is None and "in-process" in memory.describe()
+    runtime = load_serving_runtime(checkpoint, "cpu", memory.handle)
+    try:
+        assert runtime.client is None and not runtime.model.training
+        saved = load_trainer_state(checkpoint).model
+        for name, value in runtime.model.state_dict().items():
+            torch.testing.assert_close(value, saved[name])
+    finally:
+        runtime.close()
