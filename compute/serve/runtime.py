@@ -22,13 +22,12 @@ from compute.runtime import EngramRuntime, build_runtime
 from compute.serve.engine import ServingEngine
 from compute.train.checkpoints import load_trainer_state, memory_checkpoint, resolve_checkpoint
 from compute.train.config import TrainConfig
+from compute.train.job import COMPUTE_RESOURCE  # what compute nodes advertise; training workers ask for it too
 from memory_service.core.table_spec import TableSpec
 from memory_service.deploy import MemoryHandle, deploy_from_checkpoint, describe_table_memory, get_controller
 
 log = logging.getLogger(__name__)
 
-# What compute (GPU) nodes advertise (cluster/*.yaml); memory nodes advertise engram_memory instead.
-COMPUTE_RESOURCE = "engram_compute"
 
 
 @dataclasses.dataclass
