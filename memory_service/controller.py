@@ -235,10 +235,13 @@ class MemoryController:
             for spec, slot_map in list(self._tables.values()):
                 new_map, moves = slot_map.rebalanced(num_shards)
                 await self._move_slots(spec, moves)
+                # The sources forget the moved slots before anyone is routed to the targets: a client with
+                # the old routing is refused (and retries) rather than served the source's copy, which
+                # misses the updates that the targets apply from here on.
+                await self._release(spec, moves)
                 self._epoch += 1
                 self._tables[spec.name] = (spec, SlotMap(self._epoch, new_map.owners))
                 await self._broadcast_epoch()  # the flip: from here clients are routed to the new owners
-                await self._release(spec, moves)
                 moved[spec.name] = len(moves)
             await self._shrink_to(num_shards)
             log.info("scaled to %d shards at epoch %d, moved %s", num_shards, self._epoch, moved)
@@ -256,10 +259,23 @@ class MemoryController:
             for start in range(0, len(slots), per_batch):
                 batch = slots[start:start + per_batch]
                 await self._call(source, "FreezeSlots", pb.FreezeSlotsRequest(table=spec.name, slots=batch, frozen=True))
-                exported = await self._call(source, "ExportSlots", pb.ExportSlotsRequest(table=spec.name, slots=batch))
+                exported = await self._export_once_steps_complete(source, spec, batch)
                 await self._call(target, "ImportSlots", pb.ImportSlotsRequest(table=spec.name, arrays=exported.arrays))
 
         await asyncio.gather(*(move(self._shards[s], self._shards[t], slots) for (s, t), slots in by_pair.items()))
+
+    async def _export_once_steps_complete(self, source: Shard, spec: TableSpec, slots: list[int]):
+        """ExportSlots, asked again while the source answers ABORTED: synchronous steps pending on the
+        slots are completing there (it exports them with their partial sums after PENDING_STEP_WAIT_S)."""
+        delay = 0.005
+        while True:
+            try:
+                return await self._call(source, "ExportSlots", pb.ExportSlotsRequest(table=spec.name, slots=slots))
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.ABORTED:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
     async def _release(self, spec: TableSpec, moves: list[tuple[int, int, int]]) -> None:
         by_source: dict[int, list[int]] = {}

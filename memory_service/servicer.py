@@ -5,6 +5,7 @@ the shard's event loop: a freeze, export or checkpoint never interleaves with ha
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -37,6 +38,25 @@ INVALID_INPUT = (SpecError, checkpoint.PathRefused, WireError, InvalidPush)
 
 # Names under which a slot move carries each aggregator's memory of applied pushes.
 APPLIED_PREFIXES = {True: "applied.synchronous.", False: "applied.asynchronous."}
+
+
+# How long an export of frozen slots waits for the synchronous steps pending on them to complete (the
+# ranks' remaining pushes to those steps are still taken); after it, the partial sums move with the slots.
+PENDING_STEP_WAIT_S = 5.0
+
+
+@dataclasses.dataclass
+class _FrozenSlots:
+    """One table's slots that take no new updates while they move: ``frozen`` ones still take the pushes
+    that complete a step already pending here; ``sealed`` ones (exported) take nothing more."""
+
+    frozen: set[int] = dataclasses.field(default_factory=set)
+    sealed: set[int] = dataclasses.field(default_factory=set)
+    since: float = 0.0  # when slots were last frozen
+
+    def thaw(self, slots) -> None:
+        self.frozen.difference_update(slots)
+        self.sealed.difference_update(slots)
 
 
 class RequestRejected(Exception):
@@ -85,7 +105,7 @@ class ShardServicer:
         self.store = ShardStore()
         self.metrics = metrics or ShardMetrics()
         self.max_message_bytes = max_message_bytes
-        self._frozen: dict[str, set[int]] = {}
+        self._frozen: dict[str, _FrozenSlots] = {}
         self._aggregators: dict[tuple[str, bool], StepAggregator] = {}  # (table, synchronous)
         self._shared_rows = SharedRowSegments()
 
@@ -152,9 +172,10 @@ class ShardServicer:
         spec = self._spec(request.table)
         ids = self._row_ids(request.row_ids)
         grads = self._grads(request, spec, len(ids))
-        self._check_not_frozen(request.table, ids, spec.num_slots)
-        update = self.store.check_update(request.table, ids, grads)
         aggregator = self._aggregator(request.table, request.synchronous)
+        self._check_not_frozen(request.table, ids, spec.num_slots,
+                               completes_a_pending_step=aggregator.is_pending(request.step))
+        update = self.store.check_update(request.table, ids, grads)
         ready = aggregator.add(request.step, request.rank, request.world_size, update,
                                last_part=not request.more_parts)
         applied = self._apply(request.table, ready)
@@ -200,12 +221,13 @@ class ShardServicer:
             self.store.apply_update(table, update)
         return sum(len(update.row_ids) for update in updates)
 
-    def _check_not_frozen(self, table: str, row_ids: np.ndarray, num_slots: int) -> None:
-        frozen = self._frozen.get(table)
-        if not frozen:
+    def _check_not_frozen(self, table: str, row_ids: np.ndarray, num_slots: int,
+                          completes_a_pending_step: bool) -> None:
+        state = self._frozen.get(table)
+        if not state or not state.frozen:
             return
-        moving = frozen.intersection(np.unique(slot_of(row_ids, num_slots)).tolist())
-        if moving:
+        moving = state.frozen.intersection(np.unique(slot_of(row_ids, num_slots)).tolist())
+        if moving and (not completes_a_pending_step or moving & state.sealed):
             raise RequestRejected("FAILED_PRECONDITION", "row_ids",
                                   f"row_ids: slots {sorted(moving)} of table '{table}' are moving to another shard",
                                   routing=True)
@@ -262,19 +284,29 @@ class ShardServicer:
     @_handler("freeze_slots")
     def FreezeSlots(self, request: pb.FreezeSlotsRequest):
         self._spec(request.table)
-        frozen = self._frozen.setdefault(request.table, set())
+        state = self._frozen.setdefault(request.table, _FrozenSlots())
         if request.frozen:
-            frozen.update(request.slots)
+            state.frozen.update(request.slots)
+            state.since = time.monotonic()
         else:
-            frozen.difference_update(request.slots)
+            state.thaw(request.slots)
         return pb.FreezeSlotsResponse(), 0, 0
 
     @_handler("export_slots")
     def ExportSlots(self, request: pb.ExportSlotsRequest):
         spec = self._spec(request.table)
+        state = self._frozen.get(request.table, _FrozenSlots())
+        synchronous = self._aggregator(request.table, True)
+        if (synchronous.has_pending_rows(request.slots, spec.num_slots)
+                and time.monotonic() - state.since < PENDING_STEP_WAIT_S):
+            # A step's partial sum applied on the target in two parts would differ (Adam is not linear):
+            # let the pending steps complete here first.
+            raise RequestRejected("ABORTED", "slots", f"slots: synchronous steps {synchronous.pending_steps()} of "
+                                  f"table '{request.table}' are still pending on them; export again shortly")
         arrays = self.store.export_slots(request.table, list(request.slots))
-        # Partial sums of synchronous steps travel with their slots; the step completes on the target.
-        pending = self._aggregator(request.table, True).export_pending(request.slots, spec.num_slots)
+        state.sealed.update(request.slots)
+        # Partial sums of steps that did not complete in time travel with their slots, to complete on the target.
+        pending = synchronous.export_pending(request.slots, spec.num_slots)
         arrays.update(pending_to_arrays(pending))
         # So does the memory of applied pushes: a retry that reaches the new owner is still dropped.
         for synchronous, prefix in APPLIED_PREFIXES.items():
@@ -310,7 +342,7 @@ class ShardServicer:
     def ReleaseSlots(self, request: pb.ReleaseSlotsRequest):
         self._spec(request.table)
         self.store.release_slots(request.table, list(request.slots))
-        self._frozen.get(request.table, set()).difference_update(request.slots)
+        self._frozen.get(request.table, _FrozenSlots()).thaw(request.slots)
         return pb.ReleaseSlotsResponse(), 0, 0
 
     @_handler("checkpoint")

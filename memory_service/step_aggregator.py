@@ -124,6 +124,17 @@ class StepAggregator:
         """Steps still waiting for ranks (synchronous mode), ascending."""
         return sorted(step for (_, step), entry in self._steps.items() if not entry.released)
 
+    def is_pending(self, step: int) -> bool:
+        """Whether synchronous ``step`` has some ranks' pushes here and waits for the others."""
+        entry = self._steps.get((0, step))
+        return self.synchronous and entry is not None and not entry.released
+
+    def has_pending_rows(self, slots: Iterable[int], num_slots: int) -> bool:
+        """Whether a pending step holds contributions to rows of ``slots``."""
+        moving = torch.as_tensor(sorted(int(slot) for slot in slots), dtype=torch.int64)
+        return any(bool(torch.isin(update.row_ids % num_slots, moving).any())
+                   for entry in self._steps.values() if not entry.released for _, update in entry.parts)
+
     def export_pending(self, slots: Iterable[int], num_slots: int) -> list[dict[str, Any]]:
         """Remove and return the pending contributions to rows of ``slots``, with each step's reported ranks."""
         moving = torch.as_tensor(sorted(int(slot) for slot in slots), dtype=torch.int64)

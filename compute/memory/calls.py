@@ -30,6 +30,9 @@ class MemoryServiceError(RuntimeError):
         self.code = code
         self.details = message
 
+    def __reduce__(self):  # raised in a Ray worker, it reaches the driver whole
+        return type(self), (self.code, self.details)
+
 
 class ResendAfterRefresh(Exception):
     """A part of a call must be resent once the routing is refreshed."""

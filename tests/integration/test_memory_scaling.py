@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -134,3 +135,29 @@ def test_a_checkpoint_restores_as_read_only_serving_tables_in_half_the_memory(ra
         with pytest.raises(MemoryServiceError) as caught:
             client.push("saved", ids[:4], torch.ones(4, SAVED.dim), step=1).result()
         assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION and "read-only" in caught.value.details
+
+
+def test_a_step_pending_on_moving_slots_is_applied_once_and_whole(ray_cluster):
+    """Rank 0 has pushed a synchronous step when the service scales from 3 shards to 2; rank 1 pushes
+    while slots move onto shards that already hold rows of that step. Under Adam a step applied in
+    two parts (on a target that had released it: rank 0's moved rows on arrival, rank 1's later)
+    differs from one update of the sum, so the rows must equal those of the same pushes unscaled."""
+    table = spec("adam_moves", rows=4000, kind="adam", lr=0.01)
+
+    def pushes(rank: int, step: int):
+        ids = np.sort(np.random.default_rng([rank, step, 7]).choice(table.rows, size=1500, replace=False))
+        return ids, torch.randn(len(ids), table.dim, generator=torch.Generator().manual_seed(100 * step + rank))
+
+    def train(scale_at_step: int | None) -> torch.Tensor:
+        with deployment([table], shards=3) as (controller, client):
+            for step in range(4):
+                client.push("adam_moves", *pushes(0, step), step=step, rank=0, world_size=2).result()
+                scaling = controller.scale.remote(2) if step == scale_at_step else None
+                if scaling is not None:
+                    time.sleep(0.05)  # rank 1 pushes while the slots of shard 2 move
+                client.push("adam_moves", *pushes(1, step), step=step, rank=1, world_size=2).result()
+                if scaling is not None:
+                    assert ray.get(scaling)["adam_moves"] > 0
+            return client.lookup("adam_moves", np.arange(table.rows), dtype=torch.float32).result()
+
+    assert torch.equal(train(scale_at_step=1), train(scale_at_step=None))
