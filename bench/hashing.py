@@ -22,6 +22,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from bench.host import cpu_model  # noqa: E402
 from bench.results_files import figure, write_json  # noqa: E402
 from compute.config import EngramConfig  # noqa: E402
 from compute.hashing.ngram_hash import NgramHasher  # noqa: E402
@@ -97,16 +98,6 @@ def interleaved_passes(systems: dict) -> dict[str, tuple[list[float], float]]:
             seconds[name].append(time.perf_counter() - start)
             faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     return {name: (seconds[name], faults[name] / len(seconds[name])) for name in systems}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

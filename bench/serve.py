@@ -14,7 +14,6 @@ import concurrent.futures
 import json
 import logging
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -25,12 +24,12 @@ import urllib.request
 from pathlib import Path
 
 import torch
-
-from bench.results_files import figure, write_json
-from compute.config import EngramConfig, ModelConfig
-from compute.data import DataConfig
 from ray import serve
 
+from bench.host import cpu_model
+from bench.results_files import figure, write_json
+from bench.train_step import PRESETS as TRAIN_PRESETS
+from compute.data import DataConfig
 from compute.serve.app import APP_NAME, build_app, start_serving, stop_serving
 from compute.serve.runtime import open_serving_memory
 from compute.train.config import MemoryConfig, OptimConfig, TrainConfig
@@ -43,32 +42,15 @@ PROMPTS = ["def main(", "import os\nimport sys\n", "class Config:\n    def __ini
            "return self.", "with open(path) as f:", "if __name__ == ", "raise ValueError("]
 
 PRESETS = {
-    # Runs in under 3 minutes on 2 cores: a small model, short requests.
-    "cpu": dict(model=ModelConfig(hidden_size=64, num_layers=4, num_attention_heads=4, hc_mult=4, max_seq_len=128,
-                                  num_routed_experts=8, num_experts_per_token=2, expert_hidden_size=128,
-                                  tie_embeddings=True),
-                engram=EngramConfig(engram_vocab_size=(20011, 20011), n_embed_per_ngram=128, n_head_per_ngram=4,
-                                    layer_ids=(1, 3)),
+    # Runs in under 3 minutes on 2 cores: bench.train_step's CPU model, short requests.
+    "cpu": dict(model=TRAIN_PRESETS["cpu"]["model"], engram=TRAIN_PRESETS["cpu"]["engram"],
                 device="cpu", clients=(1, 4, 8), replicas=(1, 2), seconds=4.0, max_new_tokens=16, replica_cpus=1.0,
                 gpus_per_replica=0.0, max_batch_size=8),
-    # An H100/H200 host: the train_step GPU model, tables of 3.2M rows x 64 per layer on the host's CPU shards.
-    "gpu": dict(model=ModelConfig(hidden_size=1024, num_layers=8, num_attention_heads=16, hc_mult=4, max_seq_len=1024,
-                                  num_routed_experts=16, num_experts_per_token=2, expert_hidden_size=1024),
-                engram=EngramConfig(engram_vocab_size=(200003, 200003), n_embed_per_ngram=512, n_head_per_ngram=8,
-                                    layer_ids=(1, 5)),
+    # An H100/H200 host: bench.train_step's GPU model, tables of 3.2M rows x 64 per layer on the host's CPU shards.
+    "gpu": dict(model=TRAIN_PRESETS["gpu"]["model"], engram=TRAIN_PRESETS["gpu"]["engram"],
                 device="cuda", clients=(1, 4, 8, 16), replicas=(1, 2), seconds=15.0, max_new_tokens=64,
                 replica_cpus=2.0, gpus_per_replica=0.5, max_batch_size=16),
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def free_port() -> int:

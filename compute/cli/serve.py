@@ -6,8 +6,7 @@ import json
 import signal
 import threading
 
-import torch
-
+from compute.cli.train import add_cluster_arguments
 from compute.generate import sampling_from_args
 from compute.serve.runtime import checkpoint_config
 from compute.train.checkpoints import resolve_checkpoint
@@ -49,12 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=int, help="memory shards for the serving tables (default: the run's)")
-    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS; without it, start an "
-                        "embedded local Ray)")
-    parser.add_argument("--ray-token", help="the cluster's Ray auth token (default: $RAY_AUTH_TOKEN, "
-                        "$RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the model runs (default: cuda if available; cuda asks one GPU per replica)")
+    add_cluster_arguments(parser, "where the model runs (default: cuda if available; cuda asks one GPU per replica)")
 
 
 def _open(args: argparse.Namespace):

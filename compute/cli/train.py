@@ -26,13 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--workers", type=int, help="override the config's num_workers")
     train.add_argument("--output-dir", help="override the config's output_dir")
     train.add_argument("--controller", help="use the tables of this running memory controller (`engram memory up`)")
-    _add_cluster_arguments(train)
+    add_cluster_arguments(train)
     train.set_defaults(func=run_train)
 
     evaluate = subparsers.add_parser("eval", help="validation loss and perplexity of a checkpoint")
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("--batches", type=int, help="validation batches (default: the run's eval_batches)")
-    _add_cluster_arguments(evaluate)
+    add_cluster_arguments(evaluate)
     evaluate.set_defaults(func=run_eval)
 
     tables = subparsers.add_parser("tables", help="print the tables.yaml a run needs (for `engram memory up`)")
@@ -42,17 +42,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate = subparsers.add_parser("generate", help="generate text from a checkpoint")
     generate.add_argument("--checkpoint", required=True)
     add_generation_arguments(generate)
-    _add_cluster_arguments(generate)
+    add_cluster_arguments(generate)
     generate.set_defaults(func=run_generate)
 
 
-def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+def add_cluster_arguments(parser: argparse.ArgumentParser,
+                          device_help: str = "where eval/generate run the model (default: cuda if available)") -> None:
+    """--address, --ray-token and --device: what every command that runs a model on Ray takes."""
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, which Ray sets for a job "
                         "submitted with `ray job submit`; without it, start an embedded local Ray)")
     parser.add_argument("--ray-token", help="the cluster's Ray auth token (default: $RAY_AUTH_TOKEN, "
                         "$RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where eval/generate run the model (default: cuda if available)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help=device_help)
 
 
 def run_train(args: argparse.Namespace) -> int:

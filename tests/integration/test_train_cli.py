@@ -8,14 +8,9 @@ import sys
 import pytest
 import yaml
 
-TINY_RUN = {
-    "model": {"hidden_size": 32, "num_layers": 2, "num_attention_heads": 2, "hc_mult": 2, "max_seq_len": 32,
-              "num_routed_experts": 4, "num_experts_per_token": 2, "expert_hidden_size": 32, "tie_embeddings": True},
-    "engram": {"engram_vocab_size": [211, 223], "n_embed_per_ngram": 16, "n_head_per_ngram": 2, "layer_ids": [0, 1]},
-    "data": {"max_files": 3, "seq_len": 16, "batch_size": 4, "num_workers": 0},
-    "memory": {"shards": 2, "num_slots": 16},
-    "steps": 3, "log_every": 1, "eval_batches": 1,
-}
+from tests.integration.tiny_runs import TINY_RUN_YAML
+
+TINY_RUN = {**TINY_RUN_YAML, "steps": 3}
 
 
 def engram(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
