@@ -263,7 +263,7 @@ class MemoryClient:
                     world_size: int, synchronous: bool) -> PushResult:
         start = time.perf_counter()
         totals = {"applied": 0, "duplicate": False, "pending": False}
-        acknowledged: set[int] = set()  # shards that took all their rows of this push
+        took_rows: set[int] = set()  # shards that took rows of this push
         # Co-located shards read the gradients from shared memory: one copy in, none through the socket.
         segment = self._segments.acquire(grads.numel() * grads.element_size()) if self._routing.co_located else None
         if segment:
@@ -279,44 +279,46 @@ class MemoryClient:
             else:
                 request.grads = _tensor_bytes(grads[torch.from_numpy(positions)])
             reply = await self._call_shard(shard, "Update", request)
-            if not more_parts:
-                acknowledged.add(shard)
+            if len(positions):
+                took_rows.add(shard)
             totals["applied"] += reply.applied_rows
             totals["duplicate"] |= reply.duplicate
-            totals["pending"] |= reply.pending
+            if not more_parts:  # a synchronous step is pending until this rank's reports say otherwise
+                totals["pending"] |= reply.pending
 
         def parts_of(shard: int, positions: np.ndarray) -> list[np.ndarray]:
             """A shard's rows in requests under the message limit (co-located: ids and positions only)."""
             payload = 8 if segment and shard in self._routing.co_located else grads.shape[1] * grads.element_size()
             return _chunks(positions, self._rows_per_request(8 + payload))
 
-        async def attempt(pending: np.ndarray) -> np.ndarray:
-            route_now = self._route(table)
-            groups = route_now.split(ids, pending)
-            if synchronous:  # every owner of the table's slots must hear from every rank, rows or not
-                for shard in route_now.all_shards():
-                    groups.setdefault(shard, np.empty(0, dtype=np.int64))
-            parts = {shard: parts_of(shard, positions) for shard, positions in groups.items()}
-            # A synchronous step counts this rank as reported by a shard with its last part, so a
-            # shard's last part goes only once its other parts have landed.
-            retry = await gather_parts([(part, send(shard, part, True)) for shard, shard_parts in parts.items()
-                                        for part in shard_parts[:-1]])
-            unfinished = route_now.shards_of(ids[retry])
-            held_back = [shard_parts[-1] for shard, shard_parts in parts.items() if shard in unfinished]
-            retry_last = await gather_parts([(shard_parts[-1], send(shard, shard_parts[-1], False))
-                                             for shard, shard_parts in parts.items() if shard not in unfinished])
-            return np.concatenate([retry, *held_back, retry_last])
+        async def send_rows(pending: np.ndarray) -> np.ndarray:
+            """The rows at ``pending`` to their owners; synchronous ones as parts that do not report the rank."""
+            groups = self._route(table).split(ids, pending)
+            return await gather_parts([(part, send(shard, part, synchronous)) for shard, positions in groups.items()
+                                       for part in parts_of(shard, positions)])
+
+        async def report(_: np.ndarray) -> np.ndarray:
+            """Tell every owner of the table's slots that this rank's step is all there (rows or not).
+            Only once every row has landed: a shard that counted the rank as reported could complete the
+            step without rows still on their way after a slot move, and apply the step in two parts."""
+            owners = self._route(table).all_shards()
+            return await gather_parts([(np.array([shard]), send(shard, np.empty(0, dtype=np.int64), False))
+                                       for shard in owners])
 
         try:
-            await self._with_retries(attempt, np.arange(len(ids)))
+            await self._with_retries(send_rows, np.arange(len(ids)))
+            if synchronous:
+                await self._with_retries(report, np.arange(1))
         except BaseException as error:
             if segment:  # a shard may still be reading it: never reuse it
                 segment.close()
-            if isinstance(error, MemoryServiceError) and acknowledged:
+            if isinstance(error, MemoryServiceError) and took_rows:
+                taken = ("holds them pending: nothing was applied" if synchronous
+                         else "applied them")
                 raise MemoryServiceError(error.code, (
-                    f"{error.details}; shards {sorted(acknowledged)} had already taken their rows of this push "
-                    f"(step {step}, rank {rank}): resend it with the same step and rank, and those shards "
-                    "answer 'duplicate' while the others apply their rows")) from None
+                    f"{error.details}; shards {sorted(took_rows)} had already taken rows of this push (step {step}, "
+                    f"rank {rank}) and {taken}: resend it with the same step and rank, and each shard takes only "
+                    "the rows it lacks")) from None
             raise
         if segment:
             self._segments.release(segment)
