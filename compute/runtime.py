@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compute.config import EngramModelConfig, dataclass_from_mapping
+from compute.config import EngramModelConfig
 from compute.hashing.ngram_hash import NgramHasher
 from compute.hashing.tokenizer_compression import TokenizerCompressor
 from compute.memory.client import MemoryClient
@@ -79,11 +79,16 @@ def build_runtime(config: TrainConfig, device: torch.device, memory: MemoryHandl
     return EngramRuntime(config, model, tables, compressor, hasher, client)
 
 
-def load_runtime(checkpoint: str | Path, device: torch.device, memory: MemoryHandle | None) -> EngramRuntime:
-    """The model of a training checkpoint, its weights loaded (remote tables: restored by the caller)."""
+def load_runtime(checkpoint: str | Path, device: torch.device, memory: MemoryHandle | None,
+                 wire_dtype: str | None = None) -> EngramRuntime:
+    """The model of a training checkpoint, its weights loaded (remote tables: restored by the caller);
+    ``wire_dtype`` replaces the run's dtype of remote rows on the wire."""
     from compute.train.checkpoints import load_trainer_state
 
     state = load_trainer_state(checkpoint, map_location=device)
-    runtime = build_runtime(dataclass_from_mapping(TrainConfig, state.config), device, memory)
+    config = state.train_config()
+    if wire_dtype is not None and config.memory.tables == "remote":
+        config = config.replace(memory__wire_dtype=wire_dtype)
+    runtime = build_runtime(config, device, memory)
     runtime.model.load_state_dict(state.model)
     return runtime

@@ -179,7 +179,7 @@ class ShardServicer:
         ready = aggregator.add(request.step, request.rank, request.world_size, update,
                                last_part=not request.more_parts)
         applied = self._apply(request.table, ready)
-        pending = request.synchronous and request.step in aggregator.pending_steps()
+        pending = aggregator.is_pending(request.step)
         duplicate = not ready and not pending and len(ids) > 0
         wire_bytes = len(ids) * spec.dim * WIRE_DTYPE_BY_ENUM[request.grad_dtype].torch.itemsize
         return (pb.UpdateResponse(applied_rows=applied, duplicate=duplicate, pending=pending, epoch=self.epoch),

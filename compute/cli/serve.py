@@ -8,8 +8,7 @@ import threading
 
 from compute.cli.train import add_cluster_arguments
 from compute.generate import sampling_from_args
-from compute.serve.runtime import checkpoint_config
-from compute.train.checkpoints import resolve_checkpoint
+from compute.train.checkpoints import load_trainer_state, resolve_checkpoint
 from compute.train.job import connect_ray
 
 
@@ -55,7 +54,7 @@ def _open(args: argparse.Namespace):
     from compute.serve.runtime import open_serving_memory
 
     checkpoint = resolve_checkpoint(args.checkpoint)
-    config = checkpoint_config(checkpoint)
+    config = load_trainer_state(checkpoint).train_config()
     connect_ray(args.address, args.shards or config.memory.shards, token=args.ray_token, verbose=args.verbose)
     memory = open_serving_memory(checkpoint, args.shards)
     print(f"memory: {memory.describe()}", flush=True)

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 import yaml
 
-from compute.config import dataclass_from_mapping
 from compute.generate import Generator, add_generation_arguments, print_completions, sampling_from_args
 from compute.runtime import load_runtime
 from compute.train.checkpoints import load_trainer_state, resolve_checkpoint
@@ -86,13 +85,9 @@ def open_checkpoint_memory(checkpoint: Path, config: TrainConfig, args: argparse
     return prepare_memory(config, resume=checkpoint)
 
 
-def checkpoint_config(checkpoint: Path) -> TrainConfig:
-    return dataclass_from_mapping(TrainConfig, load_trainer_state(checkpoint).config)
-
-
 def run_eval(args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)
-    config = checkpoint_config(checkpoint)
+    config = load_trainer_state(checkpoint).train_config()
     memory = open_checkpoint_memory(checkpoint, config, args)
     try:
         trainer = EngramTrainer(config, WorkerContext(device=torch.device(args.device), memory=memory.handle))
@@ -110,7 +105,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)
-    memory = open_checkpoint_memory(checkpoint, checkpoint_config(checkpoint), args)
+    memory = open_checkpoint_memory(checkpoint, load_trainer_state(checkpoint).train_config(), args)
     try:
         runtime = load_runtime(checkpoint, torch.device(args.device), memory.handle)
         try:

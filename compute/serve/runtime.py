@@ -16,12 +16,10 @@ from typing import Any
 import ray
 import torch
 
-from compute.config import dataclass_from_mapping
 from compute.generate import Generator
-from compute.runtime import EngramRuntime, build_runtime
+from compute.runtime import EngramRuntime, load_runtime
 from compute.serve.engine import ServingEngine
 from compute.train.checkpoints import load_trainer_state, memory_checkpoint, resolve_checkpoint
-from compute.train.config import TrainConfig
 from compute.train.job import COMPUTE_RESOURCE  # what compute nodes advertise; training workers ask for it too
 from memory_service.core.table_spec import TableSpec
 from memory_service.deploy import MemoryHandle, deploy_from_checkpoint, describe_table_memory, get_controller
@@ -49,10 +47,6 @@ class ServingMemory:
             self.owned = False
 
 
-def checkpoint_config(checkpoint: str | Path) -> TrainConfig:
-    return dataclass_from_mapping(TrainConfig, load_trainer_state(checkpoint).config)
-
-
 def open_serving_memory(checkpoint: str | Path, shards: int | None = None,
                         data_root: str | Path | None = None) -> ServingMemory:
     """Deploy ``checkpoint``'s tables as read-only serving tables on ``shards`` (default: the run's) shards.
@@ -60,7 +54,7 @@ def open_serving_memory(checkpoint: str | Path, shards: int | None = None,
     Ray must be connected. The service's data root (default: the folder holding the checkpoint's
     ``memory/``) must contain that folder, as a restore reads only under its data root."""
     checkpoint = resolve_checkpoint(checkpoint)
-    config = checkpoint_config(checkpoint)
+    config = load_trainer_state(checkpoint).train_config()
     if config.memory.tables == "local":
         return ServingMemory(None, [], owned=False)
     tables = memory_checkpoint(checkpoint)
@@ -79,12 +73,7 @@ def load_serving_runtime(checkpoint: str | Path, device: torch.device | str,
 
     Serving tables hold bfloat16 rows, so rows travel as bfloat16 whatever the run's wire dtype
     (the same values as a float32 wire would carry, in half the bytes)."""
-    state = load_trainer_state(checkpoint, map_location=torch.device(device))
-    config = dataclass_from_mapping(TrainConfig, state.config)
-    if config.memory.tables == "remote":
-        config = config.replace(memory__wire_dtype="bfloat16")
-    runtime = build_runtime(config, torch.device(device), memory)
-    runtime.model.load_state_dict(state.model)
+    runtime = load_runtime(checkpoint, torch.device(device), memory, wire_dtype="bfloat16")
     runtime.model.eval()
     return runtime
 

@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+from compute.config import dataclass_from_mapping
+from compute.train.config import TrainConfig
+
 TRAINER_FILE = "trainer.pt"
 MEMORY_DIR = "memory"
 LATEST = "latest"
@@ -27,6 +30,10 @@ class TrainerState:
     table_optimizer: dict[str, Any] | None  # in-process tables' optimizer state; None for remote tables
     data_position: dict[str, Any]
     rng: torch.Tensor
+
+    def train_config(self) -> TrainConfig:
+        """The run config the checkpoint was trained with."""
+        return dataclass_from_mapping(TrainConfig, self.config)
 
 
 def save_checkpoint(directory: str | Path, state: TrainerState, memory) -> Path:
