@@ -27,10 +27,6 @@ class TableRoute:
         """``positions`` (into ``row_ids``) grouped by owning shard, in their order within a shard."""
         return {shard: positions[where] for shard, where in split_by_shard(row_ids[positions], self.owners).items()}
 
-    def shards_of(self, row_ids: np.ndarray) -> set[int]:
-        """The shards owning any of ``row_ids``."""
-        return set(split_by_shard(row_ids, self.owners))
-
     def all_shards(self) -> list[int]:
         """Every shard owning a slot of the table."""
         return np.unique(self.owners).tolist()
