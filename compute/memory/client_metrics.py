@@ -31,5 +31,6 @@ class ClientMetrics:
             return
         tags = {"method": method}
         self._latency.observe(seconds, tags)
-        self._rows.inc(rows, tags)
-        self._wire_bytes.inc(wire_bytes, tags)
+        if rows:  # Ray's counters take only positive increments; an empty call moves none
+            self._rows.inc(rows, tags)
+            self._wire_bytes.inc(wire_bytes, tags)

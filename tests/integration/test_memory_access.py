@@ -200,3 +200,12 @@ def test_each_shard_reserves_its_share_of_the_tables_memory_from_ray(memory):
     share = sum(table.rows * table.bytes_per_row() for table in (TABLE, LARGER)) // 2
     assert share > 1 << 20 and [shard["reserved_bytes"] for shard in shards] == [share] * 2
     assert all(shard["bytes"] <= 1.1 * shard["reserved_bytes"] for shard in shards)
+
+
+def test_empty_calls_work_in_a_process_where_ray_records_the_clients_metrics(memory):
+    """Ray's counters take only positive increments: a lookup or push of no rows must not trip them."""
+    _, client, _, _ = memory
+    assert ray.is_initialized()
+    assert client.lookup("access", np.empty(0, dtype=np.int64)).result().shape == (0, TABLE.dim)
+    result = client.push("access", np.empty(0, dtype=np.int64), torch.empty(0, TABLE.dim), step=90).result()
+    assert result.applied_rows == 0 and not result.pending
