@@ -1,12 +1,9 @@
 """Ray for every command: an embedded local cluster of its own, or a cluster joined at an address.
 
-The address is ``--address``, else ``$RAY_ADDRESS``: Ray sets it for the entrypoint of a job submitted with
-`ray job submit`, so a command run as a Ray job joins the job's cluster (a ``http(s)://`` dashboard URL
-there, which only `ray job` reads, is not a cluster address and is ignored). Without either a command
-starts its own local Ray (``address="local"``) and never joins another Ray instance that runs, or once
-ran, on the machine (its ``ray_current_cluster`` file is not read). With one (a head's ``HOST:PORT``;
-``auto`` and ``ray://`` addresses go to Ray as they are) it joins that cluster, carrying Ray's auth
-token from where Ray's own CLI reads it: ``--ray-token``, ``$RAY_AUTH_TOKEN``,
+Without an address a command starts its own local Ray (``address="local"``) and never joins another
+Ray instance that runs, or once ran, on the machine. With one (a head's ``HOST:PORT``; ``auto`` and
+``ray://`` addresses go to Ray as they are) it joins that cluster, carrying Ray's auth token from where
+Ray's own CLI reads it: ``--ray-token``, ``$RAY_AUTH_TOKEN``,
 ``$RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``. A missing or wrong token, or no cluster at the
 address, fails within seconds with one line that says how to fix it.
 """
@@ -17,7 +14,6 @@ import os
 from pathlib import Path
 from typing import Callable
 
-ADDRESS_ENV = "RAY_ADDRESS"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 TOKEN_ENV = "RAY_AUTH_TOKEN"
 TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
@@ -32,27 +28,14 @@ class RayConnectError(ValueError):
     """Ray could not be started or joined; the message is one line that says what to do."""
 
 
-def cluster_address(explicit: str | None = None) -> str | None:
-    """The cluster to join: ``explicit``, else ``$RAY_ADDRESS`` (set by Ray for a submitted job's entrypoint)
-    unless that is a dashboard URL; None: start an embedded Ray."""
-    if explicit:
-        return explicit
-    address = os.environ.get(ADDRESS_ENV, "").strip()
-    if not address or address.startswith(("http://", "https://")):
-        return None
-    return address
-
-
 def connect(address: str | None, *, token: str | None = None, namespace: str | None = None,
             resources: dict[str, float] | None = None, worker_setup_hook: Callable[[], None] | None = None,
             log_to_driver: bool = False, verbose: bool = False) -> None:
-    """Join the cluster at ``address`` or ``$RAY_ADDRESS`` (with Ray's token), or start an embedded one with
-    ``resources``."""
+    """Join the cluster at ``address`` (with Ray's token), or start an embedded one with ``resources``."""
     import ray
 
     if ray.is_initialized():
         return
-    address = cluster_address(address)
     level = logging.INFO if verbose else logging.ERROR
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(level)

@@ -48,8 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_cluster_arguments(parser: argparse.ArgumentParser,
                           device_help: str = "where eval/generate run the model (default: cuda if available)") -> None:
     """--address, --ray-token and --device: what every command that runs a model on Ray takes."""
-    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, which Ray sets for a job "
-                        "submitted with `ray job submit`; without it, start an embedded local Ray)")
+    parser.add_argument("--address", help="Ray cluster address; `auto` in a job submitted with `ray job submit` "
+                        "(default: start an embedded local Ray)")
     parser.add_argument("--ray-token", help="the cluster's Ray auth token (default: $RAY_AUTH_TOKEN, "
                         "$RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help=device_help)

@@ -2,7 +2,7 @@
 
 The head is `ray start --head` with its dashboard (jobs are submitted through its HTTP API) and a token
 in its $HOME/.ray/auth_token, $RAY_AUTH_MODE unset: Ray 2.60 turns token authentication on by default when
-it finds a token. A job's entrypoint gets $RAY_ADDRESS from Ray, and our commands, given no --address,
+it finds a token. A job's entrypoint gets $RAY_ADDRESS from Ray, and our commands, given `--address auto`,
 join that cluster (the training workers and shards appear in the head's actor table). Submitting
 without the token, or with another one, is refused. The head is stopped by the process group it runs in.
 """
@@ -78,8 +78,9 @@ def submit(head: LocalRayNodes, tmp_path: Path, *entrypoint: str, **auth: str) -
 
 
 def engram_job(*args: str) -> tuple[str, ...]:
-    """An entrypoint running `engram ...` with this interpreter (the project is installed in its environment)."""
-    return (sys.executable, "-m", "compute.cli", *args)
+    """An entrypoint running `engram ... --address auto` (the job's cluster) with this interpreter (the project
+    is installed in its environment)."""
+    return (sys.executable, "-m", "compute.cli", *args, "--address", "auto")
 
 
 @pytest.mark.timeout(400)

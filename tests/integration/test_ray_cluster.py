@@ -114,8 +114,7 @@ def test_the_right_token_deploys_operates_and_stops_the_service(token_head, tmp_
 
 
 def test_the_embedded_default_never_joins_the_ray_that_the_machine_points_to(token_head):
-    """With another head running and named as the machine's current cluster, no --address still starts our own.
-    (An explicit ``$RAY_ADDRESS`` is joined, as Ray sets it for a submitted job: tests/integration/test_job_submit.py.)"""
+    """With another head running and named as the machine's current cluster, no --address still starts our own."""
     address, _ = token_head
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
     (ray_tmp / "ray").mkdir()
@@ -124,8 +123,7 @@ def test_the_embedded_default_never_joins_the_ray_that_the_machine_points_to(tok
               "print(ray.get_runtime_context().gcs_address); ray.shutdown()")
     try:
         done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                              env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-                                   "RAY_TMPDIR": str(ray_tmp)})
+                              env={**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": address})
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stderr
