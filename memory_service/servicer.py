@@ -1,7 +1,10 @@
-"""The ShardService: one shard's tables behind gRPC, with routing epochs, moves and push dedup.
+"""The ShardService: one shard's tables behind gRPC, with routing epochs, moves, push dedup and replication.
 
 Handlers do their work without awaiting, so each request is atomic with respect to the others on
-the shard's event loop: a freeze, export or checkpoint never interleaves with half an update.
+the shard's event loop: a freeze, export or checkpoint never interleaves with half an update. A
+replica group's primary forwards each update it accepted to its replicas in that order, and answers
+only once every live replica applied it (``memory_service.replication``); replicas serve lookups and
+take updates only from their primary.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 
 from memory_service import checkpoint
 from memory_service.metrics import ShardMetrics
+from memory_service.replication import Replicas
 from memory_service.row_store import RowStoreError, ShardStore, SlotNotOwned
 from memory_service.server import register_service
 from memory_service.shared_rows import SegmentError, SharedRowSegments
@@ -67,6 +71,10 @@ class RequestRejected(Exception):
         self.code, self.field, self.routing = code, field, routing
 
 
+# Every refusal a handler maps to its status code.
+REFUSALS = (RowStoreError, RequestRejected, *INVALID_INPUT)
+
+
 def _handler(method: str):
     """Run a synchronous handler body, which returns (response, rows, row bytes carried); map refusals
     to status codes and record metrics."""
@@ -77,11 +85,14 @@ def _handler(method: str):
             start = time.perf_counter()
             try:
                 response, rows, wire_bytes = body(self, request)
-            except (RowStoreError, RequestRejected, *INVALID_INPUT) as error:
+            except REFUSALS as error:
                 await self._refuse(context, error)
             except Exception as error:  # a bug, not bad input: log it, keep serving, tell the caller plainly
                 log.exception("%s failed", method)
                 await context.abort(grpc.StatusCode.INTERNAL, f"{method}: {type(error).__name__}: {error}")
+            if method == "update" and self.replicas is not None:
+                # Acknowledged only once every live replica applied it (a duplicate: once they applied the original).
+                await self.replicas.wait_applied(self.replicas.seq)
             self.metrics.record(method, time.perf_counter() - start, rows, wire_bytes)
             if method != "lookup":  # only lookups leave the held bytes and the pending steps as they were
                 self.metrics.set_state(self.store.memory_bytes(), self.pending_steps())
@@ -96,7 +107,8 @@ class ShardServicer:
     """Serves the tables of one ShardStore; ``shard_index`` and ``epoch`` name it in routing errors."""
 
     def __init__(self, shard_index: int, metrics: ShardMetrics | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, data_root: Path | None = None):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, data_root: Path | None = None,
+                 replicas: Replicas | None = None):
         self.shard_index = shard_index
         self.data_root = Path(data_root or checkpoint.default_data_root())  # checkpoints are read and written here
         self.epoch = 0
@@ -108,6 +120,12 @@ class ShardServicer:
         self._frozen: dict[str, _FrozenSlots] = {}
         self._aggregators: dict[tuple[str, bool], StepAggregator] = {}  # (table, synchronous)
         self._shared_rows = SharedRowSegments()
+        # Replication: a primary takes clients' updates and forwards them through `replicas` (None: this shard
+        # cannot replicate); a replica applies its primary's stream, whose id and last applied seq it keeps.
+        self.primary = True
+        self.replicas = replicas
+        self._replica_stream, self._replicated_seq = "", 0
+        self._left_streams: set[str] = set()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register every ShardService method; Lookup replies skip protobuf's copies (same bytes)."""
@@ -169,21 +187,31 @@ class ShardServicer:
 
     @_handler("update")
     def Update(self, request: pb.UpdateRequest):
+        if not self.primary:
+            raise RequestRejected("FAILED_PRECONDITION", "table", "updates go to the primary of this shard's replica "
+                                  "group; this shard is a replica", routing=True)
         spec = self._spec(request.table)
         ids = self._row_ids(request.row_ids)
         grads = self._grads(request, spec, len(ids))
         aggregator = self._aggregator(request.table, request.synchronous)
         self._check_not_frozen(request.table, ids, spec.num_slots,
                                completes_a_pending_step=aggregator.is_pending(request.step))
+        response = self._take_update(request, ids, grads)
+        if self.replicas is not None:
+            self.replicas.forward(_as_replicated(request, grads))
+        wire_bytes = len(ids) * spec.dim * WIRE_DTYPE_BY_ENUM[request.grad_dtype].torch.itemsize
+        return response, len(ids), wire_bytes
+
+    def _take_update(self, request: pb.UpdateRequest, ids: np.ndarray, grads: torch.Tensor) -> pb.UpdateResponse:
+        """Validate a push (or a part of one) and hand it to its aggregator; apply what that releases."""
+        aggregator = self._aggregator(request.table, request.synchronous)
         update = self.store.check_update(request.table, ids, grads)
         ready = aggregator.add(request.step, request.rank, request.world_size, update,
                                last_part=not request.more_parts)
         applied = self._apply(request.table, ready)
         pending = aggregator.is_pending(request.step)
         duplicate = not ready and not pending and len(ids) > 0
-        wire_bytes = len(ids) * spec.dim * WIRE_DTYPE_BY_ENUM[request.grad_dtype].torch.itemsize
-        return (pb.UpdateResponse(applied_rows=applied, duplicate=duplicate, pending=pending, epoch=self.epoch),
-                len(ids), wire_bytes)
+        return pb.UpdateResponse(applied_rows=applied, duplicate=duplicate, pending=pending, epoch=self.epoch)
 
     def _grads(self, request: pb.UpdateRequest, spec: TableSpec, num_rows: int) -> torch.Tensor:
         dtype = self._dtype(request.grad_dtype, "grad_dtype")
@@ -365,3 +393,116 @@ class ShardServicer:
         for arrays in parts:
             self.store.import_slots(request.table, arrays)
         return pb.RestoreResponse(), 0, 0
+
+    # ---- replication ----------------------------------------------------------------------
+
+    @_handler("set_role")
+    def SetRole(self, request: pb.SetRoleRequest):
+        if request.replicas and (not request.primary or self.replicas is None):
+            raise RequestRejected("FAILED_PRECONDITION", "replicas",
+                                  "replicas: only a primary of a shard that can replicate forwards to replicas")
+        if request.primary and not self.primary:
+            self._left_streams.add(self._replica_stream)  # a promoted replica takes no more from its old primary
+        self.primary = request.primary
+        self.epoch = max(self.epoch, request.epoch)
+        if self.replicas is not None:
+            if request.primary:
+                self.replicas.set_targets(list(request.replicas))
+            else:
+                self.replicas.close()
+        return pb.SetRoleResponse(), 0, 0
+
+    @_handler("replicate")
+    def Replicate(self, request: pb.ReplicateRequest):
+        if self.primary:
+            raise RequestRejected("FAILED_PRECONDITION", "stream", "stream: this shard is a primary, not a replica")
+        if request.ops and request.stream != self._replica_stream:
+            if request.stream in self._left_streams:
+                raise RequestRejected("FAILED_PRECONDITION", "stream", "stream: from a primary this shard has left")
+            if self._replica_stream:
+                self._left_streams.add(self._replica_stream)
+            self._replica_stream, self._replicated_seq = request.stream, request.ops[0].seq - 1
+        rows = 0
+        for op in request.ops:
+            if op.seq <= self._replicated_seq:
+                continue  # resent after a lost answer: applied already
+            if op.seq != self._replicated_seq + 1:
+                raise RequestRejected("FAILED_PRECONDITION", "ops",
+                                      f"ops: seq {op.seq} after {self._replicated_seq}; the stream has a gap")
+            rows += self._apply_replicated(op.update)
+            self._replicated_seq = op.seq
+        return pb.ReplicateResponse(applied_seq=self._replicated_seq), rows, 0
+
+    def _apply_replicated(self, request: pb.UpdateRequest) -> int:
+        """Apply an update as the primary did, but only to the slots held here (a slot released on the primary
+        may still have updates on their way to this replica). Returns the rows it carried."""
+        if request.table not in {spec.name for spec in self.store.specs()}:
+            return 0  # dropped here and on the primary since
+        spec = self.store.spec(request.table)
+        ids = self._row_ids(request.row_ids)
+        grads = self._grads(request, spec, len(ids))
+        held = np.isin(slot_of(ids, spec.num_slots), self.store.owned_slots(request.table))
+        if not held.all():
+            ids, grads = ids[held], grads[torch.from_numpy(held)]
+        self._take_update(request, ids, grads)
+        return len(ids)
+
+    async def AddReplica(self, request: pb.AddReplicaRequest, context: grpc.aio.ServicerContext):
+        """Copy every table to a new, empty replica (its tables added with no slots), then forward to it."""
+        try:
+            link, parts = self._snapshot_for(request.replica)
+        except REFUSALS as error:
+            await self._refuse(context, error)
+        copied = 0
+        try:
+            stub = self.replicas.stub(request.replica.address)
+            for table, arrays in parts:
+                await stub.ImportSlots(pb.ImportSlotsRequest(table=table, arrays=arrays_to_proto(arrays)),
+                                       metadata=self.replicas.metadata())
+                copied += len(arrays["rows"])
+        except grpc.aio.AioRpcError as error:
+            self.replicas.remove(request.replica.index)
+            await context.abort(error.code(), f"copying to replica {request.replica.index} at "
+                                              f"{request.replica.address}: {error.details()}")
+        link.live = True
+        link.start()
+        log.info("replica %d at %s holds a copy of this shard (%d rows); forwarding to it",
+                 request.replica.index, request.replica.address, copied)
+        return pb.AddReplicaResponse(copied_rows=copied)
+
+    def _snapshot_for(self, target: pb.ReplicaTarget):
+        """This shard's state, as ImportSlots parts per table under the message limit, and a new replica link
+        that takes every update from this moment on (one atomic step on the event loop)."""
+        if not self.primary or self.replicas is None:
+            raise RequestRejected("FAILED_PRECONDITION", "replica", "replica: only a primary that can replicate "
+                                  "copies itself to a new replica")
+        if self.pending_steps():
+            # Partial sums do not travel in a copy: the controller asks again between steps.
+            raise RequestRejected("ABORTED", "replica", "replica: synchronous steps are pending; ask again shortly")
+        parts = []
+        for spec in self.store.specs():
+            slots = self.store.owned_slots(spec.name)
+            rows_per_slot = -(-spec.rows // spec.num_slots)
+            per_part = max(1, self.max_message_bytes // 2 // max(1, rows_per_slot * spec.bytes_per_row()))
+            for start in range(0, max(1, len(slots)), per_part):
+                batch = slots[start:start + per_part]
+                arrays = self.store.export_slots(spec.name, batch)
+                for synchronous, prefix in APPLIED_PREFIXES.items():
+                    applied = self._aggregator(spec.name, synchronous).export_applied(batch, spec.num_slots)
+                    arrays.update({prefix + name: array for name, array in applied.items()})
+                parts.append((spec.name, arrays))
+        return self.replicas.add_copying(target), parts
+
+
+def _as_replicated(request: pb.UpdateRequest, grads: torch.Tensor) -> pb.UpdateRequest:
+    """``request`` as its replicas take it: the gradients this shard applied inline, in the request's wire dtype
+    (they came in it, so the replicas decode the same float32 values)."""
+    wire = WIRE_DTYPE_BY_ENUM[request.grad_dtype].torch
+    return pb.UpdateRequest(table=request.table, row_ids=request.row_ids, grads=_bytes_of(grads.to(wire)),
+                            grad_dtype=request.grad_dtype, step=request.step, rank=request.rank,
+                            world_size=request.world_size, synchronous=request.synchronous,
+                            more_parts=request.more_parts)
+
+
+def _bytes_of(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().view(torch.uint8).numpy().tobytes()

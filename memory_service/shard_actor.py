@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import shutil
 import socket
 import sys
@@ -17,10 +18,12 @@ import ray
 
 from memory_service.auth import AccessTokens, TlsFiles
 from memory_service.metrics import RayMetricsExporter, ShardMetrics
+from memory_service.replication import Replicas
 from memory_service.server import start_server
 from memory_service.servicer import ShardServicer
 from protos import engram_memory_v1_pb2 as pb
-from protos.wire import DEFAULT_MAX_MESSAGE_BYTES
+from protos import engram_memory_v1_pb2_grpc as pb_grpc
+from protos.wire import DEFAULT_MAX_MESSAGE_BYTES, ClientTls, bearer_metadata, open_channel, transport_options
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +46,15 @@ class ShardActor:
 
     def __init__(self, shard_index: int, tokens: tuple[str, str], data_root: str, tls: TlsFiles | None = None,
                  host: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 reflection: bool = False):
+                 reflection: bool = False, peer_tls: ClientTls | None = None):
         logging.basicConfig(level=logging.INFO)
         keep_large_buffers_mapped()
         self._tokens, self._tls, self._reflection = AccessTokens(*tokens), tls, reflection
         self._host = host or ray.util.get_node_ip_address()
+        self._peer_tls, self._peer_stubs = peer_tls, {}
+        replicas = Replicas(self._peer_stub, lambda: bearer_metadata(self._tokens.admin), max_message_bytes // 2)
         self._servicer = ShardServicer(shard_index, ShardMetrics(RayMetricsExporter(shard_index)), max_message_bytes,
-                                       Path(data_root))
+                                       Path(data_root), replicas)
         self._servicer.node = ray.get_runtime_context().get_node_id()
         self._server = None
         self._socket_dir = None if tls else tempfile.mkdtemp(prefix="engram-shard-")  # mode 0700
@@ -68,11 +73,24 @@ class ShardActor:
                 "node": self._servicer.node, "hostname": socket.gethostname(),
                 "reserved_bytes": int(ray.get_runtime_context().get_assigned_resources().get("memory", 0))}
 
+    def _peer_stub(self, address: str) -> pb_grpc.ShardServiceStub:
+        """A stub on another shard (this shard's replicas), one channel per address."""
+        if address not in self._peer_stubs:
+            channel = open_channel(address, self._peer_tls, transport_options(self._servicer.max_message_bytes))
+            self._peer_stubs[address] = pb_grpc.ShardServiceStub(channel)
+        return self._peer_stubs[address]
+
+    def pid(self) -> int:
+        """This shard's process id (the fault-injection tests signal it)."""
+        return os.getpid()
+
     def rotate_tokens(self, data: str, admin: str, grace_s: float) -> None:
         """Accept new tokens from now on, the current ones for ``grace_s`` more seconds."""
         self._tokens.rotate(data, admin, grace_s)
 
     async def stop(self) -> None:
+        if self._servicer.replicas is not None:
+            self._servicer.replicas.close()
         if self._server is not None:
             await self._server.stop(grace=1.0)
             self._server = None

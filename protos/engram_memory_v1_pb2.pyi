@@ -277,23 +277,81 @@ class RestoreResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ReplicaTarget(_message.Message):
+    __slots__ = ("index", "address")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    address: str
+    def __init__(self, index: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+
+class SetRoleRequest(_message.Message):
+    __slots__ = ("primary", "replicas", "epoch")
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    primary: bool
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaTarget]
+    epoch: int
+    def __init__(self, primary: bool = ..., replicas: _Optional[_Iterable[_Union[ReplicaTarget, _Mapping]]] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class SetRoleResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReplicatedOp(_message.Message):
+    __slots__ = ("seq", "update")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    update: UpdateRequest
+    def __init__(self, seq: _Optional[int] = ..., update: _Optional[_Union[UpdateRequest, _Mapping]] = ...) -> None: ...
+
+class ReplicateRequest(_message.Message):
+    __slots__ = ("stream", "ops")
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    stream: str
+    ops: _containers.RepeatedCompositeFieldContainer[ReplicatedOp]
+    def __init__(self, stream: _Optional[str] = ..., ops: _Optional[_Iterable[_Union[ReplicatedOp, _Mapping]]] = ...) -> None: ...
+
+class ReplicateResponse(_message.Message):
+    __slots__ = ("applied_seq",)
+    APPLIED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    applied_seq: int
+    def __init__(self, applied_seq: _Optional[int] = ...) -> None: ...
+
+class AddReplicaRequest(_message.Message):
+    __slots__ = ("replica",)
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    replica: ReplicaTarget
+    def __init__(self, replica: _Optional[_Union[ReplicaTarget, _Mapping]] = ...) -> None: ...
+
+class AddReplicaResponse(_message.Message):
+    __slots__ = ("copied_rows",)
+    COPIED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    copied_rows: int
+    def __init__(self, copied_rows: _Optional[int] = ...) -> None: ...
+
 class GetRoutingRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("index", "address", "node", "local_address", "hostname")
+    __slots__ = ("index", "address", "node", "local_address", "hostname", "replicas")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     LOCAL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     index: int
     address: str
     node: str
     local_address: str
     hostname: str
-    def __init__(self, index: _Optional[int] = ..., address: _Optional[str] = ..., node: _Optional[str] = ..., local_address: _Optional[str] = ..., hostname: _Optional[str] = ...) -> None: ...
+    replicas: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, index: _Optional[int] = ..., address: _Optional[str] = ..., node: _Optional[str] = ..., local_address: _Optional[str] = ..., hostname: _Optional[str] = ..., replicas: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TableRouting(_message.Message):
     __slots__ = ("name", "num_slots", "owners", "rows", "dim")

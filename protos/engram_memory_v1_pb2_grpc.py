@@ -103,6 +103,21 @@ class ShardServiceStub(object):
                 request_serializer=protos_dot_engram__memory__v1__pb2.RestoreRequest.SerializeToString,
                 response_deserializer=protos_dot_engram__memory__v1__pb2.RestoreResponse.FromString,
                 _registered_method=True)
+        self.SetRole = channel.unary_unary(
+                '/engram.memory.v1.ShardService/SetRole',
+                request_serializer=protos_dot_engram__memory__v1__pb2.SetRoleRequest.SerializeToString,
+                response_deserializer=protos_dot_engram__memory__v1__pb2.SetRoleResponse.FromString,
+                _registered_method=True)
+        self.Replicate = channel.unary_unary(
+                '/engram.memory.v1.ShardService/Replicate',
+                request_serializer=protos_dot_engram__memory__v1__pb2.ReplicateRequest.SerializeToString,
+                response_deserializer=protos_dot_engram__memory__v1__pb2.ReplicateResponse.FromString,
+                _registered_method=True)
+        self.AddReplica = channel.unary_unary(
+                '/engram.memory.v1.ShardService/AddReplica',
+                request_serializer=protos_dot_engram__memory__v1__pb2.AddReplicaRequest.SerializeToString,
+                response_deserializer=protos_dot_engram__memory__v1__pb2.AddReplicaResponse.FromString,
+                _registered_method=True)
 
 
 class ShardServiceServicer(object):
@@ -195,6 +210,28 @@ class ShardServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRole(self, request, context):
+        """Replication, used by the controller and between the shards of a replica group.
+        The controller tells a shard whether it is its group's primary and, if so, its replicas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Replicate(self, request, context):
+        """A primary's accepted updates, in the order it applied them, to each of its replicas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddReplica(self, request, context):
+        """The primary copies its tables to a new, empty replica and forwards to it from then on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -262,6 +299,21 @@ def add_ShardServiceServicer_to_server(servicer, server):
                     servicer.Restore,
                     request_deserializer=protos_dot_engram__memory__v1__pb2.RestoreRequest.FromString,
                     response_serializer=protos_dot_engram__memory__v1__pb2.RestoreResponse.SerializeToString,
+            ),
+            'SetRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRole,
+                    request_deserializer=protos_dot_engram__memory__v1__pb2.SetRoleRequest.FromString,
+                    response_serializer=protos_dot_engram__memory__v1__pb2.SetRoleResponse.SerializeToString,
+            ),
+            'Replicate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Replicate,
+                    request_deserializer=protos_dot_engram__memory__v1__pb2.ReplicateRequest.FromString,
+                    response_serializer=protos_dot_engram__memory__v1__pb2.ReplicateResponse.SerializeToString,
+            ),
+            'AddReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddReplica,
+                    request_deserializer=protos_dot_engram__memory__v1__pb2.AddReplicaRequest.FromString,
+                    response_serializer=protos_dot_engram__memory__v1__pb2.AddReplicaResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -619,6 +671,87 @@ class ShardService(object):
             '/engram.memory.v1.ShardService/Restore',
             protos_dot_engram__memory__v1__pb2.RestoreRequest.SerializeToString,
             protos_dot_engram__memory__v1__pb2.RestoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram.memory.v1.ShardService/SetRole',
+            protos_dot_engram__memory__v1__pb2.SetRoleRequest.SerializeToString,
+            protos_dot_engram__memory__v1__pb2.SetRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replicate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram.memory.v1.ShardService/Replicate',
+            protos_dot_engram__memory__v1__pb2.ReplicateRequest.SerializeToString,
+            protos_dot_engram__memory__v1__pb2.ReplicateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram.memory.v1.ShardService/AddReplica',
+            protos_dot_engram__memory__v1__pb2.AddReplicaRequest.SerializeToString,
+            protos_dot_engram__memory__v1__pb2.AddReplicaResponse.FromString,
             options,
             channel_credentials,
             insecure,
