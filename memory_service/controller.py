@@ -1,8 +1,12 @@
-"""The controller: a named, detached Ray actor holding table specs, slot->shard routing and its epoch.
+"""The controller: a named, detached Ray actor holding table specs, slot->group routing and its epoch.
 
-It deploys tables onto shard actors, moves slots to scale while clients keep working (freeze the
-slot's updates on the source, export, import on the target, flip the routing, release on the
-source), and checkpoints and restores all tables. It serves the DirectoryService over gRPC.
+Shards come in replica groups: the ``replicas`` shards of a group hold the same slots; its primary
+takes the updates and forwards them to the others (``memory_service.replication``). The controller
+deploys tables onto the groups, moves slots between groups to scale while clients keep working
+(freeze the slot's updates on the source, export, import on the target's shards, flip the routing,
+release on the source), watches every shard's health and fails a dead one over (a replica promoted,
+the missing copy re-made from a live one; a group with no copy left is re-made from the last
+checkpoint), and checkpoints and restores all tables. It serves the DirectoryService over gRPC.
 """
 from __future__ import annotations
 
@@ -10,11 +14,15 @@ import asyncio
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ray.util.scheduling_strategies import NodeLabelSchedulingStrategy, NotIn
 
 from memory_service import checkpoint
 from memory_service.auth import DEFAULT_GRACE_S, AccessTokens, TlsFiles, check_token
@@ -31,6 +39,12 @@ from protos.wire import (CONTROLLER_NAME, DEFAULT_MAX_MESSAGE_BYTES, NAMESPACE, 
 log = logging.getLogger(__name__)
 
 SHARD_RESOURCE = "engram_memory"
+NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node: its id
+HEALTH_PERIOD_S = 0.5  # how often the controller checks every shard's health
+HEALTH_TIMEOUT_S = 1.0  # one health check's deadline
+DEAD_AFTER_MISSES = 2  # failed checks in a row that make a shard dead: a stopped shard is failed over in ~2.5 s
+CONTROL_TIMEOUT_S = 120.0  # one control-plane call to a shard
+COPY_WAIT_S = 60.0  # how long a new replica's copy waits for a moment with no synchronous step pending
 
 
 @dataclasses.dataclass
@@ -44,6 +58,12 @@ class Shard:
     reserved_bytes: int  # Ray `memory` reserved for its rows and optimizer state
     stub: pb_grpc.ShardServiceStub
     channel: grpc.aio.Channel
+    group: int = 0  # its replica group: the shards that hold the same slots
+    primary: bool = True  # takes the group's updates and forwards them to the group's live replicas
+    live: bool = True  # holds the group's state (a new replica: once its copy is made)
+
+    def target(self) -> pb.ReplicaTarget:
+        return pb.ReplicaTarget(index=self.index, address=self.address)
 
 
 @dataclasses.dataclass
@@ -99,11 +119,19 @@ class MemoryController:
         self._client_tls = options.client_tls()
         self._host = options.host or ray.util.get_node_ip_address()
         self._shards: list[Shard] = []
-        self._tables: dict[str, tuple[TableSpec, SlotMap]] = {}
+        self._tables: dict[str, tuple[TableSpec, SlotMap]] = {}  # slot maps own slots by replica group
+        self._replicas = 1  # shards per group
+        self._next_index = 0
+        self._lost: dict[int, Shard] = {}  # groups with no copy left -> their last primary, until re-made
+        self._last_checkpoint: str | None = None  # relative to the data root: what a lost group is re-made from
+        self._failovers: list[dict[str, Any]] = []  # what the health watch did, for status
+        self._misses: dict[int, int] = {}  # shard index -> failed health checks in a row
         self._epoch = 0
         self._lock = asyncio.Lock()
         self._directory_address = ""
         self._server = None
+        self._watch: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
 
     async def start(self) -> str:
         """Start the DirectoryService; return its address."""
@@ -113,6 +141,8 @@ class MemoryController:
                 servicer.add_to_server, [pb.DESCRIPTOR.services_by_name["DirectoryService"].full_name],
                 tokens=self._tokens, host=self._host, tls=self._options.tls,
                 max_message_bytes=self._options.max_message_bytes, reflection_enabled=self._options.reflection)
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_shards())
         return self._directory_address
 
     def connection_info(self) -> dict[str, Any]:
@@ -134,12 +164,21 @@ class MemoryController:
     # ---- state as protos --------------------------------------------------------------------
 
     def _routing(self) -> pb.Routing:
+        """Each slot routed to its group's primary; a primary lists its live replicas; a lost group's slots go to
+        its last primary, listed without an address (clients then fail fast, naming it)."""
+        primary_of = {s.group: s.index for s in self._shards if s.primary}
+        primary_of.update({group: shard.index for group, shard in self._lost.items()})
+        by_group = np.full(max(primary_of, default=0) + 1, -1, dtype=np.int64)
+        for group, index in primary_of.items():
+            by_group[group] = index
+        shards = [pb.ShardInfo(index=s.index, address=s.address, node=s.node, local_address=s.local_address,
+                               hostname=s.hostname, replicas=[r.index for r in self._live_replicas(s)])
+                  for s in self._shards]
+        shards += [pb.ShardInfo(index=s.index, node=s.node, hostname=s.hostname) for s in self._lost.values()]
         return pb.Routing(
-            epoch=self._epoch,
-            shards=[pb.ShardInfo(index=s.index, address=s.address, node=s.node, local_address=s.local_address,
-                                 hostname=s.hostname) for s in self._shards],
+            epoch=self._epoch, shards=shards,
             tables=[pb.TableRouting(name=spec.name, num_slots=spec.num_slots, rows=spec.rows, dim=spec.dim,
-                                    owners=slot_map.owners.astype("<i4").tobytes())
+                                    owners=by_group[slot_map.owners].astype("<i4").tobytes())
                     for spec, slot_map in self._tables.values()])
 
     def _table_infos(self) -> list[pb.TableSpecInfo]:
@@ -156,80 +195,142 @@ class MemoryController:
 
     # ---- shards -----------------------------------------------------------------------------
 
-    async def _call(self, shard: Shard, method: str, request):
-        return await getattr(shard.stub, method)(request, metadata=bearer_metadata(self._tokens.admin))
+    async def _call(self, shard: Shard, method: str, request, timeout: float = CONTROL_TIMEOUT_S):
+        return await getattr(shard.stub, method)(request, metadata=bearer_metadata(self._tokens.admin),
+                                                 timeout=timeout)
 
-    async def _start_shard(self, index: int, reserve_bytes: int) -> Shard:
+    async def _start_shard(self, group: int, reserve_bytes: int, primary: bool) -> Shard:
+        """A new shard of ``group``, on a node other than its group's shards' where the cluster has one."""
+        index, self._next_index = self._next_index, self._next_index + 1
+        others = [s.node for s in self._shards if s.group == group]
+        spread = {"scheduling_strategy": NodeLabelSchedulingStrategy(hard={}, soft={NODE_ID_LABEL: NotIn(*others)})} \
+            if others else {}
         # Not detached: shards share the controller's fate, so a killed controller leaks no shards.
         actor = ShardActor.options(
-            resources={self._options.shard_resource: 1}, memory=max(reserve_bytes, 1 << 20),
+            resources={self._options.shard_resource: 1}, memory=max(reserve_bytes, 1 << 20), **spread,
         ).remote(index, (self._tokens.data, self._tokens.admin), str(self._data_root), self._options.tls,
-                 self._options.host, self._options.max_message_bytes, self._options.reflection)
+                 self._options.host, self._options.max_message_bytes, self._options.reflection, self._client_tls)
         info = await actor.start.remote()
         channel = open_channel(info["address"], self._client_tls, transport_options(self._options.max_message_bytes))
-        log.info("shard %d serving on %s (node %s)", index, info["address"], info["node"][:12])
+        log.info("shard %d (group %d, %s) serving on %s (node %s)", index, group, "primary" if primary else "replica",
+                 info["address"], info["node"][:12])
         return Shard(index, actor, info["address"], info["local_address"], info["node"], info["hostname"],
-                     info["reserved_bytes"], pb_grpc.ShardServiceStub(channel), channel)
+                     info["reserved_bytes"], pb_grpc.ShardServiceStub(channel), channel, group, primary)
 
-    def _reserve_bytes(self, specs: list[TableSpec], num_shards: int) -> int:
-        """Ray ``memory`` a shard reserves: its even share of every table's rows and optimizer state."""
-        return sum(spec.rows * spec.bytes_per_row() for spec in specs) // num_shards
+    # ---- replica groups ---------------------------------------------------------------------
 
-    async def _grow_to(self, num_shards: int, specs: list[TableSpec], *, add_empty_tables: bool) -> None:
-        """Start shards up to ``num_shards``, each reserving its share of ``specs``' memory (so Ray places
-        them only on memory nodes with room, and the autoscaler sizes those); with ``add_empty_tables``,
-        the new shards get every table of ``specs`` with no slots yet (they fill as slots move in)."""
-        reserve = self._reserve_bytes(specs, num_shards)
-        new = await asyncio.gather(*(self._start_shard(i, reserve) for i in range(len(self._shards), num_shards)))
-        if add_empty_tables:
-            for shard in new:
-                await asyncio.gather(*(self._call(shard, "AddTable", pb.AddTableRequest(
-                    spec_json=json.dumps(spec.to_dict()), slots=[], epoch=self._epoch)) for spec in specs))
-        self._shards.extend(new)
+    def _num_groups(self) -> int:
+        return max([s.group + 1 for s in self._shards] + [group + 1 for group in self._lost], default=0)
 
-    async def _shrink_to(self, num_shards: int) -> None:
-        removed, self._shards = self._shards[num_shards:], self._shards[:num_shards]
+    def _members(self, group: int) -> list[Shard]:
+        """The group's shards, its primary first."""
+        return sorted((s for s in self._shards if s.group == group), key=lambda s: not s.primary)
+
+    def _primary(self, group: int) -> Shard:
+        primary = next((s for s in self._shards if s.group == group and s.primary), None)
+        if primary is None:
+            raise ValueError(f"shard group {group} has no live copy; it is being re-made from the last checkpoint")
+        return primary
+
+    def _primaries(self) -> list[Shard]:
+        return [s for s in self._shards if s.primary]
+
+    def _live_replicas(self, shard: Shard) -> list[Shard]:
+        """A primary's replicas that hold its state (none for a replica)."""
+        if not shard.primary:
+            return []
+        return [s for s in self._shards if s.group == shard.group and not s.primary and s.live]
+
+    async def _set_roles(self, groups) -> None:
+        """Tell each shard of ``groups`` its role: primaries whom to forward to, replicas to take only that."""
+        calls = []
+        for group in groups:
+            for shard in self._members(group):
+                replicas = [r.target() for r in self._live_replicas(shard)]
+                calls.append(self._call(shard, "SetRole", pb.SetRoleRequest(primary=shard.primary, replicas=replicas,
+                                                                            epoch=self._epoch)))
+        await asyncio.gather(*calls)
+
+    def _reserve_bytes(self, specs: list[TableSpec], num_groups: int) -> int:
+        """Ray ``memory`` a shard reserves: its group's even share of every table's rows and optimizer state."""
+        return sum(spec.rows * spec.bytes_per_row() for spec in specs) // num_groups
+
+    async def _grow_to(self, num_groups: int, specs: list[TableSpec], *, add_empty_tables: bool) -> None:
+        """Start groups of ``self._replicas`` shards up to ``num_groups``, each shard reserving its group's share
+        of ``specs``' memory (so Ray places them only on memory nodes with room, and the autoscaler sizes
+        those); with ``add_empty_tables``, the new shards get every table of ``specs`` with no slots yet
+        (they fill as slots move in). Fresh copies are alike, so replicas start live."""
+        reserve = self._reserve_bytes(specs, num_groups)
+        groups = range(self._num_groups(), num_groups)
+        for member in range(self._replicas):  # each copy placed away from its group's earlier ones
+            new = await asyncio.gather(*(self._start_shard(group, reserve, primary=member == 0) for group in groups))
+            if add_empty_tables:
+                for shard in new:
+                    await self._add_empty_tables(shard, specs)
+            self._shards.extend(new)
+        if self._replicas > 1:
+            await self._set_roles(groups)
+
+    async def _add_empty_tables(self, shard: Shard, specs: list[TableSpec]) -> None:
+        await asyncio.gather(*(self._call(shard, "AddTable", pb.AddTableRequest(
+            spec_json=json.dumps(spec.to_dict()), slots=[], epoch=self._epoch)) for spec in specs))
+
+    async def _shrink_to(self, num_groups: int) -> None:
+        removed = [s for s in self._shards if s.group >= num_groups]
+        self._shards = [s for s in self._shards if s.group < num_groups]
+        self._lost = {group: shard for group, shard in self._lost.items() if group < num_groups}
         for shard in removed:
             await shard.channel.close()
             try:
-                await shard.actor.stop.remote()
-            except ray.exceptions.RayActorError:
-                log.warning("shard %d was already dead", shard.index)
+                await asyncio.wait_for(shard.actor.stop.remote(), HEALTH_TIMEOUT_S * 5)
+            except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+                log.warning("shard %d was dead or did not answer; killed", shard.index)
             ray.kill(shard.actor)
 
     async def _broadcast_epoch(self) -> None:
-        await asyncio.gather(*(self._call(s, "SetEpoch", pb.SetEpochRequest(epoch=self._epoch)) for s in self._shards))
+        """Tell every shard the new epoch (one that does not answer is the health watch's business)."""
+        shards = list(self._shards)
+        replies = await asyncio.gather(*(self._call(s, "SetEpoch", pb.SetEpochRequest(epoch=self._epoch),
+                                                    timeout=HEALTH_TIMEOUT_S * 5) for s in shards),
+                                       return_exceptions=True)
+        for shard, reply in zip(shards, replies):
+            if isinstance(reply, Exception):
+                log.warning("shard %d missed epoch %d: %s", shard.index, self._epoch, reply)
 
     # ---- deploy / scale ---------------------------------------------------------------------
 
-    async def deploy(self, spec_dicts: list[dict[str, Any]], num_shards: int) -> str:
-        """Create ``num_shards`` shards holding ``spec_dicts``' tables; return the directory address."""
+    async def deploy(self, spec_dicts: list[dict[str, Any]], num_shards: int, replicas: int = 1) -> str:
+        """Create ``num_shards`` replica groups of ``replicas`` shards each (a primary and ``replicas - 1``
+        copies) holding ``spec_dicts``' tables; return the directory address."""
         specs = [TableSpec.from_dict(d) for d in spec_dicts]
         if not specs:
             raise ValueError("tables: at least one table spec is required")
         if num_shards < 1 or any(num_shards > spec.num_slots for spec in specs):
             raise ValueError(f"num_shards: must be in [1, num_slots], got {num_shards}")
+        if replicas < 1:
+            raise ValueError(f"replicas: must be >= 1 (1: no copy), got {replicas}")
         async with self._lock:
             if self._tables:
                 raise ValueError(f"tables: already deployed {sorted(self._tables)}; run down first")
             await self.start()
-            self._epoch = 1
+            self._epoch, self._replicas = 1, replicas
             await self._grow_to(num_shards, specs, add_empty_tables=False)
             for spec in specs:
                 slot_map = SlotMap.even(spec.num_slots, num_shards)
                 await asyncio.gather(*(self._call(s, "AddTable", pb.AddTableRequest(
-                    spec_json=json.dumps(spec.to_dict()), slots=slot_map.slots_of(s.index).tolist(),
+                    spec_json=json.dumps(spec.to_dict()), slots=slot_map.slots_of(s.group).tolist(),
                     epoch=self._epoch)) for s in self._shards))
                 self._tables[spec.name] = (spec, slot_map)
-            log.info("deployed %s on %d shards", [s.name for s in specs], num_shards)
+            log.info("deployed %s on %d shard groups of %d", [s.name for s in specs], num_shards, replicas)
             return self._directory_address
 
     async def scale(self, num_shards: int) -> dict[str, int]:
-        """Move slots so that ``num_shards`` shards hold every table; return moved slots per table."""
+        """Move slots so that ``num_shards`` replica groups hold every table; return moved slots per table."""
         specs = [spec for spec, _ in self._tables.values()]
         if num_shards < 1 or any(num_shards > spec.num_slots for spec in specs):
             raise ValueError(f"num_shards: must be in [1, num_slots], got {num_shards}")
         async with self._lock:
+            self._check_whole("scale")
             await self._grow_to(num_shards, specs, add_empty_tables=True)
             moved = {}
             for spec, slot_map in list(self._tables.values()):
@@ -248,21 +349,23 @@ class MemoryController:
             return moved
 
     async def _move_slots(self, spec: TableSpec, moves: list[tuple[int, int, int]]) -> None:
-        """Copy moved slots to their targets; sources keep serving lookups but freeze updates."""
+        """Copy moved slots from their source group's primary to every shard of their target group; sources
+        keep serving lookups but freeze updates."""
         by_pair: dict[tuple[int, int], list[int]] = {}
         for slot, source, target in moves:
             by_pair.setdefault((source, target), []).append(slot)
         rows_per_slot = -(-spec.rows // spec.num_slots)
         per_batch = max(1, self._options.max_message_bytes // 2 // max(1, rows_per_slot * spec.bytes_per_row()))
 
-        async def move(source: Shard, target: Shard, slots: list[int]) -> None:
+        async def move(source: Shard, targets: list[Shard], slots: list[int]) -> None:
             for start in range(0, len(slots), per_batch):
                 batch = slots[start:start + per_batch]
                 await self._call(source, "FreezeSlots", pb.FreezeSlotsRequest(table=spec.name, slots=batch, frozen=True))
                 exported = await self._export_once_steps_complete(source, spec, batch)
-                await self._call(target, "ImportSlots", pb.ImportSlotsRequest(table=spec.name, arrays=exported.arrays))
+                await asyncio.gather(*(self._call(target, "ImportSlots", pb.ImportSlotsRequest(
+                    table=spec.name, arrays=exported.arrays)) for target in targets))
 
-        await asyncio.gather(*(move(self._shards[s], self._shards[t], slots) for (s, t), slots in by_pair.items()))
+        await asyncio.gather(*(move(self._primary(s), self._members(t), slots) for (s, t), slots in by_pair.items()))
 
     async def _export_once_steps_complete(self, source: Shard, spec: TableSpec, slots: list[int]):
         """ExportSlots, asked again while the source answers ABORTED: synchronous steps pending on the
@@ -281,30 +384,52 @@ class MemoryController:
         by_source: dict[int, list[int]] = {}
         for slot, source, _ in moves:
             by_source.setdefault(source, []).append(slot)
-        await asyncio.gather(*(self._call(self._shards[s], "ReleaseSlots", pb.ReleaseSlotsRequest(
-            table=spec.name, slots=slots)) for s, slots in by_source.items()))
+        await asyncio.gather(*(self._call(shard, "ReleaseSlots", pb.ReleaseSlotsRequest(table=spec.name, slots=slots))
+                               for group, slots in by_source.items() for shard in self._members(group)))
 
     # ---- status / checkpoint / restore ------------------------------------------------------
 
     async def status(self) -> list[dict[str, Any]]:
-        """One record per shard: index, node, address, slots, rows, bytes held and reserved, requests/s,
-        p50/p99 lookup ms."""
-        stats = await asyncio.gather(*(self._call(s, "Stats", pb.StatsRequest()) for s in self._shards))
-        return [{
-            "shard": st.shard_index, "node": st.node, "address": st.address, "epoch": st.epoch,
-            "slots": sum(t.slots for t in st.tables), "rows": sum(t.rows for t in st.tables),
-            "bytes": st.memory_bytes, "reserved_bytes": shard.reserved_bytes, "requests_per_s": st.requests_per_s,
-            "p50_ms": st.p50_lookup_ms, "p99_ms": st.p99_lookup_ms,
-        } for shard, st in zip(self._shards, stats)]
+        """One record per shard: index, replica group and role, node, address, slots, rows, bytes held and
+        reserved, requests/s, p50/p99 lookup ms; a shard that does not answer and a lost group's last
+        primary have their ``state`` say so and zeros for the rest."""
+        shards = list(self._shards)
+        stats = await asyncio.gather(*(self._call(s, "Stats", pb.StatsRequest(), timeout=HEALTH_TIMEOUT_S * 5)
+                                       for s in shards), return_exceptions=True)
+        records = []
+        for shard, st in [*zip(shards, stats), *((lost, None) for lost in self._lost.values())]:
+            role = ("primary" if shard.primary else "replica" if shard.live else "copying") if st is not None else "lost"
+            answered = isinstance(st, pb.StatsResponse)
+            records.append({
+                "shard": shard.index, "group": shard.group, "role": role, "node": shard.node,
+                "address": shard.address, "state": "serving" if answered else role if st is None else "unreachable",
+                "epoch": st.epoch if answered else self._epoch,
+                "slots": sum(t.slots for t in st.tables) if answered else 0,
+                "rows": sum(t.rows for t in st.tables) if answered else 0,
+                "bytes": st.memory_bytes if answered else 0, "reserved_bytes": shard.reserved_bytes,
+                "requests_per_s": st.requests_per_s if answered else 0.0,
+                "p50_ms": st.p50_lookup_ms if answered else 0.0, "p99_ms": st.p99_lookup_ms if answered else 0.0})
+        return records
+
+    def failovers(self) -> list[dict[str, Any]]:
+        """What the health watch did, oldest first: each dead shard, when, what replaced it and how long it took."""
+        return list(self._failovers)
 
     async def checksums(self) -> dict[str, list[str]]:
-        """Per table, each shard's checksum of its slots (tests compare these around bad input)."""
+        """Per table, each shard's checksum of its slots, in shard order (tests compare these around bad input,
+        and a group's replicas with their primary)."""
         result = {}
         for name in self._tables:
             replies = await asyncio.gather(*(self._call(s, "Checksum", pb.ChecksumRequest(table=name))
                                              for s in self._shards))
             result[name] = [r.sha256 for r in replies]
         return result
+
+    async def shard_pids(self) -> dict[int, dict[str, Any]]:
+        """Each shard's process id, group and role, by shard index (what fault injection signals)."""
+        shards = list(self._shards)
+        pids = await asyncio.gather(*(s.actor.pid.remote() for s in shards))
+        return {s.index: {"pid": pid, "group": s.group, "primary": s.primary} for s, pid in zip(shards, pids)}
 
     def _inside_root(self, directory: str) -> Path:
         """``directory`` (relative to the data root, or absolute) resolved inside the root; ValueError if not."""
@@ -316,39 +441,48 @@ class MemoryController:
         path = self._inside_root(directory)
         relative = str(path.relative_to(self._data_root))
         async with self._lock:
+            self._check_whole("checkpoint")
+            primaries = self._primaries()  # a group's replicas hold the same values
             await self._freeze_all(True)
             try:
                 replies = await asyncio.gather(*(self._call(s, "Checkpoint", pb.CheckpointRequest(directory=relative))
-                                                 for s in self._shards))
+                                                 for s in primaries))
             finally:
                 await self._freeze_all(False)
             files: dict[str, list[dict[str, Any]]] = {name: [] for name in self._tables}
-            for shard, reply in zip(self._shards, replies):
+            for shard, reply in zip(primaries, replies):
                 for f in reply.files:
                     files[f.table].append({"shard": shard.index, "path": f.path, "slots": list(f.slots)})
             checkpoint.write_manifest(path, [spec for spec, _ in self._tables.values()], files, self._epoch)
+            self._last_checkpoint = relative
             log.info("checkpointed %d tables to %s", len(files), path)
             return str(path / checkpoint.MANIFEST)
 
     async def _freeze_all(self, frozen: bool) -> None:
         await asyncio.gather(*(self._call(s, "FreezeSlots", pb.FreezeSlotsRequest(
-            table=spec.name, slots=slot_map.slots_of(s.index).tolist(), frozen=frozen))
-            for spec, slot_map in self._tables.values() for s in self._shards))
+            table=spec.name, slots=slot_map.slots_of(s.group).tolist(), frozen=frozen))
+            for spec, slot_map in self._tables.values() for s in self._primaries()))
 
-    async def restore(self, directory: str, num_shards: int | None = None, read_only: bool = False) -> int:
-        """Replace all tables by the checkpoint in ``directory`` on ``num_shards`` shards; return the epoch.
-        ``read_only``: as serving tables (bfloat16 rows, no optimizer state, updates refused)."""
+    async def restore(self, directory: str, num_shards: int | None = None, read_only: bool = False,
+                      replicas: int | None = None) -> int:
+        """Replace all tables by the checkpoint in ``directory`` on ``num_shards`` groups of ``replicas`` shards
+        (default: as now); return the epoch. ``read_only``: as serving tables (bfloat16 rows, no optimizer
+        state, updates refused)."""
         path = self._inside_root(directory)
         entries = checkpoint.read_manifest(path)
         if read_only:
             entries = [(dataclasses.replace(spec, storage_dtype="bfloat16"), files) for spec, files in entries]
-        num_shards = num_shards or len(self._shards) or max(len(files) for _, files in entries)
+        num_shards = num_shards or self._num_groups() or max(len(files) for _, files in entries)
+        if replicas is not None and replicas < 1:
+            raise ValueError(f"replicas: must be >= 1 (1: no copy), got {replicas}")
         async with self._lock:
             await self.start()
             for name in list(self._tables):
                 await asyncio.gather(*(self._call(s, "DropTable", pb.DropTableRequest(table=name)) for s in self._shards))
             self._tables.clear()
-            await self._shrink_to(min(num_shards, len(self._shards)))
+            keep = 0 if self._lost or (replicas or self._replicas) != self._replicas else num_shards
+            await self._shrink_to(min(keep, self._num_groups()))
+            self._replicas = replicas or self._replicas
             await self._grow_to(num_shards, [spec for spec, _ in entries], add_empty_tables=False)
             self._epoch += 1
             for spec, files in entries:
@@ -357,19 +491,169 @@ class MemoryController:
                                                            slot_map) for s in self._shards))
                 self._tables[spec.name] = (spec, SlotMap(self._epoch, slot_map.owners))
             await self._broadcast_epoch()
-            log.info("restored %d tables from %s onto %d shards", len(entries), path, num_shards)
+            self._last_checkpoint = str(path.relative_to(self._data_root))
+            log.info("restored %d tables from %s onto %d shard groups", len(entries), path, num_shards)
             return self._epoch
 
     async def _restore_shard(self, shard: Shard, directory: str, spec: TableSpec, files, slot_map: SlotMap) -> None:
-        mine = set(slot_map.slots_of(shard.index).tolist())
+        mine = set(slot_map.slots_of(shard.group).tolist())
         paths = [f["path"] for f in files if mine.intersection(f["slots"])]
         await self._call(shard, "AddTable", pb.AddTableRequest(spec_json=json.dumps(spec.to_dict()), slots=[],
                                                                epoch=self._epoch))
         await self._call(shard, "Restore", pb.RestoreRequest(directory=directory, table=spec.name, paths=paths,
                                                              slots=sorted(mine)))
 
+    # ---- failure detection and failover ------------------------------------------------------
+
+    def _check_whole(self, what: str) -> None:
+        """ValueError unless every group has all its copies (scale and checkpoint wait for failover to end)."""
+        if self._lost or any(not s.live for s in self._shards):
+            raise ValueError(f"{what}: the service is recovering from a failed shard "
+                             f"(see `engram memory status`); try again once every shard serves")
+
+    async def _watch_shards(self) -> None:
+        """Check every shard's health each HEALTH_PERIOD_S; fail over one that misses DEAD_AFTER_MISSES in a row."""
+        while True:
+            await asyncio.sleep(HEALTH_PERIOD_S)
+            try:
+                shards = list(self._shards)
+                answers = await asyncio.gather(*(self._answers(s) for s in shards))
+                for shard, healthy in zip(shards, answers):
+                    self._misses[shard.index] = 0 if healthy else self._misses.get(shard.index, 0) + 1
+                    if self._misses[shard.index] >= DEAD_AFTER_MISSES:
+                        await self._fail_over(shard)
+            except Exception:  # the watch must outlive any one failure
+                log.exception("shard health watch")
+
+    async def _answers(self, shard: Shard) -> bool:
+        try:
+            reply = await health_pb2_grpc.HealthStub(shard.channel).Check(health_pb2.HealthCheckRequest(),
+                                                                          timeout=HEALTH_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def _fail_over(self, dead: Shard) -> None:
+        """Fence ``dead`` (kill its actor), promote a live replica if it was a primary, route around it; then
+        re-make the group's missing copies in the background."""
+        detected = time.monotonic()
+        async with self._lock:
+            if dead not in self._shards:
+                return
+            self._shards.remove(dead)
+            self._misses.pop(dead.index, None)
+            ray.kill(dead.actor, no_restart=True)  # a stopped shard must never serve again once routed around
+            await dead.channel.close()
+            members = self._members(dead.group)
+            promoted = None
+            if dead.primary:
+                live = [s for s in members if s.live]
+                if live:
+                    promoted = live[0]
+                    promoted.primary = True
+                    for other in members:
+                        if other is not promoted:  # may hold more or fewer updates than the new primary: copy again
+                            await self._reset_copy(other)
+                else:
+                    for other in members:  # copies still being made have nothing to copy from any more
+                        self._shards.remove(other)
+                        ray.kill(other.actor, no_restart=True)
+                    self._lost[dead.group] = dead
+            self._epoch += 1
+            await self._set_roles([dead.group])
+            await self._broadcast_epoch()
+            event = {"shard": dead.index, "group": dead.group, "was": "primary" if dead.primary else "replica",
+                     "at": time.time(), "promoted": promoted.index if promoted else None,
+                     "routed_around_s": time.monotonic() - detected, "epoch": self._epoch}
+            self._failovers.append(event)
+            log.warning("shard %d (group %d, %s) is dead: %s", dead.index, dead.group, event["was"],
+                        f"shard {promoted.index} is the group's primary now" if promoted else
+                        "the group has no copy left" if dead.group in self._lost else "its primary serves on")
+        self._in_background(self._remake_copies(dead.group, event))
+
+    async def _reset_copy(self, shard: Shard) -> None:
+        """Empty ``shard``'s tables and make it a replica to be copied again."""
+        shard.primary, shard.live = False, False
+        await asyncio.gather(*(self._call(shard, "DropTable", pb.DropTableRequest(table=name)) for name in self._tables))
+        await self._add_empty_tables(shard, [spec for spec, _ in self._tables.values()])
+
+    def _in_background(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _remake_copies(self, group: int, event: dict[str, Any]) -> None:
+        """Give ``group`` back its ``replicas`` copies: new shards copied from its primary while it serves, or,
+        with no copy left, its slots re-made from the last checkpoint."""
+        try:
+            async with self._lock:
+                if group >= self._num_groups():
+                    return  # scaled away meanwhile
+                specs = [spec for spec, _ in self._tables.values()]
+                reserve = self._reserve_bytes(specs, self._num_groups())
+                if group in self._lost:
+                    await self._remake_from_checkpoint(group, reserve)
+                    event["remade_from"] = self._last_checkpoint or "initial values"
+                missing = self._replicas - len(self._members(group))
+                for _ in range(missing):
+                    shard = await self._start_shard(group, reserve, primary=False)
+                    shard.live = False
+                    await self._add_empty_tables(shard, specs)
+                    self._shards.append(shard)
+                await self._set_roles([group])
+                for shard in self._members(group):
+                    if not shard.live:
+                        await self._copy_to(shard)
+                        shard.live = True
+                self._epoch += 1
+                await self._set_roles([group])
+                await self._broadcast_epoch()
+                event["recovered_s"] = time.time() - event["at"]
+                log.info("shard group %d has its %d copies again after %.1f s", group, self._replicas,
+                         event["recovered_s"])
+        except Exception as error:
+            event["error"] = f"{type(error).__name__}: {error}"
+            log.exception("re-making the copies of shard group %d", group)
+
+    async def _copy_to(self, replica: Shard) -> None:
+        """Have the group's primary copy its state to ``replica`` and forward to it from then on; the copy
+        waits for a moment with no synchronous step pending (partial sums are not copied)."""
+        deadline = time.monotonic() + COPY_WAIT_S
+        primary = self._primary(replica.group)
+        while True:
+            try:
+                reply = await self._call(primary, "AddReplica", pb.AddReplicaRequest(replica=replica.target()))
+                log.info("shard %d copied %d rows to its new replica %d", primary.index, reply.copied_rows,
+                         replica.index)
+                return
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.ABORTED or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.01)
+
+    async def _remake_from_checkpoint(self, group: int, reserve: int) -> None:
+        """A new primary for a group with no copy left, holding its slots as of the last checkpoint (or as
+        initialised, with none). Clients are refused, naming the lost shard, until it serves."""
+        shard = await self._start_shard(group, reserve, primary=True)
+        saved = ({spec.name: files for spec, files in checkpoint.read_manifest(self._inside_root(self._last_checkpoint))}
+                 if self._last_checkpoint else {})
+        for spec, slot_map in self._tables.values():
+            if spec.name in saved:
+                await self._restore_shard(shard, self._last_checkpoint, spec, saved[spec.name], slot_map)
+            else:
+                await self._call(shard, "AddTable", pb.AddTableRequest(spec_json=json.dumps(spec.to_dict()),
+                                                                       slots=slot_map.slots_of(group).tolist(),
+                                                                       epoch=self._epoch))
+        self._shards.append(shard)
+        lost = self._lost.pop(group)
+        log.warning("shard group %d (lost with shard %d) re-made on shard %d from %s: updates since are lost", group,
+                    lost.index, shard.index, self._last_checkpoint or "the tables' initial values")
+
     async def shutdown(self) -> None:
         """Stop every shard and the directory; the caller then kills this actor."""
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         async with self._lock:
             await self._shrink_to(0)
             self._tables.clear()

@@ -47,18 +47,22 @@ class MemoryHandle:
         write in parallel)."""
         ray.get(get_controller(self.controller, self.namespace).checkpoint.remote(str(directory)))
 
+    def restore(self, directory: str | Path) -> None:
+        """Replace every table by the checkpoint in ``directory`` (inside the service's data root)."""
+        ray.get(get_controller(self.controller, self.namespace).restore.remote(str(directory)))
+
     def stop(self) -> None:
         """Stop the shards and the controller."""
         stop_controller(self.controller, self.namespace)
 
 
 def deploy(specs: list[TableSpec], shards: int, namespace: str = NAMESPACE,
-           data_root: str | Path | None = None) -> MemoryHandle:
-    """A new memory service (controller and ``shards`` shards) holding ``specs``' tables, whose
-    checkpoints go under ``data_root`` (default: ``default_data_root()``)."""
+           data_root: str | Path | None = None, replicas: int = 1) -> MemoryHandle:
+    """A new memory service (controller and ``shards`` groups of ``replicas`` shards) holding ``specs``'
+    tables, whose checkpoints go under ``data_root`` (default: ``default_data_root()``)."""
     actor, name = _new_controller(namespace, data_root)
-    ray.get(actor.deploy.remote([spec.to_dict() for spec in specs], shards))
-    log.info("deployed %d tables on %d memory shards (controller %s)", len(specs), shards, name)
+    ray.get(actor.deploy.remote([spec.to_dict() for spec in specs], shards, replicas))
+    log.info("deployed %d tables on %d memory shards x %d copies (controller %s)", len(specs), shards, replicas, name)
     return _handle(actor, name, namespace)
 
 
@@ -75,19 +79,22 @@ def join(controller: str, specs: list[TableSpec], namespace: str = NAMESPACE) ->
 
 
 def deploy_or_join(specs: list[TableSpec], shards: int, controller: str | None, namespace: str = NAMESPACE,
-                   data_root: str | Path | None = None) -> tuple[MemoryHandle, bool]:
-    """Join ``controller`` if named, else deploy on ``shards``; also whether this call deployed (and owns) it."""
+                   data_root: str | Path | None = None, replicas: int = 1) -> tuple[MemoryHandle, bool]:
+    """Join ``controller`` if named, else deploy on ``shards`` x ``replicas``; also whether this call deployed
+    (and owns) it."""
     if controller is not None:
         return join(controller, specs, namespace), False
-    return deploy(specs, shards, namespace, data_root), True
+    return deploy(specs, shards, namespace, data_root, replicas), True
 
 
 def deploy_from_checkpoint(directory: str | Path, shards: int, namespace: str = NAMESPACE,
-                           data_root: str | Path | None = None, read_only: bool = False) -> MemoryHandle:
+                           data_root: str | Path | None = None, read_only: bool = False,
+                           replicas: int = 1) -> MemoryHandle:
     """A new memory service holding the tables of the checkpoint in ``directory`` (inside ``data_root``),
-    on ``shards`` shards; ``read_only``: as serving tables (bfloat16 rows, no optimizer state)."""
+    on ``shards`` groups of ``replicas`` shards; ``read_only``: as serving tables (bfloat16 rows, no
+    optimizer state)."""
     actor, name = _new_controller(namespace, data_root)
-    ray.get(actor.restore.remote(str(directory), shards, read_only))
+    ray.get(actor.restore.remote(str(directory), shards, read_only, replicas))
     specs = [TableSpec.from_dict(spec) for spec in ray.get(actor.table_specs.remote())]
     log.info("restored the tables of %s onto %d memory shards (controller %s): %s", directory, shards, name,
              describe_table_memory(specs))
