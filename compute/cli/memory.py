@@ -90,10 +90,11 @@ def _up(args) -> int:
     controller = start_controller(options, name=args.name)
     import ray
 
-    directory = ray.get(controller.deploy.remote([spec.to_dict() for spec in specs], args.shards))
+    directory = ray.get(controller.deploy.remote([spec.to_dict() for spec in specs], args.shards, args.replicas))
     info = ray.get(controller.connection_info.remote())
     _write_state({**state, **_recorded_connection(info), "admin_token": tokens.admin, "controller": args.name})
-    print(f"memory service up: {len(specs)} table(s) on {args.shards} shard(s); directory {directory}; "
+    copies = f" x {args.replicas} copies" if args.replicas > 1 else ""
+    print(f"memory service up: {len(specs)} table(s) on {args.shards} shard(s){copies}; directory {directory}; "
           f"checkpoints under {info['data_root']}")
     print(f"tokens (data and admin) and addresses saved to {_state_path()} (mode 600)")
     return 0
@@ -137,14 +138,22 @@ def _controller(args):
 def _status(args) -> int:
     import ray
 
-    rows = ray.get(_controller(args).status.remote())
-    header = ("shard", "node", "address", "slots", "rows", "bytes", "reserved", "req/s", "p50 ms", "p99 ms")
-    table = [(str(r["shard"]), r["node"][:12], r["address"], str(r["slots"]), str(r["rows"]), _human_bytes(r["bytes"]),
-              _human_bytes(r["reserved_bytes"]), f"{r['requests_per_s']:.1f}", f"{r['p50_ms']:.2f}",
-              f"{r['p99_ms']:.2f}") for r in rows]
+    controller = _controller(args)
+    rows = ray.get(controller.status.remote())
+    header = ("shard", "group", "role", "state", "node", "address", "slots", "rows", "bytes", "reserved", "req/s",
+              "p50 ms", "p99 ms")
+    table = [(str(r["shard"]), str(r["group"]), r["role"], r["state"], r["node"][:12], r["address"], str(r["slots"]),
+              str(r["rows"]), _human_bytes(r["bytes"]), _human_bytes(r["reserved_bytes"]), f"{r['requests_per_s']:.1f}",
+              f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}") for r in rows]
     widths = [max(len(cell) for cell in column) for column in zip(header, *table)]
     for line in (header, *table):
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
+    for event in ray.get(controller.failovers.remote()):
+        outcome = (f"shard {event['promoted']} promoted" if event["promoted"] is not None
+                   else f"re-made from {event['remade_from']}" if "remade_from" in event else "its primary serves on")
+        back = f"; all copies back after {event['recovered_s']:.1f} s" if "recovered_s" in event else ""
+        print(f"failover: shard {event['shard']} ({event['was']} of group {event['group']}) died; {outcome}{back}"
+              + (f"; {event['error']}" if "error" in event else ""))
     return 0
 
 
@@ -167,7 +176,7 @@ def _checkpoint(args) -> int:
 def _restore(args) -> int:
     import ray
 
-    epoch = ray.get(_controller(args).restore.remote(args.directory, args.shards))
+    epoch = ray.get(_controller(args).restore.remote(args.directory, args.shards, False, args.replicas))
     print(f"restored {args.directory} (routing epoch {epoch})")
     return 0
 
@@ -231,7 +240,9 @@ def register(subparsers) -> None:
 
     up = commands.add_parser("up", parents=[common, tokens], help="deploy the tables of a YAML file onto N shards")
     up.add_argument("--config", required=True, help="tables.yaml: `tables: [{name, rows, dim, ...}]`")
-    up.add_argument("--shards", type=positive_int, default=2)
+    up.add_argument("--shards", type=positive_int, default=2, help="shard groups: each holds an even share of the slots")
+    up.add_argument("--replicas", type=positive_int, default=1, help="shards per group, each holding all its slots: "
+                    "a primary and replicas-1 copies on other shards (2 survives any one shard's death)")
     up.add_argument("--data-root", help="the folder (shared by the memory nodes) that checkpoints are written "
                     "under and restored from (default: $ENGRAM_DATA_ROOT, else ~/.engram/data)")
     up.add_argument("--tls-cert", help="PEM certificate chain for the servers (TLS on)")
@@ -263,6 +274,7 @@ def register(subparsers) -> None:
                                help="replace all tables by the checkpoint in DIR (under the data root)")
     load.add_argument("directory")
     load.add_argument("--shards", type=positive_int, help="shard count to restore onto (default: the current one)")
+    load.add_argument("--replicas", type=positive_int, help="copies of each shard (default: the current count)")
     load.set_defaults(func=_restore)
     commands.add_parser("down", parents=[common], help="stop the shards, the controller and what `up` started"
                         ).set_defaults(func=_down)

@@ -20,6 +20,8 @@ from protos.wire import (LOOKUP_METHOD, ROUTING_EPOCH_KEY, ClientTls, bearer_met
 log = logging.getLogger(__name__)
 
 TRANSIENT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# In the error of a call that needed a shard which died with no copy left (a job resumes from its checkpoint).
+SHARD_LOST = "died with no replica left"
 
 
 class MemoryServiceError(RuntimeError):
@@ -40,11 +42,14 @@ class ResendAfterRefresh(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
-    """Backoff for routing changes and transient failures: exponential with jitter, bounded in time."""
+    """Deadlines and backoff: each call gives up after ``call_timeout_s`` (a stopped shard never holds a client
+    longer), and a call's parts are resent after routing changes and transient failures, with exponential
+    backoff and jitter, for up to ``deadline_s`` in all."""
 
     initial_s: float = 0.005
     max_s: float = 0.5
-    deadline_s: float = 60.0
+    deadline_s: float = 30.0
+    call_timeout_s: float = 5.0
 
     def delays(self):
         delay, start = self.initial_s, time.monotonic()
@@ -56,8 +61,9 @@ class RetryPolicy:
 class Channels:
     """grpc.aio channels to the directory and the shards, one per address; used on one event loop."""
 
-    def __init__(self, token: str | None, tls: ClientTls | None, max_message_bytes: int):
+    def __init__(self, token: str | None, tls: ClientTls | None, max_message_bytes: int, timeout_s: float):
         self._metadata = bearer_metadata(token) if token else ()
+        self._timeout_s = timeout_s
         self._tls = tls
         # This client retries by itself; gRPC's own retries would buffer a copy of every request.
         self._options = [*transport_options(max_message_bytes), ("grpc.enable_retries", 0)]
@@ -68,7 +74,7 @@ class Channels:
         """One DirectoryService call; MemoryServiceError when it fails."""
         stub = pb_grpc.DirectoryServiceStub(self._channel(address))
         try:
-            return await getattr(stub, method)(request, metadata=self._metadata)
+            return await getattr(stub, method)(request, metadata=self._metadata, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as error:
             raise MemoryServiceError(error.code(), error.details()) from None
 
@@ -76,7 +82,8 @@ class Channels:
         """One ShardService call (``Lookup`` replies with the rows' bytes only); ResendAfterRefresh for
         routing refusals and transient failures, MemoryServiceError for the rest."""
         try:
-            return await getattr(self._shard_stub(address), method)(request, metadata=self._metadata)
+            return await getattr(self._shard_stub(address), method)(request, metadata=self._metadata,
+                                                                    timeout=self._timeout_s)
         except grpc.aio.AioRpcError as error:
             trailing = {key for key, _ in error.trailing_metadata() or ()}  # (key, value) pairs on every grpcio
             if error.code() in TRANSIENT_CODES or ROUTING_EPOCH_KEY in trailing:
@@ -115,7 +122,7 @@ async def with_retries(attempt: Callable[[np.ndarray], Awaitable[np.ndarray]], p
         delay = next(delays, None)
         if delay is None:
             raise MemoryServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                     f"gave up after {policy.deadline_s}s of routing changes/failures")
+                                     f"gave up after {policy.deadline_s} s of routing changes and failures")
         await asyncio.sleep(delay)
         try:
             await refresh_routing()

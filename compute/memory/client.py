@@ -5,13 +5,16 @@ routing (slot -> shard, with an epoch), the shards serve rows. Calls run on a pr
 thread and return ``concurrent.futures.Future``s, so a training step can overlap them with compute.
 Shards on the client's own machine are reached through their Unix socket, write looked-up rows
 straight into the client's shared memory and read pushed gradients from it, instead of sending them
-through the socket.
+through the socket. Lookups go to any live copy of a slot's rows (its primary or a replica, in turn);
+a copy that fails or times out is passed over for a while, and the lookup goes to another at once.
+Pushes go to the slot's primary.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import os
 import threading
@@ -21,7 +24,8 @@ import grpc
 import numpy as np
 import torch
 
-from compute.memory.calls import Channels, MemoryServiceError, RetryPolicy, gather_parts, with_retries
+from compute.memory.calls import (SHARD_LOST, Channels, MemoryServiceError, ResendAfterRefresh, RetryPolicy, gather_parts,
+                                  with_retries)
 from compute.memory.client_metrics import ClientMetrics
 from compute.memory.routing import Routing, TableRoute, connection_info_from_controller
 from compute.memory.shared_segments import SharedSegmentPool, remove_orphaned_segments
@@ -34,6 +38,8 @@ from protos.wire import (CONTROLLER_NAME, DEFAULT_MAX_MESSAGE_BYTES, NAMESPACE, 
 __all__ = ["MemoryClient", "MemoryServiceError", "PushResult", "RetryPolicy"]
 
 log = logging.getLogger(__name__)
+
+PASS_OVER_S = 5.0  # how long a copy that failed a lookup is passed over while others are live
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +56,13 @@ class MemoryClient:
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_rows_per_request: int = 65536,
                  retry: RetryPolicy = RetryPolicy(), use_local_transport: bool = True):
         self._directory_address = directory
-        self._calls = Channels(token, tls, max_message_bytes)
+        self._calls = Channels(token, tls, max_message_bytes, retry.call_timeout_s)
         self._max_message_bytes = max_message_bytes
         self._max_rows_per_request = max_rows_per_request
         self._retry = retry
         self._routing = Routing()
+        self._turn = itertools.count()  # spreads lookups over the copies of a shard's rows
+        self._failed_at: dict[int, float] = {}  # shard -> when a call to it last failed
         self._use_local_transport = use_local_transport and tls is None and os.path.isdir(SHARED_SEGMENT_DIR)
         if self._use_local_transport:
             remove_orphaned_segments()
@@ -193,7 +201,27 @@ class MemoryClient:
         return max(1, min(self._max_rows_per_request, self._max_message_bytes // 2 // row_bytes))
 
     async def _call_shard(self, shard: int, method: str, request):
-        return await self._calls.shard(self._routing.addresses[shard], method, request)
+        """``method`` on ``shard``; a failure that may pass marks it to be passed over for lookups a while."""
+        if self._routing.lost(shard):
+            raise MemoryServiceError(grpc.StatusCode.UNAVAILABLE, (
+                f"shard {shard} {SHARD_LOST}; the memory service is re-making its slots from the last "
+                f"checkpoint, and the updates since are lost: resume the job from that checkpoint"))
+        try:
+            return await self._calls.shard(self._routing.addresses[shard], method, request)
+        except ResendAfterRefresh:
+            self._failed_at[shard] = time.monotonic()
+            raise
+
+    def _lookup_copy(self, shard: int) -> int:
+        """The copy of ``shard``'s rows to read from: the copies take turns; one that failed lately is passed
+        over while another has not."""
+        copies = self._routing.copies(shard)
+        if len(copies) == 1:
+            return shard
+        now = time.monotonic()
+        healthy = [copy for copy in copies if now - self._failed_at.get(copy, -PASS_OVER_S) >= PASS_OVER_S]
+        candidates = healthy or sorted(copies, key=lambda copy: self._failed_at.get(copy, 0.0))[:1]
+        return candidates[next(self._turn) % len(candidates)]
 
     async def _with_retries(self, attempt, pending: np.ndarray) -> None:
         await with_retries(attempt, pending, self._retry, self._refresh_routing)
@@ -217,7 +245,8 @@ class MemoryClient:
         wire_dtype = WIRE_DTYPE_BY_TORCH[dtype].enum
         per_request = self._rows_per_request(row_bytes)
 
-        async def fetch(shard: int, positions: np.ndarray) -> None:
+        async def fetch(primary: int, positions: np.ndarray) -> None:
+            shard = self._lookup_copy(primary)
             request = pb.LookupRequest(table=table, row_ids=unique[positions].tobytes(), dtype=wire_dtype)
             if segment and shard in self._routing.co_located:
                 request.shared_rows.name = segment.name

@@ -1,6 +1,6 @@
-"""Where a client's calls go: the deployment's routing (slot -> shard per table, shard addresses,
-which shards share this machine) as the directory last gave it, and finding the directory from
-inside Ray.
+"""Where a client's calls go: the deployment's routing (slot -> primary shard per table, each primary's
+live replicas, shard addresses, which shards share this machine) as the directory last gave it, and
+finding the directory from inside Ray.
 """
 from __future__ import annotations
 
@@ -38,8 +38,17 @@ class Routing:
 
     epoch: int = 0
     tables: dict[str, TableRoute] = dataclasses.field(default_factory=dict)
-    addresses: dict[int, str] = dataclasses.field(default_factory=dict)
+    addresses: dict[int, str] = dataclasses.field(default_factory=dict)  # '' for a lost shard
     co_located: frozenset[int] = frozenset()  # reached by Unix socket, rows through shared memory
+    replicas: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # primary -> its live replicas
+
+    def copies(self, shard: int) -> tuple[int, ...]:
+        """The shards holding ``shard``'s rows: itself, then its live replicas."""
+        return (shard, *self.replicas.get(shard, ()))
+
+    def lost(self, shard: int) -> bool:
+        """Whether ``shard`` died with no copy left (its slots are being re-made)."""
+        return not self.addresses.get(shard)
 
     @classmethod
     def from_reply(cls, reply: pb.Routing, local_transport: bool) -> "Routing":
@@ -52,7 +61,8 @@ class Routing:
                                               np.frombuffer(t.owners, dtype="<i4").astype(np.int16))
                            for t in reply.tables},
                    addresses={s.index: s.local_address if s.index in co_located else s.address for s in reply.shards},
-                   co_located=co_located)
+                   co_located=co_located,
+                   replicas={s.index: tuple(s.replicas) for s in reply.shards if s.replicas})
 
 
 def this_node() -> str:

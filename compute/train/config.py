@@ -39,7 +39,8 @@ class MemoryConfig:
     """Where the Engram tables live and how rows reach the model."""
 
     tables: str = "remote"  # remote: memory shards over gRPC; local: in-process tables (one worker)
-    shards: int = 2  # shards to deploy when the run starts its own memory service
+    shards: int = 2  # shard groups to deploy when the run starts its own memory service
+    replicas: int = 1  # copies of each group's slots (2: a shard can die without losing a row)
     num_slots: int = 256
     init_std: float = 0.02
     wire_dtype: str = "bfloat16"  # rows on the wire; float32 makes remote runs match local ones exactly
@@ -57,6 +58,8 @@ class MemoryConfig:
             raise ValueError(f"memory.staleness must be 0 or 1, got {self.staleness!r}")
         if self.shards < 1:
             raise ValueError(f"memory.shards must be >= 1, got {self.shards}")
+        if self.replicas < 1:
+            raise ValueError(f"memory.replicas must be >= 1 (1: no copy), got {self.replicas}")
 
     @property
     def wire_torch_dtype(self) -> torch.dtype:

@@ -14,6 +14,7 @@ import ray
 import torch
 
 from compute.config import dataclass_from_mapping
+from compute.memory.calls import SHARD_LOST
 from compute.train.checkpoints import memory_checkpoint, resolve_checkpoint
 from compute.train.config import TrainConfig
 from compute.train.loop import METRICS_FILE, SUMMARY_FILE, EngramTrainer, WorkerContext
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 # What GPU/compute nodes advertise, one unit per training worker they take (cluster/local.yaml, aws.yaml);
 # memory nodes advertise SHARD_RESOURCE instead, and the head neither.
 COMPUTE_RESOURCE = "engram_compute"
+# Times a run resumes from its last checkpoint after a memory shard died with no copy left.
+MAX_MEMORY_RESUMES = 3
 
 
 def connect_ray(address: str | None, shards: int, *, token: str | None = None, verbose: bool = False) -> None:
@@ -74,9 +77,10 @@ def prepare_memory(config: TrainConfig, controller: str | None = None, resume: P
         if tables is None:
             raise ValueError(f"resume: {resume} holds no checkpoint of the memory tables")
         data_root = Path(os.path.commonpath([data_root, tables.resolve().parent]))
-        return RunMemory(deploy.deploy_from_checkpoint(tables, config.memory.shards, data_root=data_root), owned=True)
+        return RunMemory(deploy.deploy_from_checkpoint(tables, config.memory.shards, data_root=data_root,
+                                                       replicas=config.memory.replicas), owned=True)
     return RunMemory(*deploy.deploy_or_join(engram_table_specs(config), config.memory.shards, controller,
-                                            data_root=data_root))
+                                            data_root=data_root, replicas=config.memory.replicas))
 
 
 def run_training(config: TrainConfig, *, resume: str | Path | None = None, memory: RunMemory | None = None) -> dict[str, Any]:
@@ -95,22 +99,39 @@ def run_training(config: TrainConfig, *, resume: str | Path | None = None, memor
                                  config.use_gpu)
     _log_placement(resources, config.num_workers)
     try:
-        trainer = TorchTrainer(
-            _train_worker,
-            train_loop_config={"config": config.to_dict(), "memory": memory.handle,
-                               "resume": str(resume_path) if resume_path else None},
-            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                         resources_per_worker=resources),
-            run_config=RunConfig(name=output_dir.name, storage_path=str(output_dir.parent / "ray_train")),
-        )
-        with _sigint_handler_kept(), DriverProgress(output_dir, config.steps, METRICS_FILE):
-            result = trainer.fit()
-        if result.error:
-            raise result.error
-        return json.loads((output_dir / SUMMARY_FILE).read_text())
+        resumes = 0
+        while True:
+            trainer = TorchTrainer(
+                _train_worker,
+                train_loop_config={"config": config.to_dict(), "memory": memory.handle,
+                                   "resume": str(resume_path) if resume_path else None},
+                scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                             resources_per_worker=resources),
+                run_config=RunConfig(name=output_dir.name, storage_path=str(output_dir.parent / "ray_train")),
+            )
+            with _sigint_handler_kept(), DriverProgress(output_dir, config.steps, METRICS_FILE):
+                result = trainer.fit()
+            if result.error is None:
+                return json.loads((output_dir / SUMMARY_FILE).read_text())
+            resume_path = _resume_after_memory_loss(result.error, output_dir, memory, resumes)
+            resumes += 1
     finally:
         if owns_memory:
             memory.close()
+
+
+def _resume_after_memory_loss(error: BaseException, output_dir: Path, memory: RunMemory, resumes: int) -> Path:
+    """The checkpoint to resume from after a memory shard died with no copy left (its slots were re-made from
+    the service's last checkpoint, so every table goes back to the run's last checkpoint); else ``error``."""
+    checkpoints = output_dir / "checkpoints"
+    if SHARD_LOST not in str(error) or memory.handle is None or resumes == MAX_MEMORY_RESUMES \
+            or not checkpoints.exists():
+        raise error
+    checkpoint = resolve_checkpoint(checkpoints)
+    log.warning("a memory shard died with no replica left: restoring every table and the run from %s "
+                "(resume %d of %d)", checkpoint, resumes + 1, MAX_MEMORY_RESUMES)
+    memory.handle.restore(memory_checkpoint(checkpoint))
+    return checkpoint
 
 
 @contextlib.contextmanager
