@@ -31,9 +31,9 @@ def reference_rows(table: TableSpec, row_ids) -> torch.Tensor:
 
 @contextlib.contextmanager
 def deployment(specs: list[TableSpec], shards: int, data_root: str | None = None, reflection: bool = False,
-               **client_kwargs):
-    """A controller with ``specs`` on ``shards`` shards (127.0.0.1 only, checkpoints under ``data_root``,
-    default a fresh temporary folder) and a client holding the data token; torn down after."""
+               replicas: int = 1, **client_kwargs):
+    """A controller with ``specs`` on ``shards`` shard groups of ``replicas`` (127.0.0.1 only, checkpoints under
+    ``data_root``, default a fresh temporary folder) and a client holding the data token; torn down after."""
     name = f"test-memory-{uuid.uuid4().hex[:8]}"
     with contextlib.ExitStack() as cleanup:
         root = data_root or cleanup.enter_context(tempfile.TemporaryDirectory(prefix="engram-data-"))
@@ -41,7 +41,7 @@ def deployment(specs: list[TableSpec], shards: int, data_root: str | None = None
                                     reflection=reflection)
         controller = start_controller(options, name=name)
         cleanup.callback(stop_controller, name)
-        directory = ray.get(controller.deploy.remote([s.to_dict() for s in specs], shards))
+        directory = ray.get(controller.deploy.remote([s.to_dict() for s in specs], shards, replicas))
         with MemoryClient(directory, TOKEN, **client_kwargs) as client:
             yield controller, client
 
