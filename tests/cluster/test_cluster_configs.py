@@ -287,7 +287,9 @@ def test_ray_config_installs_the_project_and_starts_a_secured_memory_service(nam
     from memory_service.core.table_spec import load_table_specs
 
     assert load_table_specs(ROOT / flags["--config"])
-    assert 1 <= int(flags["--shards"]) <= _shard_capacity(name, config, prepared)
+    # Two copies of every shard (a shard may die without losing a row), which the memory nodes can hold.
+    assert flags["--replicas"] == "2"
+    assert 1 <= int(flags["--shards"]) * 2 <= _shard_capacity(name, config, prepared)
     # The admin token stays on the head.
     assert any("ENGRAM_MEMORY_ADMIN_TOKEN" in c and "sed -i" in c for c in prepared["worker_setup_commands"])
 
@@ -498,7 +500,8 @@ def test_raycluster_groups_advertise_their_role_and_start_a_secured_service():
         assert directory in memory_mounts and memory_mounts[directory] == head_mounts.get(directory), flag
     data_mount = next(p for p in memory_mounts if flags["--data-root"].startswith(p + "/"))
     assert head_mounts[data_mount] == memory_mounts[data_mount] == _mounts(groups[gpu]["template"])[data_mount]
-    assert 1 <= int(flags["--shards"]) <= groups[memory]["minReplicas"] * roles[memory][MEMORY_RESOURCE]
+    assert flags["--replicas"] == "2"
+    assert 1 <= int(flags["--shards"]) * 2 <= groups[memory]["minReplicas"] * roles[memory][MEMORY_RESOURCE]
     assert flags["--config"].startswith("/home/ray/engram/")
     from memory_service.core.table_spec import load_table_specs
 
