@@ -109,12 +109,16 @@ def run_training(config: TrainConfig, *, resume: str | Path | None = None, memor
                                              resources_per_worker=resources),
                 run_config=RunConfig(name=output_dir.name, storage_path=str(output_dir.parent / "ray_train")),
             )
-            with _sigint_handler_kept(), DriverProgress(output_dir, config.steps, METRICS_FILE):
-                result = trainer.fit()
-            if result.error is None:
-                return json.loads((output_dir / SUMMARY_FILE).read_text())
-            resume_path = _resume_after_memory_loss(result.error, output_dir, memory, resumes)
-            resumes += 1
+            try:
+                with _sigint_handler_kept(), DriverProgress(output_dir, config.steps, METRICS_FILE):
+                    result = trainer.fit()
+                if result.error is not None:
+                    raise result.error
+            except Exception as error:  # a worker's failure (Ray Train raises it from fit)
+                resume_path = _resume_after_memory_loss(error, output_dir, memory, resumes)
+                resumes += 1
+                continue
+            return json.loads((output_dir / SUMMARY_FILE).read_text())
     finally:
         if owns_memory:
             memory.close()

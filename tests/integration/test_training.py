@@ -2,19 +2,24 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import signal
+import threading
+import time
 
 import numpy as np
+import ray
 import pytest
 import torch
 
 from compute.memory.service import open_client
 from compute.train.checkpoints import load_trainer_state, memory_checkpoint
 from compute.train.config import TrainConfig, table_name
-from compute.train.job import run_training
+from compute.train.job import RunMemory, run_training
 from compute.train.loop import EngramTrainer, WorkerContext
 from compute.train.tables import engram_table_specs
-from memory_service.deploy import deploy, deploy_from_checkpoint
+from memory_service.deploy import deploy, deploy_from_checkpoint, get_controller
 from tests.integration.tiny_runs import tiny_run
 
 
@@ -133,3 +138,33 @@ def test_staleness_1_lookups_miss_only_the_latest_update(ray_cluster, tmp_path):
     assert losses["stale"][0] == losses["exact"][0]
     assert losses["stale"][1] != losses["exact"][1]
     assert all(np.isfinite(losses["stale"]))
+
+
+def kill_a_shard_once_checkpointed(handle, checkpoint) -> None:
+    """SIGKILL the shard of group 0 once ``checkpoint`` is complete (its ``latest`` names it)."""
+    deadline = time.monotonic() + 120
+    while not (checkpoint.parent / "latest").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pids = ray.get(get_controller(handle.controller, handle.namespace).shard_pids.remote())
+    os.kill(next(info["pid"] for info in pids.values() if info["group"] == 0), signal.SIGKILL)
+
+
+def test_a_run_whose_only_copy_of_a_shard_dies_resumes_from_its_checkpoint_and_ends_as_if_not(ray_cluster, tmp_path,
+                                                                                               caplog):
+    config = tiny_run(tmp_path, steps=6, checkpoint_every=2)
+    with memory_service(deploy(engram_table_specs(config), 2, data_root=tmp_path)) as handle:  # one copy
+        killer = threading.Thread(target=kill_a_shard_once_checkpointed,
+                                  args=(handle, tmp_path / "run" / "checkpoints" / "step_000002"))
+        killer.start()
+        with caplog.at_level(logging.WARNING, logger="compute.train.job"):
+            summary = run_training(config, memory=RunMemory(handle))
+        killer.join()
+        rows = all_rows(handle, config)
+    assert "restoring every table and the run from" in caplog.text
+    with memory_service(deploy(engram_table_specs(config), 2, data_root=tmp_path)) as handle:
+        straight, _ = train(config.replace(output_dir=str(tmp_path / "straight")), handle)
+        straight_rows = all_rows(handle, config)
+    assert summary["step"] == 6
+    np.testing.assert_allclose(summary["loss"], straight[-1], rtol=1e-6)
+    for layer in rows:
+        torch.testing.assert_close(rows[layer], straight_rows[layer], rtol=1e-6, atol=1e-7)
