@@ -159,11 +159,11 @@ class StepAggregator:
         return self.synchronous and entry is not None and entry.pending
 
     def step_state(self, step: int) -> str:
-        """Synchronous ``step`` here: 'pending', 'released', 'aborted' or 'unknown' (never pushed here,
-        or no longer remembered)."""
+        """Synchronous ``step`` here: 'pending', 'released', 'aborted', 'forgotten' (released or aborted
+        before the remembered steps) or 'unknown' (no push for it arrived here)."""
         entry = self._steps.get((0, step))
         if entry is None:
-            return "unknown"
+            return "forgotten" if step <= self._forgotten_up_to.get(0, -1) else "unknown"
         return "pending" if entry.pending else "released" if entry.missing is None else "aborted"
 
     def abort(self, step: int, world_size: int = 0) -> list[int] | None:
@@ -186,7 +186,8 @@ class StepAggregator:
 
     def abort_expired(self, now: float, timeout_s: float) -> dict[int, list[int]]:
         """Abort every pending step whose first push is more than ``timeout_s`` old; step -> missing ranks."""
-        expired = [step for (_, step), entry in self._steps.items() if entry.pending and now - entry.started > timeout_s]
+        expired = [step for (_, step), entry in self._steps.items()
+                   if entry.pending and now - entry.started > timeout_s]
         return {step: self.abort(step) for step in sorted(expired)}
 
     def newest_steps(self) -> dict[int, int]:
