@@ -7,6 +7,7 @@ source), and checkpoints and restores all tables. It serves the DirectoryService
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -31,6 +32,9 @@ from protos.wire import (CONTROLLER_NAME, DEFAULT_MAX_MESSAGE_BYTES, NAMESPACE, 
 log = logging.getLogger(__name__)
 
 SHARD_RESOURCE = "engram_memory"
+BARRIER_TIMEOUT_S = 30.0  # how long a checkpoint waits for pending synchronous steps to complete everywhere
+BARRIER_POLL_S = 0.02
+LEASE_MARGIN_S = 30.0  # a hold outlives the barrier's wait by this much, then ends by itself
 
 
 @dataclasses.dataclass
@@ -62,6 +66,7 @@ class ControllerOptions:
     data_root: str | None = None          # checkpoints are read and written only under it; None: default_data_root()
                                           # of the controller's process (callers resolve it on their side)
     reflection: bool = False              # serve gRPC reflection (to token holders)
+    step_timeout_s: float = 120.0         # a synchronous step pending longer than this is aborted (0: never)
 
     def __post_init__(self):
         for token, name in ((self.data_token, "data token"), (self.admin_token, "admin token")):
@@ -73,6 +78,8 @@ class ControllerOptions:
             raise ValueError("tls-client-cert/tls-client-key: give both or neither")
         if self.tls_client_cert_file and (self.tls is None or self.tls.client_ca_file is None):
             raise ValueError("tls-client-cert: a client identity needs mutual TLS (--tls-client-ca)")
+        if self.step_timeout_s < 0:
+            raise ValueError(f"step-timeout-s: must be >= 0 (0: never abort), got {self.step_timeout_s}")
 
     def client_tls(self) -> ClientTls | None:
         """What the controller and the clients it informs use to reach the servers: the servers' CA and,
@@ -164,7 +171,8 @@ class MemoryController:
         actor = ShardActor.options(
             resources={self._options.shard_resource: 1}, memory=max(reserve_bytes, 1 << 20),
         ).remote(index, (self._tokens.data, self._tokens.admin), str(self._data_root), self._options.tls,
-                 self._options.host, self._options.max_message_bytes, self._options.reflection)
+                 self._options.host, self._options.max_message_bytes, self._options.reflection,
+                 self._options.step_timeout_s)
         info = await actor.start.remote()
         channel = open_channel(info["address"], self._client_tls, transport_options(self._options.max_message_bytes))
         log.info("shard %d serving on %s (node %s)", index, info["address"], info["node"][:12])
@@ -288,13 +296,17 @@ class MemoryController:
 
     async def status(self) -> list[dict[str, Any]]:
         """One record per shard: index, node, address, slots, rows, bytes held and reserved, requests/s,
-        p50/p99 lookup ms."""
+        p50/p99 lookup ms, its pending synchronous steps (table, step, world_size, reported ranks, age_s)
+        and how many steps it aborted."""
         stats = await asyncio.gather(*(self._call(s, "Stats", pb.StatsRequest()) for s in self._shards))
         return [{
             "shard": st.shard_index, "node": st.node, "address": st.address, "epoch": st.epoch,
             "slots": sum(t.slots for t in st.tables), "rows": sum(t.rows for t in st.tables),
             "bytes": st.memory_bytes, "reserved_bytes": shard.reserved_bytes, "requests_per_s": st.requests_per_s,
             "p50_ms": st.p50_lookup_ms, "p99_ms": st.p99_lookup_ms,
+            "pending_steps": [{"table": p.table, "step": p.step, "world_size": p.world_size,
+                               "reported_ranks": list(p.reported_ranks), "age_s": p.age_s} for p in st.pending_steps],
+            "aborted_steps": st.aborted_steps,
         } for shard, st in zip(self._shards, stats)]
 
     async def checksums(self) -> dict[str, list[str]]:
@@ -310,63 +322,130 @@ class MemoryController:
         """``directory`` (relative to the data root, or absolute) resolved inside the root; ValueError if not."""
         return checkpoint.inside_root(self._data_root, str(directory), "directory")
 
-    async def checkpoint(self, directory: str) -> str:
-        """Write every table under ``directory`` (inside the data root), shards in parallel, updates frozen
-        meanwhile; return the manifest path."""
+    async def checkpoint(self, directory: str, barrier_timeout_s: float = BARRIER_TIMEOUT_S) -> str:
+        """Write every table under ``directory`` (inside the data root) at a step boundary of every shard;
+        return the manifest path.
+
+        New steps are held on every shard while the steps pending anywhere complete everywhere (bounded by
+        ``barrier_timeout_s``: then TimeoutError naming them, nothing written); the shards write in
+        parallel into a hidden folder that becomes ``directory`` only once complete."""
         path = self._inside_root(directory)
-        relative = str(path.relative_to(self._data_root))
         async with self._lock:
-            await self._freeze_all(True)
+            staging = checkpoint.staging_folder(path)
             try:
-                replies = await asyncio.gather(*(self._call(s, "Checkpoint", pb.CheckpointRequest(directory=relative))
-                                                 for s in self._shards))
-            finally:
-                await self._freeze_all(False)
-            files: dict[str, list[dict[str, Any]]] = {name: [] for name in self._tables}
-            for shard, reply in zip(self._shards, replies):
-                for f in reply.files:
-                    files[f.table].append({"shard": shard.index, "path": f.path, "slots": list(f.slots)})
-            checkpoint.write_manifest(path, [spec for spec, _ in self._tables.values()], files, self._epoch)
+                async with self._steps_held(barrier_timeout_s):
+                    replies = await asyncio.gather(*(self._call(s, "Checkpoint", pb.CheckpointRequest(
+                        directory=str(staging.relative_to(self._data_root)))) for s in self._shards))
+                files: dict[str, list[dict[str, Any]]] = {name: [] for name in self._tables}
+                counters = {name: {"synchronous": -1, "ranks": {}} for name in self._tables}
+                for shard, reply in zip(self._shards, replies):
+                    for f in reply.files:
+                        files[f.table].append({"shard": shard.index, "path": f.path, "slots": list(f.slots)})
+                    for table, steps in json.loads(reply.step_counters_json).items():
+                        merged = counters[table]
+                        merged["synchronous"] = max(merged["synchronous"], steps["synchronous"])
+                        for rank, step in steps["ranks"].items():
+                            merged["ranks"][rank] = max(merged["ranks"].get(rank, -1), step)
+                checkpoint.write_manifest(staging, [spec for spec, _ in self._tables.values()], files, self._epoch,
+                                          counters)
+                checkpoint.publish(staging, path)
+            except BaseException:
+                checkpoint.discard(staging)
+                raise
             log.info("checkpointed %d tables to %s", len(files), path)
             return str(path / checkpoint.MANIFEST)
 
-    async def _freeze_all(self, frozen: bool) -> None:
-        await asyncio.gather(*(self._call(s, "FreezeSlots", pb.FreezeSlotsRequest(
-            table=spec.name, slots=slot_map.slots_of(s.index).tolist(), frozen=frozen))
-            for spec, slot_map in self._tables.values() for s in self._shards))
+    @contextlib.asynccontextmanager
+    async def _steps_held(self, timeout_s: float):
+        """Hold new steps on every shard until the synchronous steps pending anywhere completed (or were
+        aborted) everywhere; release the hold on leaving. TimeoutError naming the steps still pending."""
+        lease = pb.StepBarrierRequest(hold=True, lease_s=timeout_s + LEASE_MARGIN_S)
+        try:
+            replies = await asyncio.gather(*(self._call(s, "StepBarrier", lease) for s in self._shards))
+            steps = sorted({(p.table, p.step) for reply in replies for p in reply.pending})
+            admit = pb.StepBarrierRequest(hold=True, lease_s=lease.lease_s,
+                                          admit=[pb.StepBarrierStep(table=t, step=step) for t, step in steps])
+            deadline = asyncio.get_running_loop().time() + timeout_s
+            while True:
+                replies = await asyncio.gather(*(self._call(s, "StepBarrier", admit) for s in self._shards))
+                waiting = self._steps_still_pending(steps, replies)
+                if not waiting:
+                    break
+                if asyncio.get_running_loop().time() > deadline:
+                    raise TimeoutError(
+                        f"barrier_timeout_s: synchronous steps {waiting} (table, step) did not complete on every "
+                        f"shard within {timeout_s} s (a rank that never pushes; the shards abort such steps after "
+                        "their step timeout); nothing was written")
+                await asyncio.sleep(BARRIER_POLL_S)
+            yield
+        finally:
+            await asyncio.gather(*(self._call(s, "StepBarrier", pb.StepBarrierRequest(hold=False))
+                                   for s in self._shards), return_exceptions=True)
+
+    def _steps_still_pending(self, steps: list[tuple[str, int]], replies) -> list[tuple[str, int]]:
+        """The admitted steps not yet done: pending on some shard, or neither aborted anywhere nor
+        released on every shard owning slots of their table."""
+        states: dict[tuple[str, int], dict[int, str]] = {step: {} for step in steps}
+        for shard, reply in zip(self._shards, replies):
+            for admitted in reply.admitted:
+                states[(admitted.table, admitted.step)][shard.index] = admitted.state
+        waiting = []
+        for (table, step), by_shard in states.items():
+            owners = set(self._tables[table][1].owners.tolist()) if table in self._tables else set()
+            done = "pending" not in by_shard.values() and (
+                "aborted" in by_shard.values() or all(by_shard.get(owner) in ("released", "forgotten")
+                                                      for owner in owners))
+            if not done:
+                waiting.append((table, step))
+        return waiting
 
     async def restore(self, directory: str, num_shards: int | None = None, read_only: bool = False) -> int:
         """Replace all tables by the checkpoint in ``directory`` on ``num_shards`` shards; return the epoch.
-        ``read_only``: as serving tables (bfloat16 rows, no optimizer state, updates refused)."""
+        ``read_only``: as serving tables (bfloat16 rows, no optimizer state, updates refused).
+
+        Every shard first stages its part (every file read and checked, aside from the live tables); only
+        when all have, they swap it in. A failure before that leaves the live tables and routing as they
+        were (RuntimeError saying so)."""
         path = self._inside_root(directory)
-        entries = checkpoint.read_manifest(path)
+        entries = checkpoint.read_tables(path)
         if read_only:
-            entries = [(dataclasses.replace(spec, storage_dtype="bfloat16"), files) for spec, files in entries]
-        num_shards = num_shards or len(self._shards) or max(len(files) for _, files in entries)
+            entries = [(dataclasses.replace(spec, storage_dtype="bfloat16"), files, steps)
+                       for spec, files, steps in entries]
+        num_shards = num_shards or len(self._shards) or max(len(files) for _, files, _ in entries)
+        relative = str(path.relative_to(self._data_root))
         async with self._lock:
             await self.start()
-            for name in list(self._tables):
-                await asyncio.gather(*(self._call(s, "DropTable", pb.DropTableRequest(table=name)) for s in self._shards))
-            self._tables.clear()
-            await self._shrink_to(min(num_shards, len(self._shards)))
-            await self._grow_to(num_shards, [spec for spec, _ in entries], add_empty_tables=False)
-            self._epoch += 1
-            for spec, files in entries:
-                slot_map = SlotMap.even(spec.num_slots, num_shards)
-                await asyncio.gather(*(self._restore_shard(s, str(path.relative_to(self._data_root)), spec, files,
-                                                           slot_map) for s in self._shards))
-                self._tables[spec.name] = (spec, SlotMap(self._epoch, slot_map.owners))
+            before = len(self._shards)
+            slot_maps = {spec.name: SlotMap.even(spec.num_slots, num_shards) for spec, _, _ in entries}
+            try:
+                await self._grow_to(num_shards, [spec for spec, _, _ in entries], add_empty_tables=False)
+                for spec, files, steps in entries:
+                    await asyncio.gather(*(self._stage_restore(s, relative, spec, files, steps, slot_maps[spec.name])
+                                           for s in self._shards[:num_shards]))
+            except Exception as error:
+                await asyncio.gather(*(self._call(s, "Restore", pb.RestoreRequest(phase=pb.RESTORE_DISCARD))
+                                       for s in self._shards), return_exceptions=True)
+                await self._shrink_to(before)  # the shards started for the restore go
+                cause = f"{error.code().name}: {error.details()}" if isinstance(error, grpc.aio.AioRpcError) else error
+                raise RuntimeError(f"restore of {path} failed, the live tables and routing are unchanged: "
+                                   f"{cause}") from None
+            epoch = self._epoch + 1
+            commit = pb.RestoreRequest(phase=pb.RESTORE_COMMIT, epoch=epoch)
+            await asyncio.gather(*(self._call(s, "Restore", commit) for s in self._shards[:num_shards]))
+            self._epoch = epoch
+            self._tables = {spec.name: (spec, SlotMap(epoch, slot_maps[spec.name].owners)) for spec, _, _ in entries}
+            await self._shrink_to(num_shards)
             await self._broadcast_epoch()
             log.info("restored %d tables from %s onto %d shards", len(entries), path, num_shards)
             return self._epoch
 
-    async def _restore_shard(self, shard: Shard, directory: str, spec: TableSpec, files, slot_map: SlotMap) -> None:
+    async def _stage_restore(self, shard: Shard, directory: str, spec: TableSpec, files, steps,
+                             slot_map: SlotMap) -> None:
         mine = set(slot_map.slots_of(shard.index).tolist())
         paths = [f["path"] for f in files if mine.intersection(f["slots"])]
-        await self._call(shard, "AddTable", pb.AddTableRequest(spec_json=json.dumps(spec.to_dict()), slots=[],
-                                                               epoch=self._epoch))
-        await self._call(shard, "Restore", pb.RestoreRequest(directory=directory, table=spec.name, paths=paths,
-                                                             slots=sorted(mine)))
+        await self._call(shard, "Restore", pb.RestoreRequest(
+            phase=pb.RESTORE_STAGE, directory=directory, table=spec.name, paths=paths, slots=sorted(mine),
+            spec_json=json.dumps(spec.to_dict()), step_counters_json=json.dumps(steps)))
 
     async def shutdown(self) -> None:
         """Stop every shard and the directory; the caller then kills this actor."""

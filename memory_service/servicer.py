@@ -1,7 +1,9 @@
 """The ShardService: one shard's tables behind gRPC, with routing epochs, moves and push dedup.
 
 Handlers do their work without awaiting, so each request is atomic with respect to the others on
-the shard's event loop: a freeze, export or checkpoint never interleaves with half an update.
+the shard's event loop: a freeze, export or checkpoint never interleaves with half an update. Every
+state change is a plain synchronous method (``abort_step``, ``abort_expired_steps`` included), so the
+timer sweep and the RPCs change state alike, one at a time.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 
 from memory_service import checkpoint
 from memory_service.metrics import ShardMetrics
-from memory_service.row_store import RowStoreError, ShardStore, SlotNotOwned
+from memory_service.row_store import RowStoreError, ShardStore, SlotNotOwned, refused_as_invalid
 from memory_service.server import register_service
 from memory_service.shared_rows import SegmentError, SharedRowSegments
 from memory_service.core import push_checks
@@ -57,6 +59,15 @@ class _FrozenSlots:
     def thaw(self, slots) -> None:
         self.frozen.difference_update(slots)
         self.sealed.difference_update(slots)
+
+
+@dataclasses.dataclass
+class _StepHold:
+    """A checkpoint's hold on new steps: only pushes of the ``admit``ted synchronous steps are taken until
+    the hold is released or its lease ends (so a lost controller cannot wedge the shard)."""
+
+    until: float
+    admit: set[tuple[str, int]] = dataclasses.field(default_factory=set)  # (table, step)
 
 
 class RequestRejected(Exception):
@@ -108,6 +119,11 @@ class ShardServicer:
         self._frozen: dict[str, _FrozenSlots] = {}
         self._aggregators: dict[tuple[str, bool], StepAggregator] = {}  # (table, synchronous)
         self._shared_rows = SharedRowSegments()
+        self.step_timeout_s = 0.0  # pending synchronous steps older than this are aborted (0: never)
+        self.aborted_steps = 0
+        self._hold: _StepHold | None = None
+        self._staged: ShardStore | None = None  # a restore's tables, read and checked, not yet live
+        self._staged_counters: dict[str, dict] = {}  # table -> step counters of the staged checkpoint
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register every ShardService method; Lookup replies skip protobuf's copies (same bytes)."""
@@ -173,6 +189,7 @@ class ShardServicer:
         ids = self._row_ids(request.row_ids)
         grads = self._grads(request, spec, len(ids))
         aggregator = self._aggregator(request.table, request.synchronous)
+        self._check_not_held(request)
         self._check_not_frozen(request.table, ids, spec.num_slots,
                                completes_a_pending_step=aggregator.is_pending(request.step))
         update = self.store.check_update(request.table, ids, grads)
@@ -203,6 +220,66 @@ class ShardServicer:
                 f"grads: expected {num_rows * row_bytes} bytes ({num_rows} rows x dim {spec.dim} x {dtype}), "
                 f"got {len(request.grads)}")
         return tensor_from_bytes(request.grads, dtype, (num_rows, spec.dim)).float()
+
+    def _check_not_held(self, request: pb.UpdateRequest) -> None:
+        """Refuse, as retryable, pushes that a checkpoint's step barrier holds back."""
+        hold = self._hold
+        if hold is None or time.monotonic() > hold.until:
+            self._hold = None
+            return
+        if not (request.synchronous and (request.table, request.step) in hold.admit):
+            raise RequestRejected("FAILED_PRECONDITION", "step",
+                                  f"step: a checkpoint holds new steps of table '{request.table}' for a moment "
+                                  f"(step {request.step} is not one it completes first); retry shortly", routing=True)
+
+    def abort_step(self, table: str, step: int, world_size: int = 0) -> list[int] | None:
+        """Abort synchronous ``step`` of ``table`` here: the ranks that never reported, None if already applied."""
+        aggregator = self._aggregator(table, True)
+        before = aggregator.aborted_total
+        missing = aggregator.abort(step, world_size)
+        self.aborted_steps += aggregator.aborted_total - before
+        return missing
+
+    def abort_expired_steps(self, now: float | None = None) -> int:
+        """Abort every pending synchronous step older than ``step_timeout_s``; how many were aborted."""
+        if self.step_timeout_s <= 0:
+            return 0
+        now = time.monotonic() if now is None else now
+        aborted = 0
+        for (table, synchronous), aggregator in list(self._aggregators.items()):
+            if synchronous:
+                for step, missing in aggregator.abort_expired(now, self.step_timeout_s).items():
+                    log.warning("table '%s': step %d pending for over %.0f s, aborted (ranks %s never reported)",
+                                table, step, self.step_timeout_s, missing)
+                    aborted += 1
+        self.aborted_steps += aborted
+        if aborted:
+            self.metrics.set_state(self.store.memory_bytes(), self.pending_steps())
+        return aborted
+
+    @_handler("abort_step")
+    def AbortStep(self, request: pb.AbortStepRequest):
+        self._spec(request.table)
+        refused_as_invalid(push_checks.check_push_header, request.step, 0, max(request.world_size, 1))
+        missing = self.abort_step(request.table, request.step, request.world_size)
+        return pb.AbortStepResponse(aborted=missing is not None, missing_ranks=missing or []), 0, 0
+
+    @_handler("step_barrier")
+    def StepBarrier(self, request: pb.StepBarrierRequest):
+        if request.hold:
+            if not 0 < request.lease_s <= 3600:
+                raise RequestRejected("INVALID_ARGUMENT", "lease_s", "lease_s: must be in (0, 3600] seconds")
+            self._hold = _StepHold(time.monotonic() + request.lease_s, {(s.table, s.step) for s in request.admit})
+        else:
+            self._hold = None
+        pending = [pb.StepBarrierStep(table=table, step=step, state="pending")
+                   for (table, synchronous), aggregator in sorted(self._aggregators.items()) if synchronous
+                   for step in aggregator.pending_steps()]
+        admitted = [pb.StepBarrierStep(table=s.table, step=s.step,
+                                       state=self._aggregator(s.table, True).step_state(s.step)
+                                       if s.table in {spec.name for spec in self.store.specs()} else "unknown")
+                    for s in request.admit]
+        return pb.StepBarrierResponse(pending=pending, admitted=admitted), 0, 0
 
     def pending_steps(self) -> int:
         """Synchronous steps, over all tables, that still wait for some rank's push."""
@@ -244,7 +321,13 @@ class ShardServicer:
         response = pb.StatsResponse(
             shard_index=self.shard_index, address=self.address, node=self.node, epoch=self.epoch,
             memory_bytes=self.store.memory_bytes(), tables=tables, requests_total=self.metrics.requests_total,
-            requests_per_s=self.metrics.requests_per_s(), p50_lookup_ms=p50, p99_lookup_ms=p99)
+            requests_per_s=self.metrics.requests_per_s(), p50_lookup_ms=p50, p99_lookup_ms=p99,
+            pending_steps=[pb.PendingStepInfo(table=table, step=step, world_size=world_size, reported_ranks=ranks,
+                                              age_s=age)
+                           for (table, synchronous), aggregator in sorted(self._aggregators.items()) if synchronous
+                           for step, world_size, ranks, age in aggregator.pending_info()],
+            aborted_steps=self.aborted_steps, step_barrier_held=self._hold is not None
+            and time.monotonic() <= self._hold.until, step_timeout_s=self.step_timeout_s)
         return response, 0, 0
 
     @_handler("checksum")
@@ -348,20 +431,71 @@ class ShardServicer:
     @_handler("checkpoint")
     def Checkpoint(self, request: pb.CheckpointRequest):
         directory = checkpoint.inside_root(self.data_root, request.directory, "directory")
-        files = []
+        files, counters = [], {}
         for spec in self.store.specs():
             slots = self.store.owned_slots(spec.name)
             path = checkpoint.write_shard_file(directory, spec.name, self.shard_index,
                                                self.store.export_slots(spec.name, slots))
             files.append(pb.CheckpointFile(table=spec.name, path=path, slots=slots))
-        return pb.CheckpointResponse(files=files), 0, 0
+            synchronous = self._aggregators.get((spec.name, True))
+            asynchronous = self._aggregators.get((spec.name, False))
+            counters[spec.name] = {"synchronous": synchronous.newest_steps().get(0, -1) if synchronous else -1,
+                                   "ranks": asynchronous.newest_steps() if asynchronous else {}}
+        return pb.CheckpointResponse(files=files, step_counters_json=json.dumps(counters)), 0, 0
 
     @_handler("restore")
     def Restore(self, request: pb.RestoreRequest):
-        spec = self._spec(request.table)
-        directory = checkpoint.inside_root(self.data_root, request.directory, "directory")
-        # Every file is read and checked before the first slot is imported: a bad one changes nothing.
-        parts = checkpoint.read_slots(directory, spec, list(request.paths), list(request.slots))
-        for arrays in parts:
-            self.store.import_slots(request.table, arrays)
+        if request.phase == pb.RESTORE_DISCARD:
+            self._staged, self._staged_counters = None, {}
+        elif request.phase == pb.RESTORE_COMMIT:
+            self._commit_restore(request.epoch)
+        else:
+            self._stage_restore(request)
         return pb.RestoreResponse(), 0, 0
+
+    def _stage_restore(self, request: pb.RestoreRequest) -> None:
+        """Read ``request.table``'s slots into the staging store: every file read and checked, every slot
+        found, before anything is kept; the live tables do not change."""
+        directory = checkpoint.inside_root(self.data_root, request.directory, "directory")
+        for index, path in enumerate(request.paths):
+            checkpoint.inside_root(directory, path, f"paths[{index}]")
+        try:
+            spec = TableSpec.from_dict(json.loads(request.spec_json))
+            counters = checkpoint.step_counters(json.loads(request.step_counters_json or "{}"))
+        except (json.JSONDecodeError, RecursionError, TypeError, ValueError, AttributeError) as error:
+            raise RequestRejected("INVALID_ARGUMENT", "spec_json",
+                                  f"spec_json, step_counters_json: not a table spec and its counters ({error})") \
+                from None
+        if spec.name != request.table:
+            raise RequestRejected("INVALID_ARGUMENT", "table",
+                                  f"table: {request.table!r} is not the spec's {spec.name!r}")
+        parts = checkpoint.read_slots(directory, spec, list(request.paths), list(request.slots))
+        if self._staged is None:
+            self._staged = ShardStore()
+        if spec.name in {staged.name for staged in self._staged.specs()}:
+            self._staged.drop_table(spec.name)  # staged again: a retry
+        self._staged.add_table(spec, [])
+        try:
+            for arrays in parts:
+                self._staged.import_slots(spec.name, arrays)
+            missing = sorted(set(request.slots) - set(self._staged.owned_slots(spec.name)))
+            if missing:
+                raise RequestRejected("INVALID_ARGUMENT", "paths",
+                                      f"paths: slots {missing[:8]}{'...' if len(missing) > 8 else ''} of table "
+                                      f"'{spec.name}' are in none of the checkpoint's files {list(request.paths)}")
+        except BaseException:
+            self._staged.drop_table(spec.name)
+            raise
+        self._staged_counters[spec.name] = counters
+
+    def _commit_restore(self, epoch: int) -> None:
+        """Make the staged tables the live ones (the others go), their step counters with them."""
+        if self._staged is None:
+            raise RequestRejected("FAILED_PRECONDITION", "phase", "phase: nothing is staged to commit")
+        self.store, self._staged = self._staged, None
+        self._frozen, self._aggregators, self._hold = {}, {}, None
+        for table, counters in self._staged_counters.items():
+            self._aggregator(table, True).start_after({0: counters["synchronous"]})
+            self._aggregator(table, False).start_after(counters["ranks"])
+        self._staged_counters = {}
+        self.epoch = max(self.epoch, epoch)
