@@ -40,7 +40,7 @@ def memory(ray_cluster, tmp_path_factory):
 def test_the_data_token_reaches_no_admin_method_and_changes_nothing(memory):
     controller, _, stub, _ = memory
     assert {m.name for m in ADMIN_METHODS} == {"AddTable", "DropTable", "SetEpoch", "FreezeSlots", "ExportSlots",
-                                               "ImportSlots", "ReleaseSlots", "Checkpoint", "Restore"}
+                                               "ImportSlots", "ReleaseSlots", "Checkpoint", "Restore", "StepBarrier"}
     before = ray.get(controller.checksums.remote())
     for method in ADMIN_METHODS:
         request = getattr(pb, method.input_type.name)(table="access") if "table" in \
