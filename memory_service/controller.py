@@ -335,7 +335,8 @@ class MemoryController:
             try:
                 async with self._steps_held(barrier_timeout_s):
                     replies = await asyncio.gather(*(self._call(s, "Checkpoint", pb.CheckpointRequest(
-                        directory=str(staging.relative_to(self._data_root)))) for s in self._shards))
+                        directory=str(staging.relative_to(self._data_root)), require_step_barrier=True))
+                        for s in self._shards))
                 files: dict[str, list[dict[str, Any]]] = {name: [] for name in self._tables}
                 counters = {name: {"synchronous": -1, "ranks": {}} for name in self._tables}
                 for shard, reply in zip(self._shards, replies):

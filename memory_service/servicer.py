@@ -223,14 +223,18 @@ class ShardServicer:
 
     def _check_not_held(self, request: pb.UpdateRequest) -> None:
         """Refuse, as retryable, pushes that a checkpoint's step barrier holds back."""
-        hold = self._hold
-        if hold is None or time.monotonic() > hold.until:
-            self._hold = None
+        if not self._held():
             return
-        if not (request.synchronous and (request.table, request.step) in hold.admit):
+        if not (request.synchronous and (request.table, request.step) in self._hold.admit):
             raise RequestRejected("FAILED_PRECONDITION", "step",
                                   f"step: a checkpoint holds new steps of table '{request.table}' for a moment "
                                   f"(step {request.step} is not one it completes first); retry shortly", routing=True)
+
+    def _held(self) -> bool:
+        """Whether a step barrier holds new steps now (a hold whose lease ran out is dropped)."""
+        if self._hold is not None and time.monotonic() > self._hold.until:
+            self._hold = None
+        return self._hold is not None
 
     def abort_step(self, table: str, step: int, world_size: int = 0) -> list[int] | None:
         """Abort synchronous ``step`` of ``table`` here: the ranks that never reported, None if already applied."""
@@ -326,8 +330,7 @@ class ShardServicer:
                                               age_s=age)
                            for (table, synchronous), aggregator in sorted(self._aggregators.items()) if synchronous
                            for step, world_size, ranks, age in aggregator.pending_info()],
-            aborted_steps=self.aborted_steps, step_barrier_held=self._hold is not None
-            and time.monotonic() <= self._hold.until, step_timeout_s=self.step_timeout_s)
+            aborted_steps=self.aborted_steps, step_barrier_held=self._held(), step_timeout_s=self.step_timeout_s)
         return response, 0, 0
 
     @_handler("checksum")
@@ -431,6 +434,10 @@ class ShardServicer:
     @_handler("checkpoint")
     def Checkpoint(self, request: pb.CheckpointRequest):
         directory = checkpoint.inside_root(self.data_root, request.directory, "directory")
+        if request.require_step_barrier and not self._held():
+            raise RequestRejected("FAILED_PRECONDITION", "require_step_barrier",
+                                  "require_step_barrier: the step barrier's hold ended before this shard wrote "
+                                  "(its lease ran out); checkpoint again")
         files, counters = [], {}
         for spec in self.store.specs():
             slots = self.store.owned_slots(spec.name)

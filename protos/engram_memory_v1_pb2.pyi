@@ -271,10 +271,12 @@ class ReleaseSlotsResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("directory",)
+    __slots__ = ("directory", "require_step_barrier")
     DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_STEP_BARRIER_FIELD_NUMBER: _ClassVar[int]
     directory: str
-    def __init__(self, directory: _Optional[str] = ...) -> None: ...
+    require_step_barrier: bool
+    def __init__(self, directory: _Optional[str] = ..., require_step_barrier: bool = ...) -> None: ...
 
 class CheckpointFile(_message.Message):
     __slots__ = ("table", "path", "slots")
