@@ -293,7 +293,7 @@ class ShardServicer:
     def _aggregator(self, table: str, synchronous: bool) -> StepAggregator:
         key = (table, synchronous)
         if key not in self._aggregators:
-            self._aggregators[key] = StepAggregator(synchronous=synchronous)
+            self._aggregators[key] = StepAggregator(synchronous=synchronous, table=table)
         return self._aggregators[key]
 
     def _apply(self, table: str, updates) -> int:

@@ -107,10 +107,11 @@ def _sum_by_row(parts: list[tuple[int, RowUpdate]]) -> RowUpdate:
 class StepAggregator:
     """Turns one table's pushes into updates: summed per step (synchronous) or on arrival."""
 
-    def __init__(self, synchronous: bool = True, remembered_steps: int = 8):
+    def __init__(self, synchronous: bool = True, remembered_steps: int = 8, table: str = ""):
         if remembered_steps < 1:
             raise ValueError(f"remembered_steps must be >= 1, got {remembered_steps}")
         self.synchronous = synchronous
+        self.table = table  # named in refusals
         self.remembered_steps = remembered_steps
         self._steps: dict[tuple[int, int], _Step] = {}  # (lane, step)
         self._released: dict[int, list[int]] = {}  # lane -> heap of remembered released steps
@@ -125,7 +126,7 @@ class StepAggregator:
         self._refuse_stale(lane, step, rank)
         entry = self._steps.get((lane, step))
         if entry is not None and entry.missing is not None:
-            raise RowStoreError("ABORTED", "step", f"step {step} was aborted: ranks {entry.missing} never reported "
+            raise RowStoreError("ABORTED", "step", f"step {step} of table '{self.table}' was aborted: ranks {entry.missing} never reported "
                                 "(or the job aborted it), and its partial sums were dropped; no rank's push for it "
                                 "will be applied: fail the job or continue from a later step")
         if entry is None:
@@ -344,7 +345,8 @@ class StepAggregator:
         forgotten = self._forgotten_up_to.get(lane, -1)
         if step <= forgotten:
             newest = max(self.newest_steps().get(lane, -1), forgotten)
-            whose = "this table's synchronous steps" if self.synchronous else f"rank {rank}'s asynchronous pushes"
+            whose = (f"the synchronous steps of table '{self.table}'" if self.synchronous
+                     else f"rank {rank}'s asynchronous pushes to table '{self.table}'")
             raise RowStoreError("FAILED_PRECONDITION", "step",
                                 f"step {step} is older than the steps this shard remembers of {whose} (newest "
                                 f"applied: {newest}; steps up to {forgotten} are no longer tracked), so it cannot "

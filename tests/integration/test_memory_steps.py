@@ -62,7 +62,7 @@ def test_a_step_whose_worker_never_reports_is_aborted_within_the_timeout(steps):
     with pytest.raises(MemoryServiceError) as caught:
         client.push("wedged", ids, _grads(0, 1, ids, WEDGED.dim), step=0, rank=1, world_size=2).result()
     assert caught.value.code == grpc.StatusCode.ABORTED
-    assert "step 0 was aborted" in caught.value.details and "ranks [1]" in caught.value.details
+    assert "step 0 of table 'wedged' was aborted" in caught.value.details and "ranks [1]" in caught.value.details
     # Nothing of the aborted step was applied, and the next step goes through.
     every = np.arange(WEDGED.rows)
     torch.testing.assert_close(client.lookup("wedged", every, dtype=torch.float32).result(),
@@ -79,7 +79,7 @@ def test_the_job_driver_aborts_a_step_with_the_data_token(steps):
     client.push("aborted", ids, _grads(5, 0, ids, ABORTED.dim), step=5, rank=0, world_size=3).result()
     assert client.abort_step("aborted", 5).result() == {0: [1, 2], 1: [1, 2]}
     assert not _pending(controller)
-    with pytest.raises(MemoryServiceError, match="ABORTED: .*step 5 was aborted"):
+    with pytest.raises(MemoryServiceError, match="ABORTED: .*step 5 of table 'aborted' was aborted"):
         client.push("aborted", ids, _grads(5, 0, ids, ABORTED.dim), step=5, rank=0, world_size=3).result()
     # A step that completed cannot be aborted: the driver learns where it was applied.
     for rank in range(3):
