@@ -6,6 +6,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -102,14 +103,14 @@ def test_a_push_older_than_the_remembered_steps_gets_an_explicit_error(steps):
 def test_a_checkpoint_waiting_on_a_step_that_never_completes_times_out_and_writes_nothing(steps):
     controller, client = steps
     ray.get(controller.checkpoint.remote("held"))
-    root = ray.get(controller.connection_info.remote())["data_root"]
-    before = json.loads(open(f"{root}/held/manifest.json").read())
+    root = Path(ray.get(controller.connection_info.remote())["data_root"])
+    before = json.loads((root / "held" / "manifest.json").read_text())
     ids = _ids(0, 0, HELD.rows)
     client.push("held", ids, _grads(0, 0, ids, HELD.dim), step=0, rank=0, world_size=2).result()
     with pytest.raises(TimeoutError, match=r"\('held', 0\).*nothing was written"):
         ray.get(controller.checkpoint.remote("held", 0.5))
     # The earlier checkpoint is still there, whole; no half-written folder is left beside it.
-    assert json.loads(open(f"{root}/held/manifest.json").read()) == before
+    assert json.loads((root / "held" / "manifest.json").read_text()) == before
     assert sorted(os.listdir(root)) == ["held"]
     # The hold was released: an asynchronous push goes through at once.
     client.push("held", ids, torch.ones(len(ids), HELD.dim), step=0, synchronous=False).result()
