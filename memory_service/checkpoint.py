@@ -1,15 +1,25 @@
 """Checkpoint files: one ``.npz`` per (table, shard) written in parallel, and one manifest.
 
 A shard file holds ``ShardStore.export_slots`` of every slot the shard owned, so restoring onto a
-different shard count means picking slots out of whichever files hold them. Every path a request
-names is resolved inside the service's data root (``inside_root``) and refused otherwise; files
-and folders are created readable by their owner only.
+different shard count means picking slots out of whichever files hold them. The manifest also holds
+each table's step counters (the newest synchronous step applied, and each rank's newest
+asynchronous one). Every path a request names is resolved inside the service's data root
+(``inside_root``) and refused otherwise; files and folders are created readable by their owner only.
+
+A checkpoint is written into a hidden sibling folder (``staging_folder``), its files and folders
+fsynced, the manifest last, then ``publish``ed by one rename (an atomic exchange when it replaces an
+earlier checkpoint): a half-written checkpoint is never visible under its name, and a replaced one
+is there until the new one is.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import json
 import os
+import shutil
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +30,8 @@ from memory_service.core.table_spec import TableSpec
 from memory_service.row_store import ShardStore, as_serving_export
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: step counters in the manifest; 1 (without them) is still read
+READABLE_VERSIONS = (1, 2)
 DATA_ROOT_ENV = "ENGRAM_DATA_ROOT"
 MAX_PATH_CHARS, MAX_NAME_CHARS = 1024, 255  # what common file systems take
 
@@ -115,22 +126,105 @@ def _read_shard_file(directory: Path, relative: str, field: str) -> dict[str, np
         raise PathRefused(field, f"{relative!r} is not a checkpoint shard file") from None
 
 
-def write_manifest(directory: Path, specs: list[TableSpec], files: dict[str, list[dict[str, Any]]], epoch: int) -> None:
-    """The manifest: every table's spec and its shard files with the slots each holds."""
+def write_manifest(directory: Path, specs: list[TableSpec], files: dict[str, list[dict[str, Any]]], epoch: int,
+                   counters: dict[str, dict[str, Any]]) -> None:
+    """The manifest: every table's spec, its shard files with the slots each holds, and its step counters."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "epoch": epoch,
-        "tables": [{"spec": spec.to_dict(), "files": files[spec.name]} for spec in specs],
+        "tables": [{"spec": spec.to_dict(), "files": files[spec.name], "steps": counters[spec.name]}
+                   for spec in specs],
     }
     _atomic_write(directory / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
 
 
 def read_manifest(directory: Path) -> list[tuple[TableSpec, list[dict[str, Any]]]]:
     """(spec, files) per table of the checkpoint in ``directory``."""
+    return [(spec, files) for spec, files, _ in read_tables(directory)]
+
+
+def read_tables(directory: Path) -> list[tuple[TableSpec, list[dict[str, Any]], dict[str, Any]]]:
+    """(spec, files, step counters) per table of the checkpoint in ``directory``; ValueError naming the
+    manifest when it is not one."""
     path = directory / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"directory: no {MANIFEST} in {directory}; not a checkpoint")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"format_version: {path} has {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
-    return [(TableSpec.from_dict(entry["spec"]), entry["files"]) for entry in manifest["tables"]]
+    try:
+        manifest = json.loads(path.read_text())
+        version = manifest.get("format_version")
+        if version not in READABLE_VERSIONS:
+            raise ValueError(f"format_version: {path} has {version!r}, expected one of {READABLE_VERSIONS}")
+        return [(TableSpec.from_dict(entry["spec"]), entry["files"], step_counters(entry.get("steps", {})))
+                for entry in manifest["tables"]]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{MANIFEST}: {path} is not a checkpoint manifest ({type(error).__name__}: {error})") from None
+
+
+def step_counters(raw: dict[str, Any]) -> dict[str, Any]:
+    """A table's step counters, checked: {"synchronous": step or -1, "ranks": {rank: step}}; ValueError if not."""
+    synchronous = raw.get("synchronous", -1)
+    ranks = raw.get("ranks", {})
+    if not isinstance(synchronous, int) or not isinstance(ranks, dict):
+        raise ValueError(f"steps: {raw!r} are not step counters")
+    try:
+        return {"synchronous": synchronous, "ranks": {int(rank): int(step) for rank, step in ranks.items()}}
+    except (TypeError, ValueError):
+        raise ValueError(f"steps: {raw!r} are not step counters") from None
+
+
+def staging_folder(path: Path) -> Path:
+    """A fresh hidden sibling of ``path`` to write its checkpoint into before ``publish``; PathRefused when
+    ``path`` exists and is not a checkpoint (its files are never replaced)."""
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / MANIFEST).exists())):
+        raise PathRefused("directory", f"{path} exists and is not a checkpoint; name a new folder")
+    staging = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    _private_folder(staging)
+    return staging
+
+
+def publish(staging: Path, path: Path) -> None:
+    """Make the complete checkpoint in ``staging`` visible as ``path`` in one rename, fsynced first."""
+    for folder, _, names in os.walk(staging):
+        for name in names:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
+    if path.exists():
+        _exchange(staging, path)  # now `staging` holds the replaced checkpoint
+        shutil.rmtree(staging)
+    else:
+        os.rename(staging, path)
+    _fsync(path.parent)
+
+
+def discard(staging: Path) -> None:
+    """Remove a staging folder whose checkpoint failed."""
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two folders atomically (Linux renameat2 RENAME_EXCHANGE); where the file system cannot, move
+    ``b`` aside first (a crash in between leaves the replaced checkpoint as the hidden ``a``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is not None and renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
+                                           _RENAME_EXCHANGE) == 0:
+        return
+    code = ctypes.get_errno() if renameat2 is not None else errno.ENOSYS
+    if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        raise OSError(code, os.strerror(code), str(b))
+    aside = a.with_name(a.name + ".replaced")
+    os.rename(b, aside)
+    os.rename(a, b)
+    os.rename(aside, a)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -11,6 +11,7 @@ checkpoint), and checkpoints and restores all tables. It serves the DirectorySer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -45,6 +46,9 @@ HEALTH_TIMEOUT_S = 1.0  # one health check's deadline
 DEAD_AFTER_MISSES = 2  # failed checks in a row that make a shard dead: a stopped shard is failed over in ~2.5 s
 CONTROL_TIMEOUT_S = 120.0  # one control-plane call to a shard
 COPY_WAIT_S = 60.0  # how long a new replica's copy waits for a moment with no synchronous step pending
+BARRIER_TIMEOUT_S = 30.0  # how long a checkpoint waits for pending synchronous steps to complete everywhere
+BARRIER_POLL_S = 0.02
+LEASE_MARGIN_S = 30.0  # a hold outlives the barrier's wait by this much, then ends by itself
 
 
 @dataclasses.dataclass
@@ -82,6 +86,7 @@ class ControllerOptions:
     data_root: str | None = None          # checkpoints are read and written only under it; None: default_data_root()
                                           # of the controller's process (callers resolve it on their side)
     reflection: bool = False              # serve gRPC reflection (to token holders)
+    step_timeout_s: float = 120.0         # a synchronous step pending longer than this is aborted (0: never)
 
     def __post_init__(self):
         for token, name in ((self.data_token, "data token"), (self.admin_token, "admin token")):
@@ -93,6 +98,8 @@ class ControllerOptions:
             raise ValueError("tls-client-cert/tls-client-key: give both or neither")
         if self.tls_client_cert_file and (self.tls is None or self.tls.client_ca_file is None):
             raise ValueError("tls-client-cert: a client identity needs mutual TLS (--tls-client-ca)")
+        if self.step_timeout_s < 0:
+            raise ValueError(f"step-timeout-s: must be >= 0 (0: never abort), got {self.step_timeout_s}")
 
     def client_tls(self) -> ClientTls | None:
         """What the controller and the clients it informs use to reach the servers: the servers' CA and,
@@ -209,7 +216,8 @@ class MemoryController:
         actor = ShardActor.options(
             resources={self._options.shard_resource: 1}, memory=max(reserve_bytes, 1 << 20), **spread,
         ).remote(index, (self._tokens.data, self._tokens.admin), str(self._data_root), self._options.tls,
-                 self._options.host, self._options.max_message_bytes, self._options.reflection, self._client_tls)
+                 self._options.host, self._options.max_message_bytes, self._options.reflection, self._client_tls,
+                 self._options.step_timeout_s)
         info = await actor.start.remote()
         channel = open_channel(info["address"], self._client_tls, transport_options(self._options.max_message_bytes))
         log.info("shard %d (group %d, %s) serving on %s (node %s)", index, group, "primary" if primary else "replica",
@@ -391,8 +399,9 @@ class MemoryController:
 
     async def status(self) -> list[dict[str, Any]]:
         """One record per shard: index, replica group and role, node, address, slots, rows, bytes held and
-        reserved, requests/s, p50/p99 lookup ms; a shard that does not answer and a lost group's last
-        primary have their ``state`` say so and zeros for the rest."""
+        reserved, requests/s, p50/p99 lookup ms, its pending synchronous steps (table, step, world_size,
+        reported ranks, age_s) and how many steps it aborted; a shard that does not answer and a lost
+        group's last primary have their ``state`` say so and zeros for the rest."""
         shards = list(self._shards)
         stats = await asyncio.gather(*(self._call(s, "Stats", pb.StatsRequest(), timeout=HEALTH_TIMEOUT_S * 5)
                                        for s in shards), return_exceptions=True)
@@ -408,7 +417,11 @@ class MemoryController:
                 "rows": sum(t.rows for t in st.tables) if answered else 0,
                 "bytes": st.memory_bytes if answered else 0, "reserved_bytes": shard.reserved_bytes,
                 "requests_per_s": st.requests_per_s if answered else 0.0,
-                "p50_ms": st.p50_lookup_ms if answered else 0.0, "p99_ms": st.p99_lookup_ms if answered else 0.0})
+                "p50_ms": st.p50_lookup_ms if answered else 0.0, "p99_ms": st.p99_lookup_ms if answered else 0.0,
+                "pending_steps": [{"table": p.table, "step": p.step, "world_size": p.world_size,
+                                   "reported_ranks": list(p.reported_ranks), "age_s": p.age_s}
+                                  for p in st.pending_steps] if answered else [],
+                "aborted_steps": st.aborted_steps if answered else 0})
         return records
 
     def failovers(self) -> list[dict[str, Any]]:
@@ -435,79 +448,152 @@ class MemoryController:
         """``directory`` (relative to the data root, or absolute) resolved inside the root; ValueError if not."""
         return checkpoint.inside_root(self._data_root, str(directory), "directory")
 
-    async def checkpoint(self, directory: str) -> str:
-        """Write every table under ``directory`` (inside the data root), shards in parallel, updates frozen
-        meanwhile; return the manifest path."""
+    async def checkpoint(self, directory: str, barrier_timeout_s: float = BARRIER_TIMEOUT_S) -> str:
+        """Write every table under ``directory`` (inside the data root) at a step boundary of every shard;
+        return the manifest path.
+
+        New steps are held on every shard while the steps pending anywhere complete everywhere (bounded by
+        ``barrier_timeout_s``: then TimeoutError naming them, nothing written); the shards write in
+        parallel into a hidden folder that becomes ``directory`` only once complete."""
         path = self._inside_root(directory)
-        relative = str(path.relative_to(self._data_root))
         async with self._lock:
-            self._check_whole("checkpoint")
+            self._check_whole("checkpoint", copies=False)
             primaries = self._primaries()  # a group's replicas hold the same values
-            await self._freeze_all(True)
+            staging = checkpoint.staging_folder(path)
             try:
-                replies = await asyncio.gather(*(self._call(s, "Checkpoint", pb.CheckpointRequest(directory=relative))
-                                                 for s in primaries))
-            finally:
-                await self._freeze_all(False)
-            files: dict[str, list[dict[str, Any]]] = {name: [] for name in self._tables}
-            for shard, reply in zip(primaries, replies):
-                for f in reply.files:
-                    files[f.table].append({"shard": shard.index, "path": f.path, "slots": list(f.slots)})
-            checkpoint.write_manifest(path, [spec for spec, _ in self._tables.values()], files, self._epoch)
-            self._last_checkpoint = relative
+                async with self._steps_held(primaries, barrier_timeout_s):
+                    replies = await asyncio.gather(*(self._call(s, "Checkpoint", pb.CheckpointRequest(
+                        directory=str(staging.relative_to(self._data_root)), require_step_barrier=True))
+                        for s in primaries))
+                files: dict[str, list[dict[str, Any]]] = {name: [] for name in self._tables}
+                counters = {name: {"synchronous": -1, "ranks": {}} for name in self._tables}
+                for shard, reply in zip(primaries, replies):
+                    for f in reply.files:
+                        files[f.table].append({"shard": shard.index, "path": f.path, "slots": list(f.slots)})
+                    for table, steps in json.loads(reply.step_counters_json).items():
+                        merged = counters[table]
+                        merged["synchronous"] = max(merged["synchronous"], steps["synchronous"])
+                        for rank, step in steps["ranks"].items():
+                            merged["ranks"][rank] = max(merged["ranks"].get(rank, -1), step)
+                checkpoint.write_manifest(staging, [spec for spec, _ in self._tables.values()], files, self._epoch,
+                                          counters)
+                checkpoint.publish(staging, path)
+            except BaseException:
+                checkpoint.discard(staging)
+                raise
+            self._last_checkpoint = str(path.relative_to(self._data_root))
             log.info("checkpointed %d tables to %s", len(files), path)
             return str(path / checkpoint.MANIFEST)
 
-    async def _freeze_all(self, frozen: bool) -> None:
-        await asyncio.gather(*(self._call(s, "FreezeSlots", pb.FreezeSlotsRequest(
-            table=spec.name, slots=slot_map.slots_of(s.group).tolist(), frozen=frozen))
-            for spec, slot_map in self._tables.values() for s in self._primaries()))
+    @contextlib.asynccontextmanager
+    async def _steps_held(self, primaries: list[Shard], timeout_s: float):
+        """Hold new steps on every primary until the synchronous steps pending anywhere completed (or were
+        aborted) everywhere; release the hold on leaving. TimeoutError naming the steps still pending."""
+        lease = pb.StepBarrierRequest(hold=True, lease_s=timeout_s + LEASE_MARGIN_S)
+        try:
+            replies = await asyncio.gather(*(self._call(s, "StepBarrier", lease) for s in primaries))
+            steps = sorted({(p.table, p.step) for reply in replies for p in reply.pending})
+            admit = pb.StepBarrierRequest(hold=True, lease_s=lease.lease_s,
+                                          admit=[pb.StepBarrierStep(table=t, step=step) for t, step in steps])
+            deadline = asyncio.get_running_loop().time() + timeout_s
+            while True:
+                replies = await asyncio.gather(*(self._call(s, "StepBarrier", admit) for s in primaries))
+                waiting = self._steps_still_pending(steps, primaries, replies)
+                if not waiting:
+                    break
+                if asyncio.get_running_loop().time() > deadline:
+                    raise TimeoutError(
+                        f"barrier_timeout_s: synchronous steps {waiting} (table, step) did not complete on every "
+                        f"shard within {timeout_s} s (a rank that never pushes; the shards abort such steps after "
+                        "their step timeout); nothing was written")
+                await asyncio.sleep(BARRIER_POLL_S)
+            yield
+        finally:
+            await asyncio.gather(*(self._call(s, "StepBarrier", pb.StepBarrierRequest(hold=False))
+                                   for s in primaries), return_exceptions=True)
+
+    def _steps_still_pending(self, steps: list[tuple[str, int]], primaries: list[Shard],
+                             replies) -> list[tuple[str, int]]:
+        """The admitted steps not yet done: pending on some group, or neither aborted anywhere nor
+        released on every group owning slots of their table."""
+        states: dict[tuple[str, int], dict[int, str]] = {step: {} for step in steps}
+        for shard, reply in zip(primaries, replies):
+            for admitted in reply.admitted:
+                states[(admitted.table, admitted.step)][shard.group] = admitted.state
+        waiting = []
+        for (table, step), by_group in states.items():
+            owners = set(self._tables[table][1].owners.tolist()) if table in self._tables else set()
+            done = "pending" not in by_group.values() and (
+                "aborted" in by_group.values() or all(by_group.get(owner) in ("released", "forgotten")
+                                                      for owner in owners))
+            if not done:
+                waiting.append((table, step))
+        return waiting
 
     async def restore(self, directory: str, num_shards: int | None = None, read_only: bool = False,
                       replicas: int | None = None) -> int:
         """Replace all tables by the checkpoint in ``directory`` on ``num_shards`` groups of ``replicas`` shards
-        (default: as now); return the epoch. ``read_only``: as serving tables (bfloat16 rows, no optimizer
-        state, updates refused)."""
+        (default: as now; a running service keeps its copy count); return the epoch. ``read_only``: as
+        serving tables (bfloat16 rows, no optimizer state, updates refused).
+
+        Every shard first stages its part (every file read and checked, aside from the live tables); only
+        when all have, the primaries swap it in, and their replicas in the same order. A failure before that
+        leaves the live tables and routing as they were (RuntimeError saying so)."""
         path = self._inside_root(directory)
-        entries = checkpoint.read_manifest(path)
+        entries = checkpoint.read_tables(path)
         if read_only:
-            entries = [(dataclasses.replace(spec, storage_dtype="bfloat16"), files) for spec, files in entries]
-        num_shards = num_shards or self._num_groups() or max(len(files) for _, files in entries)
+            entries = [(dataclasses.replace(spec, storage_dtype="bfloat16"), files, steps)
+                       for spec, files, steps in entries]
+        num_shards = num_shards or self._num_groups() or max(len(files) for _, files, _ in entries)
         if replicas is not None and replicas < 1:
             raise ValueError(f"replicas: must be >= 1 (1: no copy), got {replicas}")
+        relative = str(path.relative_to(self._data_root))
         async with self._lock:
             await self.start()
-            for name in list(self._tables):
-                await asyncio.gather(*(self._call(s, "DropTable", pb.DropTableRequest(table=name)) for s in self._shards))
-            self._tables.clear()
-            keep = 0 if self._lost or (replicas or self._replicas) != self._replicas else num_shards
-            await self._shrink_to(min(keep, self._num_groups()))
+            if self._shards and replicas not in (None, self._replicas):
+                raise ValueError(f"replicas: this service runs {self._replicas} copies of each shard; restore onto "
+                                 "as many (a new service takes any count)")
+            self._check_whole("restore", copies=False)
             self._replicas = replicas or self._replicas
-            await self._grow_to(num_shards, [spec for spec, _ in entries], add_empty_tables=False)
-            self._epoch += 1
-            for spec, files in entries:
-                slot_map = SlotMap.even(spec.num_slots, num_shards)
-                await asyncio.gather(*(self._restore_shard(s, str(path.relative_to(self._data_root)), spec, files,
-                                                           slot_map) for s in self._shards))
-                self._tables[spec.name] = (spec, SlotMap(self._epoch, slot_map.owners))
+            before = self._num_groups()
+            slot_maps = {spec.name: SlotMap.even(spec.num_slots, num_shards) for spec, _, _ in entries}
+            try:
+                await self._grow_to(num_shards, [spec for spec, _, _ in entries], add_empty_tables=False)
+                for spec, files, steps in entries:
+                    await asyncio.gather(*(self._stage_restore(s, relative, spec, files, steps, slot_maps[spec.name])
+                                           for s in self._shards if s.group < num_shards))
+            except Exception as error:
+                await asyncio.gather(*(self._call(s, "Restore", pb.RestoreRequest(phase=pb.RESTORE_DISCARD))
+                                       for s in self._shards), return_exceptions=True)
+                await self._shrink_to(before)  # the shards started for the restore go
+                cause = f"{error.code().name}: {error.details()}" if isinstance(error, grpc.aio.AioRpcError) else error
+                raise RuntimeError(f"restore of {path} failed, the live tables and routing are unchanged: "
+                                   f"{cause}") from None
+            epoch = self._epoch + 1
+            commit = pb.RestoreRequest(phase=pb.RESTORE_COMMIT, epoch=epoch)
+            await asyncio.gather(*(self._call(s, "Restore", commit) for s in self._primaries() if s.group < num_shards))
+            self._epoch = epoch
+            self._tables = {spec.name: (spec, SlotMap(epoch, slot_maps[spec.name].owners)) for spec, _, _ in entries}
+            await self._shrink_to(num_shards)
             await self._broadcast_epoch()
             self._last_checkpoint = str(path.relative_to(self._data_root))
             log.info("restored %d tables from %s onto %d shard groups", len(entries), path, num_shards)
             return self._epoch
 
-    async def _restore_shard(self, shard: Shard, directory: str, spec: TableSpec, files, slot_map: SlotMap) -> None:
+    async def _stage_restore(self, shard: Shard, directory: str, spec: TableSpec, files, steps,
+                             slot_map: SlotMap) -> None:
         mine = set(slot_map.slots_of(shard.group).tolist())
         paths = [f["path"] for f in files if mine.intersection(f["slots"])]
-        await self._call(shard, "AddTable", pb.AddTableRequest(spec_json=json.dumps(spec.to_dict()), slots=[],
-                                                               epoch=self._epoch))
-        await self._call(shard, "Restore", pb.RestoreRequest(directory=directory, table=spec.name, paths=paths,
-                                                             slots=sorted(mine)))
+        await self._call(shard, "Restore", pb.RestoreRequest(
+            phase=pb.RESTORE_STAGE, directory=directory, table=spec.name, paths=paths, slots=sorted(mine),
+            spec_json=json.dumps(spec.to_dict()), step_counters_json=json.dumps(steps)))
 
     # ---- failure detection and failover ------------------------------------------------------
 
-    def _check_whole(self, what: str) -> None:
-        """ValueError unless every group has all its copies (scale and checkpoint wait for failover to end)."""
-        if self._lost or any(not s.live for s in self._shards):
+    def _check_whole(self, what: str, copies: bool = True) -> None:
+        """ValueError while a group has no live copy or, with ``copies``, while a copy is being re-made (what
+        waits for the end of a failover: scale; checkpoint and restore need only every group's primary)."""
+        if self._lost or (copies and any(not s.live for s in self._shards)):
             raise ValueError(f"{what}: the service is recovering from a failed shard "
                              f"(see `engram memory status`); try again once every shard serves")
 
@@ -635,12 +721,15 @@ class MemoryController:
         """A new primary for a group with no copy left, holding its slots as of the last checkpoint (or as
         initialised, with none). Clients are refused, naming the lost shard, until it serves."""
         shard = await self._start_shard(group, reserve, primary=True)
-        saved = ({spec.name: files for spec, files in checkpoint.read_manifest(self._inside_root(self._last_checkpoint))}
-                 if self._last_checkpoint else {})
+        saved = {spec.name: (files, steps) for spec, files, steps in
+                 checkpoint.read_tables(self._inside_root(self._last_checkpoint))} if self._last_checkpoint else {}
+        restored = [(spec, slot_map) for spec, slot_map in self._tables.values() if spec.name in saved]
+        for spec, slot_map in restored:
+            await self._stage_restore(shard, self._last_checkpoint, spec, *saved[spec.name], slot_map)
+        if restored:
+            await self._call(shard, "Restore", pb.RestoreRequest(phase=pb.RESTORE_COMMIT, epoch=self._epoch))
         for spec, slot_map in self._tables.values():
-            if spec.name in saved:
-                await self._restore_shard(shard, self._last_checkpoint, spec, saved[spec.name], slot_map)
-            else:
+            if spec.name not in saved:
                 await self._call(shard, "AddTable", pb.AddTableRequest(spec_json=json.dumps(spec.to_dict()),
                                                                        slots=slot_map.slots_of(group).tolist(),
                                                                        epoch=self._epoch))

@@ -1,7 +1,7 @@
-"""A primary shard's side of replication: its updates, in the order it applied them, to each replica.
+"""A primary shard's side of replication: its changes, in the order it made them, to each replica.
 
-Each update the primary accepts gets the next sequence number of the primary's stream and joins
-every replica's queue; one task per replica sends its queue in order, in batches, and resends after a
+Each change the primary makes for a client (an update, an aborted step, a restore's commit) gets the
+next sequence number of the primary's stream and joins every replica's queue; one task per replica sends its queue in order, in batches, and resends after a
 failure until the replica acknowledges or the controller removes the replica. The primary answers
 its client once every live replica has applied the update (``wait_applied``), so an acknowledged
 update is on every live copy, and every copy applied the same updates in the same order: replicas
@@ -161,12 +161,13 @@ class Replicas:
         if link is not None:
             link.close()
 
-    def forward(self, update: pb.UpdateRequest) -> None:
-        """Queue ``update`` (as applied here) for every replica, under the next sequence number."""
+    def forward(self, **change) -> None:
+        """Queue a change made here (``update=``, ``abort=`` or ``restore_commit=``, as ``ReplicatedOp`` names
+        them) for every replica, under the next sequence number."""
         if not self._links:
             return
         self._seq += 1
-        op = pb.ReplicatedOp(seq=self._seq, update=update)
+        op = pb.ReplicatedOp(seq=self._seq, **change)
         for link in self._links.values():
             link.append(op)
 

@@ -1,10 +1,12 @@
 """The ShardService: one shard's tables behind gRPC, with routing epochs, moves, push dedup and replication.
 
 Handlers do their work without awaiting, so each request is atomic with respect to the others on
-the shard's event loop: a freeze, export or checkpoint never interleaves with half an update. A
-replica group's primary forwards each update it accepted to its replicas in that order, and answers
-only once every live replica applied it (``memory_service.replication``); replicas serve lookups and
-take updates only from their primary.
+the shard's event loop: a freeze, export or checkpoint never interleaves with half an update. Every
+state change is a plain synchronous method (``abort_step``, ``abort_expired_steps`` included), so the
+timer sweep and the RPCs change state alike, one at a time. A replica group's primary forwards each
+change it made for a client (updates, aborted steps, a restore's commit) to its replicas in that order,
+and answers only once every live replica made it (``memory_service.replication``); replicas serve
+lookups and change state only as their primary's stream says.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 from memory_service import checkpoint
 from memory_service.metrics import ShardMetrics
 from memory_service.replication import Replicas
-from memory_service.row_store import RowStoreError, ShardStore, SlotNotOwned
+from memory_service.row_store import RowStoreError, ShardStore, SlotNotOwned, refused_as_invalid
 from memory_service.server import register_service
 from memory_service.shared_rows import SegmentError, SharedRowSegments
 from memory_service.core import push_checks
@@ -63,6 +65,15 @@ class _FrozenSlots:
         self.sealed.difference_update(slots)
 
 
+@dataclasses.dataclass
+class _StepHold:
+    """A checkpoint's hold on new steps: only pushes of the ``admit``ted synchronous steps are taken until
+    the hold is released or its lease ends (so a lost controller cannot wedge the shard)."""
+
+    until: float
+    admit: set[tuple[str, int]] = dataclasses.field(default_factory=set)  # (table, step)
+
+
 class RequestRejected(Exception):
     """A request the servicer refuses before touching the store; ``code`` is a grpc.StatusCode name."""
 
@@ -73,6 +84,8 @@ class RequestRejected(Exception):
 
 # Every refusal a handler maps to its status code.
 REFUSALS = (RowStoreError, RequestRejected, *INVALID_INPUT)
+# The handlers whose changes a primary forwards to its replicas, answered once the replicas made them.
+FORWARDED = frozenset({"update", "abort_step", "restore"})
 
 
 def _handler(method: str):
@@ -90,8 +103,8 @@ def _handler(method: str):
             except Exception as error:  # a bug, not bad input: log it, keep serving, tell the caller plainly
                 log.exception("%s failed", method)
                 await context.abort(grpc.StatusCode.INTERNAL, f"{method}: {type(error).__name__}: {error}")
-            if method == "update" and self.replicas is not None:
-                # Acknowledged only once every live replica applied it (a duplicate: once they applied the original).
+            if method in FORWARDED and self.replicas is not None:
+                # Acknowledged only once every live replica made the change (a duplicate: once they made the original).
                 await self.replicas.wait_applied(self.replicas.seq)
             self.metrics.record(method, time.perf_counter() - start, rows, wire_bytes)
             if method != "lookup":  # only lookups leave the held bytes and the pending steps as they were
@@ -126,6 +139,11 @@ class ShardServicer:
         self.replicas = replicas
         self._replica_stream, self._replicated_seq = "", 0
         self._left_streams: set[str] = set()
+        self.step_timeout_s = 0.0  # pending synchronous steps older than this are aborted (0: never)
+        self.aborted_steps = 0
+        self._hold: _StepHold | None = None
+        self._staged: ShardStore | None = None  # a restore's tables, read and checked, not yet live
+        self._staged_counters: dict[str, dict] = {}  # table -> step counters of the staged checkpoint
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register every ShardService method; Lookup replies skip protobuf's copies (same bytes)."""
@@ -187,20 +205,25 @@ class ShardServicer:
 
     @_handler("update")
     def Update(self, request: pb.UpdateRequest):
-        if not self.primary:
-            raise RequestRejected("FAILED_PRECONDITION", "table", "updates go to the primary of this shard's replica "
-                                  "group; this shard is a replica", routing=True)
+        self._check_primary("Update")
         spec = self._spec(request.table)
         ids = self._row_ids(request.row_ids)
         grads = self._grads(request, spec, len(ids))
         aggregator = self._aggregator(request.table, request.synchronous)
+        self._check_not_held(request)
         self._check_not_frozen(request.table, ids, spec.num_slots,
                                completes_a_pending_step=aggregator.is_pending(request.step))
         response = self._take_update(request, ids, grads)
         if self.replicas is not None:
-            self.replicas.forward(_as_replicated(request, grads))
+            self.replicas.forward(update=_as_replicated(request, grads))
         wire_bytes = len(ids) * spec.dim * WIRE_DTYPE_BY_ENUM[request.grad_dtype].torch.itemsize
         return response, len(ids), wire_bytes
+
+    def _check_primary(self, method: str) -> None:
+        """Refuse, as a routing error the client retries after a refresh, a change asked of a replica."""
+        if not self.primary:
+            raise RequestRejected("FAILED_PRECONDITION", "table", f"{method} goes to the primary of this shard's "
+                                  "replica group; this shard is a replica", routing=True)
 
     def _take_update(self, request: pb.UpdateRequest, ids: np.ndarray, grads: torch.Tensor) -> pb.UpdateResponse:
         """Validate a push (or a part of one) and hand it to its aggregator; apply what that releases."""
@@ -232,6 +255,76 @@ class ShardServicer:
                 f"got {len(request.grads)}")
         return tensor_from_bytes(request.grads, dtype, (num_rows, spec.dim)).float()
 
+    def _check_not_held(self, request: pb.UpdateRequest) -> None:
+        """Refuse, as retryable, pushes that a checkpoint's step barrier holds back."""
+        if not self._held():
+            return
+        if not (request.synchronous and (request.table, request.step) in self._hold.admit):
+            raise RequestRejected("FAILED_PRECONDITION", "step",
+                                  f"step: a checkpoint holds new steps of table '{request.table}' for a moment "
+                                  f"(step {request.step} is not one it completes first); retry shortly", routing=True)
+
+    def _held(self) -> bool:
+        """Whether a step barrier holds new steps now (a hold whose lease ran out is dropped)."""
+        if self._hold is not None and time.monotonic() > self._hold.until:
+            self._hold = None
+        return self._hold is not None
+
+    def abort_step(self, table: str, step: int, world_size: int = 0) -> list[int] | None:
+        """Abort synchronous ``step`` of ``table`` here: the ranks that never reported, None if already applied."""
+        aggregator = self._aggregator(table, True)
+        before = aggregator.aborted_total
+        missing = aggregator.abort(step, world_size)
+        self.aborted_steps += aggregator.aborted_total - before
+        return missing
+
+    def abort_expired_steps(self, now: float | None = None) -> int:
+        """Abort every pending synchronous step older than ``step_timeout_s``; how many were aborted. A primary's
+        replicas abort what it forwards them, never on a clock of their own."""
+        if self.step_timeout_s <= 0 or not self.primary:
+            return 0
+        now = time.monotonic() if now is None else now
+        aborted = 0
+        for (table, synchronous), aggregator in list(self._aggregators.items()):
+            if synchronous:
+                for step, missing in aggregator.abort_expired(now, self.step_timeout_s).items():
+                    log.warning("table '%s': step %d pending for over %.0f s, aborted (ranks %s never reported)",
+                                table, step, self.step_timeout_s, missing)
+                    if self.replicas is not None:
+                        self.replicas.forward(abort=pb.AbortStepRequest(table=table, step=step))
+                    aborted += 1
+        self.aborted_steps += aborted
+        if aborted:
+            self.metrics.set_state(self.store.memory_bytes(), self.pending_steps())
+        return aborted
+
+    @_handler("abort_step")
+    def AbortStep(self, request: pb.AbortStepRequest):
+        self._check_primary("AbortStep")
+        self._spec(request.table)
+        refused_as_invalid(push_checks.check_push_header, request.step, 0, max(request.world_size, 1))
+        missing = self.abort_step(request.table, request.step, request.world_size)
+        if self.replicas is not None:
+            self.replicas.forward(abort=request)
+        return pb.AbortStepResponse(aborted=missing is not None, missing_ranks=missing or []), 0, 0
+
+    @_handler("step_barrier")
+    def StepBarrier(self, request: pb.StepBarrierRequest):
+        if request.hold:
+            if not 0 < request.lease_s <= 3600:
+                raise RequestRejected("INVALID_ARGUMENT", "lease_s", "lease_s: must be in (0, 3600] seconds")
+            self._hold = _StepHold(time.monotonic() + request.lease_s, {(s.table, s.step) for s in request.admit})
+        else:
+            self._hold = None
+        pending = [pb.StepBarrierStep(table=table, step=step, state="pending")
+                   for (table, synchronous), aggregator in sorted(self._aggregators.items()) if synchronous
+                   for step in aggregator.pending_steps()]
+        admitted = [pb.StepBarrierStep(table=s.table, step=s.step,
+                                       state=self._aggregator(s.table, True).step_state(s.step)
+                                       if s.table in {spec.name for spec in self.store.specs()} else "unknown")
+                    for s in request.admit]
+        return pb.StepBarrierResponse(pending=pending, admitted=admitted), 0, 0
+
     def pending_steps(self) -> int:
         """Synchronous steps, over all tables, that still wait for some rank's push."""
         return sum(len(aggregator.pending_steps()) for (_, synchronous), aggregator in self._aggregators.items()
@@ -240,7 +333,7 @@ class ShardServicer:
     def _aggregator(self, table: str, synchronous: bool) -> StepAggregator:
         key = (table, synchronous)
         if key not in self._aggregators:
-            self._aggregators[key] = StepAggregator(synchronous=synchronous)
+            self._aggregators[key] = StepAggregator(synchronous=synchronous, table=table)
         return self._aggregators[key]
 
     def _apply(self, table: str, updates) -> int:
@@ -272,7 +365,12 @@ class ShardServicer:
         response = pb.StatsResponse(
             shard_index=self.shard_index, address=self.address, node=self.node, epoch=self.epoch,
             memory_bytes=self.store.memory_bytes(), tables=tables, requests_total=self.metrics.requests_total,
-            requests_per_s=self.metrics.requests_per_s(), p50_lookup_ms=p50, p99_lookup_ms=p99)
+            requests_per_s=self.metrics.requests_per_s(), p50_lookup_ms=p50, p99_lookup_ms=p99,
+            pending_steps=[pb.PendingStepInfo(table=table, step=step, world_size=world_size, reported_ranks=ranks,
+                                              age_s=age)
+                           for (table, synchronous), aggregator in sorted(self._aggregators.items()) if synchronous
+                           for step, world_size, ranks, age in aggregator.pending_info()],
+            aborted_steps=self.aborted_steps, step_barrier_held=self._held(), step_timeout_s=self.step_timeout_s)
         return response, 0, 0
 
     @_handler("checksum")
@@ -376,23 +474,81 @@ class ShardServicer:
     @_handler("checkpoint")
     def Checkpoint(self, request: pb.CheckpointRequest):
         directory = checkpoint.inside_root(self.data_root, request.directory, "directory")
-        files = []
+        if request.require_step_barrier and not self._held():
+            raise RequestRejected("FAILED_PRECONDITION", "require_step_barrier",
+                                  "require_step_barrier: the step barrier's hold ended before this shard wrote "
+                                  "(its lease ran out); checkpoint again")
+        files, counters = [], {}
         for spec in self.store.specs():
             slots = self.store.owned_slots(spec.name)
             path = checkpoint.write_shard_file(directory, spec.name, self.shard_index,
                                                self.store.export_slots(spec.name, slots))
             files.append(pb.CheckpointFile(table=spec.name, path=path, slots=slots))
-        return pb.CheckpointResponse(files=files), 0, 0
+            synchronous = self._aggregators.get((spec.name, True))
+            asynchronous = self._aggregators.get((spec.name, False))
+            counters[spec.name] = {"synchronous": synchronous.newest_steps().get(0, -1) if synchronous else -1,
+                                   "ranks": asynchronous.newest_steps() if asynchronous else {}}
+        return pb.CheckpointResponse(files=files, step_counters_json=json.dumps(counters)), 0, 0
 
     @_handler("restore")
     def Restore(self, request: pb.RestoreRequest):
-        spec = self._spec(request.table)
-        directory = checkpoint.inside_root(self.data_root, request.directory, "directory")
-        # Every file is read and checked before the first slot is imported: a bad one changes nothing.
-        parts = checkpoint.read_slots(directory, spec, list(request.paths), list(request.slots))
-        for arrays in parts:
-            self.store.import_slots(request.table, arrays)
+        if request.phase == pb.RESTORE_DISCARD:
+            self._staged, self._staged_counters = None, {}
+        elif request.phase == pb.RESTORE_COMMIT:
+            self._check_primary("Restore's commit")  # replicas commit in their primary's order
+            self._commit_restore(request.epoch)
+            if self.replicas is not None:
+                self.replicas.forward(restore_commit=request)
+        else:
+            self._stage_restore(request)
         return pb.RestoreResponse(), 0, 0
+
+    def _stage_restore(self, request: pb.RestoreRequest) -> None:
+        """Read ``request.table``'s slots into the staging store: every file read and checked, every slot
+        found, before anything is kept; the live tables do not change."""
+        directory = checkpoint.inside_root(self.data_root, request.directory, "directory")
+        for index, path in enumerate(request.paths):
+            checkpoint.inside_root(directory, path, f"paths[{index}]")
+        try:
+            spec = TableSpec.from_dict(json.loads(request.spec_json))
+            counters = checkpoint.step_counters(json.loads(request.step_counters_json or "{}"))
+        except (json.JSONDecodeError, RecursionError, TypeError, ValueError, AttributeError) as error:
+            raise RequestRejected("INVALID_ARGUMENT", "spec_json",
+                                  f"spec_json, step_counters_json: not a table spec and its counters ({error})") \
+                from None
+        if spec.name != request.table:
+            raise RequestRejected("INVALID_ARGUMENT", "table",
+                                  f"table: {request.table!r} is not the spec's {spec.name!r}")
+        parts = checkpoint.read_slots(directory, spec, list(request.paths), list(request.slots))
+        if self._staged is None:
+            self._staged = ShardStore()
+        if spec.name in {staged.name for staged in self._staged.specs()}:
+            self._staged.drop_table(spec.name)  # staged again: a retry
+        self._staged.add_table(spec, [])
+        try:
+            for arrays in parts:
+                self._staged.import_slots(spec.name, arrays)
+            missing = sorted(set(request.slots) - set(self._staged.owned_slots(spec.name)))
+            if missing:
+                raise RequestRejected("INVALID_ARGUMENT", "paths",
+                                      f"paths: slots {missing[:8]}{'...' if len(missing) > 8 else ''} of table "
+                                      f"'{spec.name}' are in none of the checkpoint's files {list(request.paths)}")
+        except BaseException:
+            self._staged.drop_table(spec.name)
+            raise
+        self._staged_counters[spec.name] = counters
+
+    def _commit_restore(self, epoch: int) -> None:
+        """Make the staged tables the live ones (the others go), their step counters with them."""
+        if self._staged is None:
+            raise RequestRejected("FAILED_PRECONDITION", "phase", "phase: nothing is staged to commit")
+        self.store, self._staged = self._staged, None
+        self._frozen, self._aggregators, self._hold = {}, {}, None
+        for table, counters in self._staged_counters.items():
+            self._aggregator(table, True).start_after({0: counters["synchronous"]})
+            self._aggregator(table, False).start_after(counters["ranks"])
+        self._staged_counters = {}
+        self.epoch = max(self.epoch, epoch)
 
     # ---- replication ----------------------------------------------------------------------
 
@@ -429,7 +585,15 @@ class ShardServicer:
             if op.seq != self._replicated_seq + 1:
                 raise RequestRejected("FAILED_PRECONDITION", "ops",
                                       f"ops: seq {op.seq} after {self._replicated_seq}; the stream has a gap")
-            rows += self._apply_replicated(op.update)
+            change = op.WhichOneof("op")
+            if change == "update":
+                rows += self._apply_replicated(op.update)
+            elif change == "abort":
+                self.abort_step(op.abort.table, op.abort.step, op.abort.world_size)
+            elif change == "restore_commit":
+                self._commit_restore(op.restore_commit.epoch)
+            else:
+                raise RequestRejected("INVALID_ARGUMENT", "ops", f"ops: seq {op.seq} carries no change")
             self._replicated_seq = op.seq
         return pb.ReplicateResponse(applied_seq=self._replicated_seq), rows, 0
 

@@ -5,6 +5,7 @@ the same machine skip the TCP stack (same bytes, same token check).
 """
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import os
@@ -28,6 +29,8 @@ from protos.wire import DEFAULT_MAX_MESSAGE_BYTES, ClientTls, bearer_metadata, o
 log = logging.getLogger(__name__)
 
 
+SWEEP_INTERVAL_S = 1.0  # how often a shard looks for synchronous steps pending past the step timeout
+
 # glibc mallopt parameters: serve large buffers from the heap and keep freed ones there.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -46,7 +49,8 @@ class ShardActor:
 
     def __init__(self, shard_index: int, tokens: tuple[str, str], data_root: str, tls: TlsFiles | None = None,
                  host: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 reflection: bool = False, peer_tls: ClientTls | None = None):
+                 reflection: bool = False, peer_tls: ClientTls | None = None,
+                 step_timeout_s: float = 0.0):
         logging.basicConfig(level=logging.INFO)
         keep_large_buffers_mapped()
         self._tokens, self._tls, self._reflection = AccessTokens(*tokens), tls, reflection
@@ -56,7 +60,9 @@ class ShardActor:
         self._servicer = ShardServicer(shard_index, ShardMetrics(RayMetricsExporter(shard_index)), max_message_bytes,
                                        Path(data_root), replicas)
         self._servicer.node = ray.get_runtime_context().get_node_id()
+        self._servicer.step_timeout_s = step_timeout_s
         self._server = None
+        self._sweep: asyncio.Task | None = None
         self._socket_dir = None if tls else tempfile.mkdtemp(prefix="engram-shard-")  # mode 0700
 
     async def start(self) -> dict[str, str]:
@@ -69,6 +75,7 @@ class ShardActor:
                 [pb.DESCRIPTOR.services_by_name["ShardService"].full_name],
                 tokens=self._tokens, host=self._host, tls=self._tls, max_message_bytes=self._servicer.max_message_bytes,
                 unix_socket=local_socket, reflection_enabled=self._reflection)
+            self._sweep = asyncio.get_running_loop().create_task(self._abort_expired_steps())
         return {"address": self._servicer.address, "local_address": f"unix:{local_socket}" if local_socket else "",
                 "node": self._servicer.node, "hostname": socket.gethostname(),
                 "reserved_bytes": int(ray.get_runtime_context().get_assigned_resources().get("memory", 0))}
@@ -88,9 +95,21 @@ class ShardActor:
         """Accept new tokens from now on, the current ones for ``grace_s`` more seconds."""
         self._tokens.rotate(data, admin, grace_s)
 
+    async def _abort_expired_steps(self) -> None:
+        """Every ``SWEEP_INTERVAL_S``: abort the synchronous steps pending for longer than the step timeout."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            try:
+                self._servicer.abort_expired_steps()
+            except Exception:  # a bug: log it, keep sweeping
+                log.exception("aborting expired steps failed")
+
     async def stop(self) -> None:
         if self._servicer.replicas is not None:
             self._servicer.replicas.close()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         if self._server is not None:
             await self._server.stop(grace=1.0)
             self._server = None

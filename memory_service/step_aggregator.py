@@ -9,8 +9,15 @@ table, each step; a push split across requests counts with its last part). Async
 releases each push on arrival. Either way, rows a rank has already contributed to a step are
 dropped, so a retried push is applied once, and a push re-split after a slot move still lands.
 Released steps are remembered per lane (the whole table when synchronous, each rank when
-asynchronous) for the latest ``remembered_steps`` steps; a push for an older step than those counts
-as already applied and is dropped with a warning.
+asynchronous) for the latest ``remembered_steps`` steps, so a retry of one stays an idempotent
+duplicate; a push for an older step than those is refused (FAILED_PRECONDITION naming the step and
+the newest applied one), never dropped as if applied: a trainer restarted against a running service
+learns it has to continue from a later step or restore the service from a checkpoint.
+
+A pending synchronous step whose ranks never all report is aborted (``abort``, or ``abort_expired``
+once it is older than a timeout): its partial sums are dropped and the step is remembered like a
+released one, so that a later push for it is refused with ABORTED, naming the ranks that never
+reported.
 
 When slots move, ``export_pending``/``import_pending`` carry the pending partial sums of those slots
 to their new shard; the reported ranks travel with them, so the step completes where it now lives.
@@ -22,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import logging
+import time
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -44,7 +52,9 @@ class _Step:
     """One step of one lane: who reported which rows, and what is not yet released."""
 
     world_size: int
-    released: bool
+    released: bool  # released or aborted: takes no more rows
+    started: float = dataclasses.field(default_factory=time.monotonic)  # when its first push arrived
+    missing: list[int] | None = None  # aborted: the ranks that had not reported, else None
     seen: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # rank -> sorted row ids
     reported: set[int] = dataclasses.field(default_factory=set)  # ranks whose last part has arrived
     parts: list[tuple[int, RowUpdate]] = dataclasses.field(default_factory=list)  # (rank, rows)
@@ -69,6 +79,16 @@ class _Step:
     def complete(self) -> bool:
         return len(self.reported) >= self.world_size
 
+    @property
+    def pending(self) -> bool:
+        return not self.released
+
+    def abort(self) -> list[int]:
+        """Drop the partial sums and the rows seen; return (and keep) the ranks that never reported."""
+        self.missing = sorted(set(range(self.world_size)) - self.reported)
+        self.parts, self.seen, self.released = [], {}, True
+        return self.missing
+
 
 def _sum_by_row(parts: list[tuple[int, RowUpdate]]) -> RowUpdate:
     """Sum the (non-empty list of) parts' gradients per row, in rank order so every replay sums alike.
@@ -87,24 +107,28 @@ def _sum_by_row(parts: list[tuple[int, RowUpdate]]) -> RowUpdate:
 class StepAggregator:
     """Turns one table's pushes into updates: summed per step (synchronous) or on arrival."""
 
-    def __init__(self, synchronous: bool = True, remembered_steps: int = 8):
+    def __init__(self, synchronous: bool = True, remembered_steps: int = 8, table: str = ""):
         if remembered_steps < 1:
             raise ValueError(f"remembered_steps must be >= 1, got {remembered_steps}")
         self.synchronous = synchronous
+        self.table = table  # named in refusals
         self.remembered_steps = remembered_steps
         self._steps: dict[tuple[int, int], _Step] = {}  # (lane, step)
         self._released: dict[int, list[int]] = {}  # lane -> heap of remembered released steps
         self._forgotten_up_to: dict[int, int] = {}  # lane -> newest step no longer remembered
+        self.aborted_total = 0  # steps aborted since this aggregator was made
 
     def add(self, step: int, rank: int, world_size: int, update: RowUpdate, last_part: bool = True) -> list[RowUpdate]:
         """Take one push, or one part of a push split across requests; return the updates to apply now.
         A rank counts as reported with its last part."""
         self._check_push(step, rank, world_size)
         lane = 0 if self.synchronous else rank
-        if step <= self._forgotten_up_to.get(lane, -1):
-            log.warning("dropping a push for step %d (rank %d): older than the remembered steps", step, rank)
-            return []
+        self._refuse_stale(lane, step, rank)
         entry = self._steps.get((lane, step))
+        if entry is not None and entry.missing is not None:
+            raise RowStoreError("ABORTED", "step", f"step {step} of table '{self.table}' was aborted: ranks {entry.missing} never reported "
+                                "(or the job aborted it), and its partial sums were dropped; no rank's push for it "
+                                "will be applied: fail the job or continue from a later step")
         if entry is None:
             entry = self._steps[(lane, step)] = _Step(world_size, released=not self.synchronous)
             if entry.released:  # asynchronous: the step is open for this rank's pushes from now on
@@ -122,12 +146,64 @@ class StepAggregator:
 
     def pending_steps(self) -> list[int]:
         """Steps still waiting for ranks (synchronous mode), ascending."""
-        return sorted(step for (_, step), entry in self._steps.items() if not entry.released)
+        return sorted(step for (_, step), entry in self._steps.items() if entry.pending)
+
+    def pending_info(self, now: float | None = None) -> list[tuple[int, int, list[int], float]]:
+        """(step, world size, reported ranks, age in seconds) of each pending step, ascending."""
+        now = time.monotonic() if now is None else now
+        return [(step, entry.world_size, sorted(entry.reported), now - entry.started)
+                for (_, step), entry in sorted(self._steps.items()) if entry.pending]
 
     def is_pending(self, step: int) -> bool:
         """Whether synchronous ``step`` has some ranks' pushes here and waits for the others."""
         entry = self._steps.get((0, step))
-        return self.synchronous and entry is not None and not entry.released
+        return self.synchronous and entry is not None and entry.pending
+
+    def step_state(self, step: int) -> str:
+        """Synchronous ``step`` here: 'pending', 'released', 'aborted', 'forgotten' (released or aborted
+        before the remembered steps) or 'unknown' (no push for it arrived here)."""
+        entry = self._steps.get((0, step))
+        if entry is None:
+            return "forgotten" if step <= self._forgotten_up_to.get(0, -1) else "unknown"
+        return "pending" if entry.pending else "released" if entry.missing is None else "aborted"
+
+    def abort(self, step: int, world_size: int = 0) -> list[int] | None:
+        """Abort synchronous ``step``: drop its partial sums and refuse its pushes from now on. Returns the
+        ranks that had not reported (all of ``world_size``'s if no push arrived here yet), or None if the
+        step was already released (applied) here or is older than the remembered steps."""
+        if step <= self._forgotten_up_to.get(0, -1):
+            return None
+        entry = self._steps.get((0, step))
+        if entry is None:  # aborted before any push reached this shard: its pushes are refused here too
+            entry = self._steps[(0, step)] = _Step(world_size, released=False)
+        elif not entry.pending:
+            return entry.missing
+        missing = entry.abort()
+        self.aborted_total += 1
+        self._remember_released(0, step)
+        log.warning("aborted synchronous step %d: ranks %s never reported; its partial sums were dropped",
+                    step, missing)
+        return missing
+
+    def abort_expired(self, now: float, timeout_s: float) -> dict[int, list[int]]:
+        """Abort every pending step whose first push is more than ``timeout_s`` old; step -> missing ranks."""
+        expired = [step for (_, step), entry in self._steps.items()
+                   if entry.pending and now - entry.started > timeout_s]
+        return {step: self.abort(step) for step in sorted(expired)}
+
+    def newest_steps(self) -> dict[int, int]:
+        """Per lane (0 when synchronous, else each rank) the newest step released or forgotten here."""
+        newest = dict(self._forgotten_up_to)
+        for (lane, step), entry in self._steps.items():
+            if entry.released and entry.missing is None:
+                newest[lane] = max(newest.get(lane, -1), step)
+        return newest
+
+    def start_after(self, newest: dict[int, int]) -> None:
+        """Take pushes only for steps after ``newest`` (per lane, as ``newest_steps`` gives them): what a
+        restored checkpoint holds counts as applied, and a push for it is refused as stale."""
+        for lane, step in newest.items():
+            self._forgotten_up_to[int(lane)] = max(self._forgotten_up_to.get(int(lane), -1), int(step))
 
     def has_pending_rows(self, slots: Iterable[int], num_slots: int) -> bool:
         """Whether a pending step holds contributions to rows of ``slots``."""
@@ -169,6 +245,8 @@ class StepAggregator:
                     ready.append(_sum_by_row(parts))
                 continue
             entry = self._steps.setdefault((0, step), _Step(world_size, released=False))
+            if entry.missing is not None:
+                continue  # aborted here: its partial sums are dropped wherever they were
             entry.reported.update(int(rank) for rank in ranks)
             for rank, update in parts:
                 entry.mark_seen(rank, update.row_ids)
@@ -213,7 +291,7 @@ class StepAggregator:
             if entry is None:
                 entry = self._steps[(lane, step)] = _Step(world_size, released=True)
                 self._remember_released(lane, step)
-            if entry.released:
+            if entry.released and entry.missing is None:
                 entry.mark_seen(rank, rows)
 
     @staticmethod
@@ -261,6 +339,19 @@ class StepAggregator:
             oldest = heapq.heappop(heap)
             self._forgotten_up_to[lane] = max(self._forgotten_up_to.get(lane, -1), oldest)
             del self._steps[(lane, oldest)]
+
+    def _refuse_stale(self, lane: int, step: int, rank: int) -> None:
+        """FAILED_PRECONDITION for a push older than the remembered steps: it may never have been applied."""
+        forgotten = self._forgotten_up_to.get(lane, -1)
+        if step <= forgotten:
+            newest = max(self.newest_steps().get(lane, -1), forgotten)
+            whose = (f"the synchronous steps of table '{self.table}'" if self.synchronous
+                     else f"rank {rank}'s asynchronous pushes to table '{self.table}'")
+            raise RowStoreError("FAILED_PRECONDITION", "step",
+                                f"step {step} is older than the steps this shard remembers of {whose} (newest "
+                                f"applied: {newest}; steps up to {forgotten} are no longer tracked), so it cannot "
+                                "tell whether it was applied and refuses it: continue from a step after "
+                                f"{newest}, or restore the service from a checkpoint and resume from that")
 
     @staticmethod
     def _check_push(step: int, rank: int, world_size: int) -> None:

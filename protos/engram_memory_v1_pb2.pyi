@@ -12,10 +12,19 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLOAT32: _ClassVar[DType]
     BFLOAT16: _ClassVar[DType]
     FLOAT16: _ClassVar[DType]
+
+class RestorePhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESTORE_STAGE: _ClassVar[RestorePhase]
+    RESTORE_COMMIT: _ClassVar[RestorePhase]
+    RESTORE_DISCARD: _ClassVar[RestorePhase]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 BFLOAT16: DType
 FLOAT16: DType
+RESTORE_STAGE: RestorePhase
+RESTORE_COMMIT: RestorePhase
+RESTORE_DISCARD: RestorePhase
 
 class NamedArray(_message.Message):
     __slots__ = ("name", "dtype", "shape", "data")
@@ -118,7 +127,7 @@ class TableStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., slots: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("shard_index", "address", "node", "epoch", "memory_bytes", "tables", "requests_total", "requests_per_s", "p50_lookup_ms", "p99_lookup_ms")
+    __slots__ = ("shard_index", "address", "node", "epoch", "memory_bytes", "tables", "requests_total", "requests_per_s", "p50_lookup_ms", "p99_lookup_ms", "pending_steps", "aborted_steps", "step_barrier_held", "step_timeout_s")
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +138,10 @@ class StatsResponse(_message.Message):
     REQUESTS_PER_S_FIELD_NUMBER: _ClassVar[int]
     P50_LOOKUP_MS_FIELD_NUMBER: _ClassVar[int]
     P99_LOOKUP_MS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ABORTED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_BARRIER_HELD_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     shard_index: int
     address: str
     node: str
@@ -139,7 +152,25 @@ class StatsResponse(_message.Message):
     requests_per_s: float
     p50_lookup_ms: float
     p99_lookup_ms: float
-    def __init__(self, shard_index: _Optional[int] = ..., address: _Optional[str] = ..., node: _Optional[str] = ..., epoch: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., requests_total: _Optional[int] = ..., requests_per_s: _Optional[float] = ..., p50_lookup_ms: _Optional[float] = ..., p99_lookup_ms: _Optional[float] = ...) -> None: ...
+    pending_steps: _containers.RepeatedCompositeFieldContainer[PendingStepInfo]
+    aborted_steps: int
+    step_barrier_held: bool
+    step_timeout_s: float
+    def __init__(self, shard_index: _Optional[int] = ..., address: _Optional[str] = ..., node: _Optional[str] = ..., epoch: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., requests_total: _Optional[int] = ..., requests_per_s: _Optional[float] = ..., p50_lookup_ms: _Optional[float] = ..., p99_lookup_ms: _Optional[float] = ..., pending_steps: _Optional[_Iterable[_Union[PendingStepInfo, _Mapping]]] = ..., aborted_steps: _Optional[int] = ..., step_barrier_held: bool = ..., step_timeout_s: _Optional[float] = ...) -> None: ...
+
+class PendingStepInfo(_message.Message):
+    __slots__ = ("table", "step", "world_size", "reported_ranks", "age_s")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_RANKS_FIELD_NUMBER: _ClassVar[int]
+    AGE_S_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    step: int
+    world_size: int
+    reported_ranks: _containers.RepeatedScalarFieldContainer[int]
+    age_s: float
+    def __init__(self, table: _Optional[str] = ..., step: _Optional[int] = ..., world_size: _Optional[int] = ..., reported_ranks: _Optional[_Iterable[int]] = ..., age_s: _Optional[float] = ...) -> None: ...
 
 class ChecksumRequest(_message.Message):
     __slots__ = ("table",)
@@ -240,10 +271,12 @@ class ReleaseSlotsResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("directory",)
+    __slots__ = ("directory", "require_step_barrier")
     DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_STEP_BARRIER_FIELD_NUMBER: _ClassVar[int]
     directory: str
-    def __init__(self, directory: _Optional[str] = ...) -> None: ...
+    require_step_barrier: bool
+    def __init__(self, directory: _Optional[str] = ..., require_step_barrier: bool = ...) -> None: ...
 
 class CheckpointFile(_message.Message):
     __slots__ = ("table", "path", "slots")
@@ -256,26 +289,82 @@ class CheckpointFile(_message.Message):
     def __init__(self, table: _Optional[str] = ..., path: _Optional[str] = ..., slots: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CheckpointResponse(_message.Message):
-    __slots__ = ("files",)
+    __slots__ = ("files", "step_counters_json")
     FILES_FIELD_NUMBER: _ClassVar[int]
+    STEP_COUNTERS_JSON_FIELD_NUMBER: _ClassVar[int]
     files: _containers.RepeatedCompositeFieldContainer[CheckpointFile]
-    def __init__(self, files: _Optional[_Iterable[_Union[CheckpointFile, _Mapping]]] = ...) -> None: ...
+    step_counters_json: str
+    def __init__(self, files: _Optional[_Iterable[_Union[CheckpointFile, _Mapping]]] = ..., step_counters_json: _Optional[str] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
-    __slots__ = ("directory", "table", "paths", "slots")
+    __slots__ = ("directory", "table", "paths", "slots", "spec_json", "phase", "step_counters_json", "epoch")
     DIRECTORY_FIELD_NUMBER: _ClassVar[int]
     TABLE_FIELD_NUMBER: _ClassVar[int]
     PATHS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    STEP_COUNTERS_JSON_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     directory: str
     table: str
     paths: _containers.RepeatedScalarFieldContainer[str]
     slots: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, directory: _Optional[str] = ..., table: _Optional[str] = ..., paths: _Optional[_Iterable[str]] = ..., slots: _Optional[_Iterable[int]] = ...) -> None: ...
+    spec_json: str
+    phase: RestorePhase
+    step_counters_json: str
+    epoch: int
+    def __init__(self, directory: _Optional[str] = ..., table: _Optional[str] = ..., paths: _Optional[_Iterable[str]] = ..., slots: _Optional[_Iterable[int]] = ..., spec_json: _Optional[str] = ..., phase: _Optional[_Union[RestorePhase, str]] = ..., step_counters_json: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class RestoreResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class AbortStepRequest(_message.Message):
+    __slots__ = ("table", "step", "world_size")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    step: int
+    world_size: int
+    def __init__(self, table: _Optional[str] = ..., step: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
+
+class AbortStepResponse(_message.Message):
+    __slots__ = ("aborted", "missing_ranks")
+    ABORTED_FIELD_NUMBER: _ClassVar[int]
+    MISSING_RANKS_FIELD_NUMBER: _ClassVar[int]
+    aborted: bool
+    missing_ranks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, aborted: bool = ..., missing_ranks: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class StepBarrierStep(_message.Message):
+    __slots__ = ("table", "step", "state")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    step: int
+    state: str
+    def __init__(self, table: _Optional[str] = ..., step: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+
+class StepBarrierRequest(_message.Message):
+    __slots__ = ("hold", "admit", "lease_s")
+    HOLD_FIELD_NUMBER: _ClassVar[int]
+    ADMIT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    hold: bool
+    admit: _containers.RepeatedCompositeFieldContainer[StepBarrierStep]
+    lease_s: float
+    def __init__(self, hold: bool = ..., admit: _Optional[_Iterable[_Union[StepBarrierStep, _Mapping]]] = ..., lease_s: _Optional[float] = ...) -> None: ...
+
+class StepBarrierResponse(_message.Message):
+    __slots__ = ("pending", "admitted")
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    pending: _containers.RepeatedCompositeFieldContainer[StepBarrierStep]
+    admitted: _containers.RepeatedCompositeFieldContainer[StepBarrierStep]
+    def __init__(self, pending: _Optional[_Iterable[_Union[StepBarrierStep, _Mapping]]] = ..., admitted: _Optional[_Iterable[_Union[StepBarrierStep, _Mapping]]] = ...) -> None: ...
 
 class ReplicaTarget(_message.Message):
     __slots__ = ("index", "address")
@@ -300,12 +389,16 @@ class SetRoleResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicatedOp(_message.Message):
-    __slots__ = ("seq", "update")
+    __slots__ = ("seq", "update", "abort", "restore_commit")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_COMMIT_FIELD_NUMBER: _ClassVar[int]
     seq: int
     update: UpdateRequest
-    def __init__(self, seq: _Optional[int] = ..., update: _Optional[_Union[UpdateRequest, _Mapping]] = ...) -> None: ...
+    abort: AbortStepRequest
+    restore_commit: RestoreRequest
+    def __init__(self, seq: _Optional[int] = ..., update: _Optional[_Union[UpdateRequest, _Mapping]] = ..., abort: _Optional[_Union[AbortStepRequest, _Mapping]] = ..., restore_commit: _Optional[_Union[RestoreRequest, _Mapping]] = ...) -> None: ...
 
 class ReplicateRequest(_message.Message):
     __slots__ = ("stream", "ops")

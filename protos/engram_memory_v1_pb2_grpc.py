@@ -103,6 +103,16 @@ class ShardServiceStub(object):
                 request_serializer=protos_dot_engram__memory__v1__pb2.RestoreRequest.SerializeToString,
                 response_deserializer=protos_dot_engram__memory__v1__pb2.RestoreResponse.FromString,
                 _registered_method=True)
+        self.AbortStep = channel.unary_unary(
+                '/engram.memory.v1.ShardService/AbortStep',
+                request_serializer=protos_dot_engram__memory__v1__pb2.AbortStepRequest.SerializeToString,
+                response_deserializer=protos_dot_engram__memory__v1__pb2.AbortStepResponse.FromString,
+                _registered_method=True)
+        self.StepBarrier = channel.unary_unary(
+                '/engram.memory.v1.ShardService/StepBarrier',
+                request_serializer=protos_dot_engram__memory__v1__pb2.StepBarrierRequest.SerializeToString,
+                response_deserializer=protos_dot_engram__memory__v1__pb2.StepBarrierResponse.FromString,
+                _registered_method=True)
         self.SetRole = channel.unary_unary(
                 '/engram.memory.v1.ShardService/SetRole',
                 request_serializer=protos_dot_engram__memory__v1__pb2.SetRoleRequest.SerializeToString,
@@ -210,6 +220,22 @@ class ShardServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AbortStep(self, request, context):
+        """Steps that never wedge, consistent checkpoints (issue #19 parts 5 and 6).
+        Drop a pending synchronous step's partial sums and refuse its pushes from now on (data token: the job
+        driver aborts a step whose worker died; the shard also aborts steps older than its step timeout).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StepBarrier(self, request, context):
+        """Hold new steps for a checkpoint: admit only pushes of the listed steps, report where steps stand.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetRole(self, request, context):
         """Replication, used by the controller and between the shards of a replica group.
         The controller tells a shard whether it is its group's primary and, if so, its replicas.
@@ -299,6 +325,16 @@ def add_ShardServiceServicer_to_server(servicer, server):
                     servicer.Restore,
                     request_deserializer=protos_dot_engram__memory__v1__pb2.RestoreRequest.FromString,
                     response_serializer=protos_dot_engram__memory__v1__pb2.RestoreResponse.SerializeToString,
+            ),
+            'AbortStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortStep,
+                    request_deserializer=protos_dot_engram__memory__v1__pb2.AbortStepRequest.FromString,
+                    response_serializer=protos_dot_engram__memory__v1__pb2.AbortStepResponse.SerializeToString,
+            ),
+            'StepBarrier': grpc.unary_unary_rpc_method_handler(
+                    servicer.StepBarrier,
+                    request_deserializer=protos_dot_engram__memory__v1__pb2.StepBarrierRequest.FromString,
+                    response_serializer=protos_dot_engram__memory__v1__pb2.StepBarrierResponse.SerializeToString,
             ),
             'SetRole': grpc.unary_unary_rpc_method_handler(
                     servicer.SetRole,
@@ -671,6 +707,60 @@ class ShardService(object):
             '/engram.memory.v1.ShardService/Restore',
             protos_dot_engram__memory__v1__pb2.RestoreRequest.SerializeToString,
             protos_dot_engram__memory__v1__pb2.RestoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram.memory.v1.ShardService/AbortStep',
+            protos_dot_engram__memory__v1__pb2.AbortStepRequest.SerializeToString,
+            protos_dot_engram__memory__v1__pb2.AbortStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepBarrier(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram.memory.v1.ShardService/StepBarrier',
+            protos_dot_engram__memory__v1__pb2.StepBarrierRequest.SerializeToString,
+            protos_dot_engram__memory__v1__pb2.StepBarrierResponse.FromString,
             options,
             channel_credentials,
             insecure,

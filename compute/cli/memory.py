@@ -86,7 +86,7 @@ def _up(args) -> int:
     options = ControllerOptions(data_token=tokens.data, admin_token=tokens.admin, tls=tls, tls_ca_file=args.tls_ca,
                                 tls_client_cert_file=args.tls_client_cert, tls_client_key_file=args.tls_client_key,
                                 host=args.host, data_root=str(Path(args.data_root or default_data_root()).resolve()),
-                                reflection=args.reflection)
+                                reflection=args.reflection, step_timeout_s=args.step_timeout_s)
     controller = start_controller(options, name=args.name)
     import ray
 
@@ -141,13 +141,18 @@ def _status(args) -> int:
     controller = _controller(args)
     rows = ray.get(controller.status.remote())
     header = ("shard", "group", "role", "state", "node", "address", "slots", "rows", "bytes", "reserved", "req/s",
-              "p50 ms", "p99 ms")
+              "p50 ms", "p99 ms", "pending", "aborted")
     table = [(str(r["shard"]), str(r["group"]), r["role"], r["state"], r["node"][:12], r["address"], str(r["slots"]),
               str(r["rows"]), _human_bytes(r["bytes"]), _human_bytes(r["reserved_bytes"]), f"{r['requests_per_s']:.1f}",
-              f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}") for r in rows]
+              f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", str(len(r["pending_steps"])), str(r["aborted_steps"]))
+             for r in rows]
     widths = [max(len(cell) for cell in column) for column in zip(header, *table)]
     for line in (header, *table):
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
+    for r in rows:
+        for p in r["pending_steps"]:
+            print(f"shard {r['shard']}: table {p['table']} step {p['step']} pending {p['age_s']:.1f} s, "
+                  f"ranks {p['reported_ranks']} of {p['world_size']} reported")
     for event in ray.get(controller.failovers.remote()):
         outcome = (f"shard {event['promoted']} promoted" if event["promoted"] is not None
                    else f"re-made from {event['remade_from']}" if "remade_from" in event else "its primary serves on")
@@ -168,7 +173,7 @@ def _scale(args) -> int:
 def _checkpoint(args) -> int:
     import ray
 
-    manifest = ray.get(_controller(args).checkpoint.remote(args.directory))
+    manifest = ray.get(_controller(args).checkpoint.remote(args.directory, args.barrier_timeout_s))
     print(f"checkpoint written: {manifest}")
     return 0
 
@@ -255,6 +260,9 @@ def register(subparsers) -> None:
     up.add_argument("--tls-client-key", help="PEM private key for --tls-client-cert")
     up.add_argument("--host", help="address the servers bind (default: each node's IP)")
     up.add_argument("--reflection", action="store_true", help="serve gRPC reflection (to token holders)")
+    up.add_argument("--step-timeout-s", type=float, default=120.0,
+                    help="abort a synchronous step whose ranks have not all pushed this long after its first push "
+                         "(its partial sums dropped, its pushes refused from then on; 0: never)")
     up.set_defaults(func=_up)
 
     commands.add_parser("status", parents=[common], help="a table per shard").set_defaults(func=_status)
@@ -269,6 +277,8 @@ def register(subparsers) -> None:
     rotate.set_defaults(func=_rotate_tokens)
     save = commands.add_parser("checkpoint", parents=[common], help="write all tables to DIR (under the data root)")
     save.add_argument("directory")
+    save.add_argument("--barrier-timeout-s", type=float, default=30.0,
+                      help="how long to wait for pending synchronous steps to complete on every shard")
     save.set_defaults(func=_checkpoint)
     load = commands.add_parser("restore", parents=[common],
                                help="replace all tables by the checkpoint in DIR (under the data root)")

@@ -146,6 +146,27 @@ class MemoryClient:
         push_checks.check_grads(grads, len(ids), route.dim)
         return self._run(self._push(table, ids, grads, step, rank, world_size, synchronous))
 
+    def abort_step(self, table: str, step: int, world_size: int = 0) -> concurrent.futures.Future:
+        """Abort synchronous ``step`` of ``table`` on every shard owning its slots (a job driver whose worker
+        died): partial sums dropped, every later push of the step refused with ABORTED. A future of
+        {shard: the ranks that had not reported there, or None where the step was already applied}."""
+        shards = self._route(table).all_shards()
+        request = pb.AbortStepRequest(table=table, step=step, world_size=world_size)
+
+        async def abort(shard: int):
+            try:
+                return await self._call_shard(shard, "AbortStep", request)
+            except ResendAfterRefresh:
+                raise MemoryServiceError(grpc.StatusCode.UNAVAILABLE, f"shard {shard} did not answer; abort "
+                                         "again (aborting twice is harmless)") from None
+
+        async def abort_everywhere():
+            replies = await asyncio.gather(*(abort(shard) for shard in shards))
+            return {shard: list(reply.missing_ranks) if reply.aborted else None
+                    for shard, reply in zip(shards, replies)}
+
+        return self._run(abort_everywhere())
+
     def tables(self) -> list[pb.TableSpecInfo]:
         """The deployed tables' specs, from the directory."""
         reply = self._run(self._calls.directory(self._directory_address, "ListTables", pb.ListTablesRequest())).result()

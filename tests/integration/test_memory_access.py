@@ -41,7 +41,7 @@ def test_the_data_token_reaches_no_admin_method_and_changes_nothing(memory):
     controller, _, stub, _ = memory
     assert {m.name for m in ADMIN_METHODS} == {"AddTable", "DropTable", "SetEpoch", "FreezeSlots", "ExportSlots",
                                                "ImportSlots", "ReleaseSlots", "Checkpoint", "Restore", "SetRole",
-                                               "Replicate", "AddReplica"}
+                                               "Replicate", "AddReplica", "StepBarrier"}
     before = ray.get(controller.checksums.remote())
     for method in ADMIN_METHODS:
         request = getattr(pb, method.input_type.name)(table="access") if "table" in \

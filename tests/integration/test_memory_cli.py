@@ -41,15 +41,16 @@ def test_up_status_scale_checkpoint_restore_down(ray_cluster, tmp_path):
 
     data_root = tmp_path / "data"
     assert "on 2 shard(s)" in engram("up", "--config", str(config), "--shards", "2", "--host", "127.0.0.1",
-                                     "--data-root", str(data_root))
+                                     "--data-root", str(data_root), "--step-timeout-s", "60")
     state = json.loads((tmp_path / "home" / "memory.json").read_text())
     assert state["token"] == DATA_TOKEN and len(state["admin_token"]) >= 40  # the admin token was generated
     assert (tmp_path / "home" / "memory.json").stat().st_mode & 0o777 == 0o600
     status = engram("status")
-    assert "p99 ms" in status and len(status.strip().splitlines()) == 3
+    assert "p99 ms" in status and "pending" in status and "aborted" in status
+    assert len(status.strip().splitlines()) == 3
     assert "scaled to 3" in engram("scale", "--shards", "3")
     assert len(engram("status").strip().splitlines()) == 4
-    assert f"{data_root / 'ckpt' / 'manifest.json'}" in engram("checkpoint", "ckpt")
+    assert f"{data_root / 'ckpt' / 'manifest.json'}" in engram("checkpoint", "ckpt", "--barrier-timeout-s", "10")
     assert (data_root / "ckpt" / "manifest.json").stat().st_mode & 0o777 == 0o600
     assert "restored" in engram("restore", "ckpt", "--shards", "2")
     assert "rotated" in engram("rotate-tokens", "--grace-s", "0")

@@ -127,12 +127,72 @@ def test_asynchronous_mode_releases_on_arrival_per_rank():
     assert aggregator.pending_steps() == []
 
 
-def test_memory_of_released_steps_is_bounded():
-    aggregator = StepAggregator(remembered_steps=3)
+@pytest.mark.parametrize("synchronous", [True, False])
+def test_a_push_older_than_the_remembered_steps_is_refused_not_dropped(synchronous):
+    aggregator = StepAggregator(synchronous=synchronous, remembered_steps=3)
     for step in range(10):
         aggregator.add(step, 0, 1, _push([step]))
-    assert aggregator.add(2, 0, 1, _push([50])) == []  # older than the remembered steps: counts as applied
+    with pytest.raises(RowStoreError) as caught:
+        aggregator.add(2, 0, 1, _push([50]))
+    assert caught.value.code == "FAILED_PRECONDITION" and caught.value.field == "step"
+    assert "step 2" in str(caught.value) and "newest applied: 9" in str(caught.value)
+    assert "restore the service from a checkpoint" in str(caught.value)
+    assert aggregator.add(8, 0, 1, _push([8])) == []  # a retry of a remembered step: an idempotent duplicate
     assert len(aggregator.add(9, 0, 1, _push([50]))) == 1  # still remembered, new row
+
+
+def test_memory_stays_bounded_over_many_steps():
+    aggregator = StepAggregator(remembered_steps=4)
+    for step in range(0, 4000, 2):
+        aggregator.add(step, step % 4 // 2, 2, _push([step % 64]))
+        aggregator.add(step, 1 - step % 4 // 2, 2, _push([]))
+        if step % 7 == 0:  # now and then a step whose rank 1 never reports
+            aggregator.add(step + 1, 0, 2, _push([1]))
+            aggregator.abort(step + 1)
+    assert len(aggregator._steps) <= 4 and len(aggregator._released[0]) <= 4
+    assert aggregator.newest_steps() == {0: 3998}
+
+
+def test_abort_drops_the_partial_sums_and_later_pushes_get_an_explicit_error():
+    aggregator = StepAggregator()
+    assert aggregator.add(4, 0, 3, _push([1, 2])) == []
+    assert aggregator.pending_info(now=aggregator._steps[(0, 4)].started + 2.5) == [(4, 3, [0], 2.5)]
+    assert aggregator.abort(4) == [1, 2]
+    assert aggregator.pending_steps() == [] and aggregator.aborted_total == 1 and aggregator.step_state(4) == "aborted"
+    with pytest.raises(RowStoreError) as caught:
+        aggregator.add(4, 1, 3, _push([3]))
+    assert caught.value.code == "ABORTED" and "step 4" in str(caught.value) and "[1, 2]" in str(caught.value)
+    assert aggregator.abort(4) == [1, 2] and aggregator.aborted_total == 1  # aborting again changes nothing
+    # The next step is not held back by the aborted one.
+    [released] = aggregator.add(5, 0, 1, _push([7]))
+    assert released.row_ids.tolist() == [7]
+    assert aggregator.abort(5) is None  # applied here already: nothing to abort
+
+
+def test_a_step_aborted_before_any_push_arrived_refuses_its_pushes():
+    aggregator = StepAggregator()
+    assert aggregator.abort(3, world_size=2) == [0, 1]
+    with pytest.raises(RowStoreError, match="aborted"):
+        aggregator.add(3, 0, 2, _push([1]))
+
+
+def test_expired_steps_are_aborted_and_fresh_ones_kept():
+    aggregator = StepAggregator()
+    aggregator.add(0, 0, 2, _push([1]))
+    aggregator.add(1, 1, 2, _push([2]))
+    aggregator._steps[(0, 1)].started = aggregator._steps[(0, 0)].started + 10
+    now = aggregator._steps[(0, 0)].started + 11
+    assert aggregator.abort_expired(now, timeout_s=5) == {0: [1]}
+    assert aggregator.pending_steps() == [1] and aggregator.step_state(0) == "aborted"
+    assert aggregator.abort_expired(now, timeout_s=5) == {}
+
+
+def test_start_after_refuses_steps_a_restored_checkpoint_holds():
+    aggregator = StepAggregator()
+    aggregator.start_after({0: 10})
+    with pytest.raises(RowStoreError, match="newest applied: 10"):
+        aggregator.add(10, 0, 1, _push([1]))
+    assert len(aggregator.add(11, 0, 1, _push([1]))) == 1
 
 
 @pytest.mark.parametrize(
