@@ -3,6 +3,10 @@
 It deploys tables onto shard actors, moves slots to scale while clients keep working (freeze the
 slot's updates on the source, export, import on the target, flip the routing, release on the
 source), and checkpoints and restores all tables. It serves the DirectoryService over gRPC.
+
+It survives its own death: its state is persisted (``controller_state``) after every change, Ray
+restarts it, and it re-adopts its shards (named, detached actors that serve on meanwhile) and serves
+the directory again on the same address.
 """
 from __future__ import annotations
 
@@ -10,13 +14,17 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
+import re
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import grpc
 import ray
 
-from memory_service import checkpoint
+from memory_service import checkpoint, controller_state
 from memory_service.auth import DEFAULT_GRACE_S, AccessTokens, TlsFiles, check_token
 from memory_service.core.slots import SlotMap
 from memory_service.core.table_spec import TableSpec
@@ -31,19 +39,26 @@ from protos.wire import (CONTROLLER_NAME, DEFAULT_MAX_MESSAGE_BYTES, NAMESPACE, 
 log = logging.getLogger(__name__)
 
 SHARD_RESOURCE = "engram_memory"
+RESTART_WAIT_S = 30.0  # how long callers wait for a restarting controller to answer
+SHUTDOWN_WAIT_S = 15.0  # how long stop_controller waits for the controller to stop its shards itself
+REBIND_WAIT_S = 10.0  # how long a restarted controller tries to bind its directory's address again
+ADOPT_TIMEOUT_S = 5.0  # how long a restarted controller waits for each shard to answer
+READ_RETRIES = 10  # read-only methods are asked again when the controller died or restarts meanwhile
 
 
 @dataclasses.dataclass
 class Shard:
     index: int
-    actor: Any
     address: str
     local_address: str  # unix:<path> for clients on the shard's machine; '' when there is none
     node: str
     hostname: str
     reserved_bytes: int  # Ray `memory` reserved for its rows and optimizer state
+    actor_name: str  # its Ray name in the controller's namespace (shard_actor_name)
+    actor: Any
     stub: pb_grpc.ShardServiceStub
     channel: grpc.aio.Channel
+    lost: bool = False  # found dead or not answering when the controller restarted; left for failover
 
 
 @dataclasses.dataclass
@@ -74,6 +89,11 @@ class ControllerOptions:
         if self.tls_client_cert_file and (self.tls is None or self.tls.client_ca_file is None):
             raise ValueError("tls-client-cert: a client identity needs mutual TLS (--tls-client-ca)")
 
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> "ControllerOptions":
+        """The inverse of ``dataclasses.asdict``."""
+        return cls(**{**fields, "tls": TlsFiles(**fields["tls"]) if fields["tls"] else None})
+
     def client_tls(self) -> ClientTls | None:
         """What the controller and the clients it informs use to reach the servers: the servers' CA and,
         under mutual TLS, the client identity (by default the servers' own certificate and key)."""
@@ -86,15 +106,23 @@ class ControllerOptions:
                          self.tls_client_key_file or self.tls.key_file)
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_restarts=-1)
 class MemoryController:
-    """Owns the shard actors and the routing; every mutation runs under one lock."""
+    """Owns the shard actors and the routing; every mutation runs under one lock and is persisted.
 
-    def __init__(self, options: ControllerOptions):
+    Ray restarts it whenever it dies; it then recovers from its persisted state (``_recover``).
+    """
+
+    async def __init__(self, options: ControllerOptions, name: str, namespace: str):
         logging.basicConfig(level=logging.INFO)
+        self._name, self._namespace = name, namespace
+        saved = controller_state.load(namespace, name)
+        if saved is not None:
+            options = ControllerOptions.from_dict(saved.options)
         self._options = options
         generated = AccessTokens.generate()
-        self._tokens = AccessTokens(options.data_token or generated.data, options.admin_token or generated.admin)
+        self._tokens = (AccessTokens(*saved.tokens) if saved is not None else
+                        AccessTokens(options.data_token or generated.data, options.admin_token or generated.admin))
         self._data_root = Path(options.data_root or checkpoint.default_data_root()).resolve()
         self._client_tls = options.client_tls()
         self._host = options.host or ray.util.get_node_ip_address()
@@ -104,17 +132,81 @@ class MemoryController:
         self._lock = asyncio.Lock()
         self._directory_address = ""
         self._server = None
+        if saved is not None:
+            await self._recover(saved)
 
     async def start(self) -> str:
         """Start the DirectoryService; return its address."""
-        if self._server is None:
+        return await self._serve(self._host, 0)
+
+    async def _serve(self, host: str, port: int) -> str:
+        """Serve the DirectoryService on ``host:port`` (0: any free port), then persist the address. A
+        restarted controller binds its former address again, which its dead process may hold for a moment."""
+        deadline = time.monotonic() + REBIND_WAIT_S
+        while self._server is None:
             servicer = DirectoryServicer(self._routing, self._table_infos)
-            self._server, self._directory_address = await start_server(
-                servicer.add_to_server, [pb.DESCRIPTOR.services_by_name["DirectoryService"].full_name],
-                tokens=self._tokens, host=self._host, tls=self._options.tls,
-                max_message_bytes=self._options.max_message_bytes, reflection_enabled=self._options.reflection)
+            try:
+                self._server, self._directory_address = await start_server(
+                    servicer.add_to_server, [pb.DESCRIPTOR.services_by_name["DirectoryService"].full_name],
+                    tokens=self._tokens, host=host, port=port, tls=self._options.tls,
+                    max_message_bytes=self._options.max_message_bytes, reflection_enabled=self._options.reflection)
+            except RuntimeError as error:  # grpc: failed to bind
+                if port == 0 or time.monotonic() > deadline:
+                    raise RuntimeError(f"directory: cannot serve on {host}:{port} ({error})") from None
+                await asyncio.sleep(0.2)
+            else:
+                self._persist()
         return self._directory_address
 
+    # ---- surviving a restart ----------------------------------------------------------------
+
+    def _persist(self) -> None:
+        """Write this controller's state where its restarted self finds it (``controller_state``)."""
+        controller_state.save(self._namespace, self._name, controller_state.ControllerState(
+            options=dataclasses.asdict(self._options), tokens=[self._tokens.data, self._tokens.admin],
+            directory=self._directory_address, epoch=self._epoch,
+            tables=[{"spec": spec.to_dict(), "epoch": slot_map.epoch, "owners": slot_map.owners.tolist()}
+                    for spec, slot_map in self._tables.values()],
+            shards=[controller_state.shard_record(shard) for shard in self._shards]))
+
+    async def _recover(self, saved: controller_state.ControllerState) -> None:
+        """Take up where the previous process of this controller died: its tables, epoch and shards (adopted
+        by name, each told the epoch again), and the directory on the same address, which clients hold."""
+        self._epoch = saved.epoch
+        self._tables = {table["spec"]["name"]: (TableSpec.from_dict(table["spec"]),
+                                                SlotMap(table["epoch"], table["owners"])) for table in saved.tables}
+        host, port = saved.directory.rsplit(":", 1)
+        await self._serve(host, int(port))
+        self._shards = list(await asyncio.gather(*(self._adopt_shard(record) for record in saved.shards)))
+        self._persist()
+        lost = [shard.index for shard in self._shards if shard.lost]
+        log.info("controller %r recovered: epoch %d, tables %s, %d shards (lost: %s), directory on %s", self._name,
+                 self._epoch, sorted(self._tables), len(self._shards), lost or "none", self._directory_address)
+
+    async def _adopt_shard(self, record: dict[str, Any]) -> Shard:
+        """The shard of a persisted record, with a new channel; flagged ``lost`` if it does not answer."""
+        channel = self._open_channel(record["address"])
+        try:
+            shard = Shard(**record, actor=None, stub=pb_grpc.ShardServiceStub(channel), channel=channel)
+        except TypeError as error:
+            raise controller_state.StateError(f"controller {self._name!r}: a shard record does not fit ({error})")
+        if shard.lost:
+            return shard
+        try:
+            shard.actor = ray.get_actor(shard.actor_name, namespace=self._namespace)
+            await self._call(shard, "SetEpoch", pb.SetEpochRequest(epoch=self._epoch), timeout=ADOPT_TIMEOUT_S)
+        except (ValueError, grpc.aio.AioRpcError) as error:
+            shard.lost = True
+            log.error("shard %d (%s on %s) is lost: %s", shard.index, shard.actor_name, shard.address,
+                      error.details() if isinstance(error, grpc.aio.AioRpcError) else error)
+        return shard
+
+    @ray.method(max_task_retries=READ_RETRIES)
+    def pid(self) -> int:
+        """This controller's process id (answers once a restarting controller is back)."""
+        return os.getpid()
+
+    @ray.method(max_task_retries=READ_RETRIES)
     def connection_info(self) -> dict[str, Any]:
         """What a data client inside the cluster needs: the directory address, the data token, its TLS settings."""
         return {"directory": self._directory_address, "token": self._tokens.data, "tls": self._client_tls,
@@ -127,6 +219,7 @@ class MemoryController:
         async with self._lock:
             await asyncio.gather(*(s.actor.rotate_tokens.remote(data, admin, grace_s) for s in self._shards))
             self._tokens.rotate(data, admin, grace_s)
+            self._persist()
         log.info("rotated the data and admin tokens on %d shards and the directory (grace %.0f s)",
                  len(self._shards), grace_s)
         return self.connection_info()
@@ -147,29 +240,38 @@ class MemoryController:
                                  storage_dtype=spec.storage_dtype, spec_json=json.dumps(spec.to_dict()))
                 for spec, _ in self._tables.values()]
 
+    @ray.method(max_task_retries=READ_RETRIES)
     def routing(self) -> bytes:
         """The serialized Routing proto (what the DirectoryService answers)."""
         return self._routing().SerializeToString()
 
+    @ray.method(max_task_retries=READ_RETRIES)
     def table_specs(self) -> list[dict[str, Any]]:
         return [spec.to_dict() for spec, _ in self._tables.values()]
 
     # ---- shards -----------------------------------------------------------------------------
 
-    async def _call(self, shard: Shard, method: str, request):
-        return await getattr(shard.stub, method)(request, metadata=bearer_metadata(self._tokens.admin))
+    async def _call(self, shard: Shard, method: str, request, timeout: float | None = None):
+        return await getattr(shard.stub, method)(request, metadata=bearer_metadata(self._tokens.admin), timeout=timeout)
+
+    def _open_channel(self, address: str) -> grpc.aio.Channel:
+        return open_channel(address, self._client_tls, transport_options(self._options.max_message_bytes))
 
     async def _start_shard(self, index: int, reserve_bytes: int) -> Shard:
-        # Not detached: shards share the controller's fate, so a killed controller leaks no shards.
+        # Named and detached: a shard outlives the controller's death (the restarted controller adopts it by
+        # name) and stop_controller finds it by name. Never restarted: a restarted shard would have no rows.
+        name = shard_actor_name(self._name, index)
         actor = ShardActor.options(
+            name=name, namespace=self._namespace, lifetime="detached", max_restarts=0,
             resources={self._options.shard_resource: 1}, memory=max(reserve_bytes, 1 << 20),
         ).remote(index, (self._tokens.data, self._tokens.admin), str(self._data_root), self._options.tls,
                  self._options.host, self._options.max_message_bytes, self._options.reflection)
         info = await actor.start.remote()
-        channel = open_channel(info["address"], self._client_tls, transport_options(self._options.max_message_bytes))
-        log.info("shard %d serving on %s (node %s)", index, info["address"], info["node"][:12])
-        return Shard(index, actor, info["address"], info["local_address"], info["node"], info["hostname"],
-                     info["reserved_bytes"], pb_grpc.ShardServiceStub(channel), channel)
+        channel = self._open_channel(info["address"])
+        log.info("shard %d (%s) serving on %s (node %s)", index, name, info["address"], info["node"][:12])
+        return Shard(index=index, address=info["address"], local_address=info["local_address"], node=info["node"],
+                     hostname=info["hostname"], reserved_bytes=info["reserved_bytes"], actor_name=name, actor=actor,
+                     stub=pb_grpc.ShardServiceStub(channel), channel=channel)
 
     def _reserve_bytes(self, specs: list[TableSpec], num_shards: int) -> int:
         """Ray ``memory`` a shard reserves: its even share of every table's rows and optimizer state."""
@@ -186,18 +288,24 @@ class MemoryController:
                 await asyncio.gather(*(self._call(shard, "AddTable", pb.AddTableRequest(
                     spec_json=json.dumps(spec.to_dict()), slots=[], epoch=self._epoch)) for spec in specs))
         self._shards.extend(new)
+        self._persist()
 
     async def _shrink_to(self, num_shards: int) -> None:
         removed, self._shards = self._shards[num_shards:], self._shards[:num_shards]
         for shard in removed:
             await shard.channel.close()
+            if shard.actor is None:  # lost before this controller's restart
+                continue
             try:
                 await shard.actor.stop.remote()
             except ray.exceptions.RayActorError:
                 log.warning("shard %d was already dead", shard.index)
             ray.kill(shard.actor)
+        self._persist()
 
     async def _broadcast_epoch(self) -> None:
+        """Persist the new epoch and routing, then tell the shards (a restarted controller tells them again)."""
+        self._persist()
         await asyncio.gather(*(self._call(s, "SetEpoch", pb.SetEpochRequest(epoch=self._epoch)) for s in self._shards))
 
     # ---- deploy / scale ---------------------------------------------------------------------
@@ -221,6 +329,7 @@ class MemoryController:
                     spec_json=json.dumps(spec.to_dict()), slots=slot_map.slots_of(s.index).tolist(),
                     epoch=self._epoch)) for s in self._shards))
                 self._tables[spec.name] = (spec, slot_map)
+            self._persist()
             log.info("deployed %s on %d shards", [s.name for s in specs], num_shards)
             return self._directory_address
 
@@ -286,6 +395,7 @@ class MemoryController:
 
     # ---- status / checkpoint / restore ------------------------------------------------------
 
+    @ray.method(max_task_retries=READ_RETRIES)
     async def status(self) -> list[dict[str, Any]]:
         """One record per shard: index, node, address, slots, rows, bytes held and reserved, requests/s,
         p50/p99 lookup ms."""
@@ -297,6 +407,7 @@ class MemoryController:
             "p50_ms": st.p50_lookup_ms, "p99_ms": st.p99_lookup_ms,
         } for shard, st in zip(self._shards, stats)]
 
+    @ray.method(max_task_retries=READ_RETRIES)
     async def checksums(self) -> dict[str, list[str]]:
         """Per table, each shard's checksum of its slots (tests compare these around bad input)."""
         result = {}
@@ -378,27 +489,98 @@ class MemoryController:
                 self._server = None
 
 
+def shard_actor_name(controller: str, index: int) -> str:
+    """A new shard's Ray name: the controller's name, the index, and a suffix of its own (a name is
+    released only once its actor is dead, and a restore or scale may start a shard of the same index sooner)."""
+    return f"{controller}.shard-{index}.{uuid.uuid4().hex[:8]}"
+
+
+def _is_shard_of(controller: str, actor_name: str) -> bool:
+    return re.fullmatch(rf"{re.escape(controller)}\.shard-\d+\.[0-9a-f]{{8}}", actor_name) is not None
+
+
 def start_controller(options: ControllerOptions | None = None, name: str = CONTROLLER_NAME,
                      namespace: str = NAMESPACE):
-    """Create the named, detached controller (Ray must be initialised) and start its directory."""
+    """Create the named, detached controller (Ray must be initialised) and start its directory.
+
+    Ray restarts it whenever it dies, from the state it persisted; a stopped controller's name is free again
+    only once ``stop_controller`` has deleted that state."""
+    if controller_state.exists(namespace, name) and not _exists(name, namespace):
+        raise ValueError(f"memory controller {name!r} in namespace {namespace!r} is dead but left its state (and "
+                         f"maybe shards); run `engram memory down --name {name}` first")
     controller = MemoryController.options(name=name, namespace=namespace, lifetime="detached").remote(
-        options or ControllerOptions())
+        options or ControllerOptions(), name, namespace)
     ray.get(controller.start.remote())
     return controller
 
 
-def get_controller(name: str = CONTROLLER_NAME, namespace: str = NAMESPACE):
-    """The running controller; ValueError naming it if there is none."""
+def get_controller(name: str = CONTROLLER_NAME, namespace: str = NAMESPACE, wait_s: float = RESTART_WAIT_S):
+    """The running controller, once it answers (a restarting one within ``wait_s``); ValueError naming it if
+    there is none or it does not answer."""
     try:
-        return ray.get_actor(name, namespace=namespace)
+        controller = ray.get_actor(name, namespace=namespace)
     except ValueError:
         raise ValueError(f"no memory controller named {name!r} in namespace {namespace!r}; run `engram memory up`") from None
+    try:
+        ray.get(controller.pid.remote(), timeout=wait_s)
+    except (ray.exceptions.RayError, TimeoutError) as error:
+        raise ValueError(f"memory controller {name!r} did not answer within {wait_s:.0f} s "
+                         f"({type(error).__name__}); `engram memory down --name {name}` stops what is left") from None
+    return controller
 
 
 def stop_controller(name: str = CONTROLLER_NAME, namespace: str = NAMESPACE) -> None:
-    """Stop the shards and kill the controller, whatever state they are in."""
-    controller = get_controller(name, namespace)
+    """Stop the shards and kill the controller, whatever state they are in (the controller alive, restarting
+    or dead), and delete its persisted state; ValueError if no controller of that name left anything."""
+    shards = _shard_names(name, namespace)
     try:
-        ray.get(controller.shutdown.remote())
-    finally:
-        ray.kill(controller)  # its shard actors die with it
+        controller = ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        if not shards and not controller_state.exists(namespace, name):
+            raise ValueError(f"no memory controller named {name!r} in namespace {namespace!r}; "
+                             "run `engram memory up`") from None
+        controller = None
+    if controller is not None:
+        try:
+            ray.get(controller.shutdown.remote(), timeout=SHUTDOWN_WAIT_S)
+        except (ray.exceptions.RayError, TimeoutError) as error:
+            log.warning("controller %r did not stop its shards (%s); killing them by name", name, error)
+        ray.kill(controller, no_restart=True)
+    _kill_named(_shard_names(name, namespace), namespace)
+    controller_state.delete(namespace, name)
+    _wait_gone([name, *shards], namespace)
+
+
+def _exists(actor_name: str, namespace: str) -> bool:
+    try:
+        ray.get_actor(actor_name, namespace=namespace)
+    except ValueError:
+        return False
+    return True
+
+
+def _shard_names(controller: str, namespace: str) -> list[str]:
+    """The Ray names of the live shard actors of ``controller``."""
+    return [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["namespace"] == namespace and _is_shard_of(controller, actor["name"])]
+
+
+def _kill_named(names: list[str], namespace: str) -> None:
+    """Kill the actors named ``names``, once their servers stopped (or did not within a few seconds)."""
+    actors = []
+    for actor_name in names:
+        try:
+            actors.append(ray.get_actor(actor_name, namespace=namespace))
+        except ValueError:  # died meanwhile
+            continue
+    if actors:
+        ray.wait([actor.stop.remote() for actor in actors], num_returns=len(actors), timeout=5.0)
+    for actor in actors:
+        ray.kill(actor)
+
+
+def _wait_gone(names: list[str], namespace: str, timeout_s: float = 10.0) -> None:
+    """Wait until Ray has released ``names`` (a killed actor's name is free once it is dead)."""
+    deadline = time.monotonic() + timeout_s
+    while any(_exists(actor_name, namespace) for actor_name in names) and time.monotonic() < deadline:
+        time.sleep(0.1)

@@ -1,0 +1,64 @@
+"""The controller's persisted state: a faithful round trip, and stored bytes it cannot read refused by name."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import pytest
+
+from memory_service.auth import TlsFiles
+from memory_service.controller import ControllerOptions, Shard
+from memory_service.controller_state import ControllerState, StateError, shard_record
+
+
+def _shard(index: int) -> Shard:
+    return Shard(index=index, address=f"127.0.0.1:{5000 + index}", local_address="", node="n" * 56,
+                 hostname="memory-0", reserved_bytes=1 << 20, actor_name=f"c.shard-{index}.0123abcd",
+                 actor=object(), stub=object(), channel=object(), lost=index == 1)
+
+
+def _state() -> ControllerState:
+    options = ControllerOptions(data_token="d" * 20, admin_token="a" * 20, tls=TlsFiles("c.pem", "k.pem", "ca.pem"),
+                                host="127.0.0.1", data_root="/data")
+    return ControllerState(options=dataclasses.asdict(options), tokens=["d" * 20, "a" * 20],
+                           directory="127.0.0.1:4321", epoch=7,
+                           tables=[{"spec": {"name": "t", "rows": 10}, "epoch": 7, "owners": [0, 1, 1]}],
+                           shards=[shard_record(_shard(0)), shard_record(_shard(1))])
+
+
+def test_state_round_trips_and_options_come_back_whole():
+    state = _state()
+    again = ControllerState.from_json(state.to_json())
+    assert again == state
+    options = ControllerOptions.from_dict(again.options)
+    assert options.tls == TlsFiles("c.pem", "k.pem", "ca.pem") and options.data_root == "/data"
+    assert ControllerOptions.from_dict(dataclasses.asdict(ControllerOptions())) == ControllerOptions()
+
+
+def test_a_shard_record_holds_every_field_but_the_live_objects():
+    record = shard_record(_shard(1))
+    assert set(record) == {f.name for f in dataclasses.fields(Shard)} - {"actor", "stub", "channel"}
+    assert record["lost"] is True and record["actor_name"] == "c.shard-1.0123abcd"
+    json.dumps(record)  # JSON-ready
+
+
+def _stored(**changes: Any) -> bytes:
+    fields = json.loads(_state().to_json())
+    fields.update(changes)
+    return json.dumps({k: v for k, v in fields.items() if v is not None}).encode()
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\xff\x00", "not valid JSON"),
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "not a JSON object"),
+    (_stored(version=2), "format version 2, this code reads 1"),
+    (_stored(version=None), "format version None"),
+    (_stored(epoch=None), "fields missing ['epoch'], unknown []"),
+    (_stored(replicas=3), "fields missing [], unknown ['replicas']"),
+])
+def test_unreadable_state_is_refused_naming_what_is_wrong(data, message):
+    with pytest.raises(StateError, match=r"^state of c: .*") as error:
+        ControllerState.from_json(data, "state of c")
+    assert message in str(error.value)
