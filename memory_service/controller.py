@@ -217,7 +217,8 @@ class MemoryController:
         Returns ``connection_info`` with the new data token."""
         AccessTokens(data, admin)  # refuse bad tokens before any server takes them
         async with self._lock:
-            await asyncio.gather(*(s.actor.rotate_tokens.remote(data, admin, grace_s) for s in self._shards))
+            await asyncio.gather(*(s.actor.rotate_tokens.remote(data, admin, grace_s) for s in self._shards
+                                   if not s.lost))
             self._tokens.rotate(data, admin, grace_s)
             self._persist()
         log.info("rotated the data and admin tokens on %d shards and the directory (grace %.0f s)",

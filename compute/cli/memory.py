@@ -108,8 +108,6 @@ def _recorded_connection(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rotate_tokens(args) -> int:
-    import ray
-
     from memory_service.deploy import AccessTokens
 
     state = _read_state()
@@ -119,7 +117,7 @@ def _rotate_tokens(args) -> int:
                          "so new tokens could not be saved; pass --data-token and --admin-token")
     generated = AccessTokens.generate()
     data, admin = args.data_token or generated.data, args.admin_token or generated.admin
-    info = ray.get(_controller(args).rotate_tokens.remote(data, admin, args.grace_s))
+    info = _ask(_controller(args).rotate_tokens.remote(data, admin, args.grace_s))
     print(f"tokens rotated on every server; the old ones stop working in {args.grace_s:.0f} s")
     if recorded:
         _write_state({**state, **_recorded_connection(info), "admin_token": admin})
@@ -128,16 +126,26 @@ def _rotate_tokens(args) -> int:
 
 
 def _controller(args):
+    """The controller named by --name, once it answers (one that Ray restarts answers within seconds)."""
     from memory_service.deploy import get_controller
 
     _connect(args)
     return get_controller(args.name)
 
 
-def _status(args) -> int:
+def _ask(call) -> Any:
+    """The result of a controller call; a controller that died during it is one line, not a traceback."""
     import ray
 
-    rows = ray.get(_controller(args).status.remote())
+    try:
+        return ray.get(call)
+    except ray.exceptions.RayActorError:
+        raise ValueError("the memory controller died during this command; Ray restarts it from its last saved state: "
+                         "check `engram memory status` and run the command again") from None
+
+
+def _status(args) -> int:
+    rows = _ask(_controller(args).status.remote())
     header = ("shard", "node", "address", "slots", "rows", "bytes", "reserved", "req/s", "p50 ms", "p99 ms")
     table = [(str(r["shard"]), r["node"][:12], r["address"], str(r["slots"]), str(r["rows"]), _human_bytes(r["bytes"]),
               _human_bytes(r["reserved_bytes"]), f"{r['requests_per_s']:.1f}", f"{r['p50_ms']:.2f}",
@@ -149,25 +157,19 @@ def _status(args) -> int:
 
 
 def _scale(args) -> int:
-    import ray
-
-    moved = ray.get(_controller(args).scale.remote(args.shards))
+    moved = _ask(_controller(args).scale.remote(args.shards))
     print(f"scaled to {args.shards} shard(s); slots moved per table: {moved}")
     return 0
 
 
 def _checkpoint(args) -> int:
-    import ray
-
-    manifest = ray.get(_controller(args).checkpoint.remote(args.directory))
+    manifest = _ask(_controller(args).checkpoint.remote(args.directory))
     print(f"checkpoint written: {manifest}")
     return 0
 
 
 def _restore(args) -> int:
-    import ray
-
-    epoch = ray.get(_controller(args).restore.remote(args.directory, args.shards))
+    epoch = _ask(_controller(args).restore.remote(args.directory, args.shards))
     print(f"restored {args.directory} (routing epoch {epoch})")
     return 0
 
