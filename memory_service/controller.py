@@ -184,7 +184,8 @@ class MemoryController:
                  self._epoch, sorted(self._tables), len(self._shards), lost or "none", self._directory_address)
 
     async def _adopt_shard(self, record: dict[str, Any]) -> Shard:
-        """The shard of a persisted record, with a new channel; flagged ``lost`` if it does not answer."""
+        """The shard of a persisted record, with a new channel; flagged ``lost`` if it does not answer. Its slots
+        are thawed: a checkpoint or scale that the death cut short froze them, and no one else would thaw them."""
         channel = self._open_channel(record["address"])
         try:
             shard = Shard(**record, actor=None, stub=pb_grpc.ShardServiceStub(channel), channel=channel)
@@ -199,6 +200,13 @@ class MemoryController:
             shard.lost = True
             log.error("shard %d (%s on %s) is lost: %s", shard.index, shard.actor_name, shard.address,
                       error.details() if isinstance(error, grpc.aio.AioRpcError) else error)
+            return shard
+        try:
+            await asyncio.gather(*(self._call(shard, "FreezeSlots", pb.FreezeSlotsRequest(
+                table=spec.name, slots=slot_map.slots_of(shard.index).tolist(), frozen=False), timeout=ADOPT_TIMEOUT_S)
+                for spec, slot_map in self._tables.values()))
+        except grpc.aio.AioRpcError as error:
+            log.warning("shard %d: could not thaw its slots: %s", shard.index, error.details())
         return shard
 
     @ray.method(max_task_retries=READ_RETRIES)

@@ -22,7 +22,7 @@ from memory_service.controller import ControllerOptions, start_controller, stop_
 from protos import engram_memory_v1_pb2 as pb
 from protos import engram_memory_v1_pb2_grpc as pb_grpc
 from protos.wire import bearer_metadata
-from tests.integration.memory_deploy import ADMIN_TOKEN, TOKEN, spec
+from tests.integration.memory_deploy import ADMIN_TOKEN, TOKEN, reference_rows, spec
 
 pytestmark = pytest.mark.ray
 
@@ -162,3 +162,24 @@ def test_unreadable_stored_state_is_refused_by_name_and_down_discards_it(ray_clu
         controller_state.load(NAMESPACE, name)
     stop_controller(name, NAMESPACE)
     assert controller_state.load(NAMESPACE, name) is None
+
+
+def test_a_push_held_by_slots_a_dying_controller_left_frozen_completes_once_it_is_back(ray_cluster, tmp_path):
+    name = f"test-frozen-{uuid.uuid4().hex[:8]}"
+    controller, directory = _start(name, str(tmp_path))
+    routing = _routing(directory, timeout=5)
+    owners = np.frombuffer(routing.tables[0].owners, dtype="<i4")
+    for shard in routing.shards:  # what a checkpoint does first; its controller dies before thawing them
+        with grpc.insecure_channel(shard.address) as channel:
+            pb_grpc.ShardServiceStub(channel).FreezeSlots(pb.FreezeSlotsRequest(
+                table=TABLE.name, slots=np.flatnonzero(owners == shard.index).tolist(), frozen=True),
+                metadata=bearer_metadata(ADMIN_TOKEN), timeout=5)
+    with MemoryClient(directory, TOKEN) as client:
+        ids, grads = _push_rows(0)
+        held = client.push(TABLE.name, ids, grads, step=0, synchronous=True)
+        time.sleep(1.0)
+        assert not held.done()  # refused by the frozen slots, retried
+        os.kill(ray.get(controller.pid.remote()), signal.SIGKILL)
+        assert held.result(timeout=20).applied_rows == len(ids)
+        assert not torch.equal(client.lookup(TABLE.name, ids, dtype=torch.float32).result(), reference_rows(TABLE, ids))
+    _stopped_without_a_trace(name, {pid for actor, pid in _actors_of(name).items() if actor != name})
