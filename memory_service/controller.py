@@ -121,7 +121,7 @@ class MemoryController:
             options = ControllerOptions.from_dict(saved.options)
         self._options = options
         generated = AccessTokens.generate()
-        self._tokens = (AccessTokens(*saved.tokens) if saved is not None else
+        self._tokens = (_saved_tokens(saved) if saved is not None else
                         AccessTokens(options.data_token or generated.data, options.admin_token or generated.admin))
         self._data_root = Path(options.data_root or checkpoint.default_data_root()).resolve()
         self._client_tls = options.client_tls()
@@ -162,8 +162,10 @@ class MemoryController:
 
     def _persist(self) -> None:
         """Write this controller's state where its restarted self finds it (``controller_state``)."""
+        replaced, grace_s = self._tokens.in_grace() or ([], 0.0)
         controller_state.save(self._namespace, self._name, controller_state.ControllerState(
             options=dataclasses.asdict(self._options), tokens=[self._tokens.data, self._tokens.admin],
+            replaced_tokens=list(replaced), replaced_until=time.time() + grace_s if replaced else 0.0,
             directory=self._directory_address, epoch=self._epoch,
             tables=[{"spec": spec.to_dict(), "epoch": slot_map.epoch, "owners": slot_map.owners.tolist()}
                     for spec, slot_map in self._tables.values()],
@@ -498,6 +500,16 @@ class MemoryController:
                 self._server = None
 
 
+def _saved_tokens(saved: controller_state.ControllerState) -> AccessTokens:
+    """The tokens of a persisted state, the replaced ones accepted for the rest of their grace period."""
+    grace_s = saved.replaced_until - time.time()
+    if not saved.replaced_tokens or grace_s <= 0:
+        return AccessTokens(*saved.tokens)
+    tokens = AccessTokens(*saved.replaced_tokens)
+    tokens.rotate(*saved.tokens, grace_s=grace_s)
+    return tokens
+
+
 def shard_actor_name(controller: str, index: int) -> str:
     """A new shard's Ray name: the controller's name, the index, and a suffix of its own (a name is
     released only once its actor is dead, and a restore or scale may start a shard of the same index sooner)."""
@@ -556,8 +568,8 @@ def stop_controller(name: str = CONTROLLER_NAME, namespace: str = NAMESPACE) -> 
             log.warning("controller %r did not stop its shards (%s); killing them by name", name, error)
         ray.kill(controller, no_restart=True)
     _kill_named(_shard_names(name, namespace), namespace)
+    _wait_gone([name, *shards], namespace)  # before the state goes: a controller in its restart may still write it
     controller_state.delete(namespace, name)
-    _wait_gone([name, *shards], namespace)
 
 
 def _exists(actor_name: str, namespace: str) -> bool:

@@ -27,6 +27,8 @@ class StateError(ValueError):
 class ControllerState:
     options: dict[str, Any]  # ControllerOptions as a dict (its TlsFiles nested)
     tokens: list[str]  # the current [data, admin] tokens
+    replaced_tokens: list[str]  # the [data, admin] tokens a rotation replaced, while still accepted; else []
+    replaced_until: float  # until when (Unix time) they are accepted
     directory: str  # host:port the DirectoryService serves on; a restarted controller binds it again
     epoch: int
     tables: list[dict[str, Any]]  # {"spec": TableSpec.to_dict(), "epoch": int, "owners": [shard per slot]}

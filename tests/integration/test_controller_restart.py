@@ -19,6 +19,7 @@ from ray.experimental import internal_kv
 from compute.memory.client import MemoryClient
 from memory_service import controller_state
 from memory_service.controller import ControllerOptions, start_controller, stop_controller
+from memory_service.deploy import join
 from protos import engram_memory_v1_pb2 as pb
 from protos import engram_memory_v1_pb2_grpc as pb_grpc
 from protos.wire import bearer_metadata
@@ -100,6 +101,7 @@ def test_sigkill_of_the_controller_fails_no_data_request_and_it_is_back_within_1
                 dead_pid = ray.get(controller.pid.remote())
                 os.kill(dead_pid, signal.SIGKILL)
                 killed_at, steps_at_kill = time.monotonic(), steps[0]
+                assert join(name, [TABLE], NAMESPACE).directory == directory  # waits for the restarting controller
                 while True:
                     try:
                         recovered = _routing(directory, timeout=0.5)

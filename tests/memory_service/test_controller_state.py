@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from typing import Any
 
 import pytest
 
 from memory_service.auth import TlsFiles
-from memory_service.controller import ControllerOptions, Shard
+from memory_service.controller import ControllerOptions, Shard, _saved_tokens
 from memory_service.controller_state import ControllerState, StateError, shard_record
 
 
@@ -22,6 +23,7 @@ def _state() -> ControllerState:
     options = ControllerOptions(data_token="d" * 20, admin_token="a" * 20, tls=TlsFiles("c.pem", "k.pem", "ca.pem"),
                                 host="127.0.0.1", data_root="/data")
     return ControllerState(options=dataclasses.asdict(options), tokens=["d" * 20, "a" * 20],
+                           replaced_tokens=["D" * 20, "A" * 20], replaced_until=time.time() + 30,
                            directory="127.0.0.1:4321", epoch=7,
                            tables=[{"spec": {"name": "t", "rows": 10}, "epoch": 7, "owners": [0, 1, 1]}],
                            shards=[shard_record(_shard(0)), shard_record(_shard(1))])
@@ -41,6 +43,18 @@ def test_a_shard_record_holds_every_field_but_the_live_objects():
     assert set(record) == {f.name for f in dataclasses.fields(Shard)} - {"actor", "stub", "channel"}
     assert record["lost"] is True and record["actor_name"] == "c.shard-1.0123abcd"
     json.dumps(record)  # JSON-ready
+
+
+def test_tokens_replaced_by_a_rotation_keep_their_grace_period_across_a_restart():
+    state = ControllerState.from_json(_state().to_json())
+    tokens = _saved_tokens(state)
+    assert (tokens.data, tokens.admin) == ("d" * 20, "a" * 20)
+    assert tokens.right_of(f"Bearer {'D' * 20}") == "data" and tokens.right_of(f"Bearer {'A' * 20}") == "admin"
+    (replaced, grace_s), = [tokens.in_grace()]
+    assert replaced == ("D" * 20, "A" * 20) and 25 < grace_s <= 30
+    expired = _saved_tokens(dataclasses.replace(state, replaced_until=time.time() - 1))
+    assert expired.in_grace() is None and expired.right_of(f"Bearer {'D' * 20}") is None
+    assert _saved_tokens(dataclasses.replace(state, replaced_tokens=[], replaced_until=0.0)).in_grace() is None
 
 
 def _stored(**changes: Any) -> bytes:
