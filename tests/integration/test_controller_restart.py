@@ -19,6 +19,7 @@ from ray.experimental import internal_kv
 from compute.memory.client import MemoryClient
 from memory_service import controller_state
 from memory_service.controller import ControllerOptions, start_controller, stop_controller
+from memory_service.core.slots import slot_of
 from memory_service.deploy import join
 from protos import engram_memory_v1_pb2 as pb
 from protos import engram_memory_v1_pb2_grpc as pb_grpc
@@ -185,3 +186,23 @@ def test_a_push_held_by_slots_a_dying_controller_left_frozen_completes_once_it_i
         assert held.result(timeout=20).applied_rows == len(ids)
         assert not torch.equal(client.lookup(TABLE.name, ids, dtype=torch.float32).result(), reference_rows(TABLE, ids))
     _stopped_without_a_trace(name, {pid for actor, pid in _actors_of(name).items() if actor != name})
+
+
+def test_a_shard_dead_when_the_controller_restarts_is_kept_flagged_lost_and_the_other_serves_on(ray_cluster, tmp_path):
+    name = f"test-lost-{uuid.uuid4().hex[:8]}"
+    controller, directory = _start(name, str(tmp_path))
+    routing = _routing(directory, timeout=5)
+    shards = {actor: pid for actor, pid in _actors_of(name).items() if actor != name}
+    dead_shard = sorted(shards)[0]
+    with MemoryClient(directory, TOKEN) as client:
+        os.kill(shards[dead_shard], signal.SIGKILL)
+        os.kill(ray.get(controller.pid.remote()), signal.SIGKILL)
+        assert ray.get(controller.pid.remote()) > 0  # back
+        state = controller_state.load(NAMESPACE, name)
+        assert [(s["actor_name"], s["lost"]) for s in state.shards] == [(n, n == dead_shard) for n in sorted(shards)]
+        assert _routing(directory, timeout=5) == routing  # the routing still names it: failover is not ours
+        alive_index = 1 - [s["index"] for s in state.shards if s["lost"]][0]
+        owners = np.frombuffer(routing.tables[0].owners, dtype="<i4")
+        ids = np.flatnonzero(owners[slot_of(np.arange(TABLE.rows), TABLE.num_slots)] == alive_index)[:100]
+        assert torch.equal(client.lookup(TABLE.name, ids, dtype=torch.float32).result(), reference_rows(TABLE, ids))
+    _stopped_without_a_trace(name, set(shards.values()))
