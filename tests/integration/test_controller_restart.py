@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -23,6 +26,7 @@ from memory_service.core.slots import slot_of
 from memory_service.deploy import join
 from protos import engram_memory_v1_pb2 as pb
 from protos import engram_memory_v1_pb2_grpc as pb_grpc
+from protos.wire import NAMESPACE as NAMESPACE_OF_THE_CLI
 from protos.wire import bearer_metadata
 from tests.integration.memory_deploy import ADMIN_TOKEN, TOKEN, reference_rows, spec
 
@@ -30,6 +34,7 @@ pytestmark = pytest.mark.ray
 
 TABLE = spec("survivor", kind="adam", lr=0.01, dim=8, rows=4000)
 NAMESPACE = "engram-tests-restart"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _push_rows(step: int) -> tuple[np.ndarray, torch.Tensor]:
@@ -65,12 +70,17 @@ def _routing(directory: str, timeout: float) -> pb.Routing:
 
 def _stopped_without_a_trace(name: str, pids: set[int]) -> None:
     stop_controller(name, NAMESPACE)
+    _assert_nothing_left(name, pids, NAMESPACE)
+
+
+def _assert_nothing_left(name: str, pids: set[int], namespace: str) -> None:
+    """No actor named for controller ``name`` alive, none of ``pids`` running, no state stored."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and (_actors_of(name) or any(_alive(pid) for pid in pids)):
         time.sleep(0.1)
     assert not _actors_of(name) and not any(_alive(pid) for pid in pids)
     assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(name)]
-    assert not controller_state.exists(NAMESPACE, name)
+    assert not controller_state.exists(namespace, name)
 
 
 def test_sigkill_of_the_controller_fails_no_data_request_and_it_is_back_within_10_s(ray_cluster):
@@ -206,3 +216,24 @@ def test_a_shard_dead_when_the_controller_restarts_is_kept_flagged_lost_and_the_
         ids = np.flatnonzero(owners[slot_of(np.arange(TABLE.rows), TABLE.num_slots)] == alive_index)[:100]
         assert torch.equal(client.lookup(TABLE.name, ids, dtype=torch.float32).result(), reference_rows(TABLE, ids))
     _stopped_without_a_trace(name, set(shards.values()))
+
+
+def test_cli_status_waits_for_a_restarting_controller_and_down_stops_a_dead_ones_shards(ray_cluster, tmp_path):
+    name = f"test-cli-{uuid.uuid4().hex[:8]}"
+    options = ControllerOptions(data_token=TOKEN, admin_token=ADMIN_TOKEN, host="127.0.0.1", data_root=str(tmp_path))
+    controller = start_controller(options, name=name)  # the CLI's namespace
+    ray.get(controller.deploy.remote([TABLE.to_dict()], 2))
+    shard_pids = {pid for actor, pid in _actors_of(name).items() if actor != name}
+    env = {**os.environ, "ENGRAM_HOME": str(tmp_path / "home")}
+
+    def engram(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "compute.cli", "memory", *args, "--address", ray_cluster,
+                               "--name", name], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    os.kill(ray.get(controller.pid.remote()), signal.SIGKILL)
+    assert len(engram("status").strip().splitlines()) == 3
+    ray.kill(controller, no_restart=True)
+    assert "memory service stopped" in engram("down")
+    _assert_nothing_left(name, shard_pids, NAMESPACE_OF_THE_CLI)
