@@ -77,6 +77,12 @@ class AccessTokens:
             self._previous, self._previous_until = self._current, time.monotonic() + grace_s
             self._current = replacement._current
 
+    def in_grace(self) -> tuple[tuple[str, str], float] | None:
+        """The replaced (data, admin) tokens still accepted and for how many more seconds; None if none are."""
+        with self._lock:
+            left = self._previous_until - time.monotonic()
+            return (self._previous, left) if self._previous is not None and left > 0 else None
+
     def right_of(self, presented: str) -> str | None:
         """``'admin'``, ``'data'`` or None for a presented ``Bearer <token>`` value.
 

@@ -7,6 +7,10 @@ deploys tables onto the groups, moves slots between groups to scale while client
 release on the source), watches every shard's health and fails a dead one over (a replica promoted,
 the missing copy re-made from a live one; a group with no copy left is re-made from the last
 checkpoint), and checkpoints and restores all tables. It serves the DirectoryService over gRPC.
+
+It survives its own death: its state is persisted (``controller_state``) after every change, Ray
+restarts it, and it re-adopts its shards (named, detached actors that serve on meanwhile), serves
+the directory again on the same address and finishes any failover its death cut short.
 """
 from __future__ import annotations
 
@@ -15,7 +19,10 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +32,7 @@ import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray.util.scheduling_strategies import NodeLabelSchedulingStrategy, NotIn
 
-from memory_service import checkpoint
+from memory_service import checkpoint, controller_state
 from memory_service.auth import DEFAULT_GRACE_S, AccessTokens, TlsFiles, check_token
 from memory_service.core.slots import SlotMap
 from memory_service.core.table_spec import TableSpec
@@ -49,19 +56,26 @@ COPY_WAIT_S = 60.0  # how long a new replica's copy waits for a moment with no s
 BARRIER_TIMEOUT_S = 30.0  # how long a checkpoint waits for pending synchronous steps to complete everywhere
 BARRIER_POLL_S = 0.02
 LEASE_MARGIN_S = 30.0  # a hold outlives the barrier's wait by this much, then ends by itself
+RESTART_WAIT_S = 30.0  # how long callers wait for a restarting controller to answer
+SHUTDOWN_WAIT_S = 15.0  # how long stop_controller waits for the controller to stop its shards itself
+REBIND_WAIT_S = 10.0  # how long a restarted controller tries to bind its directory's address again
+ADOPT_TIMEOUT_S = 5.0  # how long a restarted controller waits for each shard to answer
+READ_RETRIES = 10  # read-only methods are asked again when the controller died or restarts meanwhile
 
 
 @dataclasses.dataclass
 class Shard:
     index: int
-    actor: Any
     address: str
     local_address: str  # unix:<path> for clients on the shard's machine; '' when there is none
     node: str
     hostname: str
     reserved_bytes: int  # Ray `memory` reserved for its rows and optimizer state
+    actor_name: str  # its Ray name in the controller's namespace (shard_actor_name)
+    actor: Any
     stub: pb_grpc.ShardServiceStub
     channel: grpc.aio.Channel
+    liveness_address: str = ""  # its health endpoint, answered from a thread even while its event loop is busy
     group: int = 0  # its replica group: the shards that hold the same slots
     primary: bool = True  # takes the group's updates and forwards them to the group's live replicas
     live: bool = True  # holds the group's state (a new replica: once its copy is made)
@@ -101,6 +115,11 @@ class ControllerOptions:
         if self.step_timeout_s < 0:
             raise ValueError(f"step-timeout-s: must be >= 0 (0: never abort), got {self.step_timeout_s}")
 
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> "ControllerOptions":
+        """The inverse of ``dataclasses.asdict``."""
+        return cls(**{**fields, "tls": TlsFiles(**fields["tls"]) if fields["tls"] else None})
+
     def client_tls(self) -> ClientTls | None:
         """What the controller and the clients it informs use to reach the servers: the servers' CA and,
         under mutual TLS, the client identity (by default the servers' own certificate and key)."""
@@ -113,15 +132,23 @@ class ControllerOptions:
                          self.tls_client_key_file or self.tls.key_file)
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_restarts=-1)
 class MemoryController:
-    """Owns the shard actors and the routing; every mutation runs under one lock."""
+    """Owns the shard actors and the routing; every mutation runs under one lock and is persisted.
 
-    def __init__(self, options: ControllerOptions):
+    Ray restarts it whenever it dies; it then recovers from its persisted state (``_recover``).
+    """
+
+    async def __init__(self, options: ControllerOptions, name: str, namespace: str):
         logging.basicConfig(level=logging.INFO)
+        self._name, self._namespace = name, namespace
+        saved = controller_state.load(namespace, name)
+        if saved is not None:
+            options = ControllerOptions.from_dict(saved.options)
         self._options = options
         generated = AccessTokens.generate()
-        self._tokens = AccessTokens(options.data_token or generated.data, options.admin_token or generated.admin)
+        self._tokens = (_saved_tokens(saved) if saved is not None else
+                        AccessTokens(options.data_token or generated.data, options.admin_token or generated.admin))
         self._data_root = Path(options.data_root or checkpoint.default_data_root()).resolve()
         self._client_tls = options.client_tls()
         self._host = options.host or ray.util.get_node_ip_address()
@@ -133,25 +160,123 @@ class MemoryController:
         self._last_checkpoint: str | None = None  # relative to the data root: what a lost group is re-made from
         self._failovers: list[dict[str, Any]] = []  # what the health watch did, for status
         self._misses: dict[int, int] = {}  # shard index -> failed health checks in a row
+        self._liveness: dict[int, grpc.aio.Channel] = {}  # shard index -> a channel to its liveness endpoint
         self._epoch = 0
         self._lock = asyncio.Lock()
         self._directory_address = ""
         self._server = None
         self._watch: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
+        if saved is not None:
+            await self._recover(saved)
 
     async def start(self) -> str:
-        """Start the DirectoryService; return its address."""
-        if self._server is None:
-            servicer = DirectoryServicer(self._routing, self._table_infos)
-            self._server, self._directory_address = await start_server(
-                servicer.add_to_server, [pb.DESCRIPTOR.services_by_name["DirectoryService"].full_name],
-                tokens=self._tokens, host=self._host, tls=self._options.tls,
-                max_message_bytes=self._options.max_message_bytes, reflection_enabled=self._options.reflection)
+        """Start the DirectoryService and the shards' health watch; return the directory's address."""
+        address = await self._serve(self._host, 0)
+        self._start_watch()
+        return address
+
+    def _start_watch(self) -> None:
         if self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_shards())
+
+    async def _serve(self, host: str, port: int) -> str:
+        """Serve the DirectoryService on ``host:port`` (0: any free port), then persist the address. A
+        restarted controller binds its former address again, which its dead process may hold for a moment."""
+        deadline = time.monotonic() + REBIND_WAIT_S
+        while self._server is None:
+            servicer = DirectoryServicer(self._routing, self._table_infos)
+            try:
+                self._server, self._directory_address = await start_server(
+                    servicer.add_to_server, [pb.DESCRIPTOR.services_by_name["DirectoryService"].full_name],
+                    tokens=self._tokens, host=host, port=port, tls=self._options.tls,
+                    max_message_bytes=self._options.max_message_bytes, reflection_enabled=self._options.reflection)
+            except RuntimeError as error:  # grpc: failed to bind
+                if port == 0 or time.monotonic() > deadline:
+                    raise RuntimeError(f"directory: cannot serve on {host}:{port} ({error})") from None
+                await asyncio.sleep(0.2)
+            else:
+                self._persist()
         return self._directory_address
 
+    # ---- surviving a restart ----------------------------------------------------------------
+
+    def _persist(self) -> None:
+        """Write this controller's state where its restarted self finds it (``controller_state``)."""
+        replaced, grace_s = self._tokens.in_grace() or ([], 0.0)
+        controller_state.save(self._namespace, self._name, controller_state.ControllerState(
+            options=dataclasses.asdict(self._options), tokens=[self._tokens.data, self._tokens.admin],
+            replaced_tokens=list(replaced), replaced_until=time.time() + grace_s if replaced else 0.0,
+            directory=self._directory_address, epoch=self._epoch,
+            tables=[{"spec": spec.to_dict(), "epoch": slot_map.epoch, "owners": slot_map.owners.tolist()}
+                    for spec, slot_map in self._tables.values()],
+            shards=[controller_state.shard_record(shard) for shard in self._shards],
+            replicas=self._replicas, next_index=self._next_index,
+            lost=[controller_state.shard_record(shard) for shard in self._lost.values()],
+            last_checkpoint=self._last_checkpoint, failovers=self._failovers))
+
+    async def _recover(self, saved: controller_state.ControllerState) -> None:
+        """Take up where the previous process of this controller died: its tables, epoch and shards (adopted
+        by name, each told the epoch again), the directory on the same address, which clients hold, the
+        health watch, and the re-making of any copy a failover had not finished."""
+        self._epoch = saved.epoch
+        self._tables = {table["spec"]["name"]: (TableSpec.from_dict(table["spec"]),
+                                                SlotMap(table["epoch"], table["owners"])) for table in saved.tables}
+        self._replicas, self._next_index = saved.replicas, saved.next_index
+        self._last_checkpoint, self._failovers = saved.last_checkpoint, saved.failovers
+        host, port = saved.directory.rsplit(":", 1)
+        await self._serve(host, int(port))
+        self._shards = list(await asyncio.gather(*(self._adopt_shard(record) for record in saved.shards)))
+        self._lost = {shard.group: shard for shard in
+                      (self._shard_of(record, actor=None) for record in saved.lost)}
+        self._persist()
+        self._start_watch()
+        unfinished = sorted({s.group for s in self._shards if not s.live} | set(self._lost)
+                            | {g for g in range(self._num_groups()) if len(self._members(g)) < self._replicas})
+        for group in unfinished:
+            self._in_background(self._remake_copies(group, {"group": group, "at": time.time(), "resumed": True}))
+        absent = [shard.index for shard in self._shards if shard.actor is None]
+        log.info("controller %r recovered: epoch %d, tables %s, %d shards (not answering: %s), directory on %s; "
+                 "re-making copies of groups %s", self._name, self._epoch, sorted(self._tables), len(self._shards),
+                 absent or "none", self._directory_address, unfinished or "none")
+
+    def _shard_of(self, record: dict[str, Any], actor: Any) -> Shard:
+        """A Shard from its persisted record, with a new channel."""
+        channel = self._open_channel(record["address"]) if record["address"] else None
+        try:
+            return Shard(**record, actor=actor, stub=pb_grpc.ShardServiceStub(channel) if channel else None,
+                         channel=channel)
+        except TypeError as error:
+            raise controller_state.StateError(f"controller {self._name!r}: a shard record does not fit ({error})")
+
+    async def _adopt_shard(self, record: dict[str, Any]) -> Shard:
+        """The shard of a persisted record, with a new channel and its actor, if it answers (one that does not
+        is left to the health watch to fail over). A primary's slots are thawed: a checkpoint or scale that
+        the death cut short froze them, and no one else would thaw them."""
+        shard = self._shard_of(record, actor=None)
+        try:
+            actor = ray.get_actor(shard.actor_name, namespace=self._namespace)
+            await self._call(shard, "SetEpoch", pb.SetEpochRequest(epoch=self._epoch), timeout=ADOPT_TIMEOUT_S)
+        except (ValueError, grpc.aio.AioRpcError) as error:
+            log.error("shard %d (%s on %s) does not answer: %s", shard.index, shard.actor_name, shard.address,
+                      error.details() if isinstance(error, grpc.aio.AioRpcError) else error)
+            return shard
+        shard.actor = actor
+        if shard.primary:
+            try:
+                await asyncio.gather(*(self._call(shard, "FreezeSlots", pb.FreezeSlotsRequest(
+                    table=spec.name, slots=slot_map.slots_of(shard.group).tolist(), frozen=False),
+                    timeout=ADOPT_TIMEOUT_S) for spec, slot_map in self._tables.values()))
+            except grpc.aio.AioRpcError as error:
+                log.warning("shard %d: could not thaw its slots: %s", shard.index, error.details())
+        return shard
+
+    @ray.method(max_task_retries=READ_RETRIES)
+    def pid(self) -> int:
+        """This controller's process id (answers once a restarting controller is back)."""
+        return os.getpid()
+
+    @ray.method(max_task_retries=READ_RETRIES)
     def connection_info(self) -> dict[str, Any]:
         """What a data client inside the cluster needs: the directory address, the data token, its TLS settings."""
         return {"directory": self._directory_address, "token": self._tokens.data, "tls": self._client_tls,
@@ -162,8 +287,10 @@ class MemoryController:
         Returns ``connection_info`` with the new data token."""
         AccessTokens(data, admin)  # refuse bad tokens before any server takes them
         async with self._lock:
-            await asyncio.gather(*(s.actor.rotate_tokens.remote(data, admin, grace_s) for s in self._shards))
+            await asyncio.gather(*(s.actor.rotate_tokens.remote(data, admin, grace_s) for s in self._shards
+                                   if s.actor is not None))
             self._tokens.rotate(data, admin, grace_s)
+            self._persist()
         log.info("rotated the data and admin tokens on %d shards and the directory (grace %.0f s)",
                  len(self._shards), grace_s)
         return self.connection_info()
@@ -193,18 +320,22 @@ class MemoryController:
                                  storage_dtype=spec.storage_dtype, spec_json=json.dumps(spec.to_dict()))
                 for spec, _ in self._tables.values()]
 
+    @ray.method(max_task_retries=READ_RETRIES)
     def routing(self) -> bytes:
         """The serialized Routing proto (what the DirectoryService answers)."""
         return self._routing().SerializeToString()
 
+    @ray.method(max_task_retries=READ_RETRIES)
     def table_specs(self) -> list[dict[str, Any]]:
         return [spec.to_dict() for spec, _ in self._tables.values()]
 
     # ---- shards -----------------------------------------------------------------------------
 
     async def _call(self, shard: Shard, method: str, request, timeout: float = CONTROL_TIMEOUT_S):
-        return await getattr(shard.stub, method)(request, metadata=bearer_metadata(self._tokens.admin),
-                                                 timeout=timeout)
+        return await getattr(shard.stub, method)(request, metadata=bearer_metadata(self._tokens.admin), timeout=timeout)
+
+    def _open_channel(self, address: str) -> grpc.aio.Channel:
+        return open_channel(address, self._client_tls, transport_options(self._options.max_message_bytes))
 
     async def _start_shard(self, group: int, reserve_bytes: int, primary: bool) -> Shard:
         """A new shard of ``group``, on a node other than its group's shards' where the cluster has one."""
@@ -212,18 +343,23 @@ class MemoryController:
         others = [s.node for s in self._shards if s.group == group]
         spread = {"scheduling_strategy": NodeLabelSchedulingStrategy(hard={}, soft={NODE_ID_LABEL: NotIn(*others)})} \
             if others else {}
-        # Not detached: shards share the controller's fate, so a killed controller leaks no shards.
+        # Named and detached: a shard outlives the controller's death (the restarted controller adopts it by
+        # name) and stop_controller finds it by name. Never restarted: a restarted shard would have no rows.
+        name = shard_actor_name(self._name, index)
         actor = ShardActor.options(
+            name=name, namespace=self._namespace, lifetime="detached", max_restarts=0,
             resources={self._options.shard_resource: 1}, memory=max(reserve_bytes, 1 << 20), **spread,
         ).remote(index, (self._tokens.data, self._tokens.admin), str(self._data_root), self._options.tls,
                  self._options.host, self._options.max_message_bytes, self._options.reflection, self._client_tls,
                  self._options.step_timeout_s)
         info = await actor.start.remote()
-        channel = open_channel(info["address"], self._client_tls, transport_options(self._options.max_message_bytes))
-        log.info("shard %d (group %d, %s) serving on %s (node %s)", index, group, "primary" if primary else "replica",
-                 info["address"], info["node"][:12])
-        return Shard(index, actor, info["address"], info["local_address"], info["node"], info["hostname"],
-                     info["reserved_bytes"], pb_grpc.ShardServiceStub(channel), channel, group, primary)
+        channel = self._open_channel(info["address"])
+        log.info("shard %d (%s; group %d, %s) serving on %s (node %s)", index, name, group,
+                 "primary" if primary else "replica", info["address"], info["node"][:12])
+        return Shard(index=index, address=info["address"], local_address=info["local_address"], node=info["node"],
+                     hostname=info["hostname"], reserved_bytes=info["reserved_bytes"], actor_name=name, actor=actor,
+                     stub=pb_grpc.ShardServiceStub(channel), channel=channel,
+                     liveness_address=info["liveness_address"], group=group, primary=primary)
 
     # ---- replica groups ---------------------------------------------------------------------
 
@@ -278,6 +414,7 @@ class MemoryController:
             self._shards.extend(new)
         if self._replicas > 1:
             await self._set_roles(groups)
+        self._persist()
 
     async def _add_empty_tables(self, shard: Shard, specs: list[TableSpec]) -> None:
         await asyncio.gather(*(self._call(shard, "AddTable", pb.AddTableRequest(
@@ -289,14 +426,19 @@ class MemoryController:
         self._lost = {group: shard for group, shard in self._lost.items() if group < num_groups}
         for shard in removed:
             await shard.channel.close()
+            if shard.actor is None:  # lost before this controller's restart
+                continue
             try:
                 await asyncio.wait_for(shard.actor.stop.remote(), HEALTH_TIMEOUT_S * 5)
             except (ray.exceptions.RayActorError, asyncio.TimeoutError):
                 log.warning("shard %d was dead or did not answer; killed", shard.index)
             ray.kill(shard.actor)
+        self._persist()
 
     async def _broadcast_epoch(self) -> None:
-        """Tell every shard the new epoch (one that does not answer is the health watch's business)."""
+        """Persist the new epoch and routing, then tell every shard (one that does not answer is the health
+        watch's business; a restarted controller tells them again)."""
+        self._persist()
         shards = list(self._shards)
         replies = await asyncio.gather(*(self._call(s, "SetEpoch", pb.SetEpochRequest(epoch=self._epoch),
                                                     timeout=HEALTH_TIMEOUT_S * 5) for s in shards),
@@ -329,6 +471,7 @@ class MemoryController:
                     spec_json=json.dumps(spec.to_dict()), slots=slot_map.slots_of(s.group).tolist(),
                     epoch=self._epoch)) for s in self._shards))
                 self._tables[spec.name] = (spec, slot_map)
+            self._persist()
             log.info("deployed %s on %d shard groups of %d", [s.name for s in specs], num_shards, replicas)
             return self._directory_address
 
@@ -397,6 +540,7 @@ class MemoryController:
 
     # ---- status / checkpoint / restore ------------------------------------------------------
 
+    @ray.method(max_task_retries=READ_RETRIES)
     async def status(self) -> list[dict[str, Any]]:
         """One record per shard: index, replica group and role, node, address, slots, rows, bytes held and
         reserved, requests/s, p50/p99 lookup ms, its pending synchronous steps (table, step, world_size,
@@ -428,6 +572,7 @@ class MemoryController:
         """What the health watch did, oldest first: each dead shard, when, what replaced it and how long it took."""
         return list(self._failovers)
 
+    @ray.method(max_task_retries=READ_RETRIES)
     async def checksums(self) -> dict[str, list[str]]:
         """Per table, each shard's checksum of its slots, in shard order (tests compare these around bad input,
         and a group's replicas with their primary)."""
@@ -482,6 +627,7 @@ class MemoryController:
                 checkpoint.discard(staging)
                 raise
             self._last_checkpoint = str(path.relative_to(self._data_root))
+            self._persist()
             log.info("checkpointed %d tables to %s", len(files), path)
             return str(path / checkpoint.MANIFEST)
 
@@ -577,6 +723,7 @@ class MemoryController:
             await self._shrink_to(num_shards)
             await self._broadcast_epoch()
             self._last_checkpoint = str(path.relative_to(self._data_root))
+            self._persist()
             log.info("restored %d tables from %s onto %d shard groups", len(entries), path, num_shards)
             return self._epoch
 
@@ -603,6 +750,8 @@ class MemoryController:
             await asyncio.sleep(HEALTH_PERIOD_S)
             try:
                 shards = list(self._shards)
+                for index in set(self._liveness) - {s.index for s in shards}:  # shards gone since
+                    await self._liveness.pop(index).close()
                 answers = await asyncio.gather(*(self._answers(s) for s in shards))
                 for shard, healthy in zip(shards, answers):
                     self._misses[shard.index] = 0 if healthy else self._misses.get(shard.index, 0) + 1
@@ -612,9 +761,13 @@ class MemoryController:
                 log.exception("shard health watch")
 
     async def _answers(self, shard: Shard) -> bool:
+        """Whether ``shard``'s process answers its liveness endpoint (a thread of its own: a shard busy with a
+        long request, such as initialising a large table, still answers; a killed or stopped one does not)."""
+        if shard.index not in self._liveness:
+            self._liveness[shard.index] = self._open_channel(shard.liveness_address)
         try:
-            reply = await health_pb2_grpc.HealthStub(shard.channel).Check(health_pb2.HealthCheckRequest(),
-                                                                          timeout=HEALTH_TIMEOUT_S)
+            reply = await health_pb2_grpc.HealthStub(self._liveness[shard.index]).Check(
+                health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S)
         except grpc.aio.AioRpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -628,7 +781,8 @@ class MemoryController:
                 return
             self._shards.remove(dead)
             self._misses.pop(dead.index, None)
-            ray.kill(dead.actor, no_restart=True)  # a stopped shard must never serve again once routed around
+            if dead.actor is not None:
+                ray.kill(dead.actor, no_restart=True)  # a stopped shard must never serve again once routed around
             await dead.channel.close()
             members = self._members(dead.group)
             promoted = None
@@ -643,7 +797,8 @@ class MemoryController:
                 else:
                     for other in members:  # copies still being made have nothing to copy from any more
                         self._shards.remove(other)
-                        ray.kill(other.actor, no_restart=True)
+                        if other.actor is not None:
+                            ray.kill(other.actor, no_restart=True)
                     self._lost[dead.group] = dead
             self._epoch += 1
             await self._set_roles([dead.group])
@@ -652,6 +807,7 @@ class MemoryController:
                      "at": time.time(), "promoted": promoted.index if promoted else None,
                      "routed_around_s": time.monotonic() - detected, "epoch": self._epoch}
             self._failovers.append(event)
+            self._persist()
             log.warning("shard %d (group %d, %s) is dead: %s", dead.index, dead.group, event["was"],
                         f"shard {promoted.index} is the group's primary now" if promoted else
                         "the group has no copy left" if dead.group in self._lost else "its primary serves on")
@@ -689,12 +845,14 @@ class MemoryController:
                 await self._set_roles([group])
                 for shard in self._members(group):
                     if not shard.live:
+                        await self._reset_copy(shard)  # a copy cut short (by the controller's death) starts over
                         await self._copy_to(shard)
                         shard.live = True
                 self._epoch += 1
                 await self._set_roles([group])
                 await self._broadcast_epoch()
                 event["recovered_s"] = time.time() - event["at"]
+                self._persist()
                 log.info("shard group %d has its %d copies again after %.1f s", group, self._replicas,
                          event["recovered_s"])
         except Exception as error:
@@ -751,27 +909,108 @@ class MemoryController:
                 self._server = None
 
 
+def _saved_tokens(saved: controller_state.ControllerState) -> AccessTokens:
+    """The tokens of a persisted state, the replaced ones accepted for the rest of their grace period."""
+    grace_s = saved.replaced_until - time.time()
+    if not saved.replaced_tokens or grace_s <= 0:
+        return AccessTokens(*saved.tokens)
+    tokens = AccessTokens(*saved.replaced_tokens)
+    tokens.rotate(*saved.tokens, grace_s=grace_s)
+    return tokens
+
+
+def shard_actor_name(controller: str, index: int) -> str:
+    """A new shard's Ray name: the controller's name, the index, and a suffix of its own (a name is
+    released only once its actor is dead, and a restore or scale may start a shard of the same index sooner)."""
+    return f"{controller}.shard-{index}.{uuid.uuid4().hex[:8]}"
+
+
+def _is_shard_of(controller: str, actor_name: str) -> bool:
+    return re.fullmatch(rf"{re.escape(controller)}\.shard-\d+\.[0-9a-f]{{8}}", actor_name) is not None
+
+
 def start_controller(options: ControllerOptions | None = None, name: str = CONTROLLER_NAME,
                      namespace: str = NAMESPACE):
-    """Create the named, detached controller (Ray must be initialised) and start its directory."""
+    """Create the named, detached controller (Ray must be initialised) and start its directory.
+
+    Ray restarts it whenever it dies, from the state it persisted; a stopped controller's name is free again
+    only once ``stop_controller`` has deleted that state."""
+    if controller_state.exists(namespace, name) and not _exists(name, namespace):
+        raise ValueError(f"memory controller {name!r} in namespace {namespace!r} is dead but left its state (and "
+                         f"maybe shards); run `engram memory down --name {name}` first")
     controller = MemoryController.options(name=name, namespace=namespace, lifetime="detached").remote(
-        options or ControllerOptions())
+        options or ControllerOptions(), name, namespace)
     ray.get(controller.start.remote())
     return controller
 
 
-def get_controller(name: str = CONTROLLER_NAME, namespace: str = NAMESPACE):
-    """The running controller; ValueError naming it if there is none."""
+def get_controller(name: str = CONTROLLER_NAME, namespace: str = NAMESPACE, wait_s: float = RESTART_WAIT_S):
+    """The running controller, once it answers (a restarting one within ``wait_s``); ValueError naming it if
+    there is none or it does not answer."""
     try:
-        return ray.get_actor(name, namespace=namespace)
+        controller = ray.get_actor(name, namespace=namespace)
     except ValueError:
         raise ValueError(f"no memory controller named {name!r} in namespace {namespace!r}; run `engram memory up`") from None
+    try:
+        ray.get(controller.pid.remote(), timeout=wait_s)
+    except (ray.exceptions.RayError, TimeoutError) as error:
+        raise ValueError(f"memory controller {name!r} did not answer within {wait_s:.0f} s "
+                         f"({type(error).__name__}); `engram memory down --name {name}` stops what is left") from None
+    return controller
 
 
 def stop_controller(name: str = CONTROLLER_NAME, namespace: str = NAMESPACE) -> None:
-    """Stop the shards and kill the controller, whatever state they are in."""
-    controller = get_controller(name, namespace)
+    """Stop the shards and kill the controller, whatever state they are in (the controller alive, restarting
+    or dead), and delete its persisted state; ValueError if no controller of that name left anything."""
+    shards = _shard_names(name, namespace)
     try:
-        ray.get(controller.shutdown.remote())
-    finally:
-        ray.kill(controller)  # its shard actors die with it
+        controller = ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        if not shards and not controller_state.exists(namespace, name):
+            raise ValueError(f"no memory controller named {name!r} in namespace {namespace!r}; "
+                             "run `engram memory up`") from None
+        controller = None
+    if controller is not None:
+        try:
+            ray.get(controller.shutdown.remote(), timeout=SHUTDOWN_WAIT_S)
+        except (ray.exceptions.RayError, TimeoutError) as error:
+            log.warning("controller %r did not stop its shards (%s); killing them by name", name, error)
+        ray.kill(controller, no_restart=True)
+    _kill_named(_shard_names(name, namespace), namespace)
+    _wait_gone([name, *shards], namespace)  # before the state goes: a controller in its restart may still write it
+    controller_state.delete(namespace, name)
+
+
+def _exists(actor_name: str, namespace: str) -> bool:
+    try:
+        ray.get_actor(actor_name, namespace=namespace)
+    except ValueError:
+        return False
+    return True
+
+
+def _shard_names(controller: str, namespace: str) -> list[str]:
+    """The Ray names of the live shard actors of ``controller``."""
+    return [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["namespace"] == namespace and _is_shard_of(controller, actor["name"])]
+
+
+def _kill_named(names: list[str], namespace: str) -> None:
+    """Kill the actors named ``names``, once their servers stopped (or did not within a few seconds)."""
+    actors = []
+    for actor_name in names:
+        try:
+            actors.append(ray.get_actor(actor_name, namespace=namespace))
+        except ValueError:  # died meanwhile
+            continue
+    if actors:
+        ray.wait([actor.stop.remote() for actor in actors], num_returns=len(actors), timeout=5.0)
+    for actor in actors:
+        ray.kill(actor)
+
+
+def _wait_gone(names: list[str], namespace: str, timeout_s: float = 10.0) -> None:
+    """Wait until Ray has released ``names`` (a killed actor's name is free once it is dead)."""
+    deadline = time.monotonic() + timeout_s
+    while any(_exists(actor_name, namespace) for actor_name in names) and time.monotonic() < deadline:
+        time.sleep(0.1)

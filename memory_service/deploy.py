@@ -44,7 +44,7 @@ class MemoryHandle:
 
     def checkpoint(self, directory: str | Path) -> None:
         """Write every table, as of now, into ``directory`` (inside the service's data root; the shards
-        write in parallel)."""
+        write in parallel); a restarting controller is waited for."""
         ray.get(get_controller(self.controller, self.namespace).checkpoint.remote(str(directory)))
 
     def restore(self, directory: str | Path) -> None:
@@ -52,7 +52,7 @@ class MemoryHandle:
         ray.get(get_controller(self.controller, self.namespace).restore.remote(str(directory)))
 
     def stop(self) -> None:
-        """Stop the shards and the controller."""
+        """Stop the shards and the controller, even a dead or restarting controller, leaving no actor behind."""
         stop_controller(self.controller, self.namespace)
 
 

@@ -6,6 +6,7 @@ INVALID_ARGUMENT, standard health checking (no token) and, when asked for, serve
 from __future__ import annotations
 
 import logging
+from concurrent import futures
 from typing import Callable
 
 import grpc
@@ -95,3 +96,15 @@ async def start_server(
     security = ("mutual TLS" if tls.client_ca_file else "TLS") if tls else "plaintext"
     log.info("serving %s on %s (%s)", ", ".join(service_names), address, security)
     return server, address
+
+
+def start_liveness_server(host: str, tls: TlsFiles | None) -> tuple[grpc.Server, str]:
+    """A standard health endpoint answered from threads of its own (no token), so that a server whose
+    event loop is busy with a long request still answers while a stopped or dead process does not;
+    return it and its ``host:port``."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="liveness"))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    target = f"{host}:0"
+    bound = server.add_secure_port(target, tls.server_credentials()) if tls else server.add_insecure_port(target)
+    server.start()
+    return server, f"{host}:{bound}"

@@ -20,7 +20,7 @@ import ray
 from memory_service.auth import AccessTokens, TlsFiles
 from memory_service.metrics import RayMetricsExporter, ShardMetrics
 from memory_service.replication import Replicas
-from memory_service.server import start_server
+from memory_service.server import start_liveness_server, start_server
 from memory_service.servicer import ShardServicer
 from protos import engram_memory_v1_pb2 as pb
 from protos import engram_memory_v1_pb2_grpc as pb_grpc
@@ -61,13 +61,14 @@ class ShardActor:
                                        Path(data_root), replicas)
         self._servicer.node = ray.get_runtime_context().get_node_id()
         self._servicer.step_timeout_s = step_timeout_s
-        self._server = None
+        self._server = self._liveness = None
         self._sweep: asyncio.Task | None = None
         self._socket_dir = None if tls else tempfile.mkdtemp(prefix="engram-shard-")  # mode 0700
 
     async def start(self) -> dict[str, str]:
-        """Start serving; return this shard's ``address``, ``local_address`` ('' with TLS), ``node``, ``hostname``
-        and the Ray ``memory`` it reserved (``reserved_bytes``)."""
+        """Start serving; return this shard's ``address``, ``local_address`` ('' with TLS), ``liveness_address``
+        (its health, answered even while a long request holds the event loop), ``node``, ``hostname`` and the
+        Ray ``memory`` it reserved (``reserved_bytes``)."""
         local_socket = f"{self._socket_dir}/shard-{self._servicer.shard_index}.sock" if self._socket_dir else None
         if self._server is None:
             self._server, self._servicer.address = await start_server(
@@ -75,8 +76,10 @@ class ShardActor:
                 [pb.DESCRIPTOR.services_by_name["ShardService"].full_name],
                 tokens=self._tokens, host=self._host, tls=self._tls, max_message_bytes=self._servicer.max_message_bytes,
                 unix_socket=local_socket, reflection_enabled=self._reflection)
+            self._liveness, self._liveness_address = start_liveness_server(self._host, self._tls)
             self._sweep = asyncio.get_running_loop().create_task(self._abort_expired_steps())
         return {"address": self._servicer.address, "local_address": f"unix:{local_socket}" if local_socket else "",
+                "liveness_address": self._liveness_address,
                 "node": self._servicer.node, "hostname": socket.gethostname(),
                 "reserved_bytes": int(ray.get_runtime_context().get_assigned_resources().get("memory", 0))}
 
@@ -113,5 +116,8 @@ class ShardActor:
         if self._server is not None:
             await self._server.stop(grace=1.0)
             self._server = None
+        if self._liveness is not None:
+            self._liveness.stop(grace=None)
+            self._liveness = None
         if self._socket_dir:
             shutil.rmtree(self._socket_dir, ignore_errors=True)

@@ -109,8 +109,6 @@ def _recorded_connection(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rotate_tokens(args) -> int:
-    import ray
-
     from memory_service.deploy import AccessTokens
 
     state = _read_state()
@@ -120,7 +118,7 @@ def _rotate_tokens(args) -> int:
                          "so new tokens could not be saved; pass --data-token and --admin-token")
     generated = AccessTokens.generate()
     data, admin = args.data_token or generated.data, args.admin_token or generated.admin
-    info = ray.get(_controller(args).rotate_tokens.remote(data, admin, args.grace_s))
+    info = _ask(_controller(args).rotate_tokens.remote(data, admin, args.grace_s))
     print(f"tokens rotated on every server; the old ones stop working in {args.grace_s:.0f} s")
     if recorded:
         _write_state({**state, **_recorded_connection(info), "admin_token": admin})
@@ -129,17 +127,27 @@ def _rotate_tokens(args) -> int:
 
 
 def _controller(args):
+    """The controller named by --name, once it answers (one that Ray restarts answers within seconds)."""
     from memory_service.deploy import get_controller
 
     _connect(args)
     return get_controller(args.name)
 
 
-def _status(args) -> int:
+def _ask(call) -> Any:
+    """The result of a controller call; a controller that died during it is one line, not a traceback."""
     import ray
 
+    try:
+        return ray.get(call)
+    except ray.exceptions.RayActorError:
+        raise ValueError("the memory controller died during this command; Ray restarts it from its last saved state: "
+                         "check `engram memory status` and run the command again") from None
+
+
+def _status(args) -> int:
     controller = _controller(args)
-    rows = ray.get(controller.status.remote())
+    rows = _ask(controller.status.remote())
     header = ("shard", "group", "role", "state", "node", "address", "slots", "rows", "bytes", "reserved", "req/s",
               "p50 ms", "p99 ms", "pending", "aborted")
     table = [(str(r["shard"]), str(r["group"]), r["role"], r["state"], r["node"][:12], r["address"], str(r["slots"]),
@@ -153,7 +161,7 @@ def _status(args) -> int:
         for p in r["pending_steps"]:
             print(f"shard {r['shard']}: table {p['table']} step {p['step']} pending {p['age_s']:.1f} s, "
                   f"ranks {p['reported_ranks']} of {p['world_size']} reported")
-    for event in ray.get(controller.failovers.remote()):
+    for event in _ask(controller.failovers.remote()):
         outcome = (f"shard {event['promoted']} promoted" if event["promoted"] is not None
                    else f"re-made from {event['remade_from']}" if "remade_from" in event else "its primary serves on")
         back = f"; all copies back after {event['recovered_s']:.1f} s" if "recovered_s" in event else ""
@@ -163,25 +171,19 @@ def _status(args) -> int:
 
 
 def _scale(args) -> int:
-    import ray
-
-    moved = ray.get(_controller(args).scale.remote(args.shards))
+    moved = _ask(_controller(args).scale.remote(args.shards))
     print(f"scaled to {args.shards} shard(s); slots moved per table: {moved}")
     return 0
 
 
 def _checkpoint(args) -> int:
-    import ray
-
-    manifest = ray.get(_controller(args).checkpoint.remote(args.directory, args.barrier_timeout_s))
+    manifest = _ask(_controller(args).checkpoint.remote(args.directory, args.barrier_timeout_s))
     print(f"checkpoint written: {manifest}")
     return 0
 
 
 def _restore(args) -> int:
-    import ray
-
-    epoch = ray.get(_controller(args).restore.remote(args.directory, args.shards, False, args.replicas))
+    epoch = _ask(_controller(args).restore.remote(args.directory, args.shards, False, args.replicas))
     print(f"restored {args.directory} (routing epoch {epoch})")
     return 0
 
