@@ -86,9 +86,10 @@ class Service:
 
 
 @contextlib.contextmanager
-def service(workload: Workload, replicas: int, data_root: str):
+def service(workload: Workload, replicas: int, data_root: str, step_timeout_s: float = 120.0):
     name = f"faults-{uuid.uuid4().hex[:8]}"
-    options = ControllerOptions(data_token=TOKEN, admin_token=ADMIN_TOKEN, host="127.0.0.1", data_root=data_root)
+    options = ControllerOptions(data_token=TOKEN, admin_token=ADMIN_TOKEN, host="127.0.0.1", data_root=data_root,
+                                step_timeout_s=step_timeout_s)
     controller = start_controller(options, name=name)
     try:
         directory = ray.get(controller.deploy.remote([workload.table.to_dict()], workload.shards, replicas))
@@ -101,8 +102,9 @@ class Traffic:
     """The push stream (one thread per rank, from ``first_step``) and a reader, every failure recorded."""
 
     def __init__(self, service_: Service, workload: Workload, on_step: Callable[[int], None] | None = None,
-                 first_step: int = 0):
+                 first_step: int = 0, last_rank_dies_at: int | None = None):
         self.workload, self.on_step, self.first_step = workload, on_step, first_step
+        self.last_rank_dies_at = last_rank_dies_at  # the last rank pushes no step from this one on
         self.clients = [service_.client() for _ in range(workload.ranks + 1)]
         self.errors: list[BaseException] = []
         self.pushes = self.lookups = 0
@@ -128,7 +130,7 @@ class Traffic:
     def _push(self, rank: int) -> None:
         try:
             for step in range(self.first_step, self.workload.steps):
-                if self.stop.is_set():
+                if self.stop.is_set() or (rank == self.workload.ranks - 1 and step == self.last_rank_dies_at):
                     return
                 self.workload.push(self.clients[rank], step, rank)
                 self.pushes += 1
@@ -184,22 +186,27 @@ def wait_until(condition: Callable[[], Any], timeout_s: float) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Scenario:
-    """A signal sent to one shard (``group``, primary or not) when rank 0 finishes step ``at_step``."""
+    """A fault when rank 0 finishes step ``at_step``: ``signal`` sent to one shard (``group``, its primary or
+    not) or to the controller, or (``target`` "worker") the last rank dying, never to push again."""
 
     name: str
     signal: int
-    primary: bool
+    primary: bool = True
     replicas: int = 2
     group: int = 0
     at_step: int = 6
+    target: str = "shard"  # shard | controller | worker
 
 
 SCENARIOS = {scenario.name: scenario for scenario in (
-    Scenario("shard SIGKILL, primary", signal.SIGKILL, primary=True),
+    Scenario("shard SIGKILL, primary", signal.SIGKILL),
     Scenario("shard SIGKILL, replica", signal.SIGKILL, primary=False),
-    Scenario("shard SIGSTOP, primary", signal.SIGSTOP, primary=True, group=1),
-    Scenario("shard SIGKILL, one copy", signal.SIGKILL, primary=True, replicas=1),
+    Scenario("shard SIGSTOP, primary", signal.SIGSTOP, group=1),
+    Scenario("controller SIGKILL", signal.SIGKILL, target="controller"),
+    Scenario("worker dies mid-step", signal.SIGKILL, target="worker"),
+    Scenario("shard SIGKILL, one copy", signal.SIGKILL, replicas=1),
 )}
+WORKER_STEP_TIMEOUT_S = 3.0  # the step timeout of the worker scenario's service
 
 
 def run_scenario(scenario: Scenario, workload: Workload, expected: dict[int, str], data_root: str,
@@ -208,10 +215,15 @@ def run_scenario(scenario: Scenario, workload: Workload, expected: dict[int, str
 
     With one copy the shard's updates since the last checkpoint are lost by design: the driver checkpoints
     between steps every ``at_step`` steps and, told of the loss, restores the last checkpoint and runs on
-    from its step, as a training job resumes; the verdict then holds for the run as a whole.
+    from its step, as a training job resumes; the verdict then holds for the run as a whole. A dead worker
+    loses its steps by design: the verdict is whether the shards aborted them within their step timeout
+    and hold nothing of them after.
     """
+    if scenario.target == "worker":
+        return _run_without_a_worker(scenario, workload, data_root)
     with service(workload, scenario.replicas, data_root) as svc:
-        victim = svc.pid_of(scenario.group, scenario.primary)
+        victim = (ray.get(svc.controller.pid.remote()) if scenario.target == "controller"
+                  else svc.pid_of(scenario.group, scenario.primary))
         struck: dict[str, float] = {}
 
         def strike(step: int) -> None:
@@ -230,19 +242,64 @@ def run_scenario(scenario: Scenario, workload: Workload, expected: dict[int, str
             if scenario.signal == signal.SIGSTOP:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(victim, signal.SIGCONT)  # the controller kills it; this matters only if it did not
-        events = wait_until(lambda: [e for e in ray.get(svc.controller.failovers.remote()) if "recovered_s" in e],
-                            recovery_timeout_s) or ray.get(svc.controller.failovers.remote())
+        outcome = {"scenario": scenario.name, "replicas": scenario.replicas, **traffic.summary(),
+                   "resumed_from_step": resumed_from}
+        if scenario.target == "controller":
+            outcome["controller_back_s"] = _controller_back_s(svc, victim, struck["at"])
+            outcome["failover_s"] = outcome["recovered_s"] = None
+        else:
+            events = wait_until(lambda: [e for e in ray.get(svc.controller.failovers.remote()) if "recovered_s" in e],
+                                recovery_timeout_s) or ray.get(svc.controller.failovers.remote())
+            event = events[0] if events else {}
+            outcome["failover_s"] = event["at"] + event["routed_around_s"] - struck["at"] if event and struck else None
+            outcome["recovered_s"] = event["at"] + event["recovered_s"] - struck["at"] if "recovered_s" in event else None
         whole = wait_until(lambda: svc.whole(scenario.replicas, workload.shards), recovery_timeout_s)
         groups = svc.group_checksums(workload.table.name)
-        event = events[0] if events else {}
-        return {
-            "scenario": scenario.name, "replicas": scenario.replicas, **traffic.summary(),
-            "failovers": len(events), "resumed_from_step": resumed_from,
-            "failover_s": event["at"] + event["routed_around_s"] - struck["at"] if event and struck else None,
-            "recovered_s": event["at"] + event["recovered_s"] - struck["at"] if "recovered_s" in event else None,
-            "tables_equal": {group: sums[0] for group, sums in groups.items()} == expected,
-            "copies_identical": bool(whole) and all(len(set(sums)) == 1 for sums in groups.values()),
-        }
+        return {**outcome, "tables_equal": {group: sums[0] for group, sums in groups.items()} == expected,
+                "copies_identical": bool(whole) and all(len(set(sums)) == 1 for sums in groups.values())}
+
+
+def _controller_back_s(svc: Service, dead_pid: int, killed_at: float) -> float:
+    """Seconds from the kill until the restarted controller answers and its directory serves the routing."""
+    wait_until(lambda: ray.get(svc.controller.pid.remote()) != dead_pid, 60)
+    with svc.client() as client:
+        wait_until(lambda: _answers(client), 60)
+    return time.time() - killed_at
+
+
+def _answers(client: MemoryClient) -> bool:
+    try:
+        client.refresh_routing()
+    except MemoryServiceError:
+        return False
+    return True
+
+
+def _run_without_a_worker(scenario: Scenario, workload: Workload, data_root: str) -> dict[str, Any]:
+    """The last rank dies before step ``at_step``: every later step waits for it on the shards until their
+    step timeout aborts it. Measures how long after rank 0's last push no step is pending any more, and
+    the shards' held bytes before the death and after."""
+    with service(workload, scenario.replicas, data_root, step_timeout_s=WORKER_STEP_TIMEOUT_S) as svc:
+        held: dict[str, int] = {}
+
+        def note_held(step: int) -> None:
+            if step == scenario.at_step - 1:
+                held["before"] = sum(r["bytes"] for r in ray.get(svc.controller.status.remote()))
+
+        with Traffic(svc, workload, note_held, last_rank_dies_at=scenario.at_step) as traffic:
+            pass
+        last_push = time.time()
+        cleared = wait_until(lambda: not any(r["pending_steps"] for r in ray.get(svc.controller.status.remote())), 60)
+        records = ray.get(svc.controller.status.remote())
+        return {"scenario": scenario.name, "replicas": scenario.replicas, **traffic.summary(),
+                "resumed_from_step": None, "failover_s": None, "recovered_s": None,
+                "step_timeout_s": WORKER_STEP_TIMEOUT_S,
+                "aborted_steps": max(r["aborted_steps"] for r in records),
+                "steps_cleared_s": time.time() - last_push if cleared else None,
+                "held_bytes_before": held["before"], "held_bytes_after": sum(r["bytes"] for r in records),
+                "tables_equal": None,
+                "copies_identical": all(len(set(sums)) == 1
+                                        for sums in svc.group_checksums(workload.table.name).values())}
 
 
 def _run_with_checkpoints(svc: Service, workload: Workload, scenario: Scenario, strike) -> tuple[Traffic, int | None]:

@@ -1,9 +1,11 @@
 """Fault injection: every scenario of ``bench/fault_injection.py`` against its fault-free twin, then a soak.
 
-For each scenario (a shard's primary or replica SIGKILLed, a primary SIGSTOPped, a shard with no
-replica SIGKILLed): failed requests, whether the final tables equal the fault-free run's (so no
-acknowledged update was lost), whether every group's copies are bit-identical again, failover time
-(signal to clients routed around the shard) and recovery time (signal to every copy back). The soak
+For each scenario (a shard's primary or replica SIGKILLed, a primary SIGSTOPped, the controller
+SIGKILLed, a worker dying mid-step, a shard with no replica SIGKILLed): failed requests, whether the
+final tables equal the fault-free run's (so no acknowledged update was lost), whether every group's
+copies are bit-identical again, failover time (signal to clients routed around the shard) and
+recovery time (signal to every copy back; for the controller, to its directory serving again); for
+the dead worker, how soon its steps were aborted and what the shards hold after. The soak
 runs several ranks and a reader for ``--soak-s`` seconds on two copies and samples the shards' memory.
 Run: ``python -m bench.faults [--steps 60] [--soak-s 120]``; prints a table, writes
 bench/results/faults.json and faults.png.
@@ -48,13 +50,18 @@ def main() -> None:
 
 
 def report(records: list[dict], soaked: dict | None, args, workload: Workload, elapsed_s: float) -> None:
-    header = f"{'scenario':<28}{'copies':>7}{'failed':>8}{'pushes':>8}{'lookups':>9}{'p99 ms':>9}" \
+    header = f"{'scenario':<26}{'copies':>7}{'failed':>7}{'pushes':>7}{'lookups':>8}{'p99 ms':>8}" \
              f"{'equal':>7}{'identical':>10}{'failover s':>11}{'recovered s':>12}"
     print(header)
     for r in records:
-        print(f"{r['scenario']:<28}{r['replicas']:>7}{r['failed_requests']:>8}{r['pushes']:>8}{r['lookups']:>9}"
-              f"{r['lookup_p99_ms']:>9.1f}{str(r['tables_equal']):>7}{str(r['copies_identical']):>10}"
-              f"{_seconds(r['failover_s']):>11}{_seconds(r['recovered_s']):>12}")
+        recovered = r["recovered_s"] if r.get("controller_back_s") is None else r["controller_back_s"]
+        print(f"{r['scenario']:<26}{r['replicas']:>7}{r['failed_requests']:>7}{r['pushes']:>7}{r['lookups']:>8}"
+              f"{r['lookup_p99_ms']:>8.1f}{str(r['tables_equal']):>7}{str(r['copies_identical']):>10}"
+              f"{_seconds(r['failover_s']):>11}{_seconds(recovered):>12}")
+        if "steps_cleared_s" in r:
+            print(f"  {r['aborted_steps']} steps aborted (step timeout {r['step_timeout_s']:.0f} s); none pending "
+                  f"{_seconds(r['steps_cleared_s'])} s after the last push; shard bytes "
+                  f"{r['held_bytes_before']} before, {r['held_bytes_after']} after")
     if soaked:
         print(f"soak {soaked['seconds']:.0f} s, {soaked['ranks']} ranks + a reader: {soaked['failed_requests']} failed, "
               f"{soaked['steps']} steps, {soaked['lookups']} lookups, p99 {soaked['lookup_p99_ms']:.1f} ms, shard "
@@ -69,8 +76,8 @@ def report(records: list[dict], soaked: dict | None, args, workload: Workload, e
         positions = range(len(records))
         times.barh([p + 0.2 for p in positions], [r["failover_s"] or 0 for r in records], height=0.4,
                    label="failover (routed around)")
-        times.barh([p - 0.2 for p in positions], [r["recovered_s"] or 0 for r in records], height=0.4,
-                   label="all copies back")
+        times.barh([p - 0.2 for p in positions], [r.get("controller_back_s") or r["recovered_s"] or 0 for r in records],
+                   height=0.4, label="all copies back (controller: serving again)")
         times.set_yticks(list(positions), labels)
         times.set_xlabel("seconds after the signal")
         times.legend(fontsize=8)
