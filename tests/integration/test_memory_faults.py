@@ -80,3 +80,21 @@ def test_a_lost_shard_is_named_until_remade_from_the_checkpoint(ray_cluster, tmp
         group0 = torch.from_numpy(rows % WORKLOAD.table.num_slots < WORKLOAD.table.num_slots // 2)
         assert torch.equal(now[group0], saved[group0])  # group 0 as checkpointed; its later updates are lost
         assert not torch.equal(now[~group0], saved[~group0])  # group 1 kept its updates
+
+
+def test_aborted_steps_and_a_restore_reach_every_copy_in_order(ray_cluster, tmp_path):
+    with service(WORKLOAD, replicas=2, data_root=str(tmp_path), step_timeout_s=2.0) as svc, svc.client() as client:
+        for rank in range(WORKLOAD.ranks):
+            WORKLOAD.push(client, 0, rank)
+        at_cut = svc.group_checksums(WORKLOAD.table.name)
+        ray.get(svc.controller.checkpoint.remote("cut"))
+        WORKLOAD.push(client, 1, 0)  # rank 1 never pushes step 1: each primary's sweep aborts it, its replica too
+        assert wait_until(lambda: all(r["aborted_steps"] == 1 for r in ray.get(svc.controller.status.remote())), 15)
+        groups = svc.group_checksums(WORKLOAD.table.name)
+        assert all(len(set(sums)) == 1 for sums in groups.values()), groups
+        os.kill(svc.pid_of(group=0, primary=True), signal.SIGKILL)
+        assert wait_until(lambda: svc.whole(2, WORKLOAD.shards), 30)
+        with pytest.raises(MemoryServiceError, match="ABORTED"):  # the promoted replica knows step 1 was aborted
+            WORKLOAD.push(client, 1, 1)
+        ray.get(svc.controller.restore.remote("cut"))  # staged on every copy, committed in each primary's order
+        assert svc.group_checksums(WORKLOAD.table.name) == at_cut
