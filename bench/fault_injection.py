@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import signal
 import statistics
+import subprocess
 import threading
 import time
 import uuid
@@ -61,8 +63,9 @@ class Service:
     directory: str
     data_root: str
 
-    def client(self) -> MemoryClient:
-        return MemoryClient(self.directory, TOKEN)
+    def client(self, tcp: bool = False) -> MemoryClient:
+        """A data client; ``tcp``: over TCP even to shards on this machine (no Unix socket, no shared memory)."""
+        return MemoryClient(self.directory, TOKEN, use_local_transport=not tcp)
 
     def group_checksums(self, table: str) -> dict[int, list[str]]:
         """Per replica group, its serving shards' checksums, primary first."""
@@ -102,10 +105,10 @@ class Traffic:
     """The push stream (one thread per rank, from ``first_step``) and a reader, every failure recorded."""
 
     def __init__(self, service_: Service, workload: Workload, on_step: Callable[[int], None] | None = None,
-                 first_step: int = 0, last_rank_dies_at: int | None = None):
+                 first_step: int = 0, last_rank_dies_at: int | None = None, tcp: bool = False):
         self.workload, self.on_step, self.first_step = workload, on_step, first_step
         self.last_rank_dies_at = last_rank_dies_at  # the last rank pushes no step from this one on
-        self.clients = [service_.client() for _ in range(workload.ranks + 1)]
+        self.clients = [service_.client(tcp) for _ in range(workload.ranks + 1)]
         self.errors: list[BaseException] = []
         self.pushes = self.lookups = 0
         self.lookup_s: list[float] = []
@@ -187,7 +190,9 @@ def wait_until(condition: Callable[[], Any], timeout_s: float) -> Any:
 @dataclasses.dataclass(frozen=True)
 class Scenario:
     """A fault when rank 0 finishes step ``at_step``: ``signal`` sent to one shard (``group``, its primary or
-    not) or to the controller, or (``target`` "worker") the last rank dying, never to push again."""
+    not) or to the controller, (``target`` "worker") the last rank dying, never to push again, or
+    (``target`` "connections") every TCP connection to the shards and the directory dropped, three times
+    0.2 s apart (``ss -K``; the clients then talk TCP, not Unix sockets)."""
 
     name: str
     signal: int
@@ -203,10 +208,18 @@ SCENARIOS = {scenario.name: scenario for scenario in (
     Scenario("shard SIGKILL, replica", signal.SIGKILL, primary=False),
     Scenario("shard SIGSTOP, primary", signal.SIGSTOP, group=1),
     Scenario("controller SIGKILL", signal.SIGKILL, target="controller"),
+    Scenario("controller SIGSTOP, 3 s", signal.SIGSTOP, target="controller"),
+    Scenario("connections dropped", signal.SIGKILL, target="connections"),
     Scenario("worker dies mid-step", signal.SIGKILL, target="worker"),
     Scenario("shard SIGKILL, one copy", signal.SIGKILL, replicas=1),
 )}
 WORKER_STEP_TIMEOUT_S = 3.0  # the step timeout of the worker scenario's service
+STOPPED_S = 3.0  # how long a SIGSTOPped controller stays stopped (a stopped shard is failed over instead)
+
+
+def can_drop_connections() -> bool:
+    """Whether ``ss -K`` may destroy sockets here (root, and a kernel built with socket destruction)."""
+    return shutil.which("ss") is not None and os.geteuid() == 0
 
 
 def run_scenario(scenario: Scenario, workload: Workload, expected: dict[int, str], data_root: str,
@@ -222,30 +235,43 @@ def run_scenario(scenario: Scenario, workload: Workload, expected: dict[int, str
     if scenario.target == "worker":
         return _run_without_a_worker(scenario, workload, data_root)
     with service(workload, scenario.replicas, data_root) as svc:
-        victim = (ray.get(svc.controller.pid.remote()) if scenario.target == "controller"
+        victim = (ray.get(svc.controller.pid.remote()) if scenario.target in ("controller", "connections")
                   else svc.pid_of(scenario.group, scenario.primary))
         struck: dict[str, float] = {}
+        dropped: list[int] = []
+        ports = sorted({int(r["address"].rsplit(":", 1)[1]) for r in ray.get(svc.controller.status.remote())}
+                       | {int(svc.directory.rsplit(":", 1)[1])})
 
         def strike(step: int) -> None:
-            if step == scenario.at_step and not struck:
-                struck["at"] = time.time()
-                os.kill(victim, scenario.signal)
+            if step != scenario.at_step or struck:
+                return
+            struck["at"] = time.time()
+            if scenario.target == "connections":
+                threading.Thread(target=_drop_connections, args=(ports, dropped)).start()
+                return
+            os.kill(victim, scenario.signal)
+            if scenario.target == "controller" and scenario.signal == signal.SIGSTOP:
+                threading.Timer(STOPPED_S, os.kill, (victim, signal.SIGCONT)).start()
 
         try:
             if scenario.replicas == 1:
                 traffic, resumed_from = _run_with_checkpoints(svc, workload, scenario, strike)
             else:
-                with Traffic(svc, workload, strike) as traffic:
+                with Traffic(svc, workload, strike, tcp=scenario.target == "connections") as traffic:
                     pass
                 resumed_from = None
         finally:
-            if scenario.signal == signal.SIGSTOP:
+            if scenario.signal == signal.SIGSTOP and scenario.target == "shard":
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(victim, signal.SIGCONT)  # the controller kills it; this matters only if it did not
         outcome = {"scenario": scenario.name, "replicas": scenario.replicas, **traffic.summary(),
                    "resumed_from_step": resumed_from}
-        if scenario.target == "controller":
+        if scenario.target == "controller" and scenario.signal == signal.SIGKILL:
             outcome["controller_back_s"] = _controller_back_s(svc, victim, struck["at"])
+            outcome["failover_s"] = outcome["recovered_s"] = None
+        elif scenario.target != "shard":
+            outcome["failovers"] = len(ray.get(svc.controller.failovers.remote()))  # none expected
+            outcome["sockets_dropped"] = dropped
             outcome["failover_s"] = outcome["recovered_s"] = None
         else:
             events = wait_until(lambda: [e for e in ray.get(svc.controller.failovers.remote()) if "recovered_s" in e],
@@ -257,6 +283,16 @@ def run_scenario(scenario: Scenario, workload: Workload, expected: dict[int, str
         groups = svc.group_checksums(workload.table.name)
         return {**outcome, "tables_equal": {group: sums[0] for group, sums in groups.items()} == expected,
                 "copies_identical": bool(whole) and all(len(set(sums)) == 1 for sums in groups.values())}
+
+
+def _drop_connections(ports: list[int], dropped: list[int], times: int = 3, every_s: float = 0.2) -> None:
+    """Destroy every TCP connection from or to ``ports`` on this machine, ``times`` times; append to
+    ``dropped`` how many sockets each round destroyed (``ss -K`` lists them)."""
+    where = " or ".join(f"sport = :{port} or dport = :{port}" for port in ports)
+    for _ in range(times):
+        done = subprocess.run(["ss", "-K", "-t", f"( {where} )"], capture_output=True, text=True, check=False)
+        dropped.append(max(0, len(done.stdout.strip().splitlines()) - 1))  # less the header
+        time.sleep(every_s)
 
 
 def _controller_back_s(svc: Service, dead_pid: int, killed_at: float) -> float:

@@ -30,7 +30,7 @@ from compute.memory.client_metrics import ClientMetrics
 from compute.memory.routing import Routing, TableRoute, connection_info_from_controller
 from compute.memory.shared_segments import SharedSegmentPool, remove_orphaned_segments
 from memory_service.core import push_checks
-from memory_service.core.slots import ShardSplit
+from memory_service.core.slots import ShardSplit, slot_of
 from protos import engram_memory_v1_pb2 as pb
 from protos.wire import (CONTROLLER_NAME, DEFAULT_MAX_MESSAGE_BYTES, NAMESPACE, SHARED_SEGMENT_DIR, WIRE_DTYPE_BY_TORCH,
                          ClientTls, as_row_words)
@@ -224,8 +224,13 @@ class MemoryClient:
     async def _call_shard(self, shard: int, method: str, request):
         """``method`` on ``shard``; a failure that may pass marks it to be passed over for lookups a while."""
         if self._routing.lost(shard):
+            route = self._routing.tables.get(request.table)
+            ids = np.frombuffer(getattr(request, "row_ids", b""), dtype="<i8")
+            slots = np.unique(slot_of(ids, route.num_slots)) if route else []
+            named = f" (table '{request.table}', slots {slots[:8].tolist()}{'...' if len(slots) > 8 else ''})" \
+                if len(slots) else ""
             raise MemoryServiceError(grpc.StatusCode.UNAVAILABLE, (
-                f"shard {shard} {SHARD_LOST}; the memory service is re-making its slots from the last "
+                f"shard {shard}{named} {SHARD_LOST}; the memory service is re-making its slots from the last "
                 f"checkpoint, and the updates since are lost: resume the job from that checkpoint"))
         try:
             return await self._calls.shard(self._routing.addresses[shard], method, request)
