@@ -278,7 +278,8 @@ def run_scenario(scenario: Scenario, workload: Workload, expected: dict[int, str
                                 recovery_timeout_s) or ray.get(svc.controller.failovers.remote())
             event = events[0] if events else {}
             outcome["failover_s"] = event["at"] + event["routed_around_s"] - struck["at"] if event and struck else None
-            outcome["recovered_s"] = event["at"] + event["recovered_s"] - struck["at"] if "recovered_s" in event else None
+            outcome["recovered_s"] = (event["at"] + event["recovered_s"] - struck["at"]
+                                      if "recovered_s" in event else None)
         whole = wait_until(lambda: svc.whole(scenario.replicas, workload.shards), recovery_timeout_s)
         groups = svc.group_checksums(workload.table.name)
         return {**outcome, "tables_equal": {group: sums[0] for group, sums in groups.items()} == expected,

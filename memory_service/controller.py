@@ -551,7 +551,7 @@ class MemoryController:
                                        for s in shards), return_exceptions=True)
         records = []
         for shard, st in [*zip(shards, stats), *((lost, None) for lost in self._lost.values())]:
-            role = ("primary" if shard.primary else "replica" if shard.live else "copying") if st is not None else "lost"
+            role = "lost" if st is None else "primary" if shard.primary else "replica" if shard.live else "copying"
             answered = isinstance(st, pb.StatsResponse)
             records.append({
                 "shard": shard.index, "group": shard.group, "role": role, "node": shard.node,
@@ -816,7 +816,8 @@ class MemoryController:
     async def _reset_copy(self, shard: Shard) -> None:
         """Empty ``shard``'s tables and make it a replica to be copied again."""
         shard.primary, shard.live = False, False
-        await asyncio.gather(*(self._call(shard, "DropTable", pb.DropTableRequest(table=name)) for name in self._tables))
+        await asyncio.gather(*(self._call(shard, "DropTable", pb.DropTableRequest(table=name))
+                               for name in self._tables))
         await self._add_empty_tables(shard, [spec for spec, _ in self._tables.values()])
 
     def _in_background(self, coroutine) -> None:

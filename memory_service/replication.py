@@ -1,7 +1,8 @@
 """A primary shard's side of replication: its changes, in the order it made them, to each replica.
 
 Each change the primary makes for a client (an update, an aborted step, a restore's commit) gets the
-next sequence number of the primary's stream and joins every replica's queue; one task per replica sends its queue in order, in batches, and resends after a
+next sequence number of the primary's stream and joins every replica's queue; one task per replica
+sends its queue in order, in batches, and resends after a
 failure until the replica acknowledges or the controller removes the replica. The primary answers
 its client once every live replica has applied the update (``wait_applied``), so an acknowledged
 update is on every live copy, and every copy applied the same updates in the same order: replicas

@@ -126,9 +126,10 @@ class StepAggregator:
         self._refuse_stale(lane, step, rank)
         entry = self._steps.get((lane, step))
         if entry is not None and entry.missing is not None:
-            raise RowStoreError("ABORTED", "step", f"step {step} of table '{self.table}' was aborted: ranks {entry.missing} never reported "
-                                "(or the job aborted it), and its partial sums were dropped; no rank's push for it "
-                                "will be applied: fail the job or continue from a later step")
+            raise RowStoreError("ABORTED", "step", f"step {step} of table '{self.table}' was aborted: ranks "
+                                f"{entry.missing} never reported (or the job aborted it), and its partial sums were "
+                                "dropped; no rank's push for it will be applied: fail the job or continue from a later "
+                                "step")
         if entry is None:
             entry = self._steps[(lane, step)] = _Step(world_size, released=not self.synchronous)
             if entry.released:  # asynchronous: the step is open for this rank's pushes from now on

@@ -247,7 +247,8 @@ def register(subparsers) -> None:
 
     up = commands.add_parser("up", parents=[common, tokens], help="deploy the tables of a YAML file onto N shards")
     up.add_argument("--config", required=True, help="tables.yaml: `tables: [{name, rows, dim, ...}]`")
-    up.add_argument("--shards", type=positive_int, default=2, help="shard groups: each holds an even share of the slots")
+    up.add_argument("--shards", type=positive_int, default=2,
+                    help="shard groups: each holds an even share of the slots")
     up.add_argument("--replicas", type=positive_int, default=1, help="shards per group, each holding all its slots: "
                     "a primary and replicas-1 copies on other shards (2 survives any one shard's death)")
     up.add_argument("--data-root", help="the folder (shared by the memory nodes) that checkpoints are written "

@@ -24,8 +24,8 @@ import grpc
 import numpy as np
 import torch
 
-from compute.memory.calls import (SHARD_LOST, Channels, MemoryServiceError, ResendAfterRefresh, RetryPolicy, gather_parts,
-                                  with_retries)
+from compute.memory.calls import (SHARD_LOST, Channels, MemoryServiceError, ResendAfterRefresh, RetryPolicy,
+                                  gather_parts, with_retries)
 from compute.memory.client_metrics import ClientMetrics
 from compute.memory.routing import Routing, TableRoute, connection_info_from_controller
 from compute.memory.shared_segments import SharedSegmentPool, remove_orphaned_segments

@@ -202,7 +202,8 @@ def test_a_shard_that_died_while_the_controller_was_down_is_failed_over_once_it_
     controller, directory = _start(name, str(tmp_path))
     shards = {actor: pid for actor, pid in _actors_of(name).items() if actor != name}
     dead_shard = sorted(shards)[0]
-    dead_index = next(s["index"] for s in controller_state.load(NAMESPACE, name).shards if s["actor_name"] == dead_shard)
+    dead_index = next(s["index"] for s in controller_state.load(NAMESPACE, name).shards
+                      if s["actor_name"] == dead_shard)
     with MemoryClient(directory, TOKEN) as client:
         os.kill(shards[dead_shard], signal.SIGKILL)
         os.kill(ray.get(controller.pid.remote()), signal.SIGKILL)
