@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 import uuid
 
@@ -53,3 +54,12 @@ def shard_stub(client: MemoryClient, shard: int = 0):
 
     channel = grpc.insecure_channel(client.shard_address(shard))
     return pb_grpc.ShardServiceStub(channel), channel
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

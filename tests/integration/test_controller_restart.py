@@ -27,7 +27,7 @@ from protos import engram_memory_v1_pb2 as pb
 from protos import engram_memory_v1_pb2_grpc as pb_grpc
 from protos.wire import NAMESPACE as NAMESPACE_OF_THE_CLI
 from protos.wire import bearer_metadata
-from tests.integration.memory_deploy import ADMIN_TOKEN, TOKEN, reference_rows, spec
+from tests.integration.memory_deploy import ADMIN_TOKEN, TOKEN, process_alive, reference_rows, spec
 
 pytestmark = pytest.mark.ray
 
@@ -53,13 +53,6 @@ def _actors_of(name: str) -> dict[str, int]:
             if a["State"] == "ALIVE" and a["Name"].startswith(name)}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
 
 def _routing(directory: str, timeout: float) -> pb.Routing:
     with grpc.insecure_channel(directory) as channel:
@@ -75,9 +68,9 @@ def _stopped_without_a_trace(name: str, pids: set[int]) -> None:
 def _assert_nothing_left(name: str, pids: set[int], namespace: str) -> None:
     """No actor named for controller ``name`` alive, none of ``pids`` running, no state stored."""
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (_actors_of(name) or any(_alive(pid) for pid in pids)):
+    while time.monotonic() < deadline and (_actors_of(name) or any(process_alive(pid) for pid in pids)):
         time.sleep(0.1)
-    assert not _actors_of(name) and not any(_alive(pid) for pid in pids)
+    assert not _actors_of(name) and not any(process_alive(pid) for pid in pids)
     assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(name)]
     assert not controller_state.exists(namespace, name)
 
@@ -129,7 +122,7 @@ def test_sigkill_of_the_controller_fails_no_data_request_and_it_is_back_within_1
         print(f"directory back {back_after:.1f} s after the SIGKILL; {steps[0]} steps, {lookups[0]} lookups")
         assert recovered == routing  # same epoch, shards and slot owners, on the same address
         assert ray.get(controller.pid.remote()) != dead_pid
-        assert all(_alive(pid) for pid in shard_pids)
+        assert all(process_alive(pid) for pid in shard_pids)
         assert [row["shard"] for row in ray.get(controller.status.remote())] == [0, 1]
         survived = ray.get(controller.checksums.remote())
 
@@ -155,7 +148,7 @@ def test_a_controller_dead_for_good_leaves_its_shards_serving_and_down_still_sto
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and name in _actors_of(name):
             time.sleep(0.1)
-        assert name not in _actors_of(name) and all(_alive(pid) for pid in shard_pids)
+        assert name not in _actors_of(name) and all(process_alive(pid) for pid in shard_pids)
         ids, grads = _push_rows(0)
         client.push(TABLE.name, ids, grads, step=0, synchronous=True).result()  # the shards serve on
         assert client.lookup(TABLE.name, ids).result().shape == (len(ids), TABLE.dim)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.memory_deploy import process_alive
+
 pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,15 +136,8 @@ def test_up_without_an_address_starts_a_ray_head_of_its_own_and_down_stops_it(tm
     down = engram("down").stdout
     assert "memory service stopped" in down and f"holder pid {state['head_pid']}" in down
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and _alive(state["head_pid"]):
+    while time.monotonic() < deadline and process_alive(state["head_pid"]):
         time.sleep(0.2)
-    assert not _alive(state["head_pid"])
+    assert not process_alive(state["head_pid"])
     assert "nothing to stop: no running memory service recorded" in engram("down").stdout
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
