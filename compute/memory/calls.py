@@ -3,6 +3,7 @@ routing refresh" or an error for the caller, and the retry loop with its backoff
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import random
@@ -42,14 +43,15 @@ class ResendAfterRefresh(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
-    """Deadlines and backoff: each call gives up after ``call_timeout_s`` (a stopped shard never holds a client
+    """Deadlines and backoff: each call gives up after its deadline (a stopped shard never holds a client
     longer), and a call's parts are resent after routing changes and transient failures, with exponential
-    backoff and jitter, for up to ``deadline_s`` in all."""
+    backoff and jitter, for up to ``deadline_s`` in all. A call's deadline is ``call_timeout_s`` if given,
+    else a few times the p99 of the method's recent calls (``CallDeadlines``)."""
 
     initial_s: float = 0.005
     max_s: float = 0.5
     deadline_s: float = 30.0
-    call_timeout_s: float = 5.0
+    call_timeout_s: float | None = None
 
     def delays(self):
         delay, start = self.initial_s, time.monotonic()
@@ -58,12 +60,37 @@ class RetryPolicy:
             delay = min(delay * 2, self.max_s)
 
 
+class CallDeadlines:
+    """Each method's deadline: P99_FACTOR times the p99 of its last WINDOW successful calls, within
+    DEADLINE_BOUNDS_S (FIRST_DEADLINE_S until MIN_CALLS were seen); or one fixed deadline for all."""
+
+    P99_FACTOR, WINDOW, MIN_CALLS = 4.0, 256, 32
+    DEADLINE_BOUNDS_S, FIRST_DEADLINE_S = (2.0, 10.0), 5.0
+
+    def __init__(self, fixed_s: float | None = None):
+        self._fixed_s = fixed_s
+        self._seconds: dict[str, collections.deque[float]] = {}
+
+    def of(self, method: str) -> float:
+        if self._fixed_s is not None:
+            return self._fixed_s
+        recent = self._seconds.get(method, ())
+        if len(recent) < self.MIN_CALLS:
+            return self.FIRST_DEADLINE_S
+        p99 = sorted(recent)[int(0.99 * (len(recent) - 1))]
+        low, high = self.DEADLINE_BOUNDS_S
+        return min(high, max(low, self.P99_FACTOR * p99))
+
+    def record(self, method: str, seconds: float) -> None:
+        self._seconds.setdefault(method, collections.deque(maxlen=self.WINDOW)).append(seconds)
+
+
 class Channels:
     """grpc.aio channels to the directory and the shards, one per address; used on one event loop."""
 
-    def __init__(self, token: str | None, tls: ClientTls | None, max_message_bytes: int, timeout_s: float):
+    def __init__(self, token: str | None, tls: ClientTls | None, max_message_bytes: int, deadlines: CallDeadlines):
         self._metadata = bearer_metadata(token) if token else ()
-        self._timeout_s = timeout_s
+        self._deadlines = deadlines
         self._tls = tls
         # This client retries by itself; gRPC's own retries would buffer a copy of every request.
         self._options = [*transport_options(max_message_bytes), ("grpc.enable_retries", 0)]
@@ -74,22 +101,26 @@ class Channels:
         """One DirectoryService call; MemoryServiceError when it fails."""
         stub = pb_grpc.DirectoryServiceStub(self._channel(address))
         try:
-            return await getattr(stub, method)(request, metadata=self._metadata, timeout=self._timeout_s)
+            return await getattr(stub, method)(request, metadata=self._metadata,
+                                               timeout=self._deadlines.of("directory"))
         except grpc.aio.AioRpcError as error:
             raise MemoryServiceError(error.code(), error.details()) from None
 
     async def shard(self, address: str, method: str, request):
         """One ShardService call (``Lookup`` replies with the rows' bytes only); ResendAfterRefresh for
         routing refusals and transient failures, MemoryServiceError for the rest."""
+        start = time.monotonic()
         try:
-            return await getattr(self._shard_stub(address), method)(request, metadata=self._metadata,
-                                                                    timeout=self._timeout_s)
+            reply = await getattr(self._shard_stub(address), method)(request, metadata=self._metadata,
+                                                                     timeout=self._deadlines.of(method))
         except grpc.aio.AioRpcError as error:
             trailing = {key for key, _ in error.trailing_metadata() or ()}  # (key, value) pairs on every grpcio
             if error.code() in TRANSIENT_CODES or ROUTING_EPOCH_KEY in trailing:
                 log.debug("shard %s %s: %s; will retry", address, method, error.details())
                 raise ResendAfterRefresh() from None
             raise MemoryServiceError(error.code(), error.details()) from None
+        self._deadlines.record(method, time.monotonic() - start)
+        return reply
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -24,8 +24,8 @@ import grpc
 import numpy as np
 import torch
 
-from compute.memory.calls import (SHARD_LOST, Channels, MemoryServiceError, ResendAfterRefresh, RetryPolicy,
-                                  gather_parts, with_retries)
+from compute.memory.calls import (SHARD_LOST, CallDeadlines, Channels, MemoryServiceError, ResendAfterRefresh,
+                                  RetryPolicy, gather_parts, with_retries)
 from compute.memory.client_metrics import ClientMetrics
 from compute.memory.routing import Routing, TableRoute, connection_info_from_controller
 from compute.memory.shared_segments import SharedSegmentPool, remove_orphaned_segments
@@ -56,7 +56,7 @@ class MemoryClient:
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_rows_per_request: int = 65536,
                  retry: RetryPolicy = RetryPolicy(), use_local_transport: bool = True):
         self._directory_address = directory
-        self._calls = Channels(token, tls, max_message_bytes, retry.call_timeout_s)
+        self._calls = Channels(token, tls, max_message_bytes, CallDeadlines(retry.call_timeout_s))
         self._max_message_bytes = max_message_bytes
         self._max_rows_per_request = max_rows_per_request
         self._retry = retry
