@@ -20,7 +20,7 @@ from compute.memory.client import MemoryServiceError
 
 pytestmark = pytest.mark.ray
 
-WORKLOAD = Workload(steps=18)
+WORKLOAD = Workload(steps=12)
 
 
 @pytest.fixture(scope="module")
@@ -40,20 +40,15 @@ def test_replicas_are_bit_identical_and_share_the_lookups(expected, tmp_path):
         assert len(replicas) == 2 and all(r["requests_per_s"] > 0 for r in replicas), replicas
 
 
-@pytest.mark.parametrize("name", [name for name, s in SCENARIOS.items() if s.replicas == 2 and s.target == "shard"])
+# The replica's death and one copy's loss run in bench.faults; a lost shard's error and its re-making from the
+# checkpoint are below, and a training run that resumes from its checkpoint is in test_training.py.
+@pytest.mark.parametrize("name", ["shard SIGKILL, primary", "shard SIGSTOP, primary"])
 def test_with_two_copies_a_dead_or_stopped_shard_fails_and_loses_nothing(expected, tmp_path, name):
     outcome = run_scenario(SCENARIOS[name], WORKLOAD, expected, str(tmp_path))
     assert outcome["failed_requests"] == 0, outcome["errors"]
     assert outcome["tables_equal"] and outcome["copies_identical"], outcome
     assert outcome["failover_s"] < 5, outcome
     assert outcome["slowest_lookup_s"] < 8, outcome  # one call deadline (5 s), then another copy
-
-
-def test_with_one_copy_the_run_resumes_from_the_last_checkpoint_and_ends_equal(expected, tmp_path):
-    outcome = run_scenario(SCENARIOS["shard SIGKILL, one copy"], WORKLOAD, expected, str(tmp_path))
-    assert outcome["failed_requests"] > 0 and all("died with no replica left" in e for e in outcome["errors"]), outcome
-    assert outcome["resumed_from_step"] == SCENARIOS["shard SIGKILL, one copy"].at_step
-    assert outcome["tables_equal"], outcome
 
 
 def test_a_lost_shard_is_named_until_remade_from_the_checkpoint(ray_cluster, tmp_path):

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
 MEMORY_NODE = {"engram_memory": 2}
 COMPUTE_NODE = {"engram_compute": 1}
-STEPS = 40  # enough for the two scalings (each a CLI process that joins the cluster) to land mid-job
+STEPS = 20  # enough for the two scalings (each a CLI process that joins the cluster) to land mid-job (by step 6 here)
 TINY_RUN = {**TINY_RUN_YAML, "steps": STEPS, "num_workers": 2}
 # What a node's state lists, per class of actor, and the resource its node must advertise.
 PLACEMENT = {"ShardActor": "engram_memory", "RayTrainWorker": "engram_compute"}

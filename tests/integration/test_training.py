@@ -165,6 +165,8 @@ def test_a_run_whose_only_copy_of_a_shard_dies_resumes_from_its_checkpoint_and_e
         straight, _ = train(config.replace(output_dir=str(tmp_path / "straight")), handle)
         straight_rows = all_rows(handle, config)
     assert summary["step"] == 6
-    np.testing.assert_allclose(summary["loss"], straight[-1], rtol=1e-6)
+    np.testing.assert_allclose(summary["loss"], straight[-1], rtol=1e-5)
+    # A resumed run rounds a few sums differently, and Adam scales a near-zero gradient's rounding up to a step
+    # of ~lr (as with two workers below); a lost or doubled step would move rows by ~lr = 1e-2.
     for layer in rows:
-        torch.testing.assert_close(rows[layer], straight_rows[layer], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(rows[layer], straight_rows[layer], rtol=1e-3, atol=1e-4)
