@@ -52,6 +52,7 @@ HEALTH_PERIOD_S = 0.5  # how often the controller checks every shard's health
 HEALTH_TIMEOUT_S = 1.0  # one health check's deadline
 DEAD_AFTER_MISSES = 2  # failed checks in a row that make a shard dead: a stopped shard is failed over in ~2.5 s
 CONTROL_TIMEOUT_S = 120.0  # one control-plane call to a shard
+QUICK_CALL_TIMEOUT_S = 5.0  # a call that moves no data (stats, an epoch, a stop); one missed is the watch's business
 COPY_WAIT_S = 60.0  # how long a new replica's copy waits for a moment with no synchronous step pending
 BARRIER_TIMEOUT_S = 30.0  # how long a checkpoint waits for pending synchronous steps to complete everywhere
 BARRIER_POLL_S = 0.02
@@ -429,7 +430,7 @@ class MemoryController:
             if shard.actor is None:  # lost before this controller's restart
                 continue
             try:
-                await asyncio.wait_for(shard.actor.stop.remote(), HEALTH_TIMEOUT_S * 5)
+                await asyncio.wait_for(shard.actor.stop.remote(), QUICK_CALL_TIMEOUT_S)
             except (ray.exceptions.RayActorError, asyncio.TimeoutError):
                 log.warning("shard %d was dead or did not answer; killed", shard.index)
             ray.kill(shard.actor)
@@ -441,7 +442,7 @@ class MemoryController:
         self._persist()
         shards = list(self._shards)
         replies = await asyncio.gather(*(self._call(s, "SetEpoch", pb.SetEpochRequest(epoch=self._epoch),
-                                                    timeout=HEALTH_TIMEOUT_S * 5) for s in shards),
+                                                    timeout=QUICK_CALL_TIMEOUT_S) for s in shards),
                                        return_exceptions=True)
         for shard, reply in zip(shards, replies):
             if isinstance(reply, Exception):
@@ -505,28 +506,30 @@ class MemoryController:
         by_pair: dict[tuple[int, int], list[int]] = {}
         for slot, source, target in moves:
             by_pair.setdefault((source, target), []).append(slot)
-        rows_per_slot = -(-spec.rows // spec.num_slots)
-        per_batch = max(1, self._options.max_message_bytes // 2 // max(1, rows_per_slot * spec.bytes_per_row()))
+        per_batch = spec.slots_per_message(self._options.max_message_bytes)
 
         async def move(source: Shard, targets: list[Shard], slots: list[int]) -> None:
             for start in range(0, len(slots), per_batch):
                 batch = slots[start:start + per_batch]
                 await self._call(source, "FreezeSlots", pb.FreezeSlotsRequest(table=spec.name, slots=batch, frozen=True))
-                exported = await self._export_once_steps_complete(source, spec, batch)
+                # ABORTED while steps pending on the slots complete there (it exports them with their partial
+                # sums after PENDING_STEP_WAIT_S)
+                exported = await self._call_past_pending_steps(source, "ExportSlots", pb.ExportSlotsRequest(
+                    table=spec.name, slots=batch))
                 await asyncio.gather(*(self._call(target, "ImportSlots", pb.ImportSlotsRequest(
                     table=spec.name, arrays=exported.arrays)) for target in targets))
 
         await asyncio.gather(*(move(self._primary(s), self._members(t), slots) for (s, t), slots in by_pair.items()))
 
-    async def _export_once_steps_complete(self, source: Shard, spec: TableSpec, slots: list[int]):
-        """ExportSlots, asked again while the source answers ABORTED: synchronous steps pending on the
-        slots are completing there (it exports them with their partial sums after PENDING_STEP_WAIT_S)."""
-        delay = 0.005
+    async def _call_past_pending_steps(self, shard: Shard, method: str, request, wait_s: float | None = None):
+        """``method``, asked again with backoff while the shard answers ABORTED (synchronous steps are pending
+        there), for up to ``wait_s`` (None: until it answers otherwise)."""
+        delay, deadline = 0.005, None if wait_s is None else time.monotonic() + wait_s
         while True:
             try:
-                return await self._call(source, "ExportSlots", pb.ExportSlotsRequest(table=spec.name, slots=slots))
+                return await self._call(shard, method, request)
             except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.ABORTED:
+                if error.code() != grpc.StatusCode.ABORTED or (deadline is not None and time.monotonic() > deadline):
                     raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
@@ -547,7 +550,7 @@ class MemoryController:
         reported ranks, age_s) and how many steps it aborted; a shard that does not answer and a lost
         group's last primary have their ``state`` say so and zeros for the rest."""
         shards = list(self._shards)
-        stats = await asyncio.gather(*(self._call(s, "Stats", pb.StatsRequest(), timeout=HEALTH_TIMEOUT_S * 5)
+        stats = await asyncio.gather(*(self._call(s, "Stats", pb.StatsRequest(), timeout=QUICK_CALL_TIMEOUT_S)
                                        for s in shards), return_exceptions=True)
         records = []
         for shard, st in [*zip(shards, stats), *((lost, None) for lost in self._lost.values())]:
@@ -792,8 +795,8 @@ class MemoryController:
                     promoted = live[0]
                     promoted.primary = True
                     for other in members:
-                        if other is not promoted:  # may hold more or fewer updates than the new primary: copy again
-                            await self._reset_copy(other)
+                        if other is not promoted:  # may hold more or fewer updates than the new primary:
+                            other.primary, other.live = False, False  # no reads; _remake_copies copies it again
                 else:
                     for other in members:  # copies still being made have nothing to copy from any more
                         self._shards.remove(other)
@@ -837,8 +840,10 @@ class MemoryController:
                 if group in self._lost:
                     await self._remake_from_checkpoint(group, reserve)
                     event["remade_from"] = self._last_checkpoint or "initial values"
-                missing = self._replicas - len(self._members(group))
-                for _ in range(missing):
+                for shard in self._members(group):
+                    if not shard.live:  # a copy cut short (by the controller's death) starts over
+                        await self._reset_copy(shard)
+                for _ in range(self._replicas - len(self._members(group))):
                     shard = await self._start_shard(group, reserve, primary=False)
                     shard.live = False
                     await self._add_empty_tables(shard, specs)
@@ -846,7 +851,6 @@ class MemoryController:
                 await self._set_roles([group])
                 for shard in self._members(group):
                     if not shard.live:
-                        await self._reset_copy(shard)  # a copy cut short (by the controller's death) starts over
                         await self._copy_to(shard)
                         shard.live = True
                 self._epoch += 1
@@ -863,18 +867,10 @@ class MemoryController:
     async def _copy_to(self, replica: Shard) -> None:
         """Have the group's primary copy its state to ``replica`` and forward to it from then on; the copy
         waits for a moment with no synchronous step pending (partial sums are not copied)."""
-        deadline = time.monotonic() + COPY_WAIT_S
         primary = self._primary(replica.group)
-        while True:
-            try:
-                reply = await self._call(primary, "AddReplica", pb.AddReplicaRequest(replica=replica.target()))
-                log.info("shard %d copied %d rows to its new replica %d", primary.index, reply.copied_rows,
-                         replica.index)
-                return
-            except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.ABORTED or time.monotonic() > deadline:
-                    raise
-            await asyncio.sleep(0.01)
+        reply = await self._call_past_pending_steps(primary, "AddReplica", pb.AddReplicaRequest(
+            replica=replica.target()), wait_s=COPY_WAIT_S)
+        log.info("shard %d copied %d rows to its new replica %d", primary.index, reply.copied_rows, replica.index)
 
     async def _remake_from_checkpoint(self, group: int, reserve: int) -> None:
         """A new primary for a group with no copy left, holding its slots as of the last checkpoint (or as

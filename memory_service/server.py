@@ -85,8 +85,7 @@ async def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if reflection_enabled:
         reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    target = f"{host}:{port}"
-    bound = server.add_secure_port(target, tls.server_credentials()) if tls else server.add_insecure_port(target)
+    bound = _bind(server, host, port, tls)
     if unix_socket:
         server.add_insecure_port(f"unix:{unix_socket}")
     await server.start()
@@ -104,7 +103,12 @@ def start_liveness_server(host: str, tls: TlsFiles | None) -> tuple[grpc.Server,
     return it and its ``host:port``."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="liveness"))
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
-    target = f"{host}:0"
-    bound = server.add_secure_port(target, tls.server_credentials()) if tls else server.add_insecure_port(target)
+    bound = _bind(server, host, 0, tls)
     server.start()
     return server, f"{host}:{bound}"
+
+
+def _bind(server: grpc.Server | grpc.aio.Server, host: str, port: int, tls: TlsFiles | None) -> int:
+    """Listen on ``host:port`` (0: any free port), with TLS when given; return the port bound."""
+    target = f"{host}:{port}"
+    return server.add_secure_port(target, tls.server_credentials()) if tls else server.add_insecure_port(target)

@@ -34,7 +34,7 @@ from memory_service.step_aggregator import StepAggregator
 from memory_service.core.table_spec import SpecError, TableSpec
 from protos.wire import (DEFAULT_MAX_MESSAGE_BYTES, ROUTING_EPOCH_KEY, WIRE_DTYPE_BY_ENUM, WIRE_DTYPE_BY_NAME,
                          WireError, arrays_from_proto, arrays_to_proto, encode_lookup_response, pending_from_arrays,
-                         pending_to_arrays, tensor_from_bytes)
+                         pending_to_arrays, tensor_from_bytes, tensor_to_bytes)
 from protos import engram_memory_v1_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -435,10 +435,16 @@ class ShardServicer:
         pending = synchronous.export_pending(request.slots, spec.num_slots)
         arrays.update(pending_to_arrays(pending))
         # So does the memory of applied pushes: a retry that reaches the new owner is still dropped.
-        for synchronous, prefix in APPLIED_PREFIXES.items():
-            applied = self._aggregator(request.table, synchronous).export_applied(request.slots, spec.num_slots)
-            arrays.update({prefix + name: array for name, array in applied.items()})
+        arrays.update(self._export_applied(spec, request.slots))
         return pb.ExportSlotsResponse(arrays=arrays_to_proto(arrays)), 0, 0
+
+    def _export_applied(self, spec: TableSpec, slots) -> dict[str, np.ndarray]:
+        """Both aggregators' memory of the pushes applied to rows of ``slots``, as ImportSlots arrays."""
+        arrays = {}
+        for synchronous, prefix in APPLIED_PREFIXES.items():
+            applied = self._aggregator(spec.name, synchronous).export_applied(slots, spec.num_slots)
+            arrays.update({prefix + name: array for name, array in applied.items()})
+        return arrays
 
     @_handler("import_slots")
     def ImportSlots(self, request: pb.ImportSlotsRequest):
@@ -646,15 +652,11 @@ class ShardServicer:
         parts = []
         for spec in self.store.specs():
             slots = self.store.owned_slots(spec.name)
-            rows_per_slot = -(-spec.rows // spec.num_slots)
-            per_part = max(1, self.max_message_bytes // 2 // max(1, rows_per_slot * spec.bytes_per_row()))
+            per_part = spec.slots_per_message(self.max_message_bytes)
             for start in range(0, max(1, len(slots)), per_part):
                 batch = slots[start:start + per_part]
-                arrays = self.store.export_slots(spec.name, batch)
-                for synchronous, prefix in APPLIED_PREFIXES.items():
-                    applied = self._aggregator(spec.name, synchronous).export_applied(batch, spec.num_slots)
-                    arrays.update({prefix + name: array for name, array in applied.items()})
-                parts.append((spec.name, arrays))
+                parts.append((spec.name, {**self.store.export_slots(spec.name, batch),
+                                          **self._export_applied(spec, batch)}))
         return self.replicas.add_copying(target), parts
 
 
@@ -662,11 +664,7 @@ def _as_replicated(request: pb.UpdateRequest, grads: torch.Tensor) -> pb.UpdateR
     """``request`` as its replicas take it: the gradients this shard applied inline, in the request's wire dtype
     (they came in it, so the replicas decode the same float32 values)."""
     wire = WIRE_DTYPE_BY_ENUM[request.grad_dtype].torch
-    return pb.UpdateRequest(table=request.table, row_ids=request.row_ids, grads=_bytes_of(grads.to(wire)),
+    return pb.UpdateRequest(table=request.table, row_ids=request.row_ids, grads=tensor_to_bytes(grads.to(wire)),
                             grad_dtype=request.grad_dtype, step=request.step, rank=request.rank,
                             world_size=request.world_size, synchronous=request.synchronous,
                             more_parts=request.more_parts)
-
-
-def _bytes_of(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().view(torch.uint8).numpy().tobytes()

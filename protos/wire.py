@@ -110,6 +110,11 @@ def tensor_from_bytes(data: bytes, dtype: str, shape: tuple[int, ...]) -> torch.
     return torch.frombuffer(data, dtype=element).view(shape)
 
 
+def tensor_to_bytes(tensor: torch.Tensor) -> bytes:
+    """``tensor``'s values as raw little-endian bytes, row-major (``tensor_from_bytes`` reads them back)."""
+    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
+
+
 def as_row_words(rows: torch.Tensor) -> torch.Tensor:
     """Contiguous rows viewed as int64 words when a row is whole words (copies by index run several times faster)."""
     return rows.view(torch.int64) if rows.shape[-1] * rows.element_size() % 8 == 0 else rows

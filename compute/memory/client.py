@@ -33,7 +33,7 @@ from memory_service.core import push_checks
 from memory_service.core.slots import ShardSplit, slot_of
 from protos import engram_memory_v1_pb2 as pb
 from protos.wire import (CONTROLLER_NAME, DEFAULT_MAX_MESSAGE_BYTES, NAMESPACE, SHARED_SEGMENT_DIR, WIRE_DTYPE_BY_TORCH,
-                         ClientTls, as_row_words)
+                         ClientTls, as_row_words, tensor_to_bytes)
 
 __all__ = ["MemoryClient", "MemoryServiceError", "PushResult", "RetryPolicy"]
 
@@ -332,7 +332,7 @@ class MemoryClient:
                 request.shared_grads.name = segment.name
                 request.shared_grads.positions = positions.astype("<i8", copy=False).tobytes()
             else:
-                request.grads = _tensor_bytes(grads[torch.from_numpy(positions)])
+                request.grads = tensor_to_bytes(grads[torch.from_numpy(positions)])
             reply = await self._call_shard(shard, "Update", request)
             if len(positions):
                 took_rows.add(shard)
@@ -397,6 +397,3 @@ def _sorted_unique(ids: np.ndarray) -> bool:
     """Whether ``ids`` are strictly ascending (deduplicated by the caller); costs a few microseconds."""
     return bool(np.all(ids[1:] > ids[:-1]))
 
-
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().view(torch.uint8).numpy().tobytes()

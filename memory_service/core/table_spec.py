@@ -147,6 +147,12 @@ class TableSpec:
             raise SpecError("slot", f"must be in [0, {self.num_slots}), got {slot}")
         return max(0, -(-(self.rows - slot) // self.num_slots))
 
+    def slots_per_message(self, message_bytes: int) -> int:
+        """How many slots' rows and optimizer state fit in half of ``message_bytes`` (at least one): the slot
+        batch of a message that moves or copies slots between shards."""
+        rows_per_slot = -(-self.rows // self.num_slots)
+        return max(1, message_bytes // 2 // max(1, rows_per_slot * self.bytes_per_row()))
+
     def bytes_per_row(self) -> int:
         """Bytes one row takes on a shard: its values plus its optimizer state."""
         value_bytes = 2 if self.storage_dtype == "bfloat16" else 4
