@@ -206,6 +206,7 @@ class Scenario:
 SCENARIOS = {scenario.name: scenario for scenario in (
     Scenario("shard SIGKILL, primary", signal.SIGKILL),
     Scenario("shard SIGKILL, replica", signal.SIGKILL, primary=False),
+    Scenario("shard SIGKILL, primary, 3 copies", signal.SIGKILL, replicas=3),
     Scenario("shard SIGSTOP, primary", signal.SIGSTOP, group=1),
     Scenario("controller SIGKILL", signal.SIGKILL, target="controller"),
     Scenario("controller SIGSTOP, 3 s", signal.SIGSTOP, target="controller"),

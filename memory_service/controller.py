@@ -392,8 +392,8 @@ class MemoryController:
         for group in groups:
             for shard in self._members(group):
                 replicas = [r.target() for r in self._live_replicas(shard)]
-                calls.append(self._call(shard, "SetRole", pb.SetRoleRequest(primary=shard.primary, replicas=replicas,
-                                                                            epoch=self._epoch)))
+                calls.append(self._call(shard, "SetRole", pb.SetRoleRequest(
+                    primary=shard.primary, replicas=replicas, epoch=self._epoch, copying=not shard.live)))
         await asyncio.gather(*calls)
 
     def _reserve_bytes(self, specs: list[TableSpec], num_groups: int) -> int:

@@ -135,7 +135,7 @@ class ShardServicer:
         self._shared_rows = SharedRowSegments()
         # Replication: a primary takes clients' updates and forwards them through `replicas` (None: this shard
         # cannot replicate); a replica applies its primary's stream, whose id and last applied seq it keeps.
-        self.primary = True
+        self.primary, self.copying = True, False  # copying: a replica whose copy is being made, which serves nothing
         self.replicas = replicas
         self._replica_stream, self._replicated_seq = "", 0
         self._left_streams: set[str] = set()
@@ -182,6 +182,9 @@ class ShardServicer:
 
     @_handler("lookup")
     def Lookup(self, request: pb.LookupRequest):
+        if self.copying:
+            raise RequestRejected("FAILED_PRECONDITION", "table", "this replica's copy of its primary is being "
+                                  "made; read another copy", routing=True)
         spec = self._spec(request.table)
         dtype = self._dtype(request.dtype, "dtype")
         ids = self._row_ids(request.row_ids)
@@ -565,7 +568,7 @@ class ShardServicer:
                                   "replicas: only a primary of a shard that can replicate forwards to replicas")
         if request.primary and not self.primary:
             self._left_streams.add(self._replica_stream)  # a promoted replica takes no more from its old primary
-        self.primary = request.primary
+        self.primary, self.copying = request.primary, request.copying and not request.primary
         self.epoch = max(self.epoch, request.epoch)
         if self.replicas is not None:
             if request.primary:

@@ -375,14 +375,16 @@ class ReplicaTarget(_message.Message):
     def __init__(self, index: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
 
 class SetRoleRequest(_message.Message):
-    __slots__ = ("primary", "replicas", "epoch")
+    __slots__ = ("primary", "replicas", "epoch", "copying")
     PRIMARY_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    COPYING_FIELD_NUMBER: _ClassVar[int]
     primary: bool
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaTarget]
     epoch: int
-    def __init__(self, primary: bool = ..., replicas: _Optional[_Iterable[_Union[ReplicaTarget, _Mapping]]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    copying: bool
+    def __init__(self, primary: bool = ..., replicas: _Optional[_Iterable[_Union[ReplicaTarget, _Mapping]]] = ..., epoch: _Optional[int] = ..., copying: bool = ...) -> None: ...
 
 class SetRoleResponse(_message.Message):
     __slots__ = ()

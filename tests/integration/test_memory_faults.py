@@ -42,7 +42,8 @@ def test_replicas_are_bit_identical_and_share_the_lookups(expected, tmp_path):
 
 # The replica's death and one copy's loss run in bench.faults; a lost shard's error and its re-making from the
 # checkpoint are below, and a training run that resumes from its checkpoint is in test_training.py.
-@pytest.mark.parametrize("name", ["shard SIGKILL, primary", "shard SIGSTOP, primary"])
+@pytest.mark.parametrize("name", ["shard SIGKILL, primary", "shard SIGSTOP, primary",
+                                  "shard SIGKILL, primary, 3 copies"])
 def test_with_two_copies_a_dead_or_stopped_shard_fails_and_loses_nothing(expected, tmp_path, name):
     outcome = run_scenario(SCENARIOS[name], WORKLOAD, expected, str(tmp_path))
     assert outcome["failed_requests"] == 0, outcome["errors"]
