@@ -288,14 +288,13 @@ class ShardServicer:
             return 0
         now = time.monotonic() if now is None else now
         aborted = 0
-        for (table, synchronous), aggregator in list(self._aggregators.items()):
-            if synchronous:
-                for step, missing in aggregator.abort_expired(now, self.step_timeout_s).items():
-                    log.warning("table '%s': step %d pending for over %.0f s, aborted (ranks %s never reported)",
-                                table, step, self.step_timeout_s, missing)
-                    if self.replicas is not None:
-                        self.replicas.forward(abort=pb.AbortStepRequest(table=table, step=step))
-                    aborted += 1
+        for table, aggregator in self._synchronous_aggregators():
+            for step, missing in aggregator.abort_expired(now, self.step_timeout_s).items():
+                log.warning("table '%s': step %d pending for over %.0f s, aborted (ranks %s never reported)",
+                            table, step, self.step_timeout_s, missing)
+                if self.replicas is not None:
+                    self.replicas.forward(abort=pb.AbortStepRequest(table=table, step=step))
+                aborted += 1
         self.aborted_steps += aborted
         if aborted:
             self.metrics.set_state(self.store.memory_bytes(), self.pending_steps())
@@ -320,8 +319,7 @@ class ShardServicer:
         else:
             self._hold = None
         pending = [pb.StepBarrierStep(table=table, step=step, state="pending")
-                   for (table, synchronous), aggregator in sorted(self._aggregators.items()) if synchronous
-                   for step in aggregator.pending_steps()]
+                   for table, aggregator in self._synchronous_aggregators() for step in aggregator.pending_steps()]
         admitted = [pb.StepBarrierStep(table=s.table, step=s.step,
                                        state=self._aggregator(s.table, True).step_state(s.step)
                                        if s.table in {spec.name for spec in self.store.specs()} else "unknown")
@@ -330,8 +328,12 @@ class ShardServicer:
 
     def pending_steps(self) -> int:
         """Synchronous steps, over all tables, that still wait for some rank's push."""
-        return sum(len(aggregator.pending_steps()) for (_, synchronous), aggregator in self._aggregators.items()
-                   if synchronous)
+        return sum(len(aggregator.pending_steps()) for _, aggregator in self._synchronous_aggregators())
+
+    def _synchronous_aggregators(self) -> list[tuple[str, StepAggregator]]:
+        """(table, aggregator) of every table's synchronous steps, by table name."""
+        return [(table, aggregator) for (table, synchronous), aggregator in sorted(self._aggregators.items())
+                if synchronous]
 
     def _aggregator(self, table: str, synchronous: bool) -> StepAggregator:
         key = (table, synchronous)
@@ -371,7 +373,7 @@ class ShardServicer:
             requests_per_s=self.metrics.requests_per_s(), p50_lookup_ms=p50, p99_lookup_ms=p99,
             pending_steps=[pb.PendingStepInfo(table=table, step=step, world_size=world_size, reported_ranks=ranks,
                                               age_s=age)
-                           for (table, synchronous), aggregator in sorted(self._aggregators.items()) if synchronous
+                           for table, aggregator in self._synchronous_aggregators()
                            for step, world_size, ranks, age in aggregator.pending_info()],
             aborted_steps=self.aborted_steps, step_barrier_held=self._held(), step_timeout_s=self.step_timeout_s)
         return response, 0, 0
