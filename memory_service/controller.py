@@ -102,6 +102,7 @@ class ControllerOptions:
                                           # of the controller's process (callers resolve it on their side)
     reflection: bool = False              # serve gRPC reflection (to token holders)
     step_timeout_s: float = 120.0         # a synchronous step pending longer than this is aborted (0: never)
+    shard_threads: int = 0                # threads of each shard's optimizer and gathers (0: shard_actor.auto_threads)
 
     def __post_init__(self):
         for token, name in ((self.data_token, "data token"), (self.admin_token, "admin token")):
@@ -115,6 +116,8 @@ class ControllerOptions:
             raise ValueError("tls-client-cert: a client identity needs mutual TLS (--tls-client-ca)")
         if self.step_timeout_s < 0:
             raise ValueError(f"step-timeout-s: must be >= 0 (0: never abort), got {self.step_timeout_s}")
+        if self.shard_threads < 0:
+            raise ValueError(f"shard-threads: must be >= 0 (0: a quarter of the node's cores), got {self.shard_threads}")
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> "ControllerOptions":
@@ -352,7 +355,7 @@ class MemoryController:
             resources={self._options.shard_resource: 1}, memory=max(reserve_bytes, 1 << 20), **spread,
         ).remote(index, (self._tokens.data, self._tokens.admin), str(self._data_root), self._options.tls,
                  self._options.host, self._options.max_message_bytes, self._options.reflection, self._client_tls,
-                 self._options.step_timeout_s)
+                 self._options.step_timeout_s, self._options.shard_threads)
         info = await actor.start.remote()
         channel = self._open_channel(info["address"])
         log.info("shard %d (%s; group %d, %s) serving on %s (node %s)", index, name, group,

@@ -247,6 +247,12 @@ class ShardStore:
             positions = self._positions(table, self._checked_row_ids(table.spec, row_ids))
             return table.rows.index_select(0, positions).to(WIRE_DTYPE_BY_NAME[dtype].torch)
 
+    def check_servable(self, name: str, row_ids, field: str = "row_ids") -> None:
+        """Refuse ``row_ids`` that ``gather`` could not serve (out of range, or on slots not owned here)."""
+        with self._lock:
+            table = self._table(name)
+            self._positions(table, self._checked_row_ids(table.spec, row_ids, field), field)
+
     def check_update(self, name: str, row_ids, grads) -> RowUpdate:
         """Validate an update of an updatable table: ``row_ids`` [n] unique integers in range on owned
         slots, ``grads`` float32 [n, dim] and finite. Changes nothing."""
@@ -325,11 +331,14 @@ class ShardStore:
         return table
 
     @staticmethod
-    def _checked_row_ids(spec: TableSpec, row_ids) -> torch.Tensor:
-        return refused_as_invalid(push_checks.check_row_ids, to_tensor(row_ids), spec.rows, spec.name)
+    def _checked_row_ids(spec: TableSpec, row_ids, field: str = "row_ids") -> torch.Tensor:
+        try:
+            return push_checks.check_row_ids(to_tensor(row_ids), spec.rows, spec.name)
+        except push_checks.InvalidPush as error:
+            raise _invalid(field, error.reason) from None
 
     @staticmethod
-    def _positions(table: _TableShard, ids: torch.Tensor) -> torch.Tensor:
+    def _positions(table: _TableShard, ids: torch.Tensor, field: str = "row_ids") -> torch.Tensor:
         """Storage positions of in-range ``ids``; SlotNotOwned if any slot is not here."""
         num_slots = table.spec.num_slots
         if num_slots & (num_slots - 1) == 0:  # a power of two (the default): masks and shifts beat division
@@ -338,7 +347,7 @@ class ShardStore:
             slots, local = ids % num_slots, ids // num_slots
         base = table.slot_base.index_select(0, slots)
         if len(base) and int(base.min()) < 0:
-            raise SlotNotOwned(table.spec.name, torch.unique(slots[base < 0]).tolist())
+            raise SlotNotOwned(table.spec.name, torch.unique(slots[base < 0]).tolist(), field)
         return base.add_(local)
 
     @staticmethod

@@ -165,10 +165,10 @@ class ShardServicer:
         return self.store.spec(table)
 
     @staticmethod
-    def _row_ids(data: bytes) -> np.ndarray:
+    def _row_ids(data: bytes, field: str = "row_ids") -> np.ndarray:
         if len(data) % 8:
-            raise RequestRejected("INVALID_ARGUMENT", "row_ids",
-                                  f"row_ids: {len(data)} bytes is not a whole number of int64 ids")
+            raise RequestRejected("INVALID_ARGUMENT", field,
+                                  f"{field}: {len(data)} bytes is not a whole number of int64 ids")
         return np.frombuffer(data, dtype="<i8")
 
     @staticmethod
@@ -188,17 +188,22 @@ class ShardServicer:
         spec = self._spec(request.table)
         dtype = self._dtype(request.dtype, "dtype")
         ids = self._row_ids(request.row_ids)
-        reply_bytes = len(ids) * spec.dim * torch.finfo(getattr(torch, dtype)).bits // 8
-        if reply_bytes > self.max_message_bytes:
-            raise RequestRejected(
-                "RESOURCE_EXHAUSTED", "row_ids",
-                f"row_ids: {len(ids)} rows make a {reply_bytes}-byte reply, over max_message_bytes="
-                f"{self.max_message_bytes}; split the lookup")
+        reply_bytes = self._check_reply_size(len(ids), spec, dtype, "row_ids")
         rows = self.store.gather(request.table, ids, dtype)
         shared = request.HasField("shared_rows")
         if shared:
             self._write_shared_rows(request.shared_rows, rows)
         return (rows, request.dtype, self.epoch, not shared), len(ids), reply_bytes  # see encode_lookup_response
+
+    def _check_reply_size(self, num_rows: int, spec: TableSpec, dtype: str, field: str) -> int:
+        """The bytes of ``num_rows`` rows in ``dtype``; refused if over the message limit."""
+        reply_bytes = num_rows * spec.dim * torch.finfo(getattr(torch, dtype)).bits // 8
+        if reply_bytes > self.max_message_bytes:
+            raise RequestRejected(
+                "RESOURCE_EXHAUSTED", field,
+                f"{field}: {num_rows} rows make a {reply_bytes}-byte reply, over max_message_bytes="
+                f"{self.max_message_bytes}; split the request")
+        return reply_bytes
 
     def _write_shared_rows(self, shared: pb.SharedRows, rows) -> None:
         try:
@@ -216,11 +221,24 @@ class ShardServicer:
         self._check_not_held(request)
         self._check_not_frozen(request.table, ids, spec.num_slots,
                                completes_a_pending_step=aggregator.is_pending(request.step))
+        pull_ids, pull_dtype = self._pull_request(request, spec)
         response = self._take_update(request, ids, grads)
         if self.replicas is not None:
             self.replicas.forward(update=_as_replicated(request, grads))
         wire_bytes = len(ids) * spec.dim * WIRE_DTYPE_BY_ENUM[request.grad_dtype].torch.itemsize
-        return response, len(ids), wire_bytes
+        if len(pull_ids) and not response.pending:  # the step is applied here: its rows are final
+            rows = self.store.gather(request.table, pull_ids, pull_dtype)
+            response.pulled, response.pulled_rows = True, tensor_to_bytes(rows)
+            wire_bytes += rows.nbytes
+        return response, len(ids) + len(pull_ids), wire_bytes
+
+    def _pull_request(self, request: pb.UpdateRequest, spec: TableSpec) -> tuple[np.ndarray, str]:
+        """A push-and-pull's row ids and dtype, refused (before the push is taken) if they could not be served."""
+        pull_ids = self._row_ids(request.pull_row_ids, "pull_row_ids")
+        dtype = self._dtype(request.pull_dtype, "pull_dtype") if len(pull_ids) else "float32"
+        self._check_reply_size(len(pull_ids), spec, dtype, "pull_row_ids")
+        self.store.check_servable(request.table, pull_ids, "pull_row_ids")
+        return pull_ids, dtype
 
     def _check_primary(self, method: str) -> None:
         """Refuse, as a routing error the client retries after a refresh, a change asked of a replica."""

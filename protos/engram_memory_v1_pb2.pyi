@@ -75,7 +75,7 @@ class LookupResponse(_message.Message):
     def __init__(self, rows: _Optional[bytes] = ..., num_rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("table", "row_ids", "grads", "grad_dtype", "step", "rank", "world_size", "synchronous", "shared_grads", "more_parts")
+    __slots__ = ("table", "row_ids", "grads", "grad_dtype", "step", "rank", "world_size", "synchronous", "shared_grads", "more_parts", "pull_row_ids", "pull_dtype")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     ROW_IDS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,8 @@ class UpdateRequest(_message.Message):
     SYNCHRONOUS_FIELD_NUMBER: _ClassVar[int]
     SHARED_GRADS_FIELD_NUMBER: _ClassVar[int]
     MORE_PARTS_FIELD_NUMBER: _ClassVar[int]
+    PULL_ROW_IDS_FIELD_NUMBER: _ClassVar[int]
+    PULL_DTYPE_FIELD_NUMBER: _ClassVar[int]
     table: str
     row_ids: bytes
     grads: bytes
@@ -96,19 +98,25 @@ class UpdateRequest(_message.Message):
     synchronous: bool
     shared_grads: SharedRows
     more_parts: bool
-    def __init__(self, table: _Optional[str] = ..., row_ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., grad_dtype: _Optional[_Union[DType, str]] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., synchronous: bool = ..., shared_grads: _Optional[_Union[SharedRows, _Mapping]] = ..., more_parts: bool = ...) -> None: ...
+    pull_row_ids: bytes
+    pull_dtype: DType
+    def __init__(self, table: _Optional[str] = ..., row_ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., grad_dtype: _Optional[_Union[DType, str]] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., synchronous: bool = ..., shared_grads: _Optional[_Union[SharedRows, _Mapping]] = ..., more_parts: bool = ..., pull_row_ids: _Optional[bytes] = ..., pull_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
-    __slots__ = ("applied_rows", "duplicate", "pending", "epoch")
+    __slots__ = ("applied_rows", "duplicate", "pending", "epoch", "pulled", "pulled_rows")
     APPLIED_ROWS_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PULLED_FIELD_NUMBER: _ClassVar[int]
+    PULLED_ROWS_FIELD_NUMBER: _ClassVar[int]
     applied_rows: int
     duplicate: bool
     pending: bool
     epoch: int
-    def __init__(self, applied_rows: _Optional[int] = ..., duplicate: bool = ..., pending: bool = ..., epoch: _Optional[int] = ...) -> None: ...
+    pulled: bool
+    pulled_rows: bytes
+    def __init__(self, applied_rows: _Optional[int] = ..., duplicate: bool = ..., pending: bool = ..., epoch: _Optional[int] = ..., pulled: bool = ..., pulled_rows: _Optional[bytes] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()

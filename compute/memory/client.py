@@ -47,6 +47,7 @@ class PushResult:
     applied_rows: int
     duplicate: bool
     pending: bool
+    pulled: torch.Tensor | None = None  # a push-and-pull's rows, as they are once the push is applied
 
 
 class MemoryClient:
@@ -127,12 +128,19 @@ class MemoryClient:
         return self._run(self._lookup(table, ids, dtype, pin_memory and torch.cuda.is_available(), shard_split))
 
     def push(self, table: str, row_ids, grads, step: int, rank: int = 0, world_size: int = 1,
-             synchronous: bool = True) -> concurrent.futures.Future:
+             synchronous: bool = True, pull_ids=None, pull_dtype: torch.dtype = torch.bfloat16,
+             pin_memory: bool = False) -> concurrent.futures.Future:
         """Send the gradients of unique ``row_ids`` for (step, rank); a future of the combined PushResult.
         A push that no shard would accept (ids, shape, NaN/Inf, step/rank) raises ``InvalidPush`` here.
 
         ``grads`` travel in their own dtype when it is a wire dtype (float32, bfloat16, float16), else
         as float32; the shard accumulates and applies them in float32.
+
+        Push-and-pull: the result's ``pulled`` holds the rows of sorted, distinct ``pull_ids`` in ``pull_dtype``
+        (pinned with ``pin_memory``) as they are once this push is applied. A synchronous push's last message
+        to each shard carries that shard's ids, so the shard that completes the step answers them in the
+        same round trip; rows a shard could not answer yet (another rank's push still missing) are looked up
+        once the push is done, which sees the step applied only if this rank's push was its last.
         """
         ids = _as_int64(row_ids, "row_ids")
         grads = torch.as_tensor(grads).detach()
@@ -144,7 +152,16 @@ class MemoryClient:
         checked_ids = push_checks.check_row_ids(torch.from_numpy(ids), route.rows, table)
         push_checks.check_unique(checked_ids)
         push_checks.check_grads(grads, len(ids), route.dim)
-        return self._run(self._push(table, ids, grads, step, rank, world_size, synchronous))
+        pull = None
+        if pull_ids is not None:
+            if pull_dtype not in WIRE_DTYPE_BY_TORCH:
+                raise ValueError(f"pull_dtype: must be one of {list(WIRE_DTYPE_BY_TORCH)}, got {pull_dtype}")
+            pull = _as_int64(pull_ids, "pull_ids")
+            if not _sorted_unique(pull):
+                raise ValueError("pull_ids: must be sorted and distinct")
+            push_checks.check_row_ids(torch.from_numpy(pull), route.rows, table)
+        pinned = pin_memory and torch.cuda.is_available()
+        return self._run(self._push(table, ids, grads, step, rank, world_size, synchronous, pull, pull_dtype, pinned))
 
     def abort_step(self, table: str, step: int, world_size: int = 0) -> concurrent.futures.Future:
         """Abort synchronous ``step`` of ``table`` on every shard owning its slots (a job driver whose worker
@@ -315,8 +332,12 @@ class MemoryClient:
     # ---- push -------------------------------------------------------------------------------
 
     async def _push(self, table: str, ids: np.ndarray, grads: torch.Tensor, step: int, rank: int,
-                    world_size: int, synchronous: bool) -> PushResult:
+                    world_size: int, synchronous: bool, pull: np.ndarray | None = None,
+                    pull_dtype: torch.dtype = torch.bfloat16, pinned: bool = False) -> PushResult:
         start = time.perf_counter()
+        pulled = None if pull is None else torch.empty((len(pull), self._route(table).dim), dtype=pull_dtype,
+                                                       pin_memory=pinned)
+        unanswered = np.ones(0 if pull is None else len(pull), dtype=bool)  # pulled rows no shard answered yet
         totals = {"applied": 0, "duplicate": False, "pending": False}
         took_rows: set[int] = set()  # shards that took rows of this push
         # Co-located shards read the gradients from shared memory: one copy in, none through the socket.
@@ -324,10 +345,13 @@ class MemoryClient:
         if segment:
             segment.rows(*grads.shape, grads.dtype).copy_(grads)
 
-        async def send(shard: int, positions: np.ndarray, more_parts: bool) -> None:
+        async def send(shard: int, positions: np.ndarray, more_parts: bool,
+                       pull_positions: np.ndarray | None = None) -> None:
             request = pb.UpdateRequest(table=table, row_ids=ids[positions].tobytes(),
                                        grad_dtype=WIRE_DTYPE_BY_TORCH[grads.dtype].enum, step=step, rank=rank,
                                        world_size=world_size, synchronous=synchronous, more_parts=more_parts)
+            if pull_positions is not None and len(pull_positions):
+                request.pull_row_ids, request.pull_dtype = pull[pull_positions].tobytes(), WIRE_DTYPE_BY_TORCH[pull_dtype].enum
             if segment and shard in self._routing.co_located:
                 request.shared_grads.name = segment.name
                 request.shared_grads.positions = positions.astype("<i8", copy=False).tobytes()
@@ -340,6 +364,11 @@ class MemoryClient:
             totals["duplicate"] |= reply.duplicate
             if not more_parts:  # a synchronous step is pending until this rank's reports say otherwise
                 totals["pending"] |= reply.pending
+            if reply.pulled:
+                rows = torch.frombuffer(reply.pulled_rows, dtype=pull_dtype).view(len(pull_positions), -1)
+                index = torch.from_numpy(pull_positions)
+                as_row_words(pulled).index_copy_(0, index, as_row_words(rows))
+                unanswered[pull_positions] = False
 
         def parts_of(shard: int, positions: np.ndarray) -> list[np.ndarray]:
             """A shard's rows in requests under the message limit (co-located: ids and positions only)."""
@@ -356,9 +385,12 @@ class MemoryClient:
             """Tell every owner of the table's slots that this rank's step is all there (rows or not).
             Only once every row has landed: a shard that counted the rank as reported could complete the
             step without rows still on their way after a slot move, and apply the step in two parts."""
-            owners = self._route(table).all_shards()
-            return await gather_parts([(np.array([shard]), send(shard, np.empty(0, dtype=np.int64), False))
-                                       for shard in owners])
+            route = self._route(table)
+            to_pull = route.split(pull, np.flatnonzero(unanswered)) if pull is not None else {}
+            per_request = self._rows_per_request(route.dim * pull_dtype.itemsize)
+            return await gather_parts([(np.array([shard]), send(shard, np.empty(0, dtype=np.int64), False,
+                                                                to_pull.get(shard, np.empty(0, np.int64))[:per_request]))
+                                       for shard in route.all_shards()])
 
         try:
             await self._with_retries(send_rows, np.arange(len(ids)))
@@ -378,7 +410,11 @@ class MemoryClient:
         if segment:
             self._segments.release(segment)
         self._metrics.record("push", time.perf_counter() - start, len(ids), grads.numel() * grads.element_size())
-        return PushResult(totals["applied"], totals["duplicate"], totals["pending"])
+        if unanswered.any():  # pending elsewhere, over a reply's size, or an asynchronous push: look them up
+            late = np.flatnonzero(unanswered)
+            rows = await self._lookup(table, pull[late], pull_dtype, False, None)
+            as_row_words(pulled).index_copy_(0, torch.from_numpy(late), as_row_words(rows))
+        return PushResult(totals["applied"], totals["duplicate"], totals["pending"], pulled)
 
 
 def _as_int64(row_ids, field: str) -> np.ndarray:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compute.memory.row_table import EngramRows, RowTable, settled
+from compute.memory.row_table import EngramRows, RowsAcrossUpdate, RowTable, settled
 from memory_service.core.optimizers import make_optimizer
 from memory_service.core.row_init import init_rows
 from memory_service.core.slots import ShardSplit
@@ -46,9 +46,11 @@ class LocalRowTable(nn.Module, RowTable):
         return settled(EngramRows(F.embedding(unique_ids.to(device), self.weight, sparse=True), inverse.to(device)))
 
     def apply_gradients(self, unique_ids: torch.Tensor, rows: EngramRows, step: int, rank: int = 0,
-                        world_size: int = 1) -> concurrent.futures.Future:
+                        world_size: int = 1, next_rows: RowsAcrossUpdate | None = None) -> concurrent.futures.Future:
         """The sparse optimizer step on the rows backward left a gradient for in ``weight.grad``."""
         self._trained_by().step()
+        if next_rows is not None:
+            next_rows.after(settled())
         return settled()
 
     def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 
+import numpy as np
 import torch
 
 import kernels
 from compute.memory.client import MemoryClient
 from compute.memory.futures import follow
-from compute.memory.row_table import EngramRows, RowTable
+from compute.memory.row_table import EngramRows, RowsAcrossUpdate, RowTable, settled
 from memory_service.core.slots import ShardSplit
 
 
@@ -43,25 +44,39 @@ class RemoteRowTable(RowTable):
                                   pin_memory=self._copy_stream is not None, shard_split=shard_split)
         return self._copier.submit(self._to_device, rows, inverse)
 
+    def prefetch_across_update(self, unique_ids: torch.Tensor, inverse: torch.Tensor, updated_ids: torch.Tensor,
+                               shard_split: ShardSplit | None = None) -> RowsAcrossUpdate:
+        """Push-and-pull: the rows the update leaves alone are looked up now; the ones it changes come back
+        in the update's own push, from the shards that apply it (see ``MemoryClient.push``)."""
+        changed = torch.from_numpy(np.isin(unique_ids.numpy(), updated_ids.numpy(), assume_unique=True))
+        kept = self.client.lookup(self.table, unique_ids[~changed], dtype=self.wire_dtype,
+                                  pin_memory=self._copy_stream is not None)
+        return _PulledAcrossUpdate(self, unique_ids[changed], changed, kept, inverse)
+
     def apply_gradients(self, unique_ids: torch.Tensor, rows: EngramRows, step: int, rank: int = 0,
-                        world_size: int = 1) -> concurrent.futures.Future:
+                        world_size: int = 1, next_rows: RowsAcrossUpdate | None = None) -> concurrent.futures.Future:
         """Push the rows' gradients in ``grad_wire_dtype``, divided by ``world_size``: the shards sum the
         ranks' pushes of a step, so they apply the mean. Returns at once: a future of the shards' PushResult."""
         grads = (rows.unique_rows.grad / world_size).detach().to(self.grad_wire_dtype)
+        pull = dict(pull_ids=next_rows.pull_ids, pull_dtype=self.wire_dtype, pin_memory=self._copy_stream is not None) \
+            if isinstance(next_rows, _PulledAcrossUpdate) else {}
         if self._push_stream is None:
-            return self.client.push(self.table, unique_ids, grads, step, rank, world_size)
-        computed = torch.cuda.Event()
-        computed.record()  # on the training thread's stream, after the kernels that produce ``grads``
-        pushed: concurrent.futures.Future = concurrent.futures.Future()
+            pushed = self.client.push(self.table, unique_ids, grads, step, rank, world_size, **pull)
+        else:
+            computed = torch.cuda.Event()
+            computed.record()  # on the training thread's stream, after the kernels that produce ``grads``
+            pushed = concurrent.futures.Future()
 
-        def copy_and_send() -> None:
-            try:
-                host = self._to_host(grads, computed)
-                follow(pushed, self.client.push(self.table, unique_ids, host, step, rank, world_size))
-            except BaseException as error:  # the trainer learns of it from the future
-                pushed.set_exception(error)
+            def copy_and_send() -> None:
+                try:
+                    host = self._to_host(grads, computed)
+                    follow(pushed, self.client.push(self.table, unique_ids, host, step, rank, world_size, **pull))
+                except BaseException as error:  # the trainer learns of it from the future
+                    pushed.set_exception(error)
 
-        self._pusher.submit(copy_and_send)
+            self._pusher.submit(copy_and_send)
+        if next_rows is not None:
+            next_rows.after(pushed)
         return pushed
 
     def _to_host(self, grads: torch.Tensor, computed: torch.cuda.Event) -> torch.Tensor:
@@ -92,6 +107,24 @@ class RemoteRowTable(RowTable):
             tensor.record_stream(torch.cuda.default_stream(self.device))
         return EngramRows(unique_rows.requires_grad_(True), inverse, segments)
 
+    def _merged_to_device(self, across: "_PulledAcrossUpdate", pushed: concurrent.futures.Future) -> EngramRows:
+        """The next step's rows from the ones looked up ahead and the ones the push pulled, on the device."""
+        rows = torch.empty((len(across.changed), self.dim), dtype=self.wire_dtype,
+                           pin_memory=self._copy_stream is not None)
+        rows[~across.changed] = across.kept.result()
+        rows[across.changed] = pushed.result().pulled
+        return self._to_device(settled(rows), across.inverse)
+
     def close(self) -> None:
         self._pusher.shutdown(wait=True)
         self._copier.shutdown(wait=True)
+
+
+class _PulledAcrossUpdate(RowsAcrossUpdate):
+    """A remote table's next rows across an update: ``kept`` (a lookup's future) holds the rows the update
+    leaves alone, ``pull_ids`` are those it changes, which its push pulls."""
+
+    def __init__(self, table: RemoteRowTable, pull_ids: torch.Tensor, changed: torch.Tensor,
+                 kept: concurrent.futures.Future, inverse: torch.Tensor):
+        super().__init__(fetch=lambda pushed: table._copier.submit(table._merged_to_device, self, pushed))
+        self.pull_ids, self.changed, self.kept, self.inverse = pull_ids, changed, kept, inverse

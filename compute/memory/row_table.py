@@ -4,10 +4,11 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import dataclasses
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
+from compute.memory.futures import follow
 from kernels import RowSegments
 from memory_service.core.slots import ShardSplit
 
@@ -60,11 +61,19 @@ class RowTable(abc.ABC):
         ``inverse`` mapping each (token, head) to its row. Returns without waiting for the rows.
         ``shard_split``, the loader's split of ``unique_ids`` by shard, saves a remote table that work."""
 
+    def prefetch_across_update(self, unique_ids: torch.Tensor, inverse: torch.Tensor, updated_ids: torch.Tensor,
+                               shard_split: ShardSplit | None = None) -> "RowsAcrossUpdate":
+        """Like ``prefetch``, for the next step's rows as they will be once this step's update of
+        ``updated_ids`` is in: pass the result to that update's ``apply_gradients(..., next_rows=)``. By
+        default the fetch starts once the update is in; a table may start the rows it leaves alone now."""
+        return RowsAcrossUpdate(lambda _update: self.prefetch(unique_ids, inverse, shard_split))
+
     @abc.abstractmethod
     def apply_gradients(self, unique_ids: torch.Tensor, rows: EngramRows, step: int, rank: int = 0,
-                        world_size: int = 1) -> concurrent.futures.Future:
+                        world_size: int = 1, next_rows: "RowsAcrossUpdate | None" = None) -> concurrent.futures.Future:
         """Apply the gradient that backward left for ``rows`` (prefetched for ``unique_ids``) as ``step``
-        of this ``rank`` among ``world_size``; a future that settles once the update is in."""
+        of this ``rank`` among ``world_size``; a future that settles once the update is in. ``next_rows``
+        (from ``prefetch_across_update``) then settles with the next step's rows."""
 
     def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """The table's optimizer state kept in this process, by layer, for a checkpoint; none by default
@@ -76,6 +85,23 @@ class RowTable(abc.ABC):
 
     def close(self) -> None:
         """Release what the table holds beyond its rows (threads, streams); nothing by default."""
+
+
+class RowsAcrossUpdate:
+    """The next step's rows across this step's update: ``rows`` settles with them as they are once the
+    update (``after``) is in; a failed update fails them."""
+
+    def __init__(self, fetch: Callable[[concurrent.futures.Future], concurrent.futures.Future]):
+        self.rows: concurrent.futures.Future = concurrent.futures.Future()
+        self._fetch = fetch  # given the settled update, a future of the rows
+
+    def after(self, update: concurrent.futures.Future) -> None:
+        """Fetch the rows once ``update`` is in."""
+        def start(done: concurrent.futures.Future) -> None:
+            error = done.exception()
+            self.rows.set_exception(error) if error is not None else follow(self.rows, self._fetch(done))
+
+        update.add_done_callback(start)
 
 
 def check_row_ids(row_ids: torch.Tensor, num_rows: int) -> None:

@@ -87,6 +87,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end
+    final_checkpoint: bool = True  # False: no checkpoint at the end either (benchmarks that only time steps)
     eval_batches: int = 8
     output_dir: str = "runs/engram"
 

@@ -3,9 +3,11 @@
 Step s: the rows of step s were requested earlier (``RowTable.prefetch``) and are awaited only at the
 first Engram layer; backward yields each unique row's gradient, which each table applies
 (``apply_gradients``: remote tables push it to the shards without waiting); the dense optimizer steps
-meanwhile. With ``staleness=0`` the next prefetch is issued once this step's updates are applied
-everywhere (exact); with ``staleness=1`` it is issued as soon as the previous step's updates are in, so
-it overlaps this step's compute but may miss this step's update.
+meanwhile. With ``staleness=0`` the next step's rows are exact: on one rank, the rows this step does not
+touch are fetched as it starts and the ones it updates come back with its push (push-and-pull); with
+several ranks, the next prefetch is issued once this step's updates are applied everywhere. With
+``staleness=1`` it is issued as soon as the previous step's updates are in, so it overlaps this step's
+compute but may miss this step's update.
 """
 from __future__ import annotations
 
@@ -137,10 +139,7 @@ class EngramTrainer:
         Waiting for ``after`` happens off this thread (the prefetches start from the last update's
         callback), so the step that runs meanwhile is not held up; a failed update fails the rows.
         """
-        rows = {layer: _WaitClock(self.totals) for layer in batch.layers}
-        for layer, layer_rows in batch.layers.items():
-            self.totals["rows"] += len(layer_rows.unique)
-            self.totals["bytes"] += len(layer_rows.unique) * self.tables[layer].dim * self._wire_bytes
+        rows = self._row_futures(batch)
 
         def start() -> None:
             failed = next((update.exception() for update in after if update.exception() is not None), None)
@@ -167,6 +166,25 @@ class EngramTrainer:
             update.add_done_callback(on_update_done)
         return rows
 
+    def prefetch_across(self, batch: HashedBatch, this_batch: HashedBatch) -> tuple[dict, dict]:
+        """Start every Engram layer's exact prefetch of the next ``batch`` across the update that ``this_batch``'s
+        step is about to push: the rows' futures, and what ``apply_gradients`` takes to bring them up to date."""
+        rows = self._row_futures(batch)
+        across = {layer: self.tables[layer].prefetch_across_update(layer_rows.unique, layer_rows.inverse,
+                                                                    this_batch.layers[layer].unique,
+                                                                    layer_rows.shard_split())
+                  for layer, layer_rows in batch.layers.items()}
+        for layer, future in rows.items():
+            follow(future, across[layer].rows)
+        return rows, across
+
+    def _row_futures(self, batch: HashedBatch) -> dict[int, concurrent.futures.Future]:
+        """A future for each Engram layer's rows of ``batch``, counting the rows and bytes it moves."""
+        for layer, layer_rows in batch.layers.items():
+            self.totals["rows"] += len(layer_rows.unique)
+            self.totals["bytes"] += len(layer_rows.unique) * self.tables[layer].dim * self._wire_bytes
+        return {layer: _WaitClock(self.totals) for layer in batch.layers}
+
     def train(self, on_step: Callable[[dict], None] | None = None) -> list[float]:
         """Run to ``config.steps``; return this rank's loss per step."""
         config, losses = self.config, []
@@ -180,12 +198,16 @@ class EngramTrainer:
             started = time.perf_counter()
             batch, rows = next_batch, next_rows if next_rows is not None else self.prefetch(next_batch)
             next_batch = next(batches, None)
-            next_rows = None
+            next_rows = across = None
             if next_batch is not None and config.memory.prefetch and config.memory.staleness == 1:
                 # Once the previous step's updates are in, so the rows miss at most this step's update.
                 next_rows = self.prefetch(next_batch, after=pending_updates[:])
                 pending_updates.clear()
-            loss = self._mean_over_ranks(self._train_step(batch, rows, pending_updates))
+            elif next_batch is not None and config.memory.prefetch and self.ctx.world_size == 1:
+                # Exact, and early: the rows this step leaves alone now, the ones it changes with its update.
+                # (With several ranks, a row this rank leaves alone may be another's: fetched after the barrier.)
+                next_rows, across = self.prefetch_across(next_batch, batch)
+            loss = self._mean_over_ranks(self._train_step(batch, rows, pending_updates, across))
             losses.append(loss)
             if config.memory.staleness == 0 or next_batch is None:
                 self._settle(pending_updates, barrier=config.memory.staleness == 0)
@@ -203,10 +225,11 @@ class EngramTrainer:
                 self._settle(pending_updates, barrier=True)
                 self.save(checkpoint_dir, loader)
         self._settle(pending_updates, barrier=True)
-        self.last_checkpoint = self.save(checkpoint_dir, loader)
+        if config.final_checkpoint:
+            self.last_checkpoint = self.save(checkpoint_dir, loader)
         return losses
 
-    def _train_step(self, batch: HashedBatch, rows: dict, pending_updates: list) -> float:
+    def _train_step(self, batch: HashedBatch, rows: dict, pending_updates: list, across: dict | None) -> float:
         device = self.ctx.device
         for group in self.dense_optimizer.param_groups:
             group["lr"] = learning_rate(self.config, self.step)
@@ -215,7 +238,8 @@ class EngramTrainer:
         torch.nn.utils.clip_grad_norm_(self.dense_params, self.config.optim.grad_clip)
         for layer, future in rows.items():
             pending_updates.append(self.tables[layer].apply_gradients(
-                batch.layers[layer].unique, future.result(), self.step, self.ctx.rank, self.ctx.world_size))
+                batch.layers[layer].unique, future.result(), self.step, self.ctx.rank, self.ctx.world_size,
+                next_rows=across[layer] if across else None))
         self.dense_optimizer.step()
         self.dense_optimizer.zero_grad(set_to_none=True)
         return output.lm_loss.item()

@@ -67,6 +67,12 @@ BAD_REQUESTS = [
     ("Update", update(step=-1), "INVALID_ARGUMENT", "step"),
     ("Update", update(synchronous=True, ids=(1, 2), grads=NAN.tobytes()), "INVALID_ARGUMENT", "grads"),
     ("Update", update(table="read_only"), "FAILED_PRECONDITION", "read_only"),
+    # Push-and-pull: rows it could not answer refuse the push before it is taken.
+    ("Update", update(pull_row_ids=ids_bytes(TABLE.rows), pull_dtype=pb.FLOAT32), "INVALID_ARGUMENT", "pull_row_ids"),
+    ("Update", update(pull_row_ids=b"\x01\x02", pull_dtype=pb.FLOAT32), "INVALID_ARGUMENT", "pull_row_ids"),
+    ("Update", update(pull_row_ids=ids_bytes(3)), "INVALID_ARGUMENT", "pull_dtype"),
+    ("Update", update(table="wide", ids=(), grads=b"", pull_row_ids=ids_bytes(*[3] * 140_000), pull_dtype=pb.FLOAT32),
+     "RESOURCE_EXHAUSTED", "pull_row_ids"),
 ]
 
 

@@ -19,11 +19,12 @@ SERVING = spec("serving", storage_dtype="bfloat16", dim=8)
 SGD_BF16_GRADS = spec("sgd_bf16_grads", kind="sgd", lr=0.5)
 SPLIT_PARTS = spec("split_parts", kind="adam", seed=7)
 SPLIT_WHOLE = spec("split_whole", kind="adam", seed=7)
+PUSH_PULL = spec("push_pull", kind="adam", seed=5)
 
 
 @pytest.fixture(scope="module")
 def memory(ray_cluster):
-    tables = [ADAM, SGD, SYNC_TWO, SYNC_ONE, SERVING, SGD_BF16_GRADS, SPLIT_PARTS, SPLIT_WHOLE]
+    tables = [ADAM, SGD, SYNC_TWO, SYNC_ONE, SERVING, SGD_BF16_GRADS, SPLIT_PARTS, SPLIT_WHOLE, PUSH_PULL]
     with deployment(tables, shards=2) as (controller, client):
         yield controller, client
 
@@ -128,3 +129,24 @@ def test_a_retried_push_is_applied_once(memory, synchronous):
     assert client.push("sgd", ids, grads, step=step, synchronous=synchronous).result().duplicate
     assert ray.get(controller.checksums.remote())["sgd"] == checksums
     torch.testing.assert_close(once, before - SGD.optimizer.lr * grads)
+
+
+@pytest.mark.parametrize("synchronous", [True, False])
+def test_a_push_pulls_its_rows_as_they_are_once_it_is_applied(memory, synchronous):
+    """Push-and-pull: rows the push changes and rows it does not, on both shards, come back as a lookup
+    made after the push would see them; pulled with the step's last message (or looked up after an
+    asynchronous push)."""
+    _, client = memory
+    ids = np.arange(0, 400, 2, dtype=np.int64)
+    pull = np.arange(100, 700, 3, dtype=np.int64)  # overlaps the pushed rows
+    step = 10 + int(synchronous)
+    grads = torch.randn(len(ids), PUSH_PULL.dim, generator=torch.Generator().manual_seed(step))
+    result = client.push("push_pull", ids, grads, step=step, synchronous=synchronous, pull_ids=pull,
+                         pull_dtype=torch.float32).result()
+    after = client.lookup("push_pull", pull, dtype=torch.float32).result()
+    assert torch.equal(result.pulled, after)
+    changed = np.isin(pull, ids)
+    assert changed.any() and not torch.equal(after[changed], reference_rows(PUSH_PULL, pull[changed]))
+    assert torch.equal(after[~changed], reference_rows(PUSH_PULL, pull[~changed]))
+    with pytest.raises(ValueError, match="pull_ids"):
+        client.push("push_pull", ids, grads, step=step + 2, pull_ids=pull[::-1])
