@@ -89,7 +89,8 @@ def main() -> None:
     preset = PRESETS["gpu" if args.preset == "cuda" else args.preset]
     steps, warmup, device = args.steps or preset["steps"], preset["warmup"], torch.device(preset["device"])
     base = TrainConfig(model=preset["model"], engram=preset["engram"], data=preset["data"], steps=steps,
-                       log_every=steps, final_checkpoint=False, output_dir=tempfile.mkdtemp(prefix="engram-train-step-"),
+                       log_every=steps, final_checkpoint=False,
+                       output_dir=tempfile.mkdtemp(prefix="engram-train-step-"),
                        memory=MemoryConfig(shards=args.shards))
     connect_ray(None, args.shards)
     specs = engram_table_specs(base)
