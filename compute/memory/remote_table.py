@@ -11,11 +11,13 @@ from compute.memory.client import MemoryClient
 from compute.memory.futures import follow
 from compute.memory.row_table import EngramRows, RowTable
 from memory_service.core.slots import ShardSplit
+from protos.wire import WIRE_DTYPE_BY_TORCH, dequantize_rows
 
 
 class RemoteRowTable(RowTable):
     """``prefetch`` starts a lookup and returns at once; the rows land in pinned memory and reach the
-    device on a side stream, so a step's compute hides the next step's lookup. The rows handed to the
+    device on a side stream, so a step's compute hides the next step's lookup (float8_e4m3 rows travel
+    to the device as they came, E4M3 bytes and scales, and are dequantised there). The rows handed to the
     model are a leaf in ``compute_dtype``: after ``backward`` its ``.grad`` is the unique-row gradient
     that ``apply_gradients`` pushes, leaving the device on another side stream, off the training thread.
     """
@@ -78,9 +80,9 @@ class RemoteRowTable(RowTable):
     def _to_device(self, rows_future: concurrent.futures.Future, inverse: torch.Tensor) -> EngramRows:
         rows = rows_future.result()
         if self._copy_stream is None:
-            return EngramRows(rows.to(self.compute_dtype).requires_grad_(True), inverse)
+            return EngramRows(self._values(rows).requires_grad_(True), inverse)
         with self._copy_lock, torch.cuda.stream(self._copy_stream):
-            unique_rows = rows.to(self.device, non_blocking=True).to(self.compute_dtype)
+            unique_rows = self._values(rows.to(self.device, non_blocking=True))
             inverse = inverse.to(self.device, non_blocking=True)
             # The backward's grouping by row, built here so the step does not sort.
             segments = kernels.row_segments(inverse, len(unique_rows))
@@ -91,6 +93,12 @@ class RemoteRowTable(RowTable):
         for tensor in (unique_rows, inverse, *segments):
             tensor.record_stream(torch.cuda.default_stream(self.device))
         return EngramRows(unique_rows.requires_grad_(True), inverse, segments)
+
+    def _values(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows as they came, on their device, in ``compute_dtype``: float8_e4m3 wire rows are dequantised there."""
+        if WIRE_DTYPE_BY_TORCH[self.wire_dtype].scaled:
+            return dequantize_rows(rows, self.compute_dtype)
+        return rows.to(self.compute_dtype)
 
     def close(self) -> None:
         self._pusher.shutdown(wait=True)
