@@ -33,6 +33,10 @@ class WireDtype:
         """Bytes one row of ``dim`` values takes on the wire, its scale included."""
         return dim * self.torch.itemsize + (SCALE_BYTES if self.scaled else 0)
 
+    def values(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Looked-up rows as they came in this wire dtype, as values in ``dtype`` on their device."""
+        return dequantize_rows(rows, dtype) if self.scaled else rows.to(dtype)
+
 
 SCALE_BYTES = 4  # a scaled row's float32 scale
 FLOAT8_E4M3_MAX = 448.0  # E4M3's largest finite value: a row's largest magnitude maps to it

@@ -11,7 +11,7 @@ from compute.memory.client import MemoryClient
 from compute.memory.futures import follow
 from compute.memory.row_table import EngramRows, RowTable
 from memory_service.core.slots import ShardSplit
-from protos.wire import WIRE_DTYPE_BY_TORCH, dequantize_rows
+from protos.wire import WIRE_DTYPE_BY_TORCH
 
 
 class RemoteRowTable(RowTable):
@@ -28,6 +28,7 @@ class RemoteRowTable(RowTable):
         self.client, self.table = client, table
         self.device, self.wire_dtype, self.compute_dtype = torch.device(device), wire_dtype, compute_dtype
         self.grad_wire_dtype = grad_wire_dtype
+        self._wire = WIRE_DTYPE_BY_TORCH[wire_dtype]
         routing = {t.name: t for t in client.tables()}
         if table not in routing:
             raise ValueError(f"table: {table!r} is not deployed; deployed tables: {sorted(routing)}")
@@ -80,9 +81,10 @@ class RemoteRowTable(RowTable):
     def _to_device(self, rows_future: concurrent.futures.Future, inverse: torch.Tensor) -> EngramRows:
         rows = rows_future.result()
         if self._copy_stream is None:
-            return EngramRows(self._values(rows).requires_grad_(True), inverse)
+            return EngramRows(self._wire.values(rows, self.compute_dtype).requires_grad_(True), inverse)
         with self._copy_lock, torch.cuda.stream(self._copy_stream):
-            unique_rows = self._values(rows.to(self.device, non_blocking=True))
+            # float8_e4m3 rows cross as E4M3 bytes and scales and are dequantised here, on the device.
+            unique_rows = self._wire.values(rows.to(self.device, non_blocking=True), self.compute_dtype)
             inverse = inverse.to(self.device, non_blocking=True)
             # The backward's grouping by row, built here so the step does not sort.
             segments = kernels.row_segments(inverse, len(unique_rows))
@@ -93,12 +95,6 @@ class RemoteRowTable(RowTable):
         for tensor in (unique_rows, inverse, *segments):
             tensor.record_stream(torch.cuda.default_stream(self.device))
         return EngramRows(unique_rows.requires_grad_(True), inverse, segments)
-
-    def _values(self, rows: torch.Tensor) -> torch.Tensor:
-        """Rows as they came, on their device, in ``compute_dtype``: float8_e4m3 wire rows are dequantised there."""
-        if WIRE_DTYPE_BY_TORCH[self.wire_dtype].scaled:
-            return dequantize_rows(rows, self.compute_dtype)
-        return rows.to(self.compute_dtype)
 
     def close(self) -> None:
         self._pusher.shutdown(wait=True)

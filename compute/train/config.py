@@ -71,6 +71,10 @@ class MemoryConfig:
     def grad_wire_torch_dtype(self) -> torch.dtype:
         return WIRE_DTYPE_BY_NAME[self.grad_wire_dtype].torch
 
+    def wire_row_bytes(self, dim: int) -> int:
+        """Bytes a row of ``dim`` values takes on the wire in ``wire_dtype``, a float8_e4m3 row's scale included."""
+        return WIRE_DTYPE_BY_NAME[self.wire_dtype].row_bytes(dim)
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
