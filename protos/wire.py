@@ -2,7 +2,8 @@
 
 Wire dtypes (name <-> ``DType`` enum <-> torch dtype) and the FP8 rows' per-row scales, call
 metadata keys, message limits and gRPC channel options, the controller's Ray name, the
-``LookupResponse`` codec, and conversions between the wire's raw bytes and numpy/torch arrays. Imports nothing from ``compute`` or ``memory_service``.
+``LookupResponse`` codec, and conversions between the wire's raw bytes and numpy/torch arrays.
+Imports nothing from ``compute`` or ``memory_service``.
 """
 from __future__ import annotations
 
