@@ -32,7 +32,7 @@ from memory_service.core.optimizers import SparseOptimizer, make_optimizer
 from memory_service.core.row_init import fill_initial_rows
 from memory_service.core.slots import slot_row_ids
 from memory_service.core.table_spec import TableSpec
-from protos.wire import WIRE_DTYPE_BY_NAME
+from protos.wire import WIRE_DTYPE_BY_NAME, quantize_rows
 
 log = logging.getLogger(__name__)
 
@@ -239,13 +239,16 @@ class ShardStore:
     # ----- lookup and update -----
 
     def gather(self, name: str, row_ids, dtype: str = "float32") -> torch.Tensor:
-        """The rows ``row_ids`` [n] as a [n, dim] tensor of transport ``dtype``."""
+        """The rows ``row_ids`` [n] as a [n, dim] tensor of transport ``dtype``; for ``float8_e4m3``
+        the wire rows [n, dim + 4] uint8 of ``protos.wire.quantize_rows``."""
         if dtype not in WIRE_DTYPE_BY_NAME:
             raise _invalid("dtype", f"must be one of {list(WIRE_DTYPE_BY_NAME)}, got {dtype!r}")
+        wire = WIRE_DTYPE_BY_NAME[dtype]
         with self._lock:
             table = self._table(name)
             positions = self._positions(table, self._checked_row_ids(table.spec, row_ids))
-            return table.rows.index_select(0, positions).to(WIRE_DTYPE_BY_NAME[dtype].torch)
+            rows = table.rows.index_select(0, positions)
+        return quantize_rows(rows) if wire.scaled else rows.to(wire.torch)
 
     def check_servable(self, name: str, row_ids, field: str = "row_ids") -> None:
         """Refuse ``row_ids`` that ``gather`` could not serve (out of range, or on slots not owned here)."""

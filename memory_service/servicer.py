@@ -32,9 +32,10 @@ from memory_service.core.push_checks import InvalidPush
 from memory_service.core.slots import slot_of
 from memory_service.step_aggregator import StepAggregator
 from memory_service.core.table_spec import SpecError, TableSpec
-from protos.wire import (DEFAULT_MAX_MESSAGE_BYTES, ROUTING_EPOCH_KEY, WIRE_DTYPE_BY_ENUM, WIRE_DTYPE_BY_NAME,
-                         WireError, arrays_from_proto, arrays_to_proto, encode_lookup_response, pending_from_arrays,
-                         pending_to_arrays, tensor_from_bytes, tensor_to_bytes)
+from protos.wire import (DEFAULT_MAX_MESSAGE_BYTES, GRAD_WIRE_DTYPES, ROUTING_EPOCH_KEY, WIRE_DTYPE_BY_ENUM,
+                         WIRE_DTYPE_BY_NAME, WIRE_DTYPES, WireDtype, WireError, arrays_from_proto, arrays_to_proto,
+                         encode_lookup_response, pending_from_arrays, pending_to_arrays, tensor_from_bytes,
+                         tensor_to_bytes)
 from protos import engram_memory_v1_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -172,10 +173,10 @@ class ShardServicer:
         return np.frombuffer(data, dtype="<i8")
 
     @staticmethod
-    def _dtype(value: int, field: str) -> str:
-        if value not in WIRE_DTYPE_BY_ENUM:
-            raise RequestRejected("INVALID_ARGUMENT", field,
-                                  f"{field}: must be one of {sorted(WIRE_DTYPE_BY_NAME)}, got enum value {value}")
+    def _dtype(value: int, field: str, allowed: tuple[WireDtype, ...] = WIRE_DTYPES) -> str:
+        if value not in {dtype.enum for dtype in allowed}:
+            raise RequestRejected("INVALID_ARGUMENT", field, f"{field}: must be one of "
+                                  f"{sorted(dtype.name for dtype in allowed)}, got enum value {value}")
         return WIRE_DTYPE_BY_ENUM[value].name
 
     # ---- data plane -----------------------------------------------------------------------
@@ -197,7 +198,7 @@ class ShardServicer:
 
     def _check_reply_size(self, num_rows: int, spec: TableSpec, dtype: str, field: str) -> int:
         """The bytes of ``num_rows`` rows in ``dtype``; refused if over the message limit."""
-        reply_bytes = num_rows * spec.dim * torch.finfo(getattr(torch, dtype)).bits // 8
+        reply_bytes = num_rows * WIRE_DTYPE_BY_NAME[dtype].row_bytes(spec.dim)  # float8_e4m3's scales too
         if reply_bytes > self.max_message_bytes:
             raise RequestRejected(
                 "RESOURCE_EXHAUSTED", field,
@@ -258,8 +259,8 @@ class ShardServicer:
         return pb.UpdateResponse(applied_rows=applied, duplicate=duplicate, pending=pending, epoch=self.epoch)
 
     def _grads(self, request: pb.UpdateRequest, spec: TableSpec, num_rows: int) -> torch.Tensor:
-        dtype = self._dtype(request.grad_dtype, "grad_dtype")
-        row_bytes = spec.dim * torch.finfo(getattr(torch, dtype)).bits // 8
+        dtype = self._dtype(request.grad_dtype, "grad_dtype", GRAD_WIRE_DTYPES)  # float8_e4m3 is for lookups only
+        row_bytes = WIRE_DTYPE_BY_NAME[dtype].row_bytes(spec.dim)
         if request.HasField("shared_grads"):
             if request.grads:
                 raise RequestRejected("INVALID_ARGUMENT", "grads", "grads: must be empty when shared_grads is set")

@@ -12,6 +12,7 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLOAT32: _ClassVar[DType]
     BFLOAT16: _ClassVar[DType]
     FLOAT16: _ClassVar[DType]
+    FLOAT8_E4M3: _ClassVar[DType]
 
 class RestorePhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -22,6 +23,7 @@ DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 BFLOAT16: DType
 FLOAT16: DType
+FLOAT8_E4M3: DType
 RESTORE_STAGE: RestorePhase
 RESTORE_COMMIT: RestorePhase
 RESTORE_DISCARD: RestorePhase

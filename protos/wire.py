@@ -1,8 +1,9 @@
 """The data plane's contract, the one Python home of what the client and the shards must agree on.
 
-Wire dtypes (name <-> ``DType`` enum <-> torch dtype), call metadata keys, message limits and gRPC
-channel options, the controller's Ray name, the ``LookupResponse`` codec, and conversions between
-the wire's raw bytes and numpy/torch arrays. Imports nothing from ``compute`` or ``memory_service``.
+Wire dtypes (name <-> ``DType`` enum <-> torch dtype) and the FP8 rows' per-row scales, call
+metadata keys, message limits and gRPC channel options, the controller's Ray name, the
+``LookupResponse`` codec, and conversions between the wire's raw bytes and numpy/torch arrays.
+Imports nothing from ``compute`` or ``memory_service``.
 """
 from __future__ import annotations
 
@@ -27,13 +28,33 @@ class WireDtype:
     name: str
     enum: int
     torch: torch.dtype
+    scaled: bool = False  # each row's float32 scale follows its values (float8_e4m3); lookups only
 
+    def row_bytes(self, dim: int) -> int:
+        """Bytes one row of ``dim`` values takes on the wire, its scale included."""
+        return dim * self.torch.itemsize + (SCALE_BYTES if self.scaled else 0)
+
+    def row_layout(self, dim: int) -> tuple[torch.dtype, int]:
+        """How rows of ``dim`` values are held as they travel: (element type, elements a row); scaled rows
+        as uint8 bytes, values then scale."""
+        return (torch.uint8, self.row_bytes(dim)) if self.scaled else (self.torch, dim)
+
+    def values(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Looked-up rows as they came in this wire dtype, as values in ``dtype`` on their device."""
+        return dequantize_rows(rows, dtype) if self.scaled else rows.to(dtype)
+
+
+SCALE_BYTES = 4  # a scaled row's float32 scale
+FLOAT8_E4M3_MAX = 448.0  # E4M3's largest finite value: a row's largest magnitude maps to it
 
 WIRE_DTYPES = (WireDtype("float32", pb.FLOAT32, torch.float32), WireDtype("bfloat16", pb.BFLOAT16, torch.bfloat16),
-               WireDtype("float16", pb.FLOAT16, torch.float16))
+               WireDtype("float16", pb.FLOAT16, torch.float16),
+               WireDtype("float8_e4m3", pb.FLOAT8_E4M3, torch.float8_e4m3fn, scaled=True))
 WIRE_DTYPE_BY_NAME = {dtype.name: dtype for dtype in WIRE_DTYPES}
 WIRE_DTYPE_BY_ENUM = {dtype.enum: dtype for dtype in WIRE_DTYPES}
 WIRE_DTYPE_BY_TORCH = {dtype.torch: dtype for dtype in WIRE_DTYPES}
+# Gradients travel unscaled: float8_e4m3 is for lookups only.
+GRAD_WIRE_DTYPES = tuple(dtype for dtype in WIRE_DTYPES if not dtype.scaled)
 
 # Call metadata. Every call carries ``authorization: Bearer <token>``; a shard refusing a request
 # for routing reasons (a slot it does not own, frozen or moved) adds the routing-epoch trailing key,
@@ -115,6 +136,26 @@ def tensor_to_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.contiguous().view(torch.uint8).numpy().tobytes()
 
 
+# ---- FP8 rows: E4M3 values, then the row's float32 scale (layout in the .proto's DType) -------------
+
+
+def quantize_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Rows [n, dim] as float8_e4m3 wire rows: [n, dim + 4] uint8, each row's E4M3 values (``row / scale``
+    rounded to nearest) then its float32 scale, max|row| / 448 (1 where that is 0)."""
+    rows = rows.float()
+    scales = rows.abs().amax(dim=1, keepdim=True) / FLOAT8_E4M3_MAX
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    values = (rows / scales).clamp_(-FLOAT8_E4M3_MAX, FLOAT8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return torch.cat((values.view(torch.uint8), scales.view(torch.uint8)), dim=1)
+
+
+def dequantize_rows(wire_rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """float8_e4m3 wire rows [n, dim + 4] uint8 as [n, dim] values in ``dtype``, computed on their device."""
+    dim = wire_rows.shape[1] - SCALE_BYTES
+    scales = wire_rows[:, dim:].clone(memory_format=torch.contiguous_format).view(torch.float32)
+    return (wire_rows[:, :dim].view(torch.float8_e4m3fn).float() * scales).to(dtype)
+
+
 def as_row_words(rows: torch.Tensor) -> torch.Tensor:
     """Contiguous rows viewed as int64 words when a row is whole words (copies by index run several times faster)."""
     return rows.view(torch.int64) if rows.shape[-1] * rows.element_size() % 8 == 0 else rows
@@ -151,14 +192,15 @@ def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
 
 
 def encode_lookup_response(rows: torch.Tensor, dtype: int, epoch: int, rows_in_reply: bool = True) -> bytes:
-    """``LookupResponse`` bytes, identical to protobuf's, built with one copy of the rows.
+    """``LookupResponse`` bytes, identical to protobuf's, built with one copy of the rows (``quantize_rows``'
+    wire rows for ``FLOAT8_E4M3``).
 
     Without ``rows_in_reply`` (rows written to the client's shared memory) the ``rows`` field stays empty.
     """
     payload = rows.contiguous().view(torch.uint8).numpy().reshape(-1)
     if not rows_in_reply:
         payload = payload[:0]
-    num_rows, dim = rows.shape
+    num_rows, dim = rows.shape[0], rows.shape[1] - (SCALE_BYTES if WIRE_DTYPE_BY_ENUM[dtype].scaled else 0)
     head = b"\x0a" + _varint(payload.nbytes) if payload.nbytes else b""
     tail = b"".join(tag + _varint(value) for tag, value in
                     ((b"\x10", num_rows), (b"\x18", dim), (b"\x20", dtype), (b"\x28", epoch)) if value)

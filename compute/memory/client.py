@@ -32,13 +32,14 @@ from compute.memory.shared_segments import SharedSegmentPool, remove_orphaned_se
 from memory_service.core import push_checks
 from memory_service.core.slots import ShardSplit, slot_of
 from protos import engram_memory_v1_pb2 as pb
-from protos.wire import (CONTROLLER_NAME, DEFAULT_MAX_MESSAGE_BYTES, NAMESPACE, SHARED_SEGMENT_DIR, WIRE_DTYPE_BY_TORCH,
-                         ClientTls, as_row_words, tensor_to_bytes)
+from protos.wire import (CONTROLLER_NAME, DEFAULT_MAX_MESSAGE_BYTES, GRAD_WIRE_DTYPES, NAMESPACE, SHARED_SEGMENT_DIR,
+                         WIRE_DTYPE_BY_TORCH, ClientTls, as_row_words, tensor_to_bytes)
 
 __all__ = ["MemoryClient", "MemoryServiceError", "PushResult", "RetryPolicy"]
 
 log = logging.getLogger(__name__)
 
+GRAD_TORCH_DTYPES = {dtype.torch for dtype in GRAD_WIRE_DTYPES}  # gradients travel in these, others as float32
 PASS_OVER_S = 5.0  # how long a copy that failed a lookup is passed over while others are live
 
 
@@ -117,7 +118,9 @@ class MemoryClient:
     def lookup(self, table: str, row_ids, dtype: torch.dtype = torch.bfloat16, pin_memory: bool = False,
                shard_split: ShardSplit | None = None) -> concurrent.futures.Future:
         """A future of the rows of ``row_ids`` ([n, dim] in ``dtype``), in the caller's order; in
-        page-locked memory with ``pin_memory`` when CUDA is available.
+        page-locked memory with ``pin_memory`` when CUDA is available. ``torch.float8_e4m3fn`` gives the
+        wire rows as they came, [n, dim + 4] uint8 (E4M3 values, then a float32 scale):
+        ``protos.wire.dequantize_rows`` turns them into values on whichever device they are copied to.
 
         ``shard_split`` is the caller's split of sorted, distinct ``row_ids`` by owning shard, made
         under a routing epoch (a loader makes it ahead of the step): used while that epoch is current.
@@ -137,14 +140,14 @@ class MemoryClient:
         as float32; the shard accumulates and applies them in float32.
 
         Push-and-pull: the result's ``pulled`` holds the rows of sorted, distinct ``pull_ids`` in ``pull_dtype``
-        (pinned with ``pin_memory``) as they are once this push is applied. A synchronous push's last message
+        (held as ``lookup`` holds them; pinned with ``pin_memory``) as they are once this push is applied. A synchronous push's last message
         to each shard carries that shard's ids, so the shard that completes the step answers them in the
         same round trip; rows a shard could not answer yet (another rank's push still missing) are looked up
         once the push is done, which sees the step applied only if this rank's push was its last.
         """
         ids = _as_int64(row_ids, "row_ids")
         grads = torch.as_tensor(grads).detach()
-        grads = (grads if grads.dtype in WIRE_DTYPE_BY_TORCH else grads.float()).to("cpu").contiguous()
+        grads = (grads if grads.dtype in GRAD_TORCH_DTYPES else grads.float()).to("cpu").contiguous()
         # The whole push is checked as the shards would check it before any part is sent: a push
         # refused for its content changes no shard.
         route = self._route(table)
@@ -278,14 +281,17 @@ class MemoryClient:
         unique, inverse = (ids, None) if _sorted_unique(ids) else np.unique(ids, return_inverse=True)
         # `received` holds the rows of `unique` in its order: co-located shards write theirs in place,
         # the others' arrive as bytes and are copied in. Without a segment to copy out of nor an order
-        # to restore, `received` is the result, allocated pinned when asked.
-        row_bytes = route.dim * dtype.itemsize
+        # to restore, `received` is the result, allocated pinned when asked. Scaled (float8_e4m3) rows stay
+        # wire rows: uint8, each row's values then its scale.
+        wire = WIRE_DTYPE_BY_TORCH[dtype]
+        row_bytes = wire.row_bytes(route.dim)
+        element, width = wire.row_layout(route.dim)
         segment = self._segments.acquire(len(unique) * row_bytes) if self._routing.co_located else None
         if segment:
-            received = segment.rows(len(unique), route.dim, dtype)
+            received = segment.rows(len(unique), width, element)
         else:
-            received = torch.empty((len(unique), route.dim), dtype=dtype, pin_memory=pinned and inverse is None)
-        wire_dtype = WIRE_DTYPE_BY_TORCH[dtype].enum
+            received = torch.empty((len(unique), width), dtype=element, pin_memory=pinned and inverse is None)
+        wire_dtype = wire.enum
         per_request = self._rows_per_request(row_bytes)
 
         async def fetch(primary: int, positions: np.ndarray) -> None:
@@ -297,7 +303,7 @@ class MemoryClient:
             payload = await self._call_shard(shard, "Lookup", request)
             if request.HasField("shared_rows") and not len(payload):
                 return  # the shard wrote the rows into `received` itself
-            rows = torch.frombuffer(payload, dtype=dtype).view(len(positions), route.dim)
+            rows = torch.frombuffer(payload, dtype=element).view(len(positions), width)
             as_row_words(received).index_copy_(0, torch.from_numpy(positions), as_row_words(rows))
 
         async def attempt(pending: np.ndarray) -> np.ndarray:
@@ -314,10 +320,10 @@ class MemoryClient:
         try:
             await self._with_retries(attempt, np.arange(len(unique)))
             if inverse is not None:  # one copy, in the caller's order, into the result
-                out = torch.empty((len(ids), route.dim), dtype=dtype, pin_memory=pinned)
+                out = torch.empty((len(ids), width), dtype=element, pin_memory=pinned)
                 torch.index_select(as_row_words(received), 0, torch.from_numpy(inverse), out=as_row_words(out))
             elif segment:  # a segment is reused by the next call: one copy out into the result
-                out = torch.empty(received.shape, dtype=dtype, pin_memory=pinned).copy_(received)
+                out = torch.empty(received.shape, dtype=element, pin_memory=pinned).copy_(received)
             else:
                 out = received
         except BaseException:
@@ -335,8 +341,8 @@ class MemoryClient:
                     world_size: int, synchronous: bool, pull: np.ndarray | None = None,
                     pull_dtype: torch.dtype = torch.bfloat16, pinned: bool = False) -> PushResult:
         start = time.perf_counter()
-        pulled = None if pull is None else torch.empty((len(pull), self._route(table).dim), dtype=pull_dtype,
-                                                       pin_memory=pinned)
+        element, width = WIRE_DTYPE_BY_TORCH[pull_dtype].row_layout(self._route(table).dim)
+        pulled = None if pull is None else torch.empty((len(pull), width), dtype=element, pin_memory=pinned)
         unanswered = np.ones(0 if pull is None else len(pull), dtype=bool)  # pulled rows no shard answered yet
         totals = {"applied": 0, "duplicate": False, "pending": False}
         took_rows: set[int] = set()  # shards that took rows of this push
@@ -365,7 +371,7 @@ class MemoryClient:
             if not more_parts:  # a synchronous step is pending until this rank's reports say otherwise
                 totals["pending"] |= reply.pending
             if reply.pulled:
-                rows = torch.frombuffer(reply.pulled_rows, dtype=pull_dtype).view(len(pull_positions), -1)
+                rows = torch.frombuffer(reply.pulled_rows, dtype=element).view(len(pull_positions), width)
                 index = torch.from_numpy(pull_positions)
                 as_row_words(pulled).index_copy_(0, index, as_row_words(rows))
                 unanswered[pull_positions] = False
@@ -387,7 +393,7 @@ class MemoryClient:
             step without rows still on their way after a slot move, and apply the step in two parts."""
             route = self._route(table)
             to_pull = route.split(pull, np.flatnonzero(unanswered)) if pull is not None else {}
-            per_request = self._rows_per_request(route.dim * pull_dtype.itemsize)
+            per_request = self._rows_per_request(WIRE_DTYPE_BY_TORCH[pull_dtype].row_bytes(route.dim))
             return await gather_parts([(np.array([shard]), send(shard, np.empty(0, dtype=np.int64), False,
                                                                 to_pull.get(shard, np.empty(0, np.int64))[:per_request]))
                                        for shard in route.all_shards()])

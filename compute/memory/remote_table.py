@@ -12,11 +12,13 @@ from compute.memory.client import MemoryClient
 from compute.memory.futures import follow
 from compute.memory.row_table import EngramRows, RowsAcrossUpdate, RowTable, settled
 from memory_service.core.slots import ShardSplit
+from protos.wire import WIRE_DTYPE_BY_TORCH
 
 
 class RemoteRowTable(RowTable):
     """``prefetch`` starts a lookup and returns at once; the rows land in pinned memory and reach the
-    device on a side stream, so a step's compute hides the next step's lookup. The rows handed to the
+    device on a side stream, so a step's compute hides the next step's lookup (float8_e4m3 rows travel
+    to the device as they came, E4M3 bytes and scales, and are dequantised there). The rows handed to the
     model are a leaf in ``compute_dtype``: after ``backward`` its ``.grad`` is the unique-row gradient
     that ``apply_gradients`` pushes, leaving the device on another side stream, off the training thread.
     """
@@ -27,6 +29,7 @@ class RemoteRowTable(RowTable):
         self.client, self.table = client, table
         self.device, self.wire_dtype, self.compute_dtype = torch.device(device), wire_dtype, compute_dtype
         self.grad_wire_dtype = grad_wire_dtype
+        self._wire = WIRE_DTYPE_BY_TORCH[wire_dtype]
         routing = {t.name: t for t in client.tables()}
         if table not in routing:
             raise ValueError(f"table: {table!r} is not deployed; deployed tables: {sorted(routing)}")
@@ -93,9 +96,10 @@ class RemoteRowTable(RowTable):
     def _to_device(self, rows_future: concurrent.futures.Future, inverse: torch.Tensor) -> EngramRows:
         rows = rows_future.result()
         if self._copy_stream is None:
-            return EngramRows(rows.to(self.compute_dtype).requires_grad_(True), inverse)
+            return EngramRows(self._wire.values(rows, self.compute_dtype).requires_grad_(True), inverse)
         with self._copy_lock, torch.cuda.stream(self._copy_stream):
-            unique_rows = rows.to(self.device, non_blocking=True).to(self.compute_dtype)
+            # float8_e4m3 rows cross as E4M3 bytes and scales and are dequantised here, on the device.
+            unique_rows = self._wire.values(rows.to(self.device, non_blocking=True), self.compute_dtype)
             inverse = inverse.to(self.device, non_blocking=True)
             # The backward's grouping by row, built here so the step does not sort.
             segments = kernels.row_segments(inverse, len(unique_rows))
@@ -109,8 +113,8 @@ class RemoteRowTable(RowTable):
 
     def _merged_to_device(self, across: "_PulledAcrossUpdate", pushed: concurrent.futures.Future) -> EngramRows:
         """The next step's rows from the ones looked up ahead and the ones the push pulled, on the device."""
-        rows = torch.empty((len(across.changed), self.dim), dtype=self.wire_dtype,
-                           pin_memory=self._copy_stream is not None)
+        element, width = self._wire.row_layout(self.dim)
+        rows = torch.empty((len(across.changed), width), dtype=element, pin_memory=self._copy_stream is not None)
         rows[~across.changed] = across.kept.result()
         rows[across.changed] = pushed.result().pulled
         return self._to_device(settled(rows), across.inverse)

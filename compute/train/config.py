@@ -8,7 +8,7 @@ import torch
 
 from compute.config import EngramConfig, ModelConfig, dataclass_from_mapping, load_yaml
 from compute.data.config import DataConfig
-from protos.wire import WIRE_DTYPE_BY_NAME
+from protos.wire import GRAD_WIRE_DTYPES, WIRE_DTYPE_BY_NAME
 
 TABLE_KINDS = ("remote", "local")
 
@@ -43,7 +43,8 @@ class MemoryConfig:
     replicas: int = 1  # copies of each group's slots (2: a shard can die without losing a row)
     num_slots: int = 256
     init_std: float = 0.02
-    wire_dtype: str = "bfloat16"  # rows on the wire; float32 makes remote runs match local ones exactly
+    wire_dtype: str = "bfloat16"  # rows on the wire; float32 makes remote runs match local ones exactly; float8_e4m3
+    # (E4M3 and a float32 scale a row) about halves bfloat16's bytes
     grad_wire_dtype: str = "float32"  # row gradients on the wire; bfloat16 halves the push's bytes
     prefetch: bool = True  # issue the next step's lookup before this step's compute
     staleness: int = 0  # 0: lookups see every earlier step's update; 1: may miss the last one (overlapped)
@@ -51,9 +52,10 @@ class MemoryConfig:
     def __post_init__(self):
         if self.tables not in TABLE_KINDS:
             raise ValueError(f"memory.tables must be one of {TABLE_KINDS}, got {self.tables!r}")
-        for field in ("wire_dtype", "grad_wire_dtype"):
-            if getattr(self, field) not in WIRE_DTYPE_BY_NAME:
-                raise ValueError(f"memory.{field} must be one of {list(WIRE_DTYPE_BY_NAME)}, got {getattr(self, field)!r}")
+        for field, allowed in (("wire_dtype", list(WIRE_DTYPE_BY_NAME)),
+                               ("grad_wire_dtype", [dtype.name for dtype in GRAD_WIRE_DTYPES])):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"memory.{field} must be one of {allowed}, got {getattr(self, field)!r}")
         if self.staleness not in (0, 1):
             raise ValueError(f"memory.staleness must be 0 or 1, got {self.staleness!r}")
         if self.shards < 1:
@@ -68,6 +70,10 @@ class MemoryConfig:
     @property
     def grad_wire_torch_dtype(self) -> torch.dtype:
         return WIRE_DTYPE_BY_NAME[self.grad_wire_dtype].torch
+
+    def wire_row_bytes(self, dim: int) -> int:
+        """Bytes a row of ``dim`` values takes on the wire in ``wire_dtype``, a float8_e4m3 row's scale included."""
+        return WIRE_DTYPE_BY_NAME[self.wire_dtype].row_bytes(dim)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -128,9 +128,9 @@ class EngramTrainer:
         return hashed_batches(data, self.config.engram, rank=self.ctx.rank, world_size=self.ctx.world_size,
                               routing=owners, routing_epoch=epoch, position=position, num_steps=num_steps)
 
-    @property
-    def _wire_bytes(self) -> int:
-        return 4 if self.config.memory.tables == "local" else self.config.memory.wire_torch_dtype.itemsize
+    def _row_bytes(self, dim: int) -> int:
+        """Bytes one row of ``dim`` moves: float32 in process, else its wire dtype's (FP8's scale included)."""
+        return 4 * dim if self.config.memory.tables == "local" else self.config.memory.wire_row_bytes(dim)
 
     def prefetch(self, batch: HashedBatch, after: list = ()) -> dict[int, concurrent.futures.Future]:
         """Start every Engram layer's prefetch of ``batch``'s (loader-deduplicated) rows, once the
@@ -182,7 +182,7 @@ class EngramTrainer:
         """A future for each Engram layer's rows of ``batch``, counting the rows and bytes it moves."""
         for layer, layer_rows in batch.layers.items():
             self.totals["rows"] += len(layer_rows.unique)
-            self.totals["bytes"] += len(layer_rows.unique) * self.tables[layer].dim * self._wire_bytes
+            self.totals["bytes"] += len(layer_rows.unique) * self._row_bytes(self.tables[layer].dim)
         return {layer: _WaitClock(self.totals) for layer in batch.layers}
 
     def train(self, on_step: Callable[[dict], None] | None = None) -> list[float]:

@@ -55,6 +55,9 @@ BAD_REQUESTS = [
     ("Lookup", pb.LookupRequest(table="errors", row_ids=ids_bytes(1)), "INVALID_ARGUMENT", "dtype"),
     ("Lookup", pb.LookupRequest(table="wide", row_ids=ids_bytes(*[3] * 140_000), dtype=pb.FLOAT32),
      "RESOURCE_EXHAUSTED", "max_message_bytes"),
+    # 510,000 rows of 128 E4M3 bytes fit in 64 MiB; with their 4-byte scales they do not.
+    ("Lookup", pb.LookupRequest(table="wide", row_ids=ids_bytes(*[3] * 510_000), dtype=pb.FLOAT8_E4M3),
+     "RESOURCE_EXHAUSTED", "67320000-byte reply"),
     ("Update", update(table="nope"), "NOT_FOUND", "nope"),
     ("Update", update(ids=(1, TABLE.rows + 5)), "INVALID_ARGUMENT", "row_ids"),
     ("Update", update(ids=(4, 4)), "INVALID_ARGUMENT", "row_ids"),
@@ -62,6 +65,7 @@ BAD_REQUESTS = [
     ("Update", update(grads=NAN.tobytes()), "INVALID_ARGUMENT", "grads"),
     ("Update", update(grads=INF.tobytes()), "INVALID_ARGUMENT", "grads"),
     ("Update", update(grad_dtype=pb.DTYPE_UNSPECIFIED), "INVALID_ARGUMENT", "grad_dtype"),
+    ("Update", update(grad_dtype=pb.FLOAT8_E4M3, grads=bytes(2 * TABLE.dim)), "INVALID_ARGUMENT", "grad_dtype"),
     ("Update", update(rank=2, world_size=2), "INVALID_ARGUMENT", "rank"),
     ("Update", update(world_size=0), "INVALID_ARGUMENT", "world_size"),
     ("Update", update(step=-1), "INVALID_ARGUMENT", "step"),

@@ -18,6 +18,7 @@ from compute.memory.client import MemoryClient
 from compute.memory.shared_segments import SharedRowSegment, remove_orphaned_segments
 from memory_service.shared_rows import SegmentError, SharedRowSegments
 from protos import engram_memory_v1_pb2 as pb
+from protos.wire import quantize_rows
 from tests.integration.memory_deploy import TOKEN, deployment, reference_rows, shard_stub, spec
 
 TABLE = spec("local", dim=16)
@@ -127,6 +128,7 @@ def test_local_client_gets_rows_through_unix_sockets_and_shared_memory(ray_clust
             expected = reference_rows(TABLE, ids)
             assert torch.equal(local.lookup("local", ids, dtype=torch.float32).result(), expected)
             assert torch.equal(local.lookup("local", ids, dtype=torch.bfloat16).result(), expected.bfloat16())
+            assert torch.equal(local.lookup("local", ids, dtype=torch.float8_e4m3fn).result(), quantize_rows(expected))
         with MemoryClient(local.directory, TOKEN, use_local_transport=False) as remote:
             assert not remote.co_located_shards
             assert all(not remote.shard_address(shard).startswith("unix:") for shard in (0, 1))

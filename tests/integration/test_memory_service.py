@@ -7,6 +7,7 @@ import ray
 import torch
 
 from compute.memory.client import MemoryClient
+from protos.wire import quantize_rows
 from tests.integration.memory_deploy import TOKEN, deployment, reference_rows, spec
 
 pytestmark = pytest.mark.ray
@@ -38,6 +39,10 @@ def test_lookup_equals_reference_rows_in_caller_order(memory):
     assert torch.equal(client.lookup("adam", ids, dtype=torch.float16).result(), expected.half())
     served = client.lookup("serving", ids[:100], dtype=torch.float32).result()
     assert torch.equal(served, reference_rows(SERVING, ids[:100]).bfloat16().float())
+    # FP8: E4M3 values and each row's scale, as the shard quantised them; read-only bfloat16 tables too.
+    assert torch.equal(client.lookup("adam", ids, dtype=torch.float8_e4m3fn).result(), quantize_rows(expected))
+    assert torch.equal(client.lookup("serving", ids[:100], dtype=torch.float8_e4m3fn).result(),
+                       quantize_rows(reference_rows(SERVING, ids[:100]).bfloat16()))
 
 
 def test_adam_updates_equal_torch_adam(memory):

@@ -1,5 +1,5 @@
-"""The data plane's contract: one dtype table, the LookupResponse codec held to protobuf's own, and the
-named-array and pending-record codecs refusing what they cannot decode."""
+"""The data plane's contract: one dtype table, the LookupResponse codec held to protobuf's own, FP8 rows
+within E4M3's rounding and decodable from the .proto's words, and the named-array and pending-record codecs refusing what they cannot decode."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from protos import engram_memory_v1_pb2 as pb
-from protos.wire import (WIRE_DTYPE_BY_ENUM, WIRE_DTYPE_BY_NAME, WIRE_DTYPE_BY_TORCH, WIRE_DTYPES, WireError,
-                         arrays_from_proto, arrays_to_proto, decode_lookup_rows, encode_lookup_response,
-                         pending_from_arrays, pending_to_arrays)
+from protos.wire import (GRAD_WIRE_DTYPES, WIRE_DTYPE_BY_ENUM, WIRE_DTYPE_BY_NAME, WIRE_DTYPE_BY_TORCH, WIRE_DTYPES,
+                         WireError, arrays_from_proto, arrays_to_proto, decode_lookup_rows, dequantize_rows,
+                         encode_lookup_response, pending_from_arrays, pending_to_arrays, quantize_rows)
 
 
 def test_every_wire_dtype_maps_name_enum_and_torch_dtype_both_ways():
@@ -28,6 +28,55 @@ def test_lookup_codec_matches_protobuf(num_rows, epoch, rows_in_reply):
     assert encoded == expected.SerializeToString()
     assert bytes(decode_lookup_rows(encoded)) == payload
     assert bytes(decode_lookup_rows(expected.SerializeToString())) == pb.LookupResponse.FromString(encoded).rows
+
+
+def test_float8_lookup_reply_carries_its_scales_and_counts_values_in_dim():
+    wire_rows = quantize_rows(torch.randn(5, 16, generator=torch.Generator().manual_seed(0)))
+    expected = pb.LookupResponse(rows=wire_rows.numpy().tobytes(), num_rows=5, dim=16, dtype=pb.FLOAT8_E4M3, epoch=3)
+    assert encode_lookup_response(wire_rows, pb.FLOAT8_E4M3, 3) == expected.SerializeToString()
+    assert WIRE_DTYPE_BY_NAME["float8_e4m3"].row_bytes(16) == 16 + 4
+    assert [d.name for d in GRAD_WIRE_DTYPES] == ["float32", "bfloat16", "float16"]
+
+
+def _rows_of_every_scale() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    rows = torch.randn(64, 48, generator=generator) * torch.logspace(-30, 30, 64)[:, None]
+    rows[0] = 0  # an all-zero row: scale 1
+    rows[1, :] = 1e-3
+    rows[1, 5] = 300.0  # one large value: the others fall into E4M3's subnormals
+    rows[2] = torch.linspace(-1, 1, 48)
+    return rows
+
+
+def test_float8_rows_round_trip_within_e4m3_rounding():
+    rows = _rows_of_every_scale()
+    wire_rows = quantize_rows(rows)
+    assert wire_rows.dtype == torch.uint8 and wire_rows.shape == (64, 48 + 4)
+    scales = wire_rows[:, 48:].clone().view(torch.float32)
+    torch.testing.assert_close(scales[1:], rows[1:].abs().amax(dim=1, keepdim=True) / 448, rtol=1e-6, atol=0)
+    assert scales[0].item() == 1.0
+    error = (dequantize_rows(wire_rows) - rows).abs()
+    assert (error <= 2**-4 * rows.abs() + 2**-10 * scales).all()  # 3 mantissa bits; subnormals below 2^-6 * scale
+    assert (error <= 2**-4 * rows.abs().amax(dim=1, keepdim=True)).all()
+    assert dequantize_rows(wire_rows, torch.bfloat16).dtype == torch.bfloat16
+    assert dequantize_rows(quantize_rows(torch.empty(0, 48))).shape == (0, 48)
+
+
+def _e4m3_as_the_proto_says(data: np.ndarray) -> np.ndarray:
+    """E4M3 bytes decoded from the .proto's words alone: 1 sign, 4 exponent bits of bias 7, 3 mantissa bits."""
+    sign = np.where(data & 0x80, -1.0, 1.0)
+    exponent, mantissa = (data >> 3) & 0xF, (data & 0x7).astype(np.float64)
+    value = np.where(exponent == 0, mantissa / 8 * 2.0**-6, (1 + mantissa / 8) * 2.0 ** (exponent.astype(int) - 7))
+    return sign * value
+
+
+def test_a_client_without_torch_decodes_float8_rows_from_the_proto_alone():
+    rows = _rows_of_every_scale()
+    reply = pb.LookupResponse.FromString(encode_lookup_response(quantize_rows(rows), pb.FLOAT8_E4M3, 1))
+    records = np.frombuffer(reply.rows, dtype=np.uint8).reshape(reply.num_rows, reply.dim + 4)
+    scales = records[:, reply.dim:].copy().view("<f4").astype(np.float64)
+    decoded = _e4m3_as_the_proto_says(records[:, :reply.dim]) * scales
+    np.testing.assert_allclose(decoded, dequantize_rows(quantize_rows(rows)).double().numpy(), rtol=1e-6, atol=0)
 
 
 # ---- named arrays and pending records: bad input raises WireError naming its part (found by the RPC fuzzer,

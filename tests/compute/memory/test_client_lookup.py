@@ -11,11 +11,12 @@ import torch
 
 from compute.memory.calls import Channels
 from compute.memory.client import MemoryClient
+from compute.memory.remote_table import RemoteRowTable
 from compute.memory.routing import this_node
 from memory_service.core.slots import ShardSplit
 from memory_service.shared_rows import SharedRowSegments
 from protos import engram_memory_v1_pb2 as pb
-from protos.wire import WIRE_DTYPE_BY_ENUM, decode_lookup_rows, encode_lookup_response
+from protos.wire import WIRE_DTYPE_BY_ENUM, decode_lookup_rows, dequantize_rows, encode_lookup_response, quantize_rows
 
 ROWS, DIM, NUM_SLOTS = 4096, 16, 64
 TABLE = torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(0))
@@ -31,6 +32,8 @@ def shards(monkeypatch, tmp_path):
     socket_path.touch()
 
     async def directory(self, address, method, request):
+        if method == "ListTables":
+            return pb.ListTablesResponse(tables=[pb.TableSpecInfo(name="t", rows=ROWS, dim=DIM)])
         assert method == "GetRouting"
         return pb.Routing(epoch=1, tables=[pb.TableRouting(name="t", num_slots=NUM_SLOTS, owners=OWNERS.tobytes(),
                                                            rows=ROWS, dim=DIM)],
@@ -39,7 +42,8 @@ def shards(monkeypatch, tmp_path):
 
     async def shard(self, address, method, request):
         ids = torch.from_numpy(np.frombuffer(request.row_ids, dtype="<i8").copy())
-        rows = TABLE[ids].to(WIRE_DTYPE_BY_ENUM[request.dtype].torch)
+        wire = WIRE_DTYPE_BY_ENUM[request.dtype]
+        rows = quantize_rows(TABLE[ids]) if wire.scaled else TABLE[ids].to(wire.torch)
         if request.HasField("shared_rows"):
             segments.write(request.shared_rows.name, request.shared_rows.offset, rows, request.shared_rows.positions)
             return decode_lookup_rows(encode_lookup_response(rows, request.dtype, 1, rows_in_reply=False))
@@ -52,15 +56,17 @@ def shards(monkeypatch, tmp_path):
 @pytest.mark.parametrize("co_located", [True, False])
 @pytest.mark.parametrize("pin_memory", [False, pytest.param(True, marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="page-locked memory needs CUDA"))])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn])
 def test_lookup_returns_every_row_bit_for_bit_in_the_asked_memory(shards, co_located, pin_memory, dtype):
+    """float8_e4m3 rows come as they travel: [n, dim + 4] uint8, E4M3 values then the row's scale."""
     random_ids = np.random.default_rng(1).integers(0, ROWS, size=3000)
     with MemoryClient("directory:1", use_local_transport=co_located, max_rows_per_request=500) as client:
         assert client.co_located_shards == ({0, 1} if co_located else set())
         for ids in (random_ids, np.unique(random_ids), random_ids[:1], random_ids[:0]):
             rows = client.lookup("t", ids, dtype=dtype, pin_memory=pin_memory).result()
-            expected = TABLE[torch.from_numpy(ids)].to(dtype)
-            assert rows.dtype == dtype and rows.shape == expected.shape
+            expected = TABLE[torch.from_numpy(ids)]
+            expected = quantize_rows(expected) if dtype == torch.float8_e4m3fn else expected.to(dtype)
+            assert rows.dtype == expected.dtype and rows.shape == expected.shape
             assert torch.equal(rows.view(torch.uint8), expected.view(torch.uint8))
             assert rows.is_pinned() == (pin_memory and len(ids) > 0)  # torch pins no storage for zero rows
 
@@ -86,3 +92,16 @@ def test_a_loaders_shard_split_is_used_while_its_routing_epoch_is_current(shards
             assert torch.equal(rows, TABLE[torch.from_numpy(ids)])
             assert {address for address, _ in served} == expected_shards
             assert sum(count for _, count in served) == len(ids)
+
+
+def test_float8_rows_reach_the_model_dequantised_in_its_compute_dtype(shards):
+    ids = torch.from_numpy(np.unique(np.random.default_rng(3).integers(0, ROWS, size=700)))
+    with MemoryClient("directory:1", use_local_transport=True) as client:
+        table = RemoteRowTable(client, "t", wire_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+        try:
+            rows = table.prefetch(ids, torch.arange(len(ids))).result().unique_rows
+        finally:
+            table.close()
+    assert rows.dtype == torch.float32 and rows.requires_grad
+    assert torch.equal(rows.detach(), dequantize_rows(quantize_rows(TABLE[ids])))
+    assert ((rows.detach() - TABLE[ids]).abs() <= 2**-4 * TABLE[ids].abs().amax(dim=1, keepdim=True)).all()

@@ -1,0 +1,160 @@
+"""The GPU preset's memory traffic replayed on a CPU host, without the model.
+
+``bench.train_step --preset gpu`` runs a model that keeps a GPU busy for ~380 ms a step while its
+Engram rows come from and go back to the memory shards. This benchmark keeps everything of that step
+but the model: the same tables (two 3.2M-row x 64 layers on two shards), the same batches from the
+real loader (8 x 1024 tokens, their unique rows and shard splits), the same training loop
+(``EngramTrainer``: prefetch, staleness, pushes, their waits), and in place of the model a stand-in
+that waits for each Engram layer's rows where the model would and "computes" for the measured step
+time: a share of it holding the GIL in Python (as the model's kernel launches do), the rest asleep
+(as the training thread is while it waits for the GPU). Gradients are random, of the real shapes.
+
+A remote step's ratio is its median step time over the compute alone (``--compute-ms``), which is what
+the step would take if rows cost nothing; on a GPU host that is the in-process step. So the cause of a
+slow remote step can be found, and guarded, on a machine without a GPU.
+Run: ``python -m bench.memory_traffic [--compute-ms 380] [--python-share 0.3]``; prints a table and
+writes bench/results/memory_traffic.json and a PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from types import SimpleNamespace
+
+import torch
+
+from bench.host import cpu_model
+from bench.results_files import figure, write_json
+from bench.train_step import PRESETS, step_times
+from compute.config import ModelConfig
+from compute.train.config import MemoryConfig, TrainConfig
+from compute.train.job import connect_ray
+from compute.train.loop import EngramTrainer, WorkerContext
+from compute.train.tables import engram_table_specs
+from memory_service.deploy import deploy
+
+VARIANTS = {  # name: memory settings
+    "remote, no prefetch": dict(prefetch=False, staleness=0),
+    "remote, prefetch, staleness 0": dict(prefetch=True, staleness=0),
+    "remote, prefetch, staleness 1": dict(prefetch=True, staleness=1),
+    "remote, prefetch, staleness 1, bf16 grads": dict(prefetch=True, staleness=1, grad_wire_dtype="bfloat16"),
+}
+# The GPU preset's tables, batches and loader; a model just big enough to own its Engram layers.
+STAND_IN_MODEL = ModelConfig(hidden_size=32, num_layers=PRESETS["gpu"]["model"].num_layers, num_attention_heads=2,
+                             hc_mult=1, max_seq_len=PRESETS["gpu"]["model"].max_seq_len, num_routed_experts=2,
+                             num_experts_per_token=1, expert_hidden_size=32)
+
+
+def compute(seconds: float, python_share: float) -> None:
+    """Stand in for ``seconds`` of a step's compute: ``python_share`` of it spent holding the GIL, the rest
+    asleep with the GIL released, interleaved in 1 ms slices as kernel launches and device waits are."""
+    end = time.perf_counter() + seconds
+    while (now := time.perf_counter()) < end:
+        slice_end = min(end, now + 1e-3 * python_share)
+        while time.perf_counter() < slice_end:
+            pass
+        time.sleep(max(0.0, min(end - time.perf_counter(), 1e-3 * (1 - python_share))))
+
+
+class StandInModel:
+    """Called as the trainer calls its model: waits for each Engram layer's rows in layer order, computes in
+    between, and leaves a gradient of the rows' shape on them; the loss is a constant."""
+
+    def __init__(self, engram_layers: list[int], num_layers: int, compute_s: float, python_share: float):
+        self.engram_layers, self.num_layers = sorted(engram_layers), num_layers
+        self.compute_s, self.python_share = compute_s, python_share
+        self.forward_share = 1 / 3  # forward:backward as 1:2, as the GPU profile measured
+        self._generator = torch.Generator().manual_seed(0)
+
+    def __call__(self, input_ids, engram_rows, labels):
+        done_layers = 0
+        for layer in self.engram_layers:  # the forward up to each Engram layer, then its rows
+            compute(self.compute_s * self.forward_share * (layer - done_layers) / self.num_layers, self.python_share)
+            done_layers = layer
+            rows = engram_rows[layer].result()
+            rows.unique_rows.grad = torch.randn(rows.unique_rows.shape, generator=self._generator) * 1e-3
+        compute(self.compute_s * (1 - self.forward_share * done_layers / self.num_layers), self.python_share)
+        loss = torch.zeros(())
+        return SimpleNamespace(loss=SimpleNamespace(backward=lambda: None), lm_loss=loss)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compute-ms", type=float, default=380.0,
+                        help="a step's compute (default: the in-process GPU step on an H100 or H200 host)")
+    parser.add_argument("--python-share", type=float, default=0.3,
+                        help="share of the compute that holds the GIL (the rest waits for the device)")
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", type=int, metavar="INDEX",
+                        help=f"run only these variants (default: all): {dict(enumerate(VARIANTS))}")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    preset = PRESETS["gpu"]
+    data = preset["data"]
+    base = TrainConfig(model=STAND_IN_MODEL, engram=preset["engram"], data=data, steps=args.steps,
+                       log_every=args.steps, final_checkpoint=False,
+                       output_dir=tempfile.mkdtemp(prefix="engram-memory-traffic-"),
+                       memory=MemoryConfig(shards=args.shards))
+    connect_ray(None, args.shards)
+    names = [name for i, name in enumerate(VARIANTS) if not args.variants or i in args.variants]
+    compute_s = args.compute_ms / 1e3
+    alone = []
+    for _ in range(8):  # the compute alone, as the stand-in runs it
+        start = time.perf_counter()
+        compute(compute_s, args.python_share)
+        alone.append(time.perf_counter() - start)
+    reference_ms = 1e3 * statistics.median(alone)
+    started = time.perf_counter()
+    handle = deploy(engram_table_specs(base), args.shards)
+    print(f"tables deployed in {time.perf_counter() - started:.1f} s", flush=True)
+    records = []
+    try:
+        for index, name in enumerate(names):
+            # One deployment serves every variant: each continues the shards' step count where the last ended.
+            config = base.replace(steps=(index + 1) * args.steps,
+                                  **{f"memory__{k}": v for k, v in VARIANTS[name].items()})
+            trainer = EngramTrainer(config, WorkerContext(memory=handle))
+            trainer.step = index * args.steps
+            trainer.forward_model = StandInModel(list(config.engram.layer_ids), config.model.num_layers, compute_s,
+                                                 args.python_share)
+            try:
+                times = step_times(trainer, torch.device("cpu"))[args.warmup:]
+                metrics = trainer.last_metrics
+            finally:
+                trainer.close()
+            median_ms = 1e3 * statistics.median(times)
+            records.append({"variant": name, "steps_timed": len(times), "step_ms_median": median_ms,
+                            "vs_compute": median_ms / reference_ms, "lookup_wait_share": metrics["lookup_wait_share"],
+                            "push_wait_share": metrics["push_wait_share"],
+                            "rows_per_step": metrics["rows_looked_up"] / args.steps})
+            print(f"{name}: median step {median_ms:.1f} ms ({median_ms / reference_ms:.3f}x the compute)", flush=True)
+    finally:
+        handle.stop()
+    report(records, reference_ms, args)
+
+
+def report(records: list[dict], reference_ms: float, args) -> None:
+    print(f"\ncompute alone: {reference_ms:.1f} ms a step ({args.python_share:.0%} of it holding the GIL); "
+          f"host CPU: {cpu_model()}")
+    print(f"{'variant':<46}{'median ms':>11}{'vs compute':>12}{'lookup wait':>13}{'push wait':>11}{'rows/step':>11}")
+    for r in records:
+        print(f"{r['variant']:<46}{r['step_ms_median']:>11.1f}{r['vs_compute']:>11.3f}x"
+              f"{r['lookup_wait_share']:>12.1%}{r['push_wait_share']:>11.1%}{r['rows_per_step']:>11.0f}")
+    write_json("memory_traffic", {"command": "python -m bench.memory_traffic " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "variants"),
+        "host_cpu": cpu_model(), "compute_ms": reference_ms, "python_share": args.python_share,
+        "results": records})
+    with figure("memory_traffic") as (_, ax):
+        ax.barh([r["variant"] for r in records][::-1], [r["vs_compute"] for r in records][::-1], color="#4c72b0")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xlabel("median step / compute alone (1.0 = rows cost nothing)")
+        ax.set_title(f"GPU preset's memory traffic replayed on {cpu_model()}")
+
+
+if __name__ == "__main__":
+    main()
