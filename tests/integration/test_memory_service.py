@@ -153,5 +153,9 @@ def test_a_push_pulls_its_rows_as_they_are_once_it_is_applied(memory, synchronou
     changed = np.isin(pull, ids)
     assert changed.any() and not torch.equal(after[changed], reference_rows(PUSH_PULL, pull[changed]))
     assert torch.equal(after[~changed], reference_rows(PUSH_PULL, pull[~changed]))
+    # Pulled in float8_e4m3 as a lookup holds them: E4M3 bytes and a scale per row.
+    result = client.push("push_pull", ids, grads, step=step + 2, synchronous=synchronous, pull_ids=pull,
+                         pull_dtype=torch.float8_e4m3fn).result()
+    assert torch.equal(result.pulled, client.lookup("push_pull", pull, dtype=torch.float8_e4m3fn).result())
     with pytest.raises(ValueError, match="pull_ids"):
-        client.push("push_pull", ids, grads, step=step + 2, pull_ids=pull[::-1])
+        client.push("push_pull", ids, grads, step=step + 4, pull_ids=pull[::-1])
