@@ -1,14 +1,13 @@
 """Batched greedy generation, tokens/s: remote rows (read-only serving tables on memory shards) vs in-process tables.
 
-One process, one model (seed 0), the same prompts. At each batch size, in-process tables (on a GPU
-host, resident on the GPU) run first and again last, and the ratios are against the mean of the two;
-remote rows run between, from the same tables deployed as serving tables (bfloat16 rows on the CPU
-shards, bfloat16 on the wire). The in-process tables hold those rows rounded to bfloat16 too, so both
-sides compute on the same values and greedy decoding must give the same tokens: the benchmark reports
-the share that do.
-Per batch size it times whole ``generate_ids`` calls (prefill plus ``max_new_tokens`` tokens, no stop
-at EOS), a prefill alone (one new token) to get the time of a decode step, and one decode step's
-lookups of every Engram layer awaited alone.
+One process, one model (seed 0), the same prompts. In-process tables (on a GPU host, resident on the
+GPU) and remote rows, from the same tables deployed as serving tables (bfloat16 rows on the CPU
+shards, bfloat16 on the wire), alternate call by call at each batch size, in-process first and last;
+each figure is a median over its calls. The in-process tables hold the serving tables' rows rounded
+to bfloat16, so both sides compute on the same values and greedy decoding must give the same tokens:
+the benchmark reports the share that do. It times whole ``generate_ids`` calls (prefill plus
+``max_new_tokens`` tokens, no stop at EOS), a prefill alone (one new token), whence a decode step's
+time, and one decode step's lookups of every Engram layer, awaited alone.
 Run: ``python -m bench.generate [--preset cpu|gpu]``; prints a table, writes
 bench/results/generate[_gpu].json and a PNG.
 """
@@ -40,7 +39,7 @@ PRESETS = {
     # About 2 minutes on 2 cores: bench.train_step's CPU model.
     "cpu": dict(model=TRAIN_PRESETS["cpu"]["model"], engram=TRAIN_PRESETS["cpu"]["engram"],
                 data=TRAIN_PRESETS["cpu"]["data"], device="cpu",
-                batches=(1, 4, 16), max_new_tokens=24, repeats=3),
+                batches=(1, 4, 16), max_new_tokens=24, repeats=4),
     # An H100/H200 host: bench.train_step's GPU model, tables of 3.2M rows x 64 per layer on the host's CPU shards.
     "gpu": dict(model=TRAIN_PRESETS["gpu"]["model"], engram=TRAIN_PRESETS["gpu"]["engram"],
                 data=TRAIN_PRESETS["gpu"]["data"], device="cuda",
@@ -74,59 +73,60 @@ def batch_prompts(runtime: EngramRuntime, batch: int) -> list[list[int]]:
     return [runtime.compressor.encode(PROMPTS[i % len(PROMPTS)]).tolist() for i in range(batch)]
 
 
-def timed(call, repeats: int) -> tuple[float, object]:
-    """The median wall seconds of ``repeats`` calls, after one untimed call, and the last call's result."""
-    result = call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def seconds_of(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
 
 
-def measure(runtime: EngramRuntime, tables: str, batch: int, preset: dict) -> dict:
-    """Generation tokens/s, decode step time and lookup time of ``batch`` prompts on ``runtime``'s tables."""
-    generator = Generator(runtime.model, runtime.compressor, runtime.hasher)
-    max_new_tokens, repeats, device = preset["max_new_tokens"], preset["repeats"], runtime.model.embed.weight.device
-    prompts = batch_prompts(runtime, batch)
-    seconds, tokens = timed(lambda: generator.generate_ids(prompts, max_new_tokens, stop_at_eos=False), repeats)
-    prefill_s, _ = timed(lambda: generator.generate_ids(prompts, 1, stop_at_eos=False), repeats)
+def compare(local: EngramRuntime, remote: EngramRuntime, batch: int, preset: dict) -> list[dict]:
+    """Generation tokens/s, decode step time and one step's lookup time of ``batch`` prompts on in-process
+    tables and on remote rows, and the share of the remote rows' tokens equal to the in-process ones.
+
+    The two alternate call by call, in-process first and last, and each figure is a median over its
+    calls: whatever drifts over the run (the machine's other load) weighs on both alike.
+    """
+    max_new_tokens, repeats = preset["max_new_tokens"], preset["repeats"]
+    device = local.model.embed.weight.device
+    prompts = batch_prompts(local, batch)
     # One decode step's row ids: the first prompt token's n-grams, one position per row.
-    firsts = runtime.compressor.compress(np.array([prompt[:1] for prompt in prompts]))
-    row_ids = {layer: torch.from_numpy(ids) for layer, ids in runtime.hasher.row_ids(firsts).items()}
+    firsts = local.compressor.compress(np.array([prompt[:1] for prompt in prompts]))
+    row_ids = {layer: torch.from_numpy(ids) for layer, ids in local.hasher.row_ids(firsts).items()}
+    runtimes = {IN_PROCESS: local, REMOTE: remote}
+    generators = {name: Generator(rt.model, rt.compressor, rt.hasher) for name, rt in runtimes.items()}
+    tokens = {name: generator.generate_ids(prompts, max_new_tokens, stop_at_eos=False)  # untimed: warms up
+              for name, generator in generators.items()}
 
-    def lookup() -> None:
+    def lookup(runtime: EngramRuntime) -> None:
         for rows in runtime.model.lookup_rows(row_ids).values():
             rows.result()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    lookup_s, _ = timed(lookup, 5 * repeats)
-    record = {"tables": tables, "batch": batch, "new_tokens": batch * max_new_tokens, "seconds": seconds,
-              "tokens_per_s": batch * max_new_tokens / seconds, "prefill_ms": 1e3 * prefill_s,
-              "decode_step_ms": 1e3 * (seconds - prefill_s) / (max_new_tokens - 1),
-              "lookup_ms": 1e3 * lookup_s, "tokens": tokens}
-    print(f"  {tables:<16} batch {batch:>3}: {record['tokens_per_s']:8.1f} tokens/s, decode step "
-          f"{record['decode_step_ms']:6.2f} ms, lookup {record['lookup_ms']:5.2f} ms", flush=True)
-    return record
-
-
-def compare(local: EngramRuntime, remote: EngramRuntime, batch: int, preset: dict) -> list[dict]:
-    """In-process tables first, remote rows, in-process tables last, at one batch size: the ratios are against
-    the mean of the two baselines, so whatever drifts meanwhile weighs on them as on the remote rows; and the
-    share of the remote run's tokens equal to the first baseline's."""
-    first = measure(local, f"{IN_PROCESS}, first", batch, preset)
-    between = measure(remote, REMOTE, batch, preset)
-    last = measure(local, f"{IN_PROCESS}, last", batch, preset)
-    baseline = (first["tokens_per_s"] + last["tokens_per_s"]) / 2
-    for record in (first, between, last):
-        record["vs_in_process"] = record["tokens_per_s"] / baseline
-    same = [a == b for ra, rb in zip(first["tokens"], between["tokens"]) for a, b in zip(ra, rb)]
-    between["identical_tokens"] = sum(same) / len(same)
-    for record in (first, between, last):
-        del record["tokens"]
-    return [first, between, last]
+    times = {name: {"generate": [], "prefill": [], "lookup": []} for name in runtimes}
+    for name in [IN_PROCESS, REMOTE] * repeats + [IN_PROCESS]:
+        generator, measured = generators[name], times[name]
+        measured["generate"].append(seconds_of(
+            lambda: generator.generate_ids(prompts, max_new_tokens, stop_at_eos=False)))
+        measured["prefill"].append(seconds_of(lambda: generator.generate_ids(prompts, 1, stop_at_eos=False)))
+        measured["lookup"].extend(seconds_of(lambda: lookup(runtimes[name])) for _ in range(5))
+    records = []
+    for name, measured in times.items():
+        seconds, prefill_s = statistics.median(measured["generate"]), statistics.median(measured["prefill"])
+        records.append({"tables": name, "batch": batch, "new_tokens": batch * max_new_tokens, "calls":
+                        len(measured["generate"]), "seconds": seconds,
+                        "tokens_per_s": batch * max_new_tokens / seconds, "prefill_ms": 1e3 * prefill_s,
+                        "decode_step_ms": 1e3 * (seconds - prefill_s) / (max_new_tokens - 1),
+                        "lookup_ms": 1e3 * statistics.median(measured["lookup"]), "seconds_each": measured["generate"]})
+    in_process, remote_record = records
+    for record in records:
+        record["vs_in_process"] = record["tokens_per_s"] / in_process["tokens_per_s"]
+    same = [a == b for ra, rb in zip(tokens[IN_PROCESS], tokens[REMOTE]) for a, b in zip(ra, rb)]
+    remote_record["identical_tokens"] = sum(same) / len(same)
+    for r in records:
+        print(f"  {r['tables']:<10} batch {batch:>3}: {r['tokens_per_s']:8.1f} tokens/s ({r['vs_in_process']:.3f}x), "
+              f"decode step {r['decode_step_ms']:6.2f} ms, lookup {r['lookup_ms']:5.2f} ms", flush=True)
+    return records
 
 
 def main() -> None:
@@ -158,11 +158,11 @@ def main() -> None:
 
 
 def report(records: list[dict], args, preset: dict, device_name: str, host_cpu: str) -> None:
-    print(f"\n{'tables':<22}{'batch':>6}{'tokens/s':>11}{'vs local':>10}{'step ms':>9}{'prefill ms':>12}"
+    print(f"\n{'tables':<12}{'batch':>6}{'tokens/s':>11}{'vs local':>10}{'step ms':>9}{'prefill ms':>12}"
           f"{'lookup ms':>11}{'same tokens':>13}")
     for r in records:
         same = f"{100 * r['identical_tokens']:.1f}%" if "identical_tokens" in r else ""
-        print(f"{r['tables']:<22}{r['batch']:>6}{r['tokens_per_s']:>11.1f}{r['vs_in_process']:>9.3f}x"
+        print(f"{r['tables']:<12}{r['batch']:>6}{r['tokens_per_s']:>11.1f}{r['vs_in_process']:>9.3f}x"
               f"{r['decode_step_ms']:>9.2f}{r['prefill_ms']:>12.1f}{r['lookup_ms']:>11.2f}{same:>13}")
     stem = "generate" if args.preset == "cpu" else "generate_gpu"
     meta = {"command": " ".join(["python -m bench.generate", *sys.argv[1:]]), "preset": args.preset,
@@ -173,7 +173,7 @@ def report(records: list[dict], args, preset: dict, device_name: str, host_cpu: 
                       "engram_layer_ids": list(preset["engram"].layer_ids)}}
     write_json(stem, {**meta, "results": records})
     with figure(stem, figsize=(7, 3.8)) as (fig, ax):
-        for tables, style in ((f"{IN_PROCESS}, first", "--"), (REMOTE, "-"), (f"{IN_PROCESS}, last", ":")):
+        for tables, style in ((IN_PROCESS, "--"), (REMOTE, "-")):
             rows = [r for r in records if r["tables"] == tables]
             ax.plot([r["batch"] for r in rows], [r["tokens_per_s"] for r in rows], style, marker="o",
                     label=f"{tables} tables")
