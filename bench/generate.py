@@ -1,0 +1,186 @@
+"""Batched greedy generation, tokens/s: remote rows (read-only serving tables on memory shards) vs in-process tables.
+
+One process, one model (seed 0), the same prompts. In-process tables (on a GPU host, resident on the
+GPU) and remote rows, from the same tables deployed as serving tables (bfloat16 rows on the CPU
+shards, bfloat16 on the wire), alternate call by call at each batch size, in-process first and last;
+each figure is a median over its calls. The in-process tables hold the serving tables' rows rounded
+to bfloat16, so both sides compute on the same values and greedy decoding must give the same tokens:
+the benchmark reports the share that do. It times whole ``generate_ids`` calls (prefill plus
+``max_new_tokens`` tokens, no stop at EOS), a prefill alone (one new token), whence a decode step's
+time, and one decode step's lookups of every Engram layer, awaited alone.
+Run: ``python -m bench.generate [--preset cpu|gpu]``; prints a table, writes
+bench/results/generate[_gpu].json and a PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from bench.host import cpu_model
+from bench.results_files import figure, write_json
+from bench.serve import PROMPTS
+from bench.train_step import PRESETS as TRAIN_PRESETS
+from compute.generate import Generator
+from compute.runtime import EngramRuntime, build_runtime
+from compute.train.config import MemoryConfig, TrainConfig
+from compute.train.job import connect_ray
+from compute.train.tables import engram_table_specs
+from memory_service.deploy import MemoryHandle, deploy
+
+PRESETS = {
+    # About 2 minutes on 2 cores: bench.train_step's CPU model.
+    "cpu": dict(model=TRAIN_PRESETS["cpu"]["model"], engram=TRAIN_PRESETS["cpu"]["engram"],
+                data=TRAIN_PRESETS["cpu"]["data"], device="cpu",
+                batches=(1, 4, 16), max_new_tokens=24, repeats=4),
+    # An H100/H200 host: bench.train_step's GPU model, tables of 3.2M rows x 64 per layer on the host's CPU shards.
+    "gpu": dict(model=TRAIN_PRESETS["gpu"]["model"], engram=TRAIN_PRESETS["gpu"]["engram"],
+                data=TRAIN_PRESETS["gpu"]["data"], device="cuda",
+                batches=(1, 8, 32), max_new_tokens=64, repeats=3),
+}
+IN_PROCESS, REMOTE = "in-process", "remote"
+
+
+def serving_runtimes(config: TrainConfig, device: torch.device, shards: int) -> tuple[EngramRuntime, EngramRuntime,
+                                                                                      MemoryHandle]:
+    """The same model (``config.seed``) twice: on in-process tables holding the serving tables' bfloat16 rows,
+    and on those serving tables deployed on ``shards`` memory shards (Ray connected); and the service."""
+    local = build_runtime(config.replace(memory__tables="local"), device, None)
+    with torch.no_grad():
+        for table in local.tables.values():
+            table.weight.copy_(table.weight.to(torch.bfloat16))
+    specs = [dataclasses.replace(spec, storage_dtype="bfloat16") for spec in engram_table_specs(config)]
+    handle = deploy(specs, shards)
+    try:
+        remote = build_runtime(config.replace(memory__tables="remote", memory__wire_dtype="bfloat16"), device, handle)
+    except BaseException:
+        handle.stop()
+        raise
+    for runtime in (local, remote):
+        runtime.model.eval()
+    return local, remote, handle
+
+
+def batch_prompts(runtime: EngramRuntime, batch: int) -> list[list[int]]:
+    """``batch`` token-id prompts, cycling through bench.serve's."""
+    return [runtime.compressor.encode(PROMPTS[i % len(PROMPTS)]).tolist() for i in range(batch)]
+
+
+def seconds_of(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def compare(local: EngramRuntime, remote: EngramRuntime, batch: int, preset: dict) -> list[dict]:
+    """Generation tokens/s, decode step time and one step's lookup time of ``batch`` prompts on in-process
+    tables and on remote rows, and the share of the remote rows' tokens equal to the in-process ones.
+
+    The two alternate call by call, in-process first and last, and each figure is a median over its
+    calls: whatever drifts over the run (the machine's other load) weighs on both alike.
+    """
+    max_new_tokens, repeats = preset["max_new_tokens"], preset["repeats"]
+    device = local.model.embed.weight.device
+    prompts = batch_prompts(local, batch)
+    # One decode step's row ids: the first prompt token's n-grams, one position per row.
+    firsts = local.compressor.compress(np.array([prompt[:1] for prompt in prompts]))
+    row_ids = {layer: torch.from_numpy(ids) for layer, ids in local.hasher.row_ids(firsts).items()}
+    runtimes = {IN_PROCESS: local, REMOTE: remote}
+    generators = {name: Generator(rt.model, rt.compressor, rt.hasher) for name, rt in runtimes.items()}
+    tokens = {name: generator.generate_ids(prompts, max_new_tokens, stop_at_eos=False)  # untimed: warms up
+              for name, generator in generators.items()}
+
+    def lookup(runtime: EngramRuntime) -> None:
+        for rows in runtime.model.lookup_rows(row_ids).values():
+            rows.result()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times = {name: {"generate": [], "prefill": [], "lookup": []} for name in runtimes}
+    for name in [IN_PROCESS, REMOTE] * repeats + [IN_PROCESS]:
+        generator, measured = generators[name], times[name]
+        measured["generate"].append(seconds_of(
+            lambda: generator.generate_ids(prompts, max_new_tokens, stop_at_eos=False)))
+        measured["prefill"].append(seconds_of(lambda: generator.generate_ids(prompts, 1, stop_at_eos=False)))
+        measured["lookup"].extend(seconds_of(lambda: lookup(runtimes[name])) for _ in range(5))
+    records = []
+    for name, measured in times.items():
+        seconds, prefill_s = statistics.median(measured["generate"]), statistics.median(measured["prefill"])
+        records.append({"tables": name, "batch": batch, "new_tokens": batch * max_new_tokens, "calls":
+                        len(measured["generate"]), "seconds": seconds,
+                        "tokens_per_s": batch * max_new_tokens / seconds, "prefill_ms": 1e3 * prefill_s,
+                        "decode_step_ms": 1e3 * (seconds - prefill_s) / (max_new_tokens - 1),
+                        "lookup_ms": 1e3 * statistics.median(measured["lookup"]), "seconds_each": measured["generate"]})
+    in_process, remote_record = records
+    for record in records:
+        record["vs_in_process"] = record["tokens_per_s"] / in_process["tokens_per_s"]
+    same = [a == b for ra, rb in zip(tokens[IN_PROCESS], tokens[REMOTE]) for a, b in zip(ra, rb)]
+    remote_record["identical_tokens"] = sum(same) / len(same)
+    for r in records:
+        print(f"  {r['tables']:<10} batch {batch:>3}: {r['tokens_per_s']:8.1f} tokens/s ({r['vs_in_process']:.3f}x), "
+              f"decode step {r['decode_step_ms']:6.2f} ms, lookup {r['lookup_ms']:5.2f} ms", flush=True)
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--address", help="a Ray cluster to run on (default: an embedded local one)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    preset = PRESETS[args.preset]
+    device = torch.device(preset["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench.generate: the gpu preset needs a CUDA GPU")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    host_cpu = cpu_model()
+    print(f"bench.generate --preset {args.preset}: device {device} ({device_name}), host CPU {host_cpu} "
+          f"({os.cpu_count()} cores)", flush=True)
+    connect_ray(args.address, args.shards)
+    config = TrainConfig(model=preset["model"], engram=preset["engram"], data=preset["data"],
+                         memory=MemoryConfig(shards=args.shards))
+    local, remote, handle = serving_runtimes(config, device, args.shards)
+    try:
+        records = [record for batch in preset["batches"] for record in compare(local, remote, batch, preset)]
+    finally:
+        for runtime in (local, remote):
+            runtime.close()
+        handle.stop()
+    report(records, args, preset, device_name, host_cpu)
+
+
+def report(records: list[dict], args, preset: dict, device_name: str, host_cpu: str) -> None:
+    print(f"\n{'tables':<12}{'batch':>6}{'tokens/s':>11}{'vs local':>10}{'step ms':>9}{'prefill ms':>12}"
+          f"{'lookup ms':>11}{'same tokens':>13}")
+    for r in records:
+        same = f"{100 * r['identical_tokens']:.1f}%" if "identical_tokens" in r else ""
+        print(f"{r['tables']:<12}{r['batch']:>6}{r['tokens_per_s']:>11.1f}{r['vs_in_process']:>9.3f}x"
+              f"{r['decode_step_ms']:>9.2f}{r['prefill_ms']:>12.1f}{r['lookup_ms']:>11.2f}{same:>13}")
+    stem = "generate" if args.preset == "cpu" else "generate_gpu"
+    meta = {"command": " ".join(["python -m bench.generate", *sys.argv[1:]]), "preset": args.preset,
+            "device_name": device_name, "host_cpu": host_cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "shards": args.shards, "max_new_tokens": preset["max_new_tokens"], "repeats": preset["repeats"],
+            "model": {"hidden_size": preset["model"].hidden_size, "num_layers": preset["model"].num_layers,
+                      "engram_vocab_size": list(preset["engram"].engram_vocab_size),
+                      "engram_layer_ids": list(preset["engram"].layer_ids)}}
+    write_json(stem, {**meta, "results": records})
+    with figure(stem, figsize=(7, 3.8)) as (fig, ax):
+        for tables, style in ((IN_PROCESS, "--"), (REMOTE, "-")):
+            rows = [r for r in records if r["tables"] == tables]
+            ax.plot([r["batch"] for r in rows], [r["tokens_per_s"] for r in rows], style, marker="o",
+                    label=f"{tables} tables")
+        ax.set(xscale="log", xlabel="batch (prompts per generate call)", ylabel="tokens/s",
+               title=f"greedy generation: remote rows vs in-process tables ({device_name})")
+        ax.legend(fontsize=8)
+
+
+if __name__ == "__main__":
+    main()
