@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from bench.host import cpu_model
 from bench.results_files import figure, write_json
 from compute.config import EngramConfig, ModelConfig
 from compute.data import DataConfig
@@ -141,8 +142,9 @@ def report(records: list[dict], stem: str, device: torch.device) -> None:
         print(f"{r['variant']:<50}{r['step_ms_median']:>11.1f}{r['step_ms_mean']:>10.1f}{r['vs_in_process']:>9.3f}x"
               f"{100 * r['lookup_wait_share']:>12.1f}%{100 * r['push_wait_share']:>10.1f}%")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device: {device_name}; host CPU: {cpu_model()} ({os.cpu_count()} cores)")
     meta = {"command": " ".join(["python -m bench.train_step", *sys.argv[1:]]),
-            "device": device_name, "cpu_count": os.cpu_count(), "torch": torch.__version__}
+            "device": device_name, "host_cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__}
     write_json(stem, {**meta, "results": records})
     with figure(stem, figsize=(8, 3.6)) as (fig, ax):
         ax.barh([r["variant"] for r in records][::-1], [r["step_ms_median"] for r in records][::-1], color="#4c72b0")

@@ -132,6 +132,11 @@ class Replicas:
     def indices(self) -> list[int]:
         return sorted(self._links)
 
+    @property
+    def forwarding(self) -> bool:
+        """Whether changes made here go anywhere (a group of one copy forwards nothing)."""
+        return bool(self._links)
+
     def stub(self, address: str) -> pb_grpc.ShardServiceStub:
         """A stub on another shard of the group (with ``metadata``, the admin token's)."""
         return self._open_stub(address)

@@ -224,7 +224,7 @@ class ShardServicer:
                                completes_a_pending_step=aggregator.is_pending(request.step))
         pull_ids, pull_dtype = self._pull_request(request, spec)
         response = self._take_update(request, ids, grads)
-        if self.replicas is not None:
+        if self.replicas is not None and self.replicas.forwarding:  # the re-encoded gradients cost a copy
             self.replicas.forward(update=_as_replicated(request, grads))
         wire_bytes = len(ids) * spec.dim * WIRE_DTYPE_BY_ENUM[request.grad_dtype].torch.itemsize
         if len(pull_ids) and not response.pending:  # the step is applied here: its rows are final

@@ -63,6 +63,25 @@ class _WaitClock(concurrent.futures.Future):
             self._clock["wait_s"] += time.perf_counter() - start
 
 
+def _once_settled(futures: list[concurrent.futures.Future], then: Callable[[BaseException | None], None]) -> None:
+    """Call ``then`` with the first failure among ``futures`` (None if none failed) once all have settled:
+    from the thread that settles the last, or at once if there are none."""
+    if not futures:
+        then(None)
+        return
+    left, lock = [len(futures)], threading.Lock()
+
+    def on_done(_future: concurrent.futures.Future) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        then(next((future.exception() for future in futures if future.exception() is not None), None))
+
+    for future in futures:
+        future.add_done_callback(on_done)
+
+
 def learning_rate(config: TrainConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak."""
     optim = config.optim
@@ -141,8 +160,7 @@ class EngramTrainer:
         """
         rows = self._row_futures(batch)
 
-        def start() -> None:
-            failed = next((update.exception() for update in after if update.exception() is not None), None)
+        def start(failed: BaseException | None) -> None:
             for layer, layer_rows in batch.layers.items():
                 if failed is not None:
                     rows[layer].set_exception(failed)
@@ -150,32 +168,28 @@ class EngramTrainer:
                     follow(rows[layer], self.tables[layer].prefetch(layer_rows.unique, layer_rows.inverse,
                                                                     layer_rows.shard_split()))
 
-        if not after:
-            start()
-            return rows
-        left, lock = [len(after)], threading.Lock()
-
-        def on_update_done(_update: concurrent.futures.Future) -> None:
-            with lock:
-                left[0] -= 1
-                if left[0]:
-                    return
-            start()
-
-        for update in after:
-            update.add_done_callback(on_update_done)
+        _once_settled(after, start)
         return rows
 
-    def prefetch_across(self, batch: HashedBatch, this_batch: HashedBatch) -> tuple[dict, dict]:
+    def prefetch_across(self, batch: HashedBatch, this_batch: HashedBatch, after: list = ()) -> tuple[dict, dict]:
         """Start every Engram layer's exact prefetch of the next ``batch`` across the update that ``this_batch``'s
-        step is about to push: the rows' futures, and what ``apply_gradients`` takes to bring them up to date."""
+        step is about to push, once the updates in ``after`` are in: the rows' futures, and futures of what
+        ``apply_gradients`` takes to bring them up to date."""
         rows = self._row_futures(batch)
-        across = {layer: self.tables[layer].prefetch_across_update(layer_rows.unique, layer_rows.inverse,
-                                                                    this_batch.layers[layer].unique,
-                                                                    layer_rows.shard_split())
-                  for layer, layer_rows in batch.layers.items()}
-        for layer, future in rows.items():
-            follow(future, across[layer].rows)
+        across = {layer: concurrent.futures.Future() for layer in batch.layers}
+
+        def start(failed: BaseException | None) -> None:
+            for layer, layer_rows in batch.layers.items():
+                if failed is not None:
+                    rows[layer].set_exception(failed)
+                    across[layer].set_exception(failed)
+                    continue
+                pending = self.tables[layer].prefetch_across_update(
+                    layer_rows.unique, layer_rows.inverse, this_batch.layers[layer].unique, layer_rows.shard_split())
+                across[layer].set_result(pending)
+                follow(rows[layer], pending.rows)
+
+        _once_settled(after, start)
         return rows, across
 
     def _row_futures(self, batch: HashedBatch) -> dict[int, concurrent.futures.Future]:
@@ -204,12 +218,14 @@ class EngramTrainer:
                 next_rows = self.prefetch(next_batch, after=pending_updates[:])
                 pending_updates.clear()
             elif next_batch is not None and config.memory.prefetch and self.ctx.world_size == 1:
-                # Exact, and early: the rows this step leaves alone now, the ones it changes with its update.
+                # Exact, and early: the rows this step leaves alone once the previous step's updates are in, the
+                # ones it changes with its own update; the step goes on meanwhile and waits only for rows.
                 # (With several ranks, a row this rank leaves alone may be another's: fetched after the barrier.)
-                next_rows, across = self.prefetch_across(next_batch, batch)
+                next_rows, across = self.prefetch_across(next_batch, batch, after=pending_updates[:])
+                pending_updates.clear()
             loss = self._mean_over_ranks(self._train_step(batch, rows, pending_updates, across))
             losses.append(loss)
-            if config.memory.staleness == 0 or next_batch is None:
+            if (config.memory.staleness == 0 and across is None) or next_batch is None:
                 self._settle(pending_updates, barrier=config.memory.staleness == 0)
             if next_batch is not None and config.memory.prefetch and next_rows is None:
                 next_rows = self.prefetch(next_batch)
@@ -239,7 +255,7 @@ class EngramTrainer:
         for layer, future in rows.items():
             pending_updates.append(self.tables[layer].apply_gradients(
                 batch.layers[layer].unique, future.result(), self.step, self.ctx.rank, self.ctx.world_size,
-                next_rows=across[layer] if across else None))
+                next_rows=across[layer].result() if across else None))
         self.dense_optimizer.step()
         self.dense_optimizer.zero_grad(set_to_none=True)
         return output.lm_loss.item()
