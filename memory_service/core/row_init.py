@@ -19,7 +19,7 @@ _SPLITMIX_MUL2 = np.uint64(0x94D049BB133111EB)
 _MIX32_MUL1 = 0x7FEB352D
 _MIX32_MUL2 = 0x846CA68B - (1 << 32)
 
-# Elements hashed per pass: large enough to amortise op overhead, small enough to stay in cache.
+# Elements hashed per pass and thread: large enough to amortise op overhead, small enough to stay in cache.
 _CHUNK_ELEMENTS = 1 << 18
 
 
@@ -40,33 +40,43 @@ def row_keys(seed: int, row_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor
     return halves[:, 0].contiguous(), halves[:, 1].contiguous()
 
 
-def _mix32_(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 in place on int32 bit patterns; shifts are masked to make them logical."""
-    x ^= (x >> 16) & 0xFFFF
-    x *= _MIX32_MUL1
-    x ^= (x >> 15) & 0x1FFFF
-    x *= _MIX32_MUL2
-    x ^= (x >> 16) & 0xFFFF
+def _mix32_(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """lowbias32 in place on int32 bit patterns, ``scratch`` (same shape) holding each shifted copy; shifts are
+    masked to make them logical."""
+    for shift, mask, multiplier in ((16, 0xFFFF, _MIX32_MUL1), (15, 0x1FFFF, _MIX32_MUL2)):
+        x ^= torch.bitwise_right_shift(x, shift, out=scratch).bitwise_and_(mask)
+        x *= multiplier
+    x ^= torch.bitwise_right_shift(x, 16, out=scratch).bitwise_and_(0xFFFF)
     return x
 
 
 def fill_initial_rows(out: torch.Tensor, seed: int, row_ids: np.ndarray, std: float) -> None:
-    """Write the initial values of ``row_ids`` into ``out`` ([n, dim], float32 or bfloat16), chunk by chunk."""
+    """Write the initial values of ``row_ids`` into ``out`` ([n, dim], float32 or bfloat16), chunk by chunk.
+
+    Each chunk's ops are element-wise, so torch runs them on all ``torch.get_num_threads()`` threads; chunks
+    grow with the thread count, and the int32 and float32 scratch of one chunk is allocated once.
+    """
     n, dim = out.shape
     if len(row_ids) != n:
         raise ValueError(f"row_ids has {len(row_ids)} ids but out has {n} rows")
     # Each row walks its own Weyl sequence: start key_lo, odd stride key_hi | 1, one lowbias32 per value.
     key_lo, key_hi = row_keys(seed, row_ids)
-    stride = key_hi | 1
+    stride = key_hi.bitwise_or_(1)
     columns = torch.arange(dim, dtype=torch.int32)
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // dim)
+    rows_per_chunk = max(1, min(n, _CHUNK_ELEMENTS * torch.get_num_threads() // dim))
+    bits, scratch = torch.empty(rows_per_chunk, dim, dtype=torch.int32), torch.empty(rows_per_chunk, dim, dtype=torch.int32)
+    values = None if out.dtype == torch.float32 else torch.empty(rows_per_chunk, dim)
     for start in range(0, n, rows_per_chunk):
         stop = min(n, start + rows_per_chunk)
-        bits = _mix32_(columns * stride[start:stop, None] + key_lo[start:stop, None])
+        x = torch.mul(columns, stride[start:stop, None], out=bits[:stop - start]).add_(key_lo[start:stop, None])
+        _mix32_(x, scratch[:stop - start])
         # The top 24 bits as a signed value, made odd: uniform over the odd integers in (-2**23, 2**23),
         # exact in float32 and symmetric around 0.
-        odd = (bits >> 8) | 1
-        out[start:stop].copy_(odd.float().mul_(2.0**-23).erfinv_().mul_(std * math.sqrt(2.0)))
+        odd = x.bitwise_right_shift_(8).bitwise_or_(1)
+        chunk = out[start:stop] if values is None else values[:stop - start]
+        chunk.copy_(odd).mul_(2.0**-23).erfinv_().mul_(std * math.sqrt(2.0))
+        if values is not None:
+            out[start:stop].copy_(chunk)
 
 
 def init_rows(seed: int, row_ids: np.ndarray, dim: int, std: float) -> np.ndarray:
