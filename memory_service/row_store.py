@@ -184,6 +184,12 @@ def _as_tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return to_tensor(np.ascontiguousarray(array))
 
 
+def _empty_rows(num_rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Storage for rows, in transparent huge pages where the kernel offers them on request (numpy advises
+    MADV_HUGEPAGE for large arrays): a random lookup in a table of tens of GB then rarely misses the TLB."""
+    return _as_tensor(np.empty((num_rows, dim), dtype=_numpy_dtype(dtype)), dtype)
+
+
 def as_serving_export(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A float32 table's ``export_slots`` as its read-only serving table's: rows rounded to bfloat16
     (as their uint16 bit patterns), optimizer state dropped."""
@@ -214,7 +220,7 @@ class ShardStore:
             started = time.perf_counter()
             try:
                 num_rows = sum(spec.rows_in_slot(slot) for slot in slots)
-                rows = torch.empty(num_rows, spec.dim, dtype=_STORAGE_DTYPES[spec.storage_dtype])
+                rows = _empty_rows(num_rows, spec.dim, _STORAGE_DTYPES[spec.storage_dtype])
                 _fill_initial_slots(rows, spec, slots)
                 optimizer = None if spec.read_only else make_optimizer(spec.optimizer)
                 state = optimizer.initial_state(num_rows, spec.dim) if optimizer else {}

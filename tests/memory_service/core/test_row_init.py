@@ -80,9 +80,10 @@ def test_fills_bfloat16_storage_by_rounding():
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_parallel_fill_equals_the_documented_algorithm(monkeypatch, threads, dtype):
-    """Many chunks (their scratch reused, the last one short) on one and two torch threads: the rows are
-    those of the per-row algorithm, for a whole small table and for scattered ids of a large one."""
-    monkeypatch.setattr(row_init, "_CHUNK_ELEMENTS", 1000)
+    """Many chunks and torch calls per chunk (the last of each short), in turn or on a pool of two threads:
+    the rows are those of the per-row algorithm, for a whole small table and for scattered ids of a large one."""
+    monkeypatch.setattr(row_init, "_CHUNK_ELEMENTS", 1000)  # 25 rows of 40 values
+    monkeypatch.setattr(row_init, "_TORCH_ELEMENTS", 300)  # 7 rows
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
