@@ -61,9 +61,6 @@ def fill_initial_rows(out: torch.Tensor, seed: int, row_ids: np.ndarray, std: fl
     n, dim = out.shape
     if len(row_ids) != n:
         raise ValueError(f"row_ids has {len(row_ids)} ids but out has {n} rows")
-    # Each row walks its own Weyl sequence: start key_lo, odd stride key_hi | 1, one lowbias32 per value.
-    key_lo, stride = row_keys(seed, row_ids)
-    stride |= np.uint32(1)
     columns = np.arange(dim, dtype=np.uint32)
     scale = std * math.sqrt(2.0)
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // dim)
@@ -71,8 +68,11 @@ def fill_initial_rows(out: torch.Tensor, seed: int, row_ids: np.ndarray, std: fl
 
     def fill(start: int) -> None:
         stop = min(n, start + rows_per_chunk)
-        bits = np.multiply(columns, stride[start:stop, None])
-        bits += key_lo[start:stop, None]
+        # Each row walks its own Weyl sequence: start key_lo, odd stride key_hi | 1, one lowbias32 per value.
+        key_lo, stride = row_keys(seed, row_ids[start:stop])
+        stride |= np.uint32(1)
+        bits = np.multiply(columns, stride[:, None])
+        bits += key_lo[:, None]
         _mix32_(bits, np.empty_like(bits))
         # The top 24 bits as a signed value, made odd: uniform over the odd integers in (-2**23, 2**23),
         # exact in float32 and symmetric around 0.
