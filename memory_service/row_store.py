@@ -67,12 +67,13 @@ def table_bytes(spec: TableSpec, slots: Iterable[int]) -> int:
     return rows * spec.bytes_per_row() + spec.num_slots * 8
 
 
-_INIT_BATCH_ROWS = 1 << 20  # rows initialised per batch of slots: their row ids take 8 MiB, whatever the table
+_INIT_BATCH_ROWS = 1 << 20  # rows initialised per batch of slots (at least one slot): their ids take 8 MiB
 
 
 def _fill_initial_slots(rows: torch.Tensor, spec: TableSpec, slots: list[int]) -> None:
     """The initial values of ``slots``' rows into ``rows``, stored slot after slot, a batch of slots at a time so
-    that the row ids of a large table are never all in memory."""
+    that the row ids of a large table are never all in memory (only one slot's, where a slot has more rows than
+    a batch)."""
     per_batch = max(1, _INIT_BATCH_ROWS // -(-spec.rows // spec.num_slots))
     offset = 0
     for start in range(0, len(slots), per_batch):
