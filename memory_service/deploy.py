@@ -28,8 +28,8 @@ from protos.wire import ClientTls
 __all__ = ["ADMIN_TOKEN_ENV", "CONTROLLER_NAME", "NAMESPACE", "SHARD_RESOURCE", "TOKEN_ENV", "AccessTokens", "ClientTls",
            "ControllerOptions", "MemoryHandle", "PathRefused", "RayConnectError", "TlsFiles", "connect",
            "default_data_root", "deploy", "deploy_from_checkpoint", "deploy_or_join", "describe_shard_memory",
-           "describe_table_memory", "human_bytes",
-           "get_controller", "join", "read_manifest", "start_controller", "start_local_head", "stop_controller"]
+           "describe_table_memory", "get_controller", "human_bytes", "join", "read_manifest", "start_controller",
+           "start_local_head", "stop_controller"]
 
 log = logging.getLogger(__name__)
 
