@@ -20,14 +20,16 @@ from memory_service.auth import ADMIN_TOKEN_ENV, TOKEN_ENV, AccessTokens, TlsFil
 from memory_service.checkpoint import PathRefused, default_data_root, read_manifest
 from memory_service.controller import (CONTROLLER_NAME, NAMESPACE, SHARD_RESOURCE, ControllerOptions, get_controller,
                                        start_controller, stop_controller)
+from memory_service.core.slots import SlotMap
 from memory_service.core.table_spec import TableSpec
 from memory_service.ray_cluster import RayConnectError, connect
 from protos.wire import ClientTls
 
 __all__ = ["ADMIN_TOKEN_ENV", "CONTROLLER_NAME", "NAMESPACE", "SHARD_RESOURCE", "TOKEN_ENV", "AccessTokens", "ClientTls",
            "ControllerOptions", "MemoryHandle", "PathRefused", "RayConnectError", "TlsFiles", "connect",
-           "default_data_root", "deploy", "deploy_from_checkpoint", "deploy_or_join", "describe_table_memory",
-           "get_controller", "join", "read_manifest", "start_controller", "start_local_head", "stop_controller"]
+           "default_data_root", "deploy", "deploy_from_checkpoint", "deploy_or_join", "describe_shard_memory",
+           "describe_table_memory", "get_controller", "human_bytes", "join", "read_manifest", "start_controller",
+           "start_local_head", "stop_controller"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ def deploy(specs: list[TableSpec], shards: int, namespace: str = NAMESPACE,
     actor, name = _new_controller(namespace, data_root)
     ray.get(actor.deploy.remote([spec.to_dict() for spec in specs], shards, replicas))
     log.info("deployed %d tables on %d memory shards x %d copies (controller %s)", len(specs), shards, replicas, name)
+    for spec in specs:
+        log.info("%s", describe_shard_memory(spec, shards, replicas))
     return _handle(actor, name, namespace)
 
 
@@ -110,6 +114,30 @@ def describe_table_memory(specs: list[TableSpec]) -> str:
         text = (f"{held / 2**30:.2f} GiB of bfloat16 rows without optimizer state "
                 f"({held / trained:.0%} of the {trained / 2**30:.2f} GiB the same tables take for training)")
     return text
+
+
+def describe_shard_memory(spec: TableSpec, shards: int, replicas: int = 1) -> str:
+    """One line on what ``spec`` takes deployed on ``shards`` groups of ``replicas`` shards: bytes per row (its
+    values and optimizer state), in all and on the fullest shard of the controller's even split of the slots."""
+    per_row = spec.bytes_per_row()
+    slot_map = SlotMap.even(spec.num_slots, shards)
+    fullest = max(sum(map(spec.rows_in_slot, slot_map.slots_of(shard).tolist())) for shard in range(shards))
+    kind = spec.optimizer.kind
+    state = ("no optimizer state (read-only)" if spec.read_only else
+             f"no optimizer state ({kind})" if kind == "sgd" else f"{kind} state")
+    copies = f" x {replicas} copies" if replicas > 1 else ""
+    return (f"table {spec.name}: {spec.rows:,} rows x {spec.dim} {spec.storage_dtype} + {state} = {per_row:,} B/row, "
+            f"{human_bytes(spec.rows * per_row)} over {shards} shard(s){copies} "
+            f"({human_bytes(fullest * per_row)} on the fullest)")
+
+
+def human_bytes(count: int) -> str:
+    """``count`` bytes in the largest binary unit that keeps a number of at least 1 (B up to TiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
 
 
 def start_local_head() -> tuple[int, str]:

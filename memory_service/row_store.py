@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 import warnings
 from typing import Iterable, Mapping
 
@@ -60,10 +61,26 @@ class SlotNotOwned(RowStoreError):
 
 
 def table_bytes(spec: TableSpec, slots: Iterable[int]) -> int:
-    """Bytes a shard needs to hold ``slots`` of ``spec``: rows and optimizer state, the row ids it
-    initialises them from, and the slot index. Exact in Python integers, whatever the sizes."""
+    """Bytes a shard needs to hold ``slots`` of ``spec``: rows and optimizer state, and the slot index (the
+    row ids that initialise the rows come a bounded batch at a time). Exact in Python integers, whatever the sizes."""
     rows = sum(spec.rows_in_slot(slot) for slot in slots)
-    return rows * (spec.bytes_per_row() + 8) + spec.num_slots * 8
+    return rows * spec.bytes_per_row() + spec.num_slots * 8
+
+
+_INIT_BATCH_ROWS = 1 << 20  # rows initialised per batch of slots (at least one slot): their ids take 8 MiB
+
+
+def _fill_initial_slots(rows: torch.Tensor, spec: TableSpec, slots: list[int]) -> None:
+    """The initial values of ``slots``' rows into ``rows``, stored slot after slot, a batch of slots at a time so
+    that the row ids of a large table are never all in memory (only one slot's, where a slot has more rows than
+    a batch)."""
+    per_batch = max(1, _INIT_BATCH_ROWS // -(-spec.rows // spec.num_slots))
+    offset = 0
+    for start in range(0, len(slots), per_batch):
+        row_ids = np.concatenate([slot_row_ids(slot, spec.rows_in_slot(slot), spec.num_slots)
+                                  for slot in slots[start:start + per_batch]])
+        fill_initial_rows(rows[offset:offset + len(row_ids)], spec.seed, row_ids, spec.init_std)
+        offset += len(row_ids)
 
 
 def physical_memory_bytes() -> int:
@@ -168,6 +185,12 @@ def _as_tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return to_tensor(np.ascontiguousarray(array))
 
 
+def _empty_rows(num_rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Storage for rows, in transparent huge pages where the kernel offers them on request (numpy advises
+    MADV_HUGEPAGE for large arrays): a random lookup in a table of tens of GB then rarely misses the TLB."""
+    return _as_tensor(np.empty((num_rows, dim), dtype=_numpy_dtype(dtype)), dtype)
+
+
 def as_serving_export(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A float32 table's ``export_slots`` as its read-only serving table's: rows rounded to bfloat16
     (as their uint16 bit patterns), optimizer state dropped."""
@@ -195,19 +218,21 @@ class ShardStore:
                 raise RowStoreError("RESOURCE_EXHAUSTED", "rows",
                                     f"table {spec.name!r}: its {len(slots)} slots here need {needed} bytes, more than "
                                     f"this machine's {available} bytes of memory")
+            started = time.perf_counter()
             try:
-                row_ids = np.concatenate([slot_row_ids(slot, spec.rows_in_slot(slot), spec.num_slots)
-                                          for slot in slots] or [np.empty(0, dtype=np.int64)])
-                rows = torch.empty(len(row_ids), spec.dim, dtype=_STORAGE_DTYPES[spec.storage_dtype])
-                fill_initial_rows(rows, spec.seed, row_ids, spec.init_std)
+                num_rows = sum(spec.rows_in_slot(slot) for slot in slots)
+                rows = _empty_rows(num_rows, spec.dim, _STORAGE_DTYPES[spec.storage_dtype])
+                _fill_initial_slots(rows, spec, slots)
                 optimizer = None if spec.read_only else make_optimizer(spec.optimizer)
-                state = optimizer.initial_state(len(row_ids), spec.dim) if optimizer else {}
+                state = optimizer.initial_state(num_rows, spec.dim) if optimizer else {}
                 table = _TableShard(spec, optimizer, slots, rows, state)
             except MemoryError as error:  # within the machine's memory, but not free now
                 raise RowStoreError("RESOURCE_EXHAUSTED", "rows",
                                     f"table {spec.name!r}: cannot allocate {needed} bytes ({error})") from None
             self._tables[spec.name] = table
-            log.info("table %s: holding %d slots, %d rows", spec.name, len(slots), len(row_ids))
+            log.info("table %s: holding %d slots, %d rows, %.2f GiB at %d B/row, initialised in %.1f s", spec.name,
+                     len(slots), num_rows, num_rows * spec.bytes_per_row() / 2**30, spec.bytes_per_row(),
+                     time.perf_counter() - started)
 
     def drop_table(self, name: str) -> None:
         with self._lock:

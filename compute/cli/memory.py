@@ -71,7 +71,7 @@ def _connect(args, *, may_start: bool = False) -> dict[str, Any]:
 def _up(args) -> int:
     from memory_service.core.table_spec import load_table_specs
     from memory_service.deploy import (ADMIN_TOKEN_ENV, TOKEN_ENV, AccessTokens, ControllerOptions, TlsFiles,
-                                       default_data_root, start_controller)
+                                       default_data_root, describe_shard_memory, start_controller)
 
     specs = load_table_specs(args.config)
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -96,6 +96,8 @@ def _up(args) -> int:
     copies = f" x {args.replicas} copies" if args.replicas > 1 else ""
     print(f"memory service up: {len(specs)} table(s) on {args.shards} shard(s){copies}; directory {directory}; "
           f"checkpoints under {info['data_root']}")
+    for spec in specs:
+        print(describe_shard_memory(spec, args.shards, args.replicas))
     print(f"tokens (data and admin) and addresses saved to {_state_path()} (mode 600)")
     return 0
 
@@ -146,12 +148,14 @@ def _ask(call) -> Any:
 
 
 def _status(args) -> int:
+    from memory_service.deploy import human_bytes
+
     controller = _controller(args)
     rows = _ask(controller.status.remote())
     header = ("shard", "group", "role", "state", "node", "address", "slots", "rows", "bytes", "reserved", "req/s",
               "p50 ms", "p99 ms", "pending", "aborted")
     table = [(str(r["shard"]), str(r["group"]), r["role"], r["state"], r["node"][:12], r["address"], str(r["slots"]),
-              str(r["rows"]), _human_bytes(r["bytes"]), _human_bytes(r["reserved_bytes"]), f"{r['requests_per_s']:.1f}",
+              str(r["rows"]), human_bytes(r["bytes"]), human_bytes(r["reserved_bytes"]), f"{r['requests_per_s']:.1f}",
               f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", str(len(r["pending_steps"])), str(r["aborted_steps"]))
              for r in rows]
     widths = [max(len(cell) for cell in column) for column in zip(header, *table)]
@@ -210,14 +214,6 @@ def _down(args) -> int:
         print(f"stopped the local Ray head (holder pid {state['head_pid']})")
     _state_path().unlink(missing_ok=True)
     return 0
-
-
-def _human_bytes(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"
 
 
 def positive_int(text: str) -> int:

@@ -9,6 +9,7 @@ dense learning rate and no weight decay.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from memory_service.core.table_spec import OptimizerSpec
@@ -27,8 +28,10 @@ class SparseOptimizer:
         return {}
 
     def initial_state(self, num_rows: int, dim: int) -> dict[str, torch.Tensor]:
-        """Fresh float32 state for ``num_rows`` rows."""
-        return {name: torch.zeros((num_rows, *shape)) for name, shape in self.state_shapes(dim).items()}
+        """Fresh float32 state for ``num_rows`` rows: zeros that take no time and no memory until rows are
+        stepped (calloc'd pages, which the OS zeroes on first touch; ``torch.zeros`` writes them all)."""
+        return {name: torch.from_numpy(np.zeros((num_rows, *shape), dtype=np.float32))
+                for name, shape in self.state_shapes(dim).items()}
 
     def apply(self, rows: torch.Tensor, state: dict[str, torch.Tensor], grads: torch.Tensor) -> None:
         """Update ``rows`` [n, dim] and ``state`` in place with ``grads`` [n, dim] (float32)."""

@@ -42,8 +42,10 @@ def test_up_status_scale_checkpoint_restore_down(ray_cluster, tmp_path):
         return done.stdout
 
     data_root = tmp_path / "data"
-    assert "on 2 shard(s)" in engram("up", "--config", str(config), "--shards", "2", "--host", "127.0.0.1",
-                                     "--data-root", str(data_root), "--step-timeout-s", "60")
+    up = engram("up", "--config", str(config), "--shards", "2", "--host", "127.0.0.1", "--data-root", str(data_root),
+                "--step-timeout-s", "60")
+    assert "on 2 shard(s)" in up
+    assert "table layer2: 5,000 rows x 16 float32 + adam state = 196 B/row, 957.0 KiB over 2 shard(s)" in up
     state = json.loads((tmp_path / "home" / "memory.json").read_text())
     assert state["token"] == DATA_TOKEN and len(state["admin_token"]) >= 40  # the admin token was generated
     assert (tmp_path / "home" / "memory.json").stat().st_mode & 0o777 == 0o600

@@ -10,6 +10,7 @@ from memory_service.core.optimizers import make_optimizer
 from memory_service.core.row_init import init_rows
 from memory_service.core.slots import SlotMap, split_by_shard
 from memory_service.core.table_spec import OptimizerSpec, TableSpec
+from memory_service import row_store
 from memory_service.row_store import RowStoreError, ShardStore, SlotNotOwned
 
 SPEC = TableSpec("layer1", rows=1000, dim=8, optimizer=OptimizerSpec(kind="adam", lr=0.01), seed=3, num_slots=16)
@@ -54,6 +55,22 @@ def test_content_does_not_depend_on_the_shard_count():
         gathered[positions] = shards[shard].gather("layer1", row_ids[positions])
     assert torch.equal(gathered, whole.gather("layer1", row_ids))
     assert sum(store.num_rows("layer1") for store in shards) == SPEC.rows
+
+
+def test_rows_initialised_a_batch_of_slots_at_a_time_equal_the_deterministic_init(monkeypatch):
+    """Slot batches of a few rows (some slots empty: fewer rows than slots) fill every owned row with its
+    own initial values; optimizer state starts at zero."""
+    monkeypatch.setattr(row_store, "_INIT_BATCH_ROWS", 5)
+    spec = TableSpec("t", rows=90, dim=6, seed=4, num_slots=128)
+    slots = list(range(127, 0, -2))  # storage order is the given order
+    store = _store(spec, slots)
+    row_ids = np.flatnonzero(np.isin(np.arange(spec.rows) % spec.num_slots, slots))
+    assert store.num_rows("t") == len(row_ids) == 45
+    expected = torch.from_numpy(init_rows(spec.seed, row_ids, spec.dim, spec.init_std))
+    assert torch.equal(store.gather("t", row_ids), expected)
+    exported = store.export_slots("t", slots)
+    assert [key for key in exported if key.startswith("state.")] == ["state.exp_avg", "state.exp_avg_sq", "state.step"]
+    assert all(not exported[key].any() for key in exported if key.startswith("state."))
 
 
 @pytest.mark.parametrize(

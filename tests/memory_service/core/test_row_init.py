@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from memory_service.core import row_init
 from memory_service.core.row_init import fill_initial_rows, init_rows
 
 
@@ -73,3 +75,22 @@ def test_fills_bfloat16_storage_by_rounding():
     fill_initial_rows(out, 9, row_ids, 0.1)
     expected = torch.from_numpy(init_rows(9, row_ids, 24, 0.1)).to(torch.bfloat16)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_parallel_fill_equals_the_documented_algorithm(monkeypatch, threads, dtype):
+    """Many chunks and torch calls per chunk (the last of each short), in turn or on a pool of two threads:
+    the rows are those of the per-row algorithm, for a whole small table and for scattered ids of a large one."""
+    monkeypatch.setattr(row_init, "_CHUNK_ELEMENTS", 1000)  # 25 rows of 40 values
+    monkeypatch.setattr(row_init, "_TORCH_ELEMENTS", 300)  # 7 rows
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for row_ids in (np.arange(3001, dtype=np.int64),
+                        np.random.default_rng(threads).integers(0, 10**11, 2000, dtype=np.int64)):
+            out = torch.empty(len(row_ids), 40, dtype=dtype)
+            fill_initial_rows(out, 13, row_ids, 0.02)
+            assert torch.equal(out, torch.from_numpy(_reference_rows(13, row_ids, 40, 0.02)).to(dtype))
+    finally:
+        torch.set_num_threads(previous)
