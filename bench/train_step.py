@@ -3,7 +3,7 @@
 Variants, side by side in one process on the same model, data and seed: in-process tables (the
 limit, run first and again last; ratios are against the mean of the two); remote rows without
 prefetch; remote rows prefetched with staleness 0 and with staleness 1, then with bfloat16
-gradients on the wire, and with a short GIL switch interval.
+gradients on the wire, with FP8 rows on the wire, and with a short GIL switch interval.
 Run: ``python -m bench.train_step [--preset cpu|gpu]``; prints a table, writes
 bench/results/train_step[_gpu].json and a PNG.
 """
@@ -36,6 +36,8 @@ VARIANTS = {  # name: memory settings
     "remote, prefetch, staleness 1": dict(tables="remote", prefetch=True, staleness=1),
     "remote, prefetch, staleness 1, bf16 grads": dict(tables="remote", prefetch=True, staleness=1,
                                                       grad_wire_dtype="bfloat16"),
+    "remote, prefetch, staleness 0, fp8 rows": dict(tables="remote", prefetch=True, staleness=0,
+                                                    wire_dtype="float8_e4m3"),
     # The training thread may wait up to the interpreter's switch interval (5 ms) for the GIL after
     # each of the MoE's host syncs while the memory client's threads run Python.
     "remote, prefetch, staleness 1, GIL switch 0.1 ms": dict(tables="remote", prefetch=True, staleness=1,
