@@ -8,7 +8,8 @@ import torch
 
 from compute.memory.client import MemoryClient
 from protos.wire import quantize_rows
-from tests.integration.memory_deploy import TOKEN, deployment, reference_rows, spec
+from protos import engram_memory_v1_pb2 as pb
+from tests.integration.memory_deploy import TOKEN, deployment, reference_rows, shard_stub, spec
 
 pytestmark = pytest.mark.ray
 
@@ -159,3 +160,30 @@ def test_a_push_pulls_its_rows_as_they_are_once_it_is_applied(memory, synchronou
     assert torch.equal(result.pulled, client.lookup("push_pull", pull, dtype=torch.float8_e4m3fn).result())
     with pytest.raises(ValueError, match="pull_ids"):
         client.push("push_pull", ids, grads, step=step + 4, pull_ids=pull[::-1])
+
+
+def test_a_shard_answers_pulled_rows_only_once_the_step_is_applied(memory):
+    """The protocol under the client: the report that completes a synchronous step gets the pulled rows in its
+    reply; a report the step still waits on (another rank's push missing) gets none."""
+    _, client = memory
+    stub, channel = shard_stub(client, 0)
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    owned = np.array([row for row in range(0, 4000) if client.slot_owners()[1]["push_pull"][row % 64] == 0][:50])
+    grads = np.full((len(owned), PUSH_PULL.dim), 0.5, dtype="<f4")
+
+    def report(rank: int) -> pb.UpdateResponse:
+        return stub.Update(pb.UpdateRequest(table="push_pull", row_ids=owned.tobytes(), grads=grads.tobytes(),
+                                            grad_dtype=pb.FLOAT32, step=50, rank=rank, world_size=2,
+                                            synchronous=True, pull_row_ids=owned.tobytes(), pull_dtype=pb.FLOAT32),
+                           metadata=auth)
+
+    try:
+        first = report(0)
+        assert first.pending and not first.pulled and not first.pulled_rows
+        last = report(1)
+        assert not last.pending and last.pulled
+    finally:
+        channel.close()
+    pulled = torch.frombuffer(bytearray(last.pulled_rows), dtype=torch.float32).view(len(owned), PUSH_PULL.dim)
+    assert torch.equal(pulled, client.lookup("push_pull", owned, dtype=torch.float32).result())
+    assert not torch.equal(pulled, reference_rows(PUSH_PULL, owned))
