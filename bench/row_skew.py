@@ -206,8 +206,11 @@ def plot(records: list[dict]) -> None:
     presets = sorted({r["preset"] for r in records})
     with figure("row_skew", ncols=len(presets), figsize=(6 * len(presets), 4)) as (fig, axes):
         for ax, preset in zip(np.atleast_1d(axes), presets):
-            for r in (r for r in records if r["preset"] == preset):
-                ax.plot(r["curve"]["row_share"], r["curve"]["lookup_share"], label=f"{r['corpus']}, layer {r['layer']}")
+            mine = [r for r in records if r["preset"] == preset]
+            corpora, layers = list(dict.fromkeys(r["corpus"] for r in mine)), sorted({r["layer"] for r in mine})
+            for r in mine:  # the layers of a corpus nearly coincide: colour tells the corpus, dashes the layer
+                ax.plot(r["curve"]["row_share"], r["curve"]["lookup_share"], color=f"C{corpora.index(r['corpus'])}",
+                        linestyle=("-", "--")[layers.index(r["layer"]) % 2], label=f"{r['corpus']}, layer {r['layer']}")
             ax.set_xscale("log")
             ax.set_xlabel("share of the table's rows (most looked-up first)")
             ax.set_ylabel("share of lookups served")
