@@ -158,6 +158,8 @@ def main() -> None:
                             record = {"tables": tables, "replicas": replicas,
                                       **load(url, count, seconds, preset["max_new_tokens"])}
                             records.append(record)
+                            # Saved after every cell: a run cut short keeps the cells it measured.
+                            save(records, args, preset, device, device_name, host_cpu, seconds)
                             print(f"  {tables:<6} tables, {replicas} replica(s), {count:>2} clients: "
                                   f"{record['tokens_per_s']:8.1f} tokens/s  p50 {record['p50_ms']:7.1f} ms  "
                                   f"p99 {record['p99_ms']:7.1f} ms  ({record['requests']} requests, "
@@ -177,6 +179,12 @@ def report(records: list[dict], args, preset: dict, device: str, device_name: st
     for r in records:
         print(f"{r['tables']:<8}{r['replicas']:>9}{r['clients']:>9}{r['tokens_per_s']:>11.1f}{r['p50_ms']:>10.1f}"
               f"{r['p99_ms']:>10.1f}{r['requests']:>10}{r['failed']:>8}")
+    save(records, args, preset, device, device_name, host_cpu, seconds)
+
+
+def save(records: list[dict], args, preset: dict, device: str, device_name: str, host_cpu: str,
+         seconds: float) -> None:
+    """The cells measured so far as bench/results/serve[_gpu].json and a PNG."""
     stem = "serve" if args.preset == "cpu" else "serve_gpu"
     meta = {"command": " ".join(["python -m bench.serve", *sys.argv[1:]]), "preset": args.preset, "device": device,
             "device_name": device_name, "host_cpu": host_cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
