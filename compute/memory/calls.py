@@ -20,7 +20,10 @@ from protos.wire import (LOOKUP_METHOD, ROUTING_EPOCH_KEY, ClientTls, bearer_met
 
 log = logging.getLogger(__name__)
 
-TRANSIENT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# CANCELLED reaches a client that did not cancel (its own cancellation raises asyncio.CancelledError) when the
+# server stops with the call in flight: a shard that a scale-down or failover retires. Pushes are deduplicated by
+# (step, rank), so resending any of these is safe.
+TRANSIENT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 # In the error of a call that needed a shard which died with no copy left (a job resumes from its checkpoint).
 SHARD_LOST = "died with no replica left"
 
