@@ -48,6 +48,7 @@ import asyncio
 import atexit
 import collections
 import dataclasses
+import functools
 import json
 import os
 import threading
@@ -219,13 +220,17 @@ def spec_json() -> st.SearchStrategy[str]:
     }
     near_valid = st.fixed_dictionaries({"name": fields["name"], "rows": fields["rows"], "dim": fields["dim"]},
                                        optional={k: v for k, v in fields.items() if k not in ("name", "rows", "dim")})
-    valid = st.builds(lambda name, kind: {"name": name, "rows": 1000, "dim": DIM, "num_slots": NUM_SLOTS,
-                                          "optimizer": {"kind": kind}},
-                      st.sampled_from(["fuzzed", "adam"]), st.sampled_from(["sgd", "adam", "adagrad"]))
+    valid = st.builds(_valid_spec, st.sampled_from(["fuzzed", "adam"]), st.sampled_from(["sgd", "adam", "adagrad"]))
     as_json = st.one_of(near_valid, valid).map(lambda d: json.dumps(d))
     weird = st.sampled_from(["", "{", "null", "[]", "7", '"adam"', "NaN", "[" * 100_000, '{"a":' * 50_000,
                              '{"name": "x", "name": "y"}', "\x00", '{"rows": 1e999}'])
     return st.one_of(as_json, weird, st.text(max_size=40))
+
+
+# Strategies build with named functions, never lambdas: Hypothesis describes a lambda by parsing its source, and
+# CPython 3.11's parser can fail that with "AST constructor recursion depth mismatch" (a flaky SystemError).
+def _valid_spec(name: str, kind: str) -> dict:
+    return {"name": name, "rows": 1000, "dim": DIM, "num_slots": NUM_SLOTS, "optimizer": {"kind": kind}}
 
 
 def _segment_names(target: "FuzzTarget | None") -> st.SearchStrategy[str]:
@@ -235,11 +240,11 @@ def _segment_names(target: "FuzzTarget | None") -> st.SearchStrategy[str]:
 
 def named_array() -> st.SearchStrategy[pb.NamedArray]:
     return st.builds(
-        lambda name, dtype, shape, data: pb.NamedArray(name=name, dtype=dtype, shape=shape, data=data),
-        st.one_of(st.sampled_from(ARRAY_NAMES), st.text(max_size=12)),
-        st.one_of(st.sampled_from(NUMPY_DTYPES), st.text(max_size=6)),
-        st.lists(st.one_of(st.integers(-2, 8), st.sampled_from([2**31, 2**62, -(2**63), 2**63 - 1])), max_size=3),
-        st.one_of(int64_bytes(ints(INT64, (-2, 20))), float_bytes(), st.binary(max_size=64)))
+        pb.NamedArray,
+        name=st.one_of(st.sampled_from(ARRAY_NAMES), st.text(max_size=12)),
+        dtype=st.one_of(st.sampled_from(NUMPY_DTYPES), st.text(max_size=6)),
+        shape=st.lists(st.one_of(st.integers(-2, 8), st.sampled_from([2**31, 2**62, -(2**63), 2**63 - 1])), max_size=3),
+        data=st.one_of(int64_bytes(ints(INT64, (-2, 20))), float_bytes(), st.binary(max_size=64)))
 
 
 def real_export(table: str, slots: list[int]) -> dict[str, np.ndarray]:
@@ -431,7 +436,7 @@ def case_strategy(method: Method, kind: str, target: "FuzzTarget | None" = None)
     else:
         raise ValueError(f"kind: one of {KINDS}, got {kind!r}")
     tokens = st.sampled_from(["admin"] * 6 + ["data"] * 2 + ["wrong", "none"])
-    return st.builds(lambda p, t: Case(method, kind, p, t), payload, tokens)
+    return st.builds(functools.partial(Case, method, kind), payload, tokens)
 
 
 def _oversized(message: bytes, size: int, garbage: bool, seed: int) -> bytes:

@@ -140,10 +140,11 @@ class MemoryClient:
         as float32; the shard accumulates and applies them in float32.
 
         Push-and-pull: the result's ``pulled`` holds the rows of sorted, distinct ``pull_ids`` in ``pull_dtype``
-        (held as ``lookup`` holds them; pinned with ``pin_memory``) as they are once this push is applied. A synchronous push's last message
-        to each shard carries that shard's ids, so the shard that completes the step answers them in the
-        same round trip; rows a shard could not answer yet (another rank's push still missing) are looked up
-        once the push is done, which sees the step applied only if this rank's push was its last.
+        (held as ``lookup`` holds them; pinned with ``pin_memory``) as they are once this push is applied. A
+        synchronous push's last message to each shard carries that shard's ids, so the shard that completes
+        the step answers them in the same round trip; rows a shard could not answer yet (another rank's push
+        still missing) are looked up once the push is done, which sees the step applied only if this rank's
+        push was its last.
         """
         ids = _as_int64(row_ids, "row_ids")
         grads = torch.as_tensor(grads).detach()
@@ -357,7 +358,8 @@ class MemoryClient:
                                        grad_dtype=WIRE_DTYPE_BY_TORCH[grads.dtype].enum, step=step, rank=rank,
                                        world_size=world_size, synchronous=synchronous, more_parts=more_parts)
             if pull_positions is not None and len(pull_positions):
-                request.pull_row_ids, request.pull_dtype = pull[pull_positions].tobytes(), WIRE_DTYPE_BY_TORCH[pull_dtype].enum
+                request.pull_row_ids = pull[pull_positions].tobytes()
+                request.pull_dtype = WIRE_DTYPE_BY_TORCH[pull_dtype].enum
             if segment and shard in self._routing.co_located:
                 request.shared_grads.name = segment.name
                 request.shared_grads.positions = positions.astype("<i8", copy=False).tobytes()
@@ -394,8 +396,9 @@ class MemoryClient:
             route = self._route(table)
             to_pull = route.split(pull, np.flatnonzero(unanswered)) if pull is not None else {}
             per_request = self._rows_per_request(WIRE_DTYPE_BY_TORCH[pull_dtype].row_bytes(route.dim))
-            return await gather_parts([(np.array([shard]), send(shard, np.empty(0, dtype=np.int64), False,
-                                                                to_pull.get(shard, np.empty(0, np.int64))[:per_request]))
+            none = np.empty(0, dtype=np.int64)
+            return await gather_parts([(np.array([shard]),
+                                        send(shard, none, False, to_pull.get(shard, none)[:per_request]))
                                        for shard in route.all_shards()])
 
         try:
