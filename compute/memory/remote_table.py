@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+from typing import Callable
 
 import numpy as np
 import torch
@@ -54,7 +55,9 @@ class RemoteRowTable(RowTable):
         changed = torch.from_numpy(np.isin(unique_ids.numpy(), updated_ids.numpy(), assume_unique=True))
         kept = self.client.lookup(self.table, unique_ids[~changed], dtype=self.wire_dtype,
                                   pin_memory=self._copy_stream is not None)
-        return _PulledAcrossUpdate(self, unique_ids[changed], changed, kept, inverse)
+        across = _PulledAcrossUpdate(lambda pushed: self._copier.submit(self._merged_to_device, across, pushed),
+                                     unique_ids[changed], changed, kept, inverse)
+        return across
 
     def apply_gradients(self, unique_ids: torch.Tensor, rows: EngramRows, step: int, rank: int = 0,
                         world_size: int = 1, next_rows: RowsAcrossUpdate | None = None) -> concurrent.futures.Future:
@@ -128,7 +131,7 @@ class _PulledAcrossUpdate(RowsAcrossUpdate):
     """A remote table's next rows across an update: ``kept`` (a lookup's future) holds the rows the update
     leaves alone, ``pull_ids`` are those it changes, which its push pulls."""
 
-    def __init__(self, table: RemoteRowTable, pull_ids: torch.Tensor, changed: torch.Tensor,
-                 kept: concurrent.futures.Future, inverse: torch.Tensor):
-        super().__init__(fetch=lambda pushed: table._copier.submit(table._merged_to_device, self, pushed))
+    def __init__(self, fetch: Callable[[concurrent.futures.Future], concurrent.futures.Future],
+                 pull_ids: torch.Tensor, changed: torch.Tensor, kept: concurrent.futures.Future, inverse: torch.Tensor):
+        super().__init__(fetch)
         self.pull_ids, self.changed, self.kept, self.inverse = pull_ids, changed, kept, inverse
