@@ -109,6 +109,35 @@ class OptimizerSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class TierSpec:
+    """An SSD tier: the table's rows and optimizer state live in files on the shard's local disk, and each shard
+    keeps at most ``dram_rows`` of them (rows with their state) in DRAM, or as many as ``dram_bytes`` holds.
+    Give exactly one of the two."""
+
+    dram_rows: int | None = None
+    dram_bytes: int | None = None
+
+    def __post_init__(self):
+        if (self.dram_rows is None) == (self.dram_bytes is None):
+            raise SpecError("tier", f"give exactly one of dram_rows and dram_bytes, got {self.to_dict()}")
+        if self.dram_rows is not None:
+            _check_int("tier.dram_rows", self.dram_rows, minimum=1)
+        else:
+            _check_int("tier.dram_bytes", self.dram_bytes, minimum=1)
+
+    def cache_rows(self, bytes_per_row: int) -> int:
+        """Rows a shard keeps in DRAM, for rows of ``bytes_per_row`` (rows and state)."""
+        return self.dram_rows if self.dram_rows is not None else self.dram_bytes // bytes_per_row
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TierSpec":
+        return _from_mapping(cls, values, "tier")
+
+
+@dataclasses.dataclass(frozen=True)
 class TableSpec:
     """One Engram table: ``rows`` rows of ``dim`` values, cut into ``num_slots`` slots (slot = row % num_slots)."""
 
@@ -120,6 +149,7 @@ class TableSpec:
     init_std: float = 0.02
     seed: int = 0
     num_slots: int = 1024
+    tier: TierSpec | None = None  # None: every row in DRAM
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not TABLE_NAME_PATTERN.fullmatch(self.name):
@@ -135,6 +165,12 @@ class TableSpec:
         if self.seed >= 2**63:
             raise SpecError("seed", f"must be < 2**63, got {self.seed}")
         _check_int("num_slots", self.num_slots, minimum=1)
+        if self.tier is not None:
+            if not isinstance(self.tier, TierSpec):
+                raise SpecError("tier", f"must be a TierSpec, got {type(self.tier).__name__}")
+            if self.tier.cache_rows(self.bytes_per_row()) < 1:
+                raise SpecError("tier.dram_bytes", f"must hold at least one row of {self.bytes_per_row()} bytes "
+                                f"(values and optimizer state), got {self.tier.dram_bytes}")
 
     @property
     def read_only(self) -> bool:
@@ -161,9 +197,22 @@ class TableSpec:
         per_element, per_row = _STATE_VALUES[self.optimizer.kind]
         return self.dim * value_bytes + 4 * (per_element * self.dim + per_row)
 
+    def dram_bytes(self, rows: int) -> int:
+        """DRAM a shard needs for ``rows`` of the table: all of them, or with a tier its cache of rows and their
+        state plus the tier's index (4 bytes a row: which cache entry holds it)."""
+        if self.tier is None:
+            return rows * self.bytes_per_row()
+        return min(rows, self.tier.cache_rows(self.bytes_per_row())) * self.bytes_per_row() + 4 * rows
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON/YAML-safe mapping that ``from_dict`` turns back into an equal spec."""
-        return dataclasses.asdict(self)
+        """A JSON/YAML-safe mapping that ``from_dict`` turns back into an equal spec (no ``tier`` key without one,
+        as before tiers existed)."""
+        values = dataclasses.asdict(self)
+        if self.tier is None:
+            del values["tier"]
+        else:
+            values["tier"] = self.tier.to_dict()
+        return values
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TableSpec":
@@ -173,6 +222,8 @@ class TableSpec:
         values = dict(values)
         if "optimizer" in values:
             values["optimizer"] = OptimizerSpec.from_dict(values["optimizer"])
+        if values.get("tier") is not None:
+            values["tier"] = TierSpec.from_dict(values["tier"])
         missing = [name for name in ("name", "rows", "dim") if name not in values]
         if missing:
             raise SpecError(missing[0], "is required")
