@@ -40,7 +40,7 @@ from memory_service.core.optimizers import SparseOptimizer, make_optimizer
 from memory_service.core.row_init import fill_initial_rows
 from memory_service.core.slots import slot_row_ids
 from memory_service.core.table_spec import TableSpec
-from memory_service.core.tiered_rows import TierCounters, TieredRows
+from memory_service.core.tiered_rows import TieredRows, TierStats
 from protos.wire import WIRE_DTYPE_BY_NAME, quantize_rows
 
 log = logging.getLogger(__name__)
@@ -305,11 +305,11 @@ class ShardStore:
             if table.tier is not None:
                 table.tier.close()
 
-    def tier_counters(self, name: str) -> TierCounters | None:
-        """A tiered table's cache counters (hits, misses, evictions, rows written back); None without a tier."""
+    def tier_stats(self, name: str) -> TierStats | None:
+        """A tiered table's cache: rows held, hits, misses, evictions, rows written back; None without a tier."""
         with self._lock:
             tier = self._table(name).tier
-            return None if tier is None else dataclasses.replace(tier.counters)
+            return None if tier is None else tier.stats()
 
     def specs(self) -> list[TableSpec]:
         with self._lock:

@@ -21,6 +21,11 @@ STORAGE_DTYPES = ("float32", "bfloat16")
 # letter or digit (so never '.' or '..'), at most 64 characters.
 TABLE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
+# DRAM a tier spends besides the cached rows: per row of the shard, which cache entry holds it (int32); per cache
+# entry, the position it holds (int64), its access count (int32) and dirty flag (bool).
+TIER_INDEX_BYTES_PER_ROW = 4
+TIER_BYTES_PER_CACHE_ENTRY = 8 + 4 + 1
+
 # Bytes of optimizer state per row: (values per row element, values per row) for each kind.
 _STATE_VALUES = {"sgd": (0, 0), "adagrad": (0, 1), "adam": (2, 1)}
 
@@ -199,10 +204,11 @@ class TableSpec:
 
     def dram_bytes(self, rows: int) -> int:
         """DRAM a shard needs for ``rows`` of the table: all of them, or with a tier its cache of rows and their
-        state plus the tier's index (4 bytes a row: which cache entry holds it)."""
+        state, its bookkeeping and its index of the rows."""
         if self.tier is None:
             return rows * self.bytes_per_row()
-        return min(rows, self.tier.cache_rows(self.bytes_per_row())) * self.bytes_per_row() + 4 * rows
+        cached = min(rows, self.tier.cache_rows(self.bytes_per_row()))
+        return cached * (self.bytes_per_row() + TIER_BYTES_PER_CACHE_ENTRY) + rows * TIER_INDEX_BYTES_PER_ROW
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON/YAML-safe mapping that ``from_dict`` turns back into an equal spec (no ``tier`` key without one,

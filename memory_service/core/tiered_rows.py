@@ -30,9 +30,11 @@ COPY_BATCH_ROWS = 1 << 16  # rows copied at a time when the files are rewritten
 
 
 @dataclasses.dataclass
-class TierCounters:
-    """What the cache did since the table was created."""
+class TierStats:
+    """What the cache holds now, and what it did since the table was created."""
 
+    capacity: int = 0        # rows the cache may hold
+    cached_rows: int = 0     # rows it holds now
     hits: int = 0            # rows found in the cache
     misses: int = 0          # rows read from the files
     evictions: int = 0       # cached rows dropped for others
@@ -58,7 +60,7 @@ class TieredRows:
         self.layout = dict(layout)
         self.directory = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=directory))
         self.capacity = capacity
-        self.counters = TierCounters()
+        self.counters = TierStats()
         self._generation = 0
         self._files: dict[str, torch.Tensor] = {}
         self._open_files(num_rows)
@@ -75,12 +77,12 @@ class TieredRows:
         return self._files
 
     def dram_bytes(self) -> int:
-        """DRAM this tier allocated: the cache, its bookkeeping and the position index."""
+        """DRAM this tier allocated: the cache, its bookkeeping and the position index (``TableSpec.dram_bytes``)."""
         cache = sum(tensor.nbytes for tensor in self._cache.values())
         return cache + self._entry_of.nbytes + self._owner.nbytes + self._counts.nbytes + self._dirty.nbytes
 
-    def cached_rows(self) -> int:
-        return int((self._owner >= 0).sum())
+    def stats(self) -> TierStats:
+        return dataclasses.replace(self.counters, capacity=len(self._owner), cached_rows=int((self._owner >= 0).sum()))
 
     # ----- lookup and update -----
 
@@ -152,7 +154,7 @@ class TieredRows:
         self._cache = {key: torch.empty((capacity, *shape), dtype=dtype) for key, (dtype, shape) in self.layout.items()}
         self._entry_of = torch.full((num_rows,), -1, dtype=torch.int32)
         self._owner = torch.full((capacity,), -1, dtype=torch.int64)  # position each entry holds; -1: free
-        self._counts = torch.zeros(capacity, dtype=torch.int64)
+        self._counts = torch.zeros(capacity, dtype=torch.int32)
         self._dirty = torch.zeros(capacity, dtype=torch.bool)
         self._accesses_since_aging = 0
 
@@ -170,7 +172,7 @@ class TieredRows:
         if num_missing:
             score = self._counts.clone()
             score[self._owner < 0] = -1  # free entries first
-            score[entries[~missing]] = torch.iinfo(torch.int64).max  # never evict a row this batch uses
+            score[entries[~missing]] = torch.iinfo(torch.int32).max  # never evict a row this batch uses
             victims = torch.topk(score, num_missing, largest=False, sorted=False).indices
             self._evict(victims)
             loaded = positions[missing]
