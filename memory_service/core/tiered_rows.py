@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -48,7 +49,7 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
 
 class TieredRows:
     """Rows and state of ``num_rows`` storage positions in files under ``directory`` (a private folder made
-    inside it), ``capacity`` of them cached in DRAM.
+    inside it, removed with the table), ``capacity`` of them cached in DRAM.
 
     ``layout`` maps each key (``rows``, ``state.<name>``) to its dtype and per-row shape.
     """
@@ -59,6 +60,8 @@ class TieredRows:
             raise ValueError(f"capacity: must be >= 1, got {capacity}")
         self.layout = dict(layout)
         self.directory = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=directory))
+        # The files go with the table: on close, or once nothing refers to it (a store replaced by a restore).
+        self._remove_files = weakref.finalize(self, shutil.rmtree, self.directory, True)
         self.capacity = capacity
         self.counters = TierStats()
         self._generation = 0
@@ -132,7 +135,7 @@ class TieredRows:
     def close(self) -> None:
         """Remove the files; the tier is unusable afterwards."""
         self._files, self._cache = {}, {}
-        shutil.rmtree(self.directory, ignore_errors=True)
+        self._remove_files()
 
     # ----- the cache -----
 

@@ -139,6 +139,8 @@ def test_each_table_has_its_own_files_which_go_with_it(tmp_path):
     first.drop_table("layer3")
     assert len(list(tmp_path.iterdir())) == 1
     assert second.gather("layer1", [7]).shape == (1, SPEC.dim)
+    del second  # a store replaced by a restore: its files go once nothing refers to it
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_table_larger_than_the_disk_is_refused_and_leaves_nothing(tmp_path):
