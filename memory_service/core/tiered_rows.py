@@ -36,8 +36,9 @@ class TierStats:
 
     capacity: int = 0        # rows the cache may hold
     cached_rows: int = 0     # rows it holds now
-    hits: int = 0            # rows found in the cache
-    misses: int = 0          # rows read from the files
+    hits: int = 0            # looked-up or updated ids whose row was in the cache when the call came
+    misses: int = 0          # those whose row was not
+    rows_read: int = 0       # rows read from the files into the cache
     evictions: int = 0       # cached rows dropped for others
     written_back: int = 0    # dirty rows written to the files (on eviction or flush)
 
@@ -91,6 +92,20 @@ class TieredRows:
 
     def gather(self, key: str, positions: torch.Tensor) -> torch.Tensor:
         """The values of ``key`` at ``positions`` [n] (any order, repeats allowed), read through the cache."""
+        entries = self._counted_entries(positions)
+        missing = entries < 0
+        if not missing.any():
+            self._touch(entries)
+            return self._cache[key].index_select(0, entries)
+        loaded, where = torch.unique(positions[missing], return_inverse=True)
+        if len(loaded) + len(positions) - len(where) <= len(self._owner):  # room for them all at once
+            entries[missing] = self._load(loaded, pinned=entries[~missing])[where]
+            self._touch(entries)
+            return self._cache[key].index_select(0, entries)
+        return self._gather_in_parts(key, positions)
+
+    def _gather_in_parts(self, key: str, positions: torch.Tensor) -> torch.Tensor:
+        """``gather`` of more distinct rows than the cache holds, ``capacity`` of them at a time."""
         unique, inverse = torch.unique(positions, return_inverse=True)
         dtype, shape = self.layout[key]
         values = torch.empty((len(unique), *shape), dtype=dtype)
@@ -103,6 +118,7 @@ class TieredRows:
                ) -> None:
         """Change the rows at unique ``positions`` [n] in the cache: ``apply(cache, entries, part)`` updates the
         cache's tensors at ``entries``, the cache entries of ``positions[part]``; those entries become dirty."""
+        self._counted_entries(positions)
         for start in range(0, len(positions), self.capacity):
             part = slice(start, start + self.capacity)
             entries = self._admit(positions[part])
@@ -164,33 +180,48 @@ class TieredRows:
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.{self._generation}"
 
-    def _admit(self, positions: torch.Tensor) -> torch.Tensor:
-        """Cache entries [n] holding the unique ``positions`` [n] (at most ``capacity``), reading the missing ones
-        into the free or least-used entries that none of ``positions`` holds."""
+    def _counted_entries(self, positions: torch.Tensor) -> torch.Tensor:
+        """The cache entries of ``positions`` now (-1: not cached), counted as hits and misses."""
         entries = self._entry_of.index_select(0, positions).long()
-        missing = entries < 0
-        num_missing = int(missing.sum())
+        num_missing = int((entries < 0).sum())
         self.counters.hits += len(positions) - num_missing
         self.counters.misses += num_missing
-        if num_missing:
-            score = self._counts.clone()
-            score[self._owner < 0] = -1  # free entries first
-            score[entries[~missing]] = torch.iinfo(torch.int32).max  # never evict a row this batch uses
-            victims = torch.topk(score, num_missing, largest=False, sorted=False).indices
-            self._evict(victims)
-            loaded = positions[missing]
-            for key, tensor in self._files.items():
-                self._cache[key][victims] = tensor.index_select(0, loaded)
-            self._owner[victims] = loaded
-            self._entry_of[loaded] = victims.int()
-            self._counts[victims] = 0
-            entries[missing] = victims
+        return entries
+
+    def _admit(self, positions: torch.Tensor) -> torch.Tensor:
+        """Cache entries [n] holding the unique ``positions`` [n] (at most ``capacity``), reading the missing ones
+        in; counted as accesses."""
+        entries = self._entry_of.index_select(0, positions).long()
+        missing = entries < 0
+        if missing.any():
+            entries[missing] = self._load(positions[missing], pinned=entries[~missing])
+        self._touch(entries)
+        return entries
+
+    def _load(self, positions: torch.Tensor, pinned: torch.Tensor) -> torch.Tensor:
+        """Read the unique, uncached ``positions`` into free or least-used entries other than ``pinned`` (entries
+        the caller is using; repeats allowed); return those entries."""
+        score = self._counts.clone()
+        score[self._owner < 0] = -1  # free entries first
+        score[pinned] = torch.iinfo(torch.int32).max
+        victims = torch.topk(score, len(positions), largest=False, sorted=False).indices
+        self._evict(victims)
+        for key, tensor in self._files.items():
+            self._cache[key][victims] = tensor.index_select(0, positions)
+        self._owner[victims] = positions
+        self._entry_of[positions] = victims.int()
+        self._counts[victims] = 0
+        self.counters.rows_read += len(positions)
+        return victims
+
+    def _touch(self, entries: torch.Tensor) -> None:
+        """Count an access of each of ``entries`` (once per call, repeats or not); age all counts every
+        ``capacity`` accesses."""
         self._counts[entries] += 1
-        self._accesses_since_aging += len(positions)
+        self._accesses_since_aging += len(entries)
         if self._accesses_since_aging >= len(self._owner):
             self._counts >>= 1
             self._accesses_since_aging = 0
-        return entries
 
     def _evict(self, entries: torch.Tensor) -> None:
         """Free ``entries``: write their dirty rows back and forget which positions they held."""

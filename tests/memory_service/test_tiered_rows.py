@@ -52,7 +52,7 @@ def test_a_table_four_times_the_cache_trains_bit_identical_to_dram(tmp_path, opt
     assert torch.equal(tiered.gather("layer1", every_row), dram.gather("layer1", every_row))
     stats = tiered.tier_stats("layer1")
     assert stats.capacity == DRAM_ROWS and stats.cached_rows == DRAM_ROWS
-    assert stats.misses > SPEC.rows and stats.evictions == stats.misses - DRAM_ROWS
+    assert stats.rows_read > SPEC.rows and stats.evictions == stats.rows_read - DRAM_ROWS
     assert stats.written_back > 0 and dram.tier_stats("layer1") is None
 
 
@@ -66,6 +66,17 @@ def test_the_dram_held_is_the_cap_and_the_index(tmp_path):
     by_bytes = ShardStore(tier_dir=tmp_path)
     by_bytes.add_table(dataclasses.replace(SPEC, tier=TierSpec(dram_bytes=250 * SPEC.bytes_per_row() + 7)), [0, 1])
     assert by_bytes.tier_stats("layer1").capacity == 250
+
+
+def test_hits_and_misses_count_ids_and_rows_read_count_rows(tmp_path):
+    _, tiered = _stores(tmp_path)
+    tiered.gather("layer1", [1, 1, 2])
+    tiered.gather("layer1", [1, 2, 3])
+    tiered.apply_update("layer1", tiered.check_update("layer1", [3, 4], np.ones((2, SPEC.dim), dtype=np.float32)))
+    stats = tiered.tier_stats("layer1")
+    assert (stats.hits, stats.misses, stats.rows_read, stats.cached_rows) == (3, 5, 4, 4)
+    tiered.checksum("layer1")  # writes the dirty rows back
+    assert tiered.tier_stats("layer1").written_back == 2
 
 
 def test_hot_rows_stay_cached_while_cold_rows_pass_through(tmp_path):
