@@ -107,8 +107,8 @@ def main() -> None:
     hot = rng.choice(rows, cache_rows // 2, replace=False)
     for store in stores.values():  # the hot rows read once, as a running job would have
         store.gather("t", np.sort(hot))
-    calls = {share: {"lookup_ids": [], "update_ids": [], "hits": 0, "accesses": 0, **{f"{kind}_{what}": [] for kind in stores
-                                                                 for what in ("lookup", "update")}}
+    kinds = [f"{kind}_{what}" for kind in stores for what in ("lookup", "update")]  # seconds per call
+    calls = {share: {"lookup_ids": [], "update_ids": [], "hits": 0, "accesses": 0, **{kind: [] for kind in kinds}}
              for share in HOT_SHARES}
     for share in HOT_SHARES + HOT_SHARES[::-1]:  # up and down: a burst of other load weighs on two passes at most
         measure_share(stores, calls[share], rng, hot, share, batch)

@@ -305,6 +305,14 @@ class ShardStore:
             if table.tier is not None:
                 table.tier.close()
 
+    def drop_all_tables(self) -> None:
+        """Drop every table (a shard that stops): tiered tables' files go with them."""
+        with self._lock:
+            for table in self._tables.values():
+                if table.tier is not None:
+                    table.tier.close()
+            self._tables = {}
+
     def tier_stats(self, name: str) -> TierStats | None:
         """A tiered table's cache: rows held, hits, misses, evictions, rows written back; None without a tier."""
         with self._lock:

@@ -147,6 +147,13 @@ class ShardServicer:
         self._staged: ShardStore | None = None  # a restore's tables, read and checked, not yet live
         self._staged_counters: dict[str, dict] = {}  # table -> step counters of the staged checkpoint
 
+    def drop_all_tables(self) -> None:
+        """Drop the live and any staged tables, files of tiered ones included (the shard stops)."""
+        self.store.drop_all_tables()
+        if self._staged is not None:
+            self._staged.drop_all_tables()
+            self._staged = None
+
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register every ShardService method; Lookup replies skip protobuf's copies (same bytes)."""
         register_service(server, "ShardService", self, {"Lookup": lambda reply: encode_lookup_response(*reply)})

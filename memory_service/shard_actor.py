@@ -129,5 +129,6 @@ class ShardActor:
         if self._liveness is not None:
             self._liveness.stop(grace=None)
             self._liveness = None
+        self._servicer.drop_all_tables()  # tiered tables' files go now: a stopped shard is killed next
         if self._socket_dir:
             shutil.rmtree(self._socket_dir, ignore_errors=True)

@@ -86,8 +86,8 @@ def _up(args) -> int:
     options = ControllerOptions(data_token=tokens.data, admin_token=tokens.admin, tls=tls, tls_ca_file=args.tls_ca,
                                 tls_client_cert_file=args.tls_client_cert, tls_client_key_file=args.tls_client_key,
                                 host=args.host, data_root=str(Path(args.data_root or default_data_root()).resolve()),
-                                reflection=args.reflection, step_timeout_s=args.step_timeout_s, shard_threads=args.shard_threads,
-                                tier_dir=args.tier_dir)
+                                reflection=args.reflection, step_timeout_s=args.step_timeout_s,
+                                shard_threads=args.shard_threads, tier_dir=args.tier_dir)
     controller = start_controller(options, name=args.name)
     import ray
 

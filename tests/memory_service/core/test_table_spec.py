@@ -82,11 +82,12 @@ def test_bytes_per_row_counts_optimizer_state():
 def test_load_table_specs(tmp_path):
     path = tmp_path / "tables.yaml"
     path.write_text(yaml.safe_dump({"tables": [
-        {"name": "layer1", "rows": 5000, "dim": 64, "optimizer": {"kind": "adam", "lr": 0.005}},
+        {"name": "layer1", "rows": 5000, "dim": 64, "optimizer": {"kind": "adam", "lr": 0.005},
+         "tier": {"dram_bytes": 1 << 20}},
         {"name": "layer15", "rows": 7000, "dim": 64, "storage_dtype": "bfloat16", "seed": 3},
     ]}))
     first, second = load_table_specs(path)
-    assert first.optimizer.lr == 0.005 and first.optimizer.kind == "adam"
+    assert first.optimizer.lr == 0.005 and first.optimizer.kind == "adam" and first.tier == TierSpec(dram_bytes=1 << 20)
     assert second.read_only and second.seed == 3
 
 
