@@ -20,6 +20,7 @@ their uint16 bit patterns because numpy has no bfloat16.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import itertools
 import logging
@@ -100,6 +101,14 @@ def _fill_initial_slots(rows: torch.Tensor, spec: TableSpec, slots: list[int]) -
 
 def physical_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _tier_files_error(table: str, directory: Path, error: OSError) -> RowStoreError:
+    """A tiered table's files that could not be made: RESOURCE_EXHAUSTED where the disk (or the process's file
+    size limit) has no room, else FAILED_PRECONDITION (the folder cannot be written, say)."""
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    return RowStoreError("RESOURCE_EXHAUSTED" if full else "FAILED_PRECONDITION", "tier",
+                         f"table {table!r}: cannot make its files under {directory} ({error})")
 
 
 def _invalid(field: str, message: str) -> RowStoreError:
@@ -184,8 +193,12 @@ class _TableShard:
         self.state = {key[len(STATE_PREFIX):]: tensor for key, tensor in files.items() if key != "rows"}
 
     def relayout_tier(self, slots: list[int], kept: torch.Tensor, incoming: Mapping[str, torch.Tensor]) -> None:
-        """A tiered table's storage becomes the rows at positions ``kept`` then ``incoming``, holding ``slots``."""
-        self.tier.relayout(kept, incoming)
+        """A tiered table's storage becomes the rows at positions ``kept`` then ``incoming``, holding ``slots``;
+        RowStoreError, and nothing changed, where its new files cannot be made."""
+        try:
+            self.tier.relayout(kept, incoming)
+        except OSError as error:
+            raise _tier_files_error(self.spec.name, self.tier.directory, error) from None
         self.slots = slots
         self.view_tier_files()
         self.index_slots()
@@ -288,7 +301,10 @@ class ShardStore:
         state_shapes = optimizer.state_shapes(spec.dim) if optimizer else {}
         layout = {"rows": (_STORAGE_DTYPES[spec.storage_dtype], (spec.dim,)),
                   **{STATE_PREFIX + name: (torch.float32, shape) for name, shape in state_shapes.items()}}
-        tier = TieredRows(self.tier_dir, spec.name, num_rows, spec.tier.cache_rows(spec.bytes_per_row()), layout)
+        try:
+            tier = TieredRows(self.tier_dir, spec.name, num_rows, spec.tier.cache_rows(spec.bytes_per_row()), layout)
+        except OSError as error:
+            raise _tier_files_error(spec.name, self.tier_dir, error) from None
         files = tier.files()
         _fill_initial_slots(files["rows"], spec, slots)
         for name, initial in (optimizer.initial_state(1, spec.dim) if optimizer else {}).items():

@@ -1,7 +1,7 @@
 """A table's rows and optimizer state in files on local disk, with a bounded DRAM cache of the hot rows.
 
 Each tensor (``rows``, ``state.<name>``) is one memory-mapped file of ``[num_rows, ...]`` in storage
-position order. The cache holds at most ``capacity`` rows (each with all of its tensors) in DRAM
+position order, its disk space allocated when it is made. The cache holds at most ``capacity`` rows (each with all of its tensors) in DRAM
 tensors; ``_entry_of[position]`` (int32, -1: not cached) says which cache entry holds a position.
 Lookups and updates go through the cache: a missing row is read from its file into a free or evicted
 entry, an updated entry is marked dirty and written back to the files when it is evicted or on
@@ -18,6 +18,7 @@ caller serialises calls (``ShardStore`` holds its lock).
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import tempfile
 import weakref
@@ -66,14 +67,14 @@ class TieredRows:
         self.capacity = capacity
         self.counters = TierStats()
         self._generation = 0
-        self._files: dict[str, torch.Tensor] = {}
-        self._open_files(num_rows)
+        try:
+            self._files = self._new_files(num_rows, self._generation)
+        except OSError:
+            self._remove_files()
+            raise
+        self._empty_cache(num_rows)
 
     # ----- whole-table views -----
-
-    @property
-    def num_rows(self) -> int:
-        return self._num_rows
 
     def files(self) -> dict[str, torch.Tensor]:
         """Every row as tensors over the files, keyed as ``layout``; current once ``flush`` wrote the cache back.
@@ -131,21 +132,21 @@ class TieredRows:
 
     def relayout(self, kept: torch.Tensor, incoming: Mapping[str, torch.Tensor]) -> None:
         """New files holding the rows at positions ``kept`` (in that order), then the ``incoming`` rows (a tensor
-        per key, all of one length); the cache starts empty."""
+        per key, all of one length); the cache starts empty. OSError (no disk left for the new files) changes
+        nothing but writing the cache back."""
         self.flush()
-        old = self._files
-        old_directory_files = [self._path(key) for key in self.layout]
-        self._generation += 1
-        num_incoming = len(next(iter(incoming.values()))) if incoming else 0
-        self._open_files(len(kept) + num_incoming)
+        num_rows = len(kept) + (len(next(iter(incoming.values()))) if incoming else 0)
+        files = self._new_files(num_rows, self._generation + 1)
         for start in range(0, len(kept), COPY_BATCH_ROWS):
             chunk = kept[start:start + COPY_BATCH_ROWS]
-            for key, tensor in old.items():
-                self._files[key][start:start + len(chunk)] = tensor.index_select(0, chunk)
+            for key, tensor in self._files.items():
+                files[key][start:start + len(chunk)] = tensor.index_select(0, chunk)
         for key, tensor in incoming.items():
-            self._files[key][len(kept):] = tensor
-        del old
-        for path in old_directory_files:
+            files[key][len(kept):] = tensor
+        old_paths = [self._path(key, self._generation) for key in self.layout]
+        self._files, self._generation = files, self._generation + 1
+        self._empty_cache(num_rows)
+        for path in old_paths:
             path.unlink(missing_ok=True)
 
     def close(self) -> None:
@@ -155,20 +156,32 @@ class TieredRows:
 
     # ----- the cache -----
 
-    def _open_files(self, num_rows: int) -> None:
-        """Zero-filled files for ``num_rows`` rows (sparse: zeros take no disk until written) and an empty cache."""
-        self._num_rows = num_rows
-        self._files = {}
-        for key, (dtype, shape) in self.layout.items():
-            path = self._path(key)
-            if num_rows == 0:  # an empty file cannot be mapped
-                array = np.zeros((0, *shape), dtype=_numpy_dtype(dtype))
-            else:
-                with open(path, "wb") as file:
-                    file.truncate(num_rows * int(np.prod(shape, dtype=np.int64)) * _numpy_dtype(dtype).itemsize)
-                array = np.memmap(path, dtype=_numpy_dtype(dtype), mode="r+", shape=(num_rows, *shape))
-            tensor = torch.from_numpy(array)
-            self._files[key] = tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+    def _new_files(self, num_rows: int, generation: int) -> dict[str, torch.Tensor]:
+        """Zero-filled files for ``num_rows`` rows, their disk space allocated up front (so that writing rows
+        through the mapping never finds the disk full, which would kill the process); OSError (none left) leaves
+        no file behind."""
+        files, paths = {}, []
+        try:
+            for key, (dtype, shape) in self.layout.items():
+                if num_rows == 0:  # an empty file cannot be mapped
+                    array = np.zeros((0, *shape), dtype=_numpy_dtype(dtype))
+                else:
+                    paths.append(self._path(key, generation))
+                    with open(paths[-1], "wb") as file:
+                        size = num_rows * int(np.prod(shape, dtype=np.int64)) * _numpy_dtype(dtype).itemsize
+                        os.posix_fallocate(file.fileno(), 0, size)
+                    array = np.memmap(paths[-1], dtype=_numpy_dtype(dtype), mode="r+", shape=(num_rows, *shape))
+                tensor = torch.from_numpy(array)
+                files[key] = tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+        except OSError:
+            files.clear()
+            for path in paths:
+                path.unlink(missing_ok=True)
+            raise
+        return files
+
+    def _empty_cache(self, num_rows: int) -> None:
+        """A cache of ``min(capacity, num_rows)`` free entries for a table of ``num_rows`` rows."""
         capacity = min(self.capacity, num_rows)
         self._cache = {key: torch.empty((capacity, *shape), dtype=dtype) for key, (dtype, shape) in self.layout.items()}
         self._entry_of = torch.full((num_rows,), -1, dtype=torch.int32)
@@ -177,8 +190,8 @@ class TieredRows:
         self._dirty = torch.zeros(capacity, dtype=torch.bool)
         self._accesses_since_aging = 0
 
-    def _path(self, key: str) -> Path:
-        return self.directory / f"{key}.{self._generation}"
+    def _path(self, key: str, generation: int) -> Path:
+        return self.directory / f"{key}.{generation}"
 
     def _counted_entries(self, positions: torch.Tensor) -> torch.Tensor:
         """The cache entries of ``positions`` now (-1: not cached), counted as hits and misses."""

@@ -2,7 +2,10 @@
 same bits as an all-DRAM table, the cache stays within its cap, and the files go with the table."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import resource
+import signal
 
 import numpy as np
 import pytest
@@ -161,3 +164,36 @@ def test_a_table_larger_than_the_disk_is_refused_and_leaves_nothing(tmp_path):
         store.add_table(huge, range(huge.num_slots))
     assert (caught.value.code, caught.value.field) == ("RESOURCE_EXHAUSTED", "tier")
     assert store.specs() == [] and list(tmp_path.iterdir()) == []
+
+
+@contextlib.contextmanager
+def file_size_limit(max_bytes: int):
+    """Files of this process may not grow past ``max_bytes`` (as on a full disk: allocations fail with EFBIG)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_no_room_for_the_files_is_refused_and_changes_nothing(tmp_path):
+    """The files' space is allocated when they are made: a full disk refuses the table or the slot move cleanly."""
+    store = ShardStore(tier_dir=tmp_path)
+    with file_size_limit(SPEC.rows * SPEC.dim * 4 // 2):  # room for half the table's rows
+        with pytest.raises(RowStoreError) as caught:
+            store.add_table(TIERED, range(SPEC.num_slots))
+    assert (caught.value.code, caught.value.field) == ("RESOURCE_EXHAUSTED", "tier")
+    assert store.specs() == [] and list(tmp_path.iterdir()) == []
+    dram, tiered = _stores(tmp_path, slots=range(8))
+    _train([dram, tiered], "layer1", np.random.default_rng(6), steps=2, batch=500, rows=8)
+    before = tiered.checksum("layer1")
+    source, _ = _stores(tmp_path / "source")
+    with file_size_limit(SPEC.rows * SPEC.dim * 4 // 2 - 4096):  # the 8 slots' rows fit, not all 16
+        with pytest.raises(RowStoreError) as caught:
+            tiered.import_slots("layer1", source.export_slots("layer1", range(8, 16)))
+    assert (caught.value.code, caught.value.field) == ("RESOURCE_EXHAUSTED", "tier")
+    assert tiered.owned_slots("layer1") == list(range(8)) and tiered.checksum("layer1") == before
+    assert len(list(next(tmp_path.glob("layer1-*")).iterdir())) == 4  # rows and Adam's 3 states, no new files
