@@ -6,11 +6,13 @@ import contextlib
 import dataclasses
 import resource
 import signal
+import tempfile
 
 import numpy as np
 import pytest
 import torch
 
+from memory_service import checkpoint
 from memory_service.core.table_spec import OptimizerSpec, TableSpec, TierSpec
 from memory_service.row_store import RowStoreError, ShardStore
 
@@ -197,3 +199,15 @@ def test_no_room_for_the_files_is_refused_and_changes_nothing(tmp_path):
     assert (caught.value.code, caught.value.field) == ("RESOURCE_EXHAUSTED", "tier")
     assert tiered.owned_slots("layer1") == list(range(8)) and tiered.checksum("layer1") == before
     assert len(list(next(tmp_path.glob("layer1-*")).iterdir())) == 4  # rows and Adam's 3 states, no new files
+
+
+def test_reading_a_tiered_tables_checkpoint_file_makes_no_files(tmp_path, monkeypatch):
+    """A restore reads each shard file through a scratch store: in DRAM, not in tier files of its own."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "system-temp"))  # where default_tier_dir() points
+    dram, tiered = _stores(tmp_path / "tier")
+    _train([dram, tiered], "layer1", np.random.default_rng(7), steps=2, batch=800)
+    path = checkpoint.write_shard_file(tmp_path / "ckpt", "layer1", 0, tiered.export_slots("layer1", range(16)))
+    parts = checkpoint.read_slots(tmp_path / "ckpt", TIERED, [path], [2, 5])
+    expected = dram.export_slots("layer1", [2, 5])
+    assert len(parts) == 1 and all(np.array_equal(parts[0][key], expected[key]) for key in expected)
+    assert not (tmp_path / "system-temp").exists()
