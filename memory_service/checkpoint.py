@@ -102,9 +102,10 @@ def read_slots(directory: Path, spec: TableSpec, paths: list[str], slots: list[i
     for index, relative in enumerate(paths):
         arrays = _read_shard_file(directory, relative, f"paths[{index}]")
         # A scratch store holds the whole file (as saved: a training table's float32 rows and state, or
-        # a serving table's bfloat16 rows) so that only the wanted slots are exported from it.
+        # a serving table's bfloat16 rows) so that only the wanted slots are exported from it; in DRAM, where
+        # the file's arrays already are, whatever the table's tier.
         saved = dataclasses.replace(spec, storage_dtype="bfloat16" if arrays.get("rows", np.empty(0)).dtype ==
-                                    np.uint16 else "float32")
+                                    np.uint16 else "float32", tier=None)
         scratch = ShardStore()
         scratch.add_table(saved, [])
         scratch.import_slots(spec.name, arrays)

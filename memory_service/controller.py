@@ -103,6 +103,8 @@ class ControllerOptions:
     reflection: bool = False              # serve gRPC reflection (to token holders)
     step_timeout_s: float = 120.0         # a synchronous step pending longer than this is aborted (0: never)
     shard_threads: int = 0                # threads of each shard's optimizer and gathers (0: shard_actor.auto_threads)
+    tier_dir: str | None = None           # where tiered tables' files go on each shard's node (a local SSD);
+                                          # None: row_store.default_tier_dir() there
 
     def __post_init__(self):
         for token, name in ((self.data_token, "data token"), (self.admin_token, "admin token")):
@@ -355,7 +357,7 @@ class MemoryController:
             resources={self._options.shard_resource: 1}, memory=max(reserve_bytes, 1 << 20), **spread,
         ).remote(index, (self._tokens.data, self._tokens.admin), str(self._data_root), self._options.tls,
                  self._options.host, self._options.max_message_bytes, self._options.reflection, self._client_tls,
-                 self._options.step_timeout_s, self._options.shard_threads)
+                 self._options.step_timeout_s, self._options.shard_threads, self._options.tier_dir)
         info = await actor.start.remote()
         channel = self._open_channel(info["address"])
         log.info("shard %d (%s; group %d, %s) serving on %s (node %s)", index, name, group,
@@ -400,8 +402,10 @@ class MemoryController:
         await asyncio.gather(*calls)
 
     def _reserve_bytes(self, specs: list[TableSpec], num_groups: int) -> int:
-        """Ray ``memory`` a shard reserves: its group's even share of every table's rows and optimizer state."""
-        return sum(spec.rows * spec.bytes_per_row() for spec in specs) // num_groups
+        """Ray ``memory`` a shard reserves: the DRAM of its group's even share of every table's rows and optimizer
+        state (of a tiered table, its cache and index)."""
+        held = sum(spec.rows * spec.bytes_per_row() for spec in specs if spec.tier is None) // num_groups
+        return held + sum(spec.dram_bytes(-(-spec.rows // num_groups)) for spec in specs if spec.tier is not None)
 
     async def _grow_to(self, num_groups: int, specs: list[TableSpec], *, add_empty_tables: bool) -> None:
         """Start groups of ``self._replicas`` shards up to ``num_groups``, each shard reserving its group's share

@@ -126,9 +126,11 @@ def describe_shard_memory(spec: TableSpec, shards: int, replicas: int = 1) -> st
     state = ("no optimizer state (read-only)" if spec.read_only else
              f"no optimizer state ({kind})" if kind == "sgd" else f"{kind} state")
     copies = f" x {replicas} copies" if replicas > 1 else ""
+    tier = (f"; tiered: {human_bytes(spec.dram_bytes(fullest))} of DRAM on the fullest, the rest on its disk"
+            if spec.tier is not None else "")
     return (f"table {spec.name}: {spec.rows:,} rows x {spec.dim} {spec.storage_dtype} + {state} = {per_row:,} B/row, "
             f"{human_bytes(spec.rows * per_row)} over {shards} shard(s){copies} "
-            f"({human_bytes(fullest * per_row)} on the fullest)")
+            f"({human_bytes(fullest * per_row)} on the fullest){tier}")
 
 
 def human_bytes(count: int) -> str:

@@ -9,6 +9,10 @@ An update is validated once, by ``check_update``, into a ``RowUpdate`` that also
 storage positions; ``apply_update`` steps the optimizer at those positions, resolving them again only
 if slots moved in or out since (a synchronous step can wait across a move).
 
+A table whose spec has a ``tier`` keeps its rows and state in files under the store's ``tier_dir``
+with only its hot rows in DRAM (``core.tiered_rows``); lookups and updates go through that cache, and
+anything that reads the table as a whole (exports, checksums, slot moves) first writes the cache back.
+
 Exported slots are ``{"slots": int64 [k], "rows": [m, dim], "state.<name>": [m, ...]}`` with the
 slots' rows in the order of ``slots``, each slot's rows by local index; bfloat16 rows travel as
 their uint16 bit patterns because numpy has no bfloat16.
@@ -16,13 +20,17 @@ their uint16 bit patterns because numpy has no bfloat16.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import itertools
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -33,6 +41,7 @@ from memory_service.core.optimizers import SparseOptimizer, make_optimizer
 from memory_service.core.row_init import fill_initial_rows
 from memory_service.core.slots import slot_row_ids
 from memory_service.core.table_spec import TableSpec
+from memory_service.core.tiered_rows import TieredRows, TierStats
 from protos.wire import WIRE_DTYPE_BY_NAME, quantize_rows
 
 log = logging.getLogger(__name__)
@@ -61,10 +70,17 @@ class SlotNotOwned(RowStoreError):
 
 
 def table_bytes(spec: TableSpec, slots: Iterable[int]) -> int:
-    """Bytes a shard needs to hold ``slots`` of ``spec``: rows and optimizer state, and the slot index (the
-    row ids that initialise the rows come a bounded batch at a time). Exact in Python integers, whatever the sizes."""
+    """Bytes of DRAM a shard needs to hold ``slots`` of ``spec``: rows and optimizer state (with a tier, its cache
+    and index), and the slot index (the row ids that initialise the rows come a bounded batch at a time). Exact in
+    Python integers, whatever the sizes."""
     rows = sum(spec.rows_in_slot(slot) for slot in slots)
-    return rows * spec.bytes_per_row() + spec.num_slots * 8
+    return spec.dram_bytes(rows) + spec.num_slots * 8
+
+
+def default_tier_dir() -> Path:
+    """Where tiered tables keep their files unless the shard is told otherwise: under the system's temporary
+    folder (put it on a local SSD with ``--tier-dir``)."""
+    return Path(tempfile.gettempdir()) / "engram-tier"
 
 
 _INIT_BATCH_ROWS = 1 << 20  # rows initialised per batch of slots (at least one slot): their ids take 8 MiB
@@ -85,6 +101,14 @@ def _fill_initial_slots(rows: torch.Tensor, spec: TableSpec, slots: list[int]) -
 
 def physical_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _tier_files_error(table: str, directory: Path, error: OSError) -> RowStoreError:
+    """A tiered table's files that could not be made: RESOURCE_EXHAUSTED where the disk (or the process's file
+    size limit) has no room, else FAILED_PRECONDITION (the folder cannot be written, say)."""
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    return RowStoreError("RESOURCE_EXHAUSTED" if full else "FAILED_PRECONDITION", "tier",
+                         f"table {table!r}: cannot make its files under {directory} ({error})")
 
 
 def _invalid(field: str, message: str) -> RowStoreError:
@@ -124,8 +148,9 @@ class _TableShard:
     spec: TableSpec
     optimizer: SparseOptimizer | None  # None for read-only (bfloat16) tables
     slots: list[int]
-    rows: torch.Tensor
+    rows: torch.Tensor  # with a tier: views of its files, current after tier.flush()
     state: dict[str, torch.Tensor]
+    tier: TieredRows | None = None
     slot_base: torch.Tensor = dataclasses.field(init=False)  # int64 [num_slots]; -1 where not owned
     layout: int = dataclasses.field(init=False)  # stamp of this storage order, for RowUpdate.positions
 
@@ -150,8 +175,33 @@ class _TableShard:
         return self.spec.rows_in_slot(slot)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Rows and each state, keyed as in an export."""
+        """Rows and each state, keyed as in an export; a tiered table's cache is written back first."""
+        if self.tier is not None:
+            self.tier.flush()
         return {"rows": self.rows, **{STATE_PREFIX + name: tensor for name, tensor in self.state.items()}}
+
+    def dram_bytes(self) -> int:
+        """DRAM held by rows and state: all of them, or a tier's cache and index."""
+        if self.tier is not None:
+            return self.tier.dram_bytes()
+        return self.rows.nbytes + sum(tensor.nbytes for tensor in self.state.values())
+
+    def view_tier_files(self) -> None:
+        """Point ``rows`` and ``state`` at the tier's current files."""
+        files = self.tier.files()
+        self.rows = files["rows"]
+        self.state = {key[len(STATE_PREFIX):]: tensor for key, tensor in files.items() if key != "rows"}
+
+    def relayout_tier(self, slots: list[int], kept: torch.Tensor, incoming: Mapping[str, torch.Tensor]) -> None:
+        """A tiered table's storage becomes the rows at positions ``kept`` then ``incoming``, holding ``slots``;
+        RowStoreError, and nothing changed, where its new files cannot be made."""
+        try:
+            self.tier.relayout(kept, incoming)
+        except OSError as error:
+            raise _tier_files_error(self.spec.name, self.tier.directory, error) from None
+        self.slots = slots
+        self.view_tier_files()
+        self.index_slots()
 
 
 def to_tensor(values) -> torch.Tensor:
@@ -201,9 +251,10 @@ def as_serving_export(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
 class ShardStore:
     """Many tables' rows for the slots this shard owns: lookup, sparse updates and slot moves."""
 
-    def __init__(self):
+    def __init__(self, tier_dir: str | Path | None = None):
         self._tables: dict[str, _TableShard] = {}
         self._lock = threading.Lock()
+        self.tier_dir = Path(tier_dir) if tier_dir else default_tier_dir()  # tiered tables' files, a folder each
 
     # ----- tables -----
 
@@ -219,13 +270,16 @@ class ShardStore:
                                     f"table {spec.name!r}: its {len(slots)} slots here need {needed} bytes, more than "
                                     f"this machine's {available} bytes of memory")
             started = time.perf_counter()
+            num_rows = sum(spec.rows_in_slot(slot) for slot in slots)
+            optimizer = None if spec.read_only else make_optimizer(spec.optimizer)
             try:
-                num_rows = sum(spec.rows_in_slot(slot) for slot in slots)
-                rows = _empty_rows(num_rows, spec.dim, _STORAGE_DTYPES[spec.storage_dtype])
-                _fill_initial_slots(rows, spec, slots)
-                optimizer = None if spec.read_only else make_optimizer(spec.optimizer)
-                state = optimizer.initial_state(num_rows, spec.dim) if optimizer else {}
-                table = _TableShard(spec, optimizer, slots, rows, state)
+                if spec.tier is not None:
+                    table = self._new_tiered_table(spec, optimizer, slots, num_rows)
+                else:
+                    rows = _empty_rows(num_rows, spec.dim, _STORAGE_DTYPES[spec.storage_dtype])
+                    _fill_initial_slots(rows, spec, slots)
+                    state = optimizer.initial_state(num_rows, spec.dim) if optimizer else {}
+                    table = _TableShard(spec, optimizer, slots, rows, state)
             except MemoryError as error:  # within the machine's memory, but not free now
                 raise RowStoreError("RESOURCE_EXHAUSTED", "rows",
                                     f"table {spec.name!r}: cannot allocate {needed} bytes ({error})") from None
@@ -234,10 +288,52 @@ class ShardStore:
                      len(slots), num_rows, num_rows * spec.bytes_per_row() / 2**30, spec.bytes_per_row(),
                      time.perf_counter() - started)
 
+    def _new_tiered_table(self, spec: TableSpec, optimizer: SparseOptimizer | None, slots: list[int],
+                          num_rows: int) -> _TableShard:
+        """A table whose rows live in files under ``tier_dir``, initialised there a batch of slots at a time."""
+        needed_disk = num_rows * spec.bytes_per_row()
+        self.tier_dir.mkdir(parents=True, exist_ok=True)
+        free_disk = shutil.disk_usage(self.tier_dir).free
+        if needed_disk > free_disk:
+            raise RowStoreError("RESOURCE_EXHAUSTED", "tier",
+                                f"table {spec.name!r}: its {len(slots)} slots here need {needed_disk} bytes of disk, "
+                                f"more than the {free_disk} bytes free under {self.tier_dir}")
+        state_shapes = optimizer.state_shapes(spec.dim) if optimizer else {}
+        layout = {"rows": (_STORAGE_DTYPES[spec.storage_dtype], (spec.dim,)),
+                  **{STATE_PREFIX + name: (torch.float32, shape) for name, shape in state_shapes.items()}}
+        try:
+            tier = TieredRows(self.tier_dir, spec.name, num_rows, spec.tier.cache_rows(spec.bytes_per_row()), layout)
+        except OSError as error:
+            raise _tier_files_error(spec.name, self.tier_dir, error) from None
+        files = tier.files()
+        _fill_initial_slots(files["rows"], spec, slots)
+        for name, initial in (optimizer.initial_state(1, spec.dim) if optimizer else {}).items():
+            if initial.any():  # the files start as zeros
+                files[STATE_PREFIX + name][:] = initial[0]
+        table = _TableShard(spec, optimizer, slots, files["rows"], {}, tier)
+        table.view_tier_files()
+        return table
+
     def drop_table(self, name: str) -> None:
         with self._lock:
-            self._table(name)
+            table = self._table(name)
             del self._tables[name]
+            if table.tier is not None:
+                table.tier.close()
+
+    def drop_all_tables(self) -> None:
+        """Drop every table (a shard that stops): tiered tables' files go with them."""
+        with self._lock:
+            for table in self._tables.values():
+                if table.tier is not None:
+                    table.tier.close()
+            self._tables = {}
+
+    def tier_stats(self, name: str) -> TierStats | None:
+        """A tiered table's cache: rows held, hits, misses, evictions, rows written back; None without a tier."""
+        with self._lock:
+            tier = self._table(name).tier
+            return None if tier is None else tier.stats()
 
     def specs(self) -> list[TableSpec]:
         with self._lock:
@@ -257,9 +353,9 @@ class ShardStore:
             return len(self._table(name).rows)
 
     def memory_bytes(self) -> int:
-        """Bytes of all rows and optimizer state held."""
+        """Bytes of DRAM held by rows and optimizer state (a tiered table's cache and index, not its files)."""
         with self._lock:
-            return sum(tensor.nbytes for table in self._tables.values() for tensor in table.tensors().values())
+            return sum(table.dram_bytes() for table in self._tables.values())
 
     # ----- lookup and update -----
 
@@ -272,7 +368,7 @@ class ShardStore:
         with self._lock:
             table = self._table(name)
             positions = self._positions(table, self._checked_row_ids(table.spec, row_ids))
-            rows = table.rows.index_select(0, positions)
+            rows = table.rows.index_select(0, positions) if table.tier is None else table.tier.gather("rows", positions)
         return quantize_rows(rows) if wire.scaled else rows.to(wire.torch)
 
     def check_servable(self, name: str, row_ids, field: str = "row_ids") -> None:
@@ -299,7 +395,12 @@ class ShardStore:
         with self._lock:
             table = self._updatable_table(name)
             positions = update.positions if update.layout == table.layout else self._positions(table, update.row_ids)
-            table.optimizer.apply_at(table.rows, table.state, positions, update.grads)
+            if table.tier is None:
+                table.optimizer.apply_at(table.rows, table.state, positions, update.grads)
+            else:
+                table.tier.update(positions, lambda cache, entries, part: table.optimizer.apply_at(
+                    cache["rows"], {key[len(STATE_PREFIX):]: t for key, t in cache.items() if key != "rows"},
+                    entries, update.grads[part]))
 
     # ----- slot moves -----
 
@@ -320,6 +421,9 @@ class ShardStore:
                 raise _invalid("slots", "missing from the imported data")
             slots = self._checked_new_slots(table.spec, self._slot_array(data["slots"]), owned=table.slots)
             incoming = self._checked_import_tensors(table, slots, data)
+            if table.tier is not None:
+                table.relayout_tier(table.slots + slots, torch.arange(len(table.rows)), incoming)
+                return
             merged = {key: torch.cat([tensor, incoming[key]]) for key, tensor in table.tensors().items()}
             self._replace_storage(table, table.slots + slots, merged)
 
@@ -330,6 +434,9 @@ class ShardStore:
             released = set(self._checked_owned_slots(table, slots))
             kept = [slot for slot in table.slots if slot not in released]
             positions = table.slot_positions(kept)
+            if table.tier is not None:
+                table.relayout_tier(kept, positions, {})
+                return
             self._replace_storage(table, kept, {key: t.index_select(0, positions) for key, t in table.tensors().items()})
 
     def checksum(self, name: str) -> str:
@@ -337,9 +444,10 @@ class ShardStore:
         with self._lock:
             table = self._table(name)
             digest = hashlib.sha256()
+            tensors = table.tensors().values()
             for slot in sorted(table.slots):
                 start, length = int(table.slot_base[slot]), table.rows_of(slot)
-                for tensor in table.tensors().values():
+                for tensor in tensors:
                     digest.update(_as_numpy(tensor.narrow(0, start, length)).tobytes())
             return digest.hexdigest()
 

@@ -122,13 +122,14 @@ class ShardServicer:
 
     def __init__(self, shard_index: int, metrics: ShardMetrics | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, data_root: Path | None = None,
-                 replicas: Replicas | None = None):
+                 replicas: Replicas | None = None, tier_dir: Path | None = None):
         self.shard_index = shard_index
         self.data_root = Path(data_root or checkpoint.default_data_root())  # checkpoints are read and written here
         self.epoch = 0
         self.address = ""
         self.node = ""
-        self.store = ShardStore()
+        self.tier_dir = tier_dir  # tiered tables' files go under it (None: row_store.default_tier_dir())
+        self.store = ShardStore(tier_dir)
         self.metrics = metrics or ShardMetrics()
         self.max_message_bytes = max_message_bytes
         self._frozen: dict[str, _FrozenSlots] = {}
@@ -145,6 +146,13 @@ class ShardServicer:
         self._hold: _StepHold | None = None
         self._staged: ShardStore | None = None  # a restore's tables, read and checked, not yet live
         self._staged_counters: dict[str, dict] = {}  # table -> step counters of the staged checkpoint
+
+    def drop_all_tables(self) -> None:
+        """Drop the live and any staged tables, files of tiered ones included (the shard stops)."""
+        self.store.drop_all_tables()
+        if self._staged is not None:
+            self._staged.drop_all_tables()
+            self._staged = None
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register every ShardService method; Lookup replies skip protobuf's copies (same bytes)."""
@@ -551,7 +559,7 @@ class ShardServicer:
                                   f"table: {request.table!r} is not the spec's {spec.name!r}")
         parts = checkpoint.read_slots(directory, spec, list(request.paths), list(request.slots))
         if self._staged is None:
-            self._staged = ShardStore()
+            self._staged = ShardStore(self.tier_dir)
         if spec.name in {staged.name for staged in self._staged.specs()}:
             self._staged.drop_table(spec.name)  # staged again: a retry
         self._staged.add_table(spec, [])

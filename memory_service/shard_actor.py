@@ -57,7 +57,7 @@ class ShardActor:
     def __init__(self, shard_index: int, tokens: tuple[str, str], data_root: str, tls: TlsFiles | None = None,
                  host: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  reflection: bool = False, peer_tls: ClientTls | None = None,
-                 step_timeout_s: float = 0.0, threads: int = 0):
+                 step_timeout_s: float = 0.0, threads: int = 0, tier_dir: str | None = None):
         logging.basicConfig(level=logging.INFO)
         keep_large_buffers_mapped()
         # Ray starts a zero-CPU actor with OMP_NUM_THREADS=1; the optimizer's element-wise passes over a step's
@@ -68,7 +68,7 @@ class ShardActor:
         self._peer_tls, self._peer_stubs = peer_tls, {}
         replicas = Replicas(self._peer_stub, lambda: bearer_metadata(self._tokens.admin), max_message_bytes // 2)
         self._servicer = ShardServicer(shard_index, ShardMetrics(RayMetricsExporter(shard_index)), max_message_bytes,
-                                       Path(data_root), replicas)
+                                       Path(data_root), replicas, Path(tier_dir) if tier_dir else None)
         self._servicer.node = ray.get_runtime_context().get_node_id()
         self._servicer.step_timeout_s = step_timeout_s
         self._server = self._liveness = None
@@ -129,5 +129,6 @@ class ShardActor:
         if self._liveness is not None:
             self._liveness.stop(grace=None)
             self._liveness = None
+        self._servicer.drop_all_tables()  # tiered tables' files go now: a stopped shard is killed next
         if self._socket_dir:
             shutil.rmtree(self._socket_dir, ignore_errors=True)

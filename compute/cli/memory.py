@@ -86,7 +86,8 @@ def _up(args) -> int:
     options = ControllerOptions(data_token=tokens.data, admin_token=tokens.admin, tls=tls, tls_ca_file=args.tls_ca,
                                 tls_client_cert_file=args.tls_client_cert, tls_client_key_file=args.tls_client_key,
                                 host=args.host, data_root=str(Path(args.data_root or default_data_root()).resolve()),
-                                reflection=args.reflection, step_timeout_s=args.step_timeout_s, shard_threads=args.shard_threads)
+                                reflection=args.reflection, step_timeout_s=args.step_timeout_s,
+                                shard_threads=args.shard_threads, tier_dir=args.tier_dir)
     controller = start_controller(options, name=args.name)
     import ray
 
@@ -265,6 +266,9 @@ def register(subparsers) -> None:
     up.add_argument("--shard-threads", type=int, default=0,
                     help="threads of each shard's optimizer and gathers (default 0: a quarter of its node's cores, "
                          "1 to 8)")
+    up.add_argument("--tier-dir", help="the folder on each memory node (a local SSD) where tables with a `tier:` "
+                    "keep their rows and optimizer state, a folder per table and shard (default: engram-tier under "
+                    "the system's temporary folder)")
     up.set_defaults(func=_up)
 
     commands.add_parser("status", parents=[common], help="a table per shard").set_defaults(func=_status)

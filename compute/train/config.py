@@ -48,6 +48,8 @@ class MemoryConfig:
     grad_wire_dtype: str = "float32"  # row gradients on the wire; bfloat16 halves the push's bytes
     prefetch: bool = True  # issue the next step's lookup before this step's compute
     staleness: int = 0  # 0: lookups see every earlier step's update; 1: may miss the last one (overlapped)
+    tier_dram_rows: int | None = None  # remote tables on the shards' SSD tier: rows of each table a shard keeps in
+    # DRAM, the rest in files on its disk (docs/memory-service.md, "The SSD tier"); None: all rows in DRAM
 
     def __post_init__(self):
         if self.tables not in TABLE_KINDS:
@@ -62,6 +64,12 @@ class MemoryConfig:
             raise ValueError(f"memory.shards must be >= 1, got {self.shards}")
         if self.replicas < 1:
             raise ValueError(f"memory.replicas must be >= 1 (1: no copy), got {self.replicas}")
+        if self.tier_dram_rows is not None:
+            if isinstance(self.tier_dram_rows, bool) or not isinstance(self.tier_dram_rows, int) \
+                    or self.tier_dram_rows < 1:
+                raise ValueError(f"memory.tier_dram_rows must be an integer >= 1, got {self.tier_dram_rows!r}")
+            if self.tables != "remote":
+                raise ValueError("memory.tier_dram_rows: only remote tables (on memory shards) have an SSD tier")
 
     @property
     def wire_torch_dtype(self) -> torch.dtype:

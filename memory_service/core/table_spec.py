@@ -21,6 +21,11 @@ STORAGE_DTYPES = ("float32", "bfloat16")
 # letter or digit (so never '.' or '..'), at most 64 characters.
 TABLE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
+# DRAM a tier spends besides the cached rows: per row of the shard, which cache entry holds it (int32); per cache
+# entry, the position it holds (int64), its access count (int32) and dirty flag (bool).
+TIER_INDEX_BYTES_PER_ROW = 4
+TIER_BYTES_PER_CACHE_ENTRY = 8 + 4 + 1
+
 # Bytes of optimizer state per row: (values per row element, values per row) for each kind.
 _STATE_VALUES = {"sgd": (0, 0), "adagrad": (0, 1), "adam": (2, 1)}
 
@@ -109,6 +114,35 @@ class OptimizerSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class TierSpec:
+    """An SSD tier: the table's rows and optimizer state live in files on the shard's local disk, and each shard
+    keeps at most ``dram_rows`` of them (rows with their state) in DRAM, or as many as ``dram_bytes`` holds.
+    Give exactly one of the two."""
+
+    dram_rows: int | None = None
+    dram_bytes: int | None = None
+
+    def __post_init__(self):
+        if (self.dram_rows is None) == (self.dram_bytes is None):
+            raise SpecError("tier", f"give exactly one of dram_rows and dram_bytes, got {self.to_dict()}")
+        if self.dram_rows is not None:
+            _check_int("tier.dram_rows", self.dram_rows, minimum=1)
+        else:
+            _check_int("tier.dram_bytes", self.dram_bytes, minimum=1)
+
+    def cache_rows(self, bytes_per_row: int) -> int:
+        """Rows a shard keeps in DRAM, for rows of ``bytes_per_row`` (rows and state)."""
+        return self.dram_rows if self.dram_rows is not None else self.dram_bytes // bytes_per_row
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TierSpec":
+        return _from_mapping(cls, values, "tier")
+
+
+@dataclasses.dataclass(frozen=True)
 class TableSpec:
     """One Engram table: ``rows`` rows of ``dim`` values, cut into ``num_slots`` slots (slot = row % num_slots)."""
 
@@ -120,6 +154,7 @@ class TableSpec:
     init_std: float = 0.02
     seed: int = 0
     num_slots: int = 1024
+    tier: TierSpec | None = None  # None: every row in DRAM
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not TABLE_NAME_PATTERN.fullmatch(self.name):
@@ -135,6 +170,12 @@ class TableSpec:
         if self.seed >= 2**63:
             raise SpecError("seed", f"must be < 2**63, got {self.seed}")
         _check_int("num_slots", self.num_slots, minimum=1)
+        if self.tier is not None:
+            if not isinstance(self.tier, TierSpec):
+                raise SpecError("tier", f"must be a TierSpec, got {type(self.tier).__name__}")
+            if self.tier.cache_rows(self.bytes_per_row()) < 1:
+                raise SpecError("tier.dram_bytes", f"must hold at least one row of {self.bytes_per_row()} bytes "
+                                f"(values and optimizer state), got {self.tier.dram_bytes}")
 
     @property
     def read_only(self) -> bool:
@@ -161,9 +202,23 @@ class TableSpec:
         per_element, per_row = _STATE_VALUES[self.optimizer.kind]
         return self.dim * value_bytes + 4 * (per_element * self.dim + per_row)
 
+    def dram_bytes(self, rows: int) -> int:
+        """DRAM a shard needs for ``rows`` of the table: all of them, or with a tier its cache of rows and their
+        state, its bookkeeping and its index of the rows."""
+        if self.tier is None:
+            return rows * self.bytes_per_row()
+        cached = min(rows, self.tier.cache_rows(self.bytes_per_row()))
+        return cached * (self.bytes_per_row() + TIER_BYTES_PER_CACHE_ENTRY) + rows * TIER_INDEX_BYTES_PER_ROW
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON/YAML-safe mapping that ``from_dict`` turns back into an equal spec."""
-        return dataclasses.asdict(self)
+        """A JSON/YAML-safe mapping that ``from_dict`` turns back into an equal spec (no ``tier`` key without one,
+        as before tiers existed)."""
+        values = dataclasses.asdict(self)
+        if self.tier is None:
+            del values["tier"]
+        else:
+            values["tier"] = self.tier.to_dict()
+        return values
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TableSpec":
@@ -173,6 +228,8 @@ class TableSpec:
         values = dict(values)
         if "optimizer" in values:
             values["optimizer"] = OptimizerSpec.from_dict(values["optimizer"])
+        if values.get("tier") is not None:
+            values["tier"] = TierSpec.from_dict(values["tier"])
         missing = [name for name in ("name", "rows", "dim") if name not in values]
         if missing:
             raise SpecError(missing[0], "is required")

@@ -32,15 +32,16 @@ def reference_rows(table: TableSpec, row_ids) -> torch.Tensor:
 
 @contextlib.contextmanager
 def deployment(specs: list[TableSpec], shards: int, data_root: str | None = None, reflection: bool = False,
-               replicas: int = 1, step_timeout_s: float = ControllerOptions.step_timeout_s, **client_kwargs):
+               replicas: int = 1, step_timeout_s: float = ControllerOptions.step_timeout_s, tier_dir: str | None = None,
+               **client_kwargs):
     """A controller with ``specs`` on ``shards`` shard groups of ``replicas`` (127.0.0.1 only, checkpoints under
-    ``data_root``, default a fresh temporary folder, synchronous steps aborted after ``step_timeout_s``) and a
-    client holding the data token; torn down after."""
+    ``data_root``, default a fresh temporary folder, synchronous steps aborted after ``step_timeout_s``, tiered
+    tables' files under ``tier_dir``) and a client holding the data token; torn down after."""
     name = f"test-memory-{uuid.uuid4().hex[:8]}"
     with contextlib.ExitStack() as cleanup:
         root = data_root or cleanup.enter_context(tempfile.TemporaryDirectory(prefix="engram-data-"))
         options = ControllerOptions(data_token=TOKEN, admin_token=ADMIN_TOKEN, host="127.0.0.1", data_root=root,
-                                    reflection=reflection, step_timeout_s=step_timeout_s)
+                                    reflection=reflection, step_timeout_s=step_timeout_s, tier_dir=tier_dir)
         controller = start_controller(options, name=name)
         cleanup.callback(stop_controller, name)
         directory = ray.get(controller.deploy.remote([s.to_dict() for s in specs], shards, replicas))

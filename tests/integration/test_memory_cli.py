@@ -25,6 +25,11 @@ tables:
     dim: 16
     num_slots: 64
     optimizer: {kind: adam, lr: 0.005}
+  - name: layer3
+    rows: 8000
+    dim: 16
+    num_slots: 64
+    tier: {dram_rows: 1000}
 """
 
 
@@ -41,11 +46,13 @@ def test_up_status_scale_checkpoint_restore_down(ray_cluster, tmp_path):
         assert done.returncode == 0, done.stderr
         return done.stdout
 
-    data_root = tmp_path / "data"
+    data_root, tier_dir = tmp_path / "data", tmp_path / "tier"
     up = engram("up", "--config", str(config), "--shards", "2", "--host", "127.0.0.1", "--data-root", str(data_root),
-                "--step-timeout-s", "60")
+                "--step-timeout-s", "60", "--tier-dir", str(tier_dir))
     assert "on 2 shard(s)" in up
     assert "table layer2: 5,000 rows x 16 float32 + adam state = 196 B/row, 957.0 KiB over 2 shard(s)" in up
+    assert "table layer3: 8,000 rows x 16" in up and "tiered: 219.7 KiB of DRAM on the fullest" in up
+    assert len(list(tier_dir.iterdir())) == 2  # layer3's files on each shard
     state = json.loads((tmp_path / "home" / "memory.json").read_text())
     assert state["token"] == DATA_TOKEN and len(state["admin_token"]) >= 40  # the admin token was generated
     assert (tmp_path / "home" / "memory.json").stat().st_mode & 0o777 == 0o600
@@ -63,6 +70,7 @@ def test_up_status_scale_checkpoint_restore_down(ray_cluster, tmp_path):
     assert len(engram("status").strip().splitlines()) == 3  # the controller uses the new admin token
     assert "stopped" in engram("down")
     assert not (tmp_path / "home" / "memory.json").exists()
+    assert list(tier_dir.iterdir()) == []  # the stopped shards removed their files
 
 
 def alive_shard_pids() -> set[int]:

@@ -1,7 +1,7 @@
 """What a deploy says about shard memory: bytes per row by optimizer and dtype, in all and per shard."""
 from __future__ import annotations
 
-from memory_service.core.table_spec import OptimizerSpec, TableSpec
+from memory_service.core.table_spec import OptimizerSpec, TableSpec, TierSpec
 from memory_service.deploy import describe_shard_memory
 
 
@@ -25,3 +25,9 @@ def test_read_only_and_sgd_tables_hold_no_optimizer_state():
         TableSpec("s", rows=10, dim=64, storage_dtype="bfloat16"), 1)
     assert "64 float32 + no optimizer state (sgd) = 256 B/row" in describe_shard_memory(
         TableSpec("s", rows=10, dim=64, optimizer=OptimizerSpec(kind="sgd")), 1)
+
+
+def test_a_tiered_table_states_the_dram_it_keeps():
+    spec = TableSpec("layer2", rows=100_000_000, dim=64, tier=TierSpec(dram_rows=10_000_000))
+    assert describe_shard_memory(spec, 2).endswith(  # 10M cached rows x (772 + 13 B) + 50M rows x 4 B
+        "(35.9 GiB on the fullest); tiered: 7.5 GiB of DRAM on the fullest, the rest on its disk")

@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from memory_service.core.table_spec import OptimizerSpec, SpecError, TableSpec, load_table_specs
+from memory_service.core.table_spec import OptimizerSpec, SpecError, TableSpec, TierSpec, load_table_specs
 
 
 def test_dict_round_trip_is_json_safe():
@@ -14,6 +14,10 @@ def test_dict_round_trip_is_json_safe():
     restored = TableSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
     assert restored == spec
     assert restored.optimizer == OptimizerSpec(kind="adagrad", lr=0.05)
+    assert "tier" not in spec.to_dict()  # specs without a tier read as before tiers existed
+    tiered = TableSpec("layer1", rows=1000, dim=32, tier=TierSpec(dram_bytes=1 << 20))
+    assert tiered.to_dict()["tier"] == {"dram_bytes": 1 << 20}
+    assert TableSpec.from_dict(json.loads(json.dumps(tiered.to_dict()))) == tiered
 
 
 @pytest.mark.parametrize(
@@ -41,6 +45,13 @@ def test_dict_round_trip_is_json_safe():
         ({"name": "t", "rows": 10, "dim": 4, "optimizer": {"kind": "sgd", "decoupled_weight_decay": True}},
          "optimizer.decoupled_weight_decay"),
         ({"name": "t", "rows": 10, "dim": 4, "optimizer": "adam"}, "optimizer"),
+        ({"name": "t", "rows": 10, "dim": 4, "tier": "ssd"}, "tier"),
+        ({"name": "t", "rows": 10, "dim": 4, "tier": {}}, "tier"),
+        ({"name": "t", "rows": 10, "dim": 4, "tier": {"dram_rows": 5, "dram_bytes": 500}}, "tier"),
+        ({"name": "t", "rows": 10, "dim": 4, "tier": {"dram_rows": 0}}, "tier.dram_rows"),
+        ({"name": "t", "rows": 10, "dim": 4, "tier": {"dram_rows": 2.5}}, "tier.dram_rows"),
+        ({"name": "t", "rows": 10, "dim": 4, "tier": {"dram_bytes": 51}}, "tier.dram_bytes"),  # a row takes 52
+        ({"name": "t", "rows": 10, "dim": 4, "tier": {"dram_gb": 1}}, "tier.dram_gb"),
     ],
 )
 def test_bad_fields_are_named(values, field):
@@ -71,11 +82,12 @@ def test_bytes_per_row_counts_optimizer_state():
 def test_load_table_specs(tmp_path):
     path = tmp_path / "tables.yaml"
     path.write_text(yaml.safe_dump({"tables": [
-        {"name": "layer1", "rows": 5000, "dim": 64, "optimizer": {"kind": "adam", "lr": 0.005}},
+        {"name": "layer1", "rows": 5000, "dim": 64, "optimizer": {"kind": "adam", "lr": 0.005},
+         "tier": {"dram_bytes": 1 << 20}},
         {"name": "layer15", "rows": 7000, "dim": 64, "storage_dtype": "bfloat16", "seed": 3},
     ]}))
     first, second = load_table_specs(path)
-    assert first.optimizer.lr == 0.005 and first.optimizer.kind == "adam"
+    assert first.optimizer.lr == 0.005 and first.optimizer.kind == "adam" and first.tier == TierSpec(dram_bytes=1 << 20)
     assert second.read_only and second.seed == 3
 
 
