@@ -30,7 +30,7 @@ from bench.serve import PROMPTS
 from bench.train_step import PRESETS as TRAIN_PRESETS
 from compute.generate import Generator
 from compute.runtime import EngramRuntime, build_runtime
-from compute.train.config import MemoryConfig, TrainConfig
+from compute.train.config import CacheConfig, MemoryConfig, TrainConfig
 from compute.train.job import connect_ray
 from compute.train.tables import engram_table_specs
 from memory_service.deploy import MemoryHandle, deploy
@@ -52,7 +52,7 @@ def serving_runtimes(config: TrainConfig, device: torch.device, shards: int) -> 
                                                                                       MemoryHandle]:
     """The same model (``config.seed``) twice: on in-process tables holding the serving tables' bfloat16 rows,
     and on those serving tables deployed on ``shards`` memory shards (Ray connected); and the service."""
-    local = build_runtime(config.replace(memory__tables="local"), device, None)
+    local = build_runtime(config.replace(memory__tables="local", memory__cache=CacheConfig()), device, None)
     with torch.no_grad():
         for table in local.tables.values():
             table.weight.copy_(table.weight.to(torch.bfloat16))

@@ -35,6 +35,34 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """A hot-row cache on the compute device in front of each remote table (``CachedRowTable``): serving
+    tables only for now. Its size is ``rows`` a table, or ``bytes`` a table of device rows (compute dtype, 4
+    bytes a value); neither: no cache."""
+
+    rows: int = 0
+    bytes: int = 0
+    readmit_every: int = 64  # lookups between choices of the cached rows by their lookup counts
+
+    def __post_init__(self):
+        for field in ("rows", "bytes"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"memory.cache.{field} must be >= 0, got {getattr(self, field)}")
+        if self.rows and self.bytes:
+            raise ValueError("memory.cache: give its size in rows or in bytes, not both")
+        if self.readmit_every < 1:
+            raise ValueError(f"memory.cache.readmit_every must be >= 1, got {self.readmit_every}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rows or self.bytes)
+
+    def capacity(self, dim: int) -> int:
+        """Rows of ``dim`` float32 values the cache holds a table."""
+        return self.rows or self.bytes // (4 * dim)
+
+
+@dataclasses.dataclass(frozen=True)
 class MemoryConfig:
     """Where the Engram tables live and how rows reach the model."""
 
@@ -48,6 +76,7 @@ class MemoryConfig:
     grad_wire_dtype: str = "float32"  # row gradients on the wire; bfloat16 halves the push's bytes
     prefetch: bool = True  # issue the next step's lookup before this step's compute
     staleness: int = 0  # 0: lookups see every earlier step's update; 1: may miss the last one (overlapped)
+    cache: CacheConfig = CacheConfig()  # hot rows kept on the device (serving tables)
 
     def __post_init__(self):
         if self.tables not in TABLE_KINDS:
@@ -62,6 +91,8 @@ class MemoryConfig:
             raise ValueError(f"memory.shards must be >= 1, got {self.shards}")
         if self.replicas < 1:
             raise ValueError(f"memory.replicas must be >= 1 (1: no copy), got {self.replicas}")
+        if self.cache.enabled and self.tables != "remote":
+            raise ValueError("memory.cache: caches rows of remote tables; in-process tables are on the device already")
 
     @property
     def wire_torch_dtype(self) -> torch.dtype:
@@ -121,10 +152,14 @@ class TrainConfig:
     def replace(self, **sections) -> "TrainConfig":
         """A copy with whole fields or ``section__field`` values replaced (e.g. ``memory__staleness=1``)."""
         top = {k: v for k, v in sections.items() if "__" not in k}
+        fields_by_section: dict[str, dict] = {}
         for key, value in sections.items():
             if "__" in key:
                 section, field = key.split("__", 1)
-                top[section] = dataclasses.replace(top.get(section, getattr(self, section)), **{field: value})
+                fields_by_section.setdefault(section, {})[field] = value
+        # A section's fields change together: each may be valid only with the others (memory.tables and cache).
+        for section, fields in fields_by_section.items():
+            top[section] = dataclasses.replace(top.get(section, getattr(self, section)), **fields)
         return dataclasses.replace(self, **top)
 
 

@@ -1,10 +1,11 @@
-"""MemoryConfig's wire dtypes: rows may travel in any wire dtype, float8_e4m3 included; gradients never in FP8."""
+"""MemoryConfig: rows may travel in any wire dtype, float8_e4m3 included, gradients never in FP8; the hot-row
+cache's size in rows or bytes."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from compute.train.config import MemoryConfig
+from compute.train.config import CacheConfig, MemoryConfig
 
 
 def test_rows_may_travel_in_float8_and_gradients_may_not():
@@ -15,3 +16,17 @@ def test_rows_may_travel_in_float8_and_gradients_may_not():
         MemoryConfig(grad_wire_dtype="float8_e4m3")
     with pytest.raises(ValueError, match=r"memory.wire_dtype must be one of \[.*'float8_e4m3'\], got 'int8'"):
         MemoryConfig(wire_dtype="int8")
+
+
+def test_the_cache_is_sized_in_rows_or_bytes_and_only_in_front_of_remote_tables():
+    assert not MemoryConfig().cache.enabled
+    assert CacheConfig(rows=1000).capacity(dim=64) == 1000
+    assert CacheConfig(bytes=1 << 20).capacity(dim=64) == (1 << 20) // 256  # float32 rows on the device
+    with pytest.raises(ValueError, match="in rows or in bytes, not both"):
+        CacheConfig(rows=10, bytes=4096)
+    with pytest.raises(ValueError, match=r"memory.cache.rows must be >= 0, got -1"):
+        CacheConfig(rows=-1)
+    with pytest.raises(ValueError, match=r"memory.cache.readmit_every must be >= 1, got 0"):
+        CacheConfig(rows=10, readmit_every=0)
+    with pytest.raises(ValueError, match="in-process tables are on the device already"):
+        MemoryConfig(tables="local", cache=CacheConfig(rows=10))
