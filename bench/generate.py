@@ -5,9 +5,12 @@ One process, one model (seed 0), the same prompts. In-process tables (on a GPU h
 GPU) and remote rows, from the same tables deployed as serving tables (bfloat16 rows on the CPU
 shards, bfloat16 on the wire), read directly and through a ``CachedRowTable`` holding ``--cache-share``
 of each table's rows, alternate call by call at each batch size, in-process first and last;
-each figure is a median over its calls; the cache's hit rate and the wire bytes it saved are over each
-batch size's calls, warm-up included (the cache starts empty). The in-process tables hold the serving tables' rows rounded
-to bfloat16, so both sides compute on the same values and greedy decoding must give the same tokens:
+each figure is a median over its calls. The cache starts empty and is kept from one batch size to
+the next; its hit rate and wire bytes (saved, and spent fetching the rows it admits) are over each
+batch size's calls, the warm-up call included. Every call at a batch size repeats the same prompts, so
+the cache soon holds nearly every row they touch: a best case for its hit rate (``bench.row_skew``
+measures fresh text's). The in-process tables hold the serving tables' rows rounded
+to bfloat16, so all sides compute on the same values and greedy decoding must give the same tokens:
 the benchmark reports the share that do. It times whole ``generate_ids`` calls (prefill plus
 ``max_new_tokens`` tokens, no stop at EOS), a prefill alone (one new token), whence a decode step's
 time, and one decode step's lookups of every Engram layer, awaited alone.
@@ -133,8 +136,8 @@ def compare(runtimes: dict[str, EngramRuntime], batch: int, preset: dict) -> lis
             record["identical_tokens"] = sum(same) / len(same)
         stats = cache_stats(runtimes[name])
         if stats is not None:
-            rows, hits, saved = (after - before for after, before in zip(stats, stats_before[name]))
-            record.update(cache_hit_rate=hits / rows, cache_bytes_saved=saved)
+            rows, hits, saved, admitted = (after - before for after, before in zip(stats, stats_before[name]))
+            record.update(cache_hit_rate=hits / rows, cache_bytes_saved=saved, cache_bytes_admitted=admitted)
     for r in records:
         cache = f", {100 * r['cache_hit_rate']:.0f}% of rows from the cache" if "cache_hit_rate" in r else ""
         print(f"  {r['tables']:<14} batch {batch:>3}: {r['tokens_per_s']:8.1f} tokens/s ({r['vs_in_process']:.3f}x), "
@@ -142,13 +145,14 @@ def compare(runtimes: dict[str, EngramRuntime], batch: int, preset: dict) -> lis
     return records
 
 
-def cache_stats(runtime: EngramRuntime) -> tuple[int, int, int] | None:
-    """Rows looked up, rows served by the cache and wire bytes saved, over a cached runtime's tables."""
+def cache_stats(runtime: EngramRuntime) -> tuple[int, int, int, int] | None:
+    """Rows looked up, rows served by the cache, wire bytes saved and wire bytes of admitted rows, over a cached
+    runtime's tables."""
     tables = [table for table in runtime.tables.values() if isinstance(table, CachedRowTable)]
     if not tables:
         return None
-    return (sum(t.stats.rows for t in tables), sum(t.stats.hits for t in tables),
-            sum(t.stats.bytes_saved for t in tables))
+    return tuple(sum(getattr(t.stats, field) for t in tables) for field in ("rows", "hits", "bytes_saved",
+                                                                             "bytes_admitted"))
 
 
 def main() -> None:
@@ -188,14 +192,15 @@ def main() -> None:
 
 def report(records: list[dict], args, preset: dict, device_name: str, host_cpu: str) -> None:
     print(f"\n{'tables':<16}{'batch':>6}{'tokens/s':>11}{'vs local':>10}{'step ms':>9}{'prefill ms':>12}"
-          f"{'lookup ms':>11}{'same tokens':>13}{'cache hits':>12}{'bytes saved':>13}")
+          f"{'lookup ms':>11}{'same tokens':>13}{'cache hits':>12}{'MB saved':>10}{'MB admitted':>13}")
     for r in records:
         same = f"{100 * r['identical_tokens']:.1f}%" if "identical_tokens" in r else ""
         hits = f"{100 * r['cache_hit_rate']:.1f}%" if "cache_hit_rate" in r else ""
-        saved = f"{r['cache_bytes_saved'] / 1e6:.2f} MB" if "cache_bytes_saved" in r else ""
+        saved = f"{r['cache_bytes_saved'] / 1e6:.2f}" if "cache_bytes_saved" in r else ""
+        admitted = f"{r['cache_bytes_admitted'] / 1e6:.2f}" if "cache_bytes_admitted" in r else ""
         print(f"{r['tables']:<16}{r['batch']:>6}{r['tokens_per_s']:>11.1f}{r['vs_in_process']:>9.3f}x"
               f"{r['decode_step_ms']:>9.2f}{r['prefill_ms']:>12.1f}{r['lookup_ms']:>11.2f}{same:>13}{hits:>12}"
-              f"{saved:>13}")
+              f"{saved:>10}{admitted:>13}")
     stem = "generate" if args.preset == "cpu" else "generate_gpu"
     meta = {"command": " ".join(["python -m bench.generate", *sys.argv[1:]]), "preset": args.preset,
             "device_name": device_name, "host_cpu": host_cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,

@@ -34,12 +34,13 @@ class _CachedRows:
 
 @dataclasses.dataclass
 class CacheStats:
-    """What the cache saved since the table was opened: rows looked up, rows served from the device, and the
-    bytes those would have taken on the wire."""
+    """What the cache did since the table was opened: rows looked up, rows served from the device, the bytes
+    those would have taken on the wire, and the bytes fetching the rows it admitted took."""
 
     rows: int = 0
     hits: int = 0
     bytes_saved: int = 0
+    bytes_admitted: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -147,6 +148,8 @@ class CachedRowTable(RemoteRowTable):
             chosen = chosen[counts > 0].sort().values
             cache = self._cache  # only the copier thread swaps caches in: this one stays until the swap
             admitted = chosen[cache.slots_of(chosen) < 0]
+            with self._counting:
+                self.stats.bytes_admitted += len(admitted) * self._wire.row_bytes(self.dim)
             fetched = self._fetch(admitted) if len(admitted) else settled(self._no_rows())
         except BaseException:
             self._chosen()
