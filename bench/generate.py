@@ -1,10 +1,16 @@
-"""Batched greedy generation, tokens/s: remote rows (read-only serving tables on memory shards) vs in-process tables.
+"""Batched greedy generation, tokens/s: remote rows (read-only serving tables on memory shards), with and without a
+hot-row cache on the device, vs in-process tables.
 
 One process, one model (seed 0), the same prompts. In-process tables (on a GPU host, resident on the
 GPU) and remote rows, from the same tables deployed as serving tables (bfloat16 rows on the CPU
-shards, bfloat16 on the wire), alternate call by call at each batch size, in-process first and last;
-each figure is a median over its calls. The in-process tables hold the serving tables' rows rounded
-to bfloat16, so both sides compute on the same values and greedy decoding must give the same tokens:
+shards, bfloat16 on the wire), read directly and through a ``CachedRowTable`` holding ``--cache-share``
+of each table's rows, alternate call by call at each batch size, in-process first and last;
+each figure is a median over its calls. The cache starts empty and is kept from one batch size to
+the next; its hit rate and wire bytes (saved, and spent fetching the rows it admits) are over each
+batch size's calls, the warm-up call included. Every call at a batch size repeats the same prompts, so
+the cache soon holds nearly every row they touch: a best case for its hit rate (``bench.row_skew``
+measures fresh text's). The in-process tables hold the serving tables' rows rounded
+to bfloat16, so all sides compute on the same values and greedy decoding must give the same tokens:
 the benchmark reports the share that do. It times whole ``generate_ids`` calls (prefill plus
 ``max_new_tokens`` tokens, no stop at EOS), a prefill alone (one new token), whence a decode step's
 time, and one decode step's lookups of every Engram layer, awaited alone.
@@ -29,8 +35,9 @@ from bench.results_files import figure, write_json
 from bench.serve import PROMPTS
 from bench.train_step import PRESETS as TRAIN_PRESETS
 from compute.generate import Generator
+from compute.memory.cached_table import CachedRowTable
 from compute.runtime import EngramRuntime, build_runtime
-from compute.train.config import MemoryConfig, TrainConfig
+from compute.train.config import CacheConfig, MemoryConfig, TrainConfig
 from compute.train.job import connect_ray
 from compute.train.tables import engram_table_specs
 from memory_service.deploy import MemoryHandle, deploy
@@ -45,14 +52,14 @@ PRESETS = {
                 data=TRAIN_PRESETS["gpu"]["data"], device="cuda",
                 batches=(1, 8, 32), max_new_tokens=64, repeats=3),
 }
-IN_PROCESS, REMOTE = "in-process", "remote"
+IN_PROCESS, REMOTE, CACHED = "in-process", "remote", "remote, cached"
 
 
 def serving_runtimes(config: TrainConfig, device: torch.device, shards: int) -> tuple[EngramRuntime, EngramRuntime,
                                                                                       MemoryHandle]:
     """The same model (``config.seed``) twice: on in-process tables holding the serving tables' bfloat16 rows,
     and on those serving tables deployed on ``shards`` memory shards (Ray connected); and the service."""
-    local = build_runtime(config.replace(memory__tables="local"), device, None)
+    local = build_runtime(config.replace(memory__tables="local", memory__cache=CacheConfig()), device, None)
     with torch.no_grad():
         for table in local.tables.values():
             table.weight.copy_(table.weight.to(torch.bfloat16))
@@ -79,20 +86,22 @@ def seconds_of(call) -> float:
     return time.perf_counter() - start
 
 
-def compare(local: EngramRuntime, remote: EngramRuntime, batch: int, preset: dict) -> list[dict]:
-    """Generation tokens/s, decode step time and one step's lookup time of ``batch`` prompts on in-process
-    tables and on remote rows, and the share of the remote rows' tokens equal to the in-process ones.
+def compare(runtimes: dict[str, EngramRuntime], batch: int, preset: dict) -> list[dict]:
+    """Generation tokens/s, decode step time and one step's lookup time of ``batch`` prompts on each of
+    ``runtimes`` (in-process tables first), the share of each one's tokens equal to the in-process ones, and
+    for a cached one its hit rate and the wire bytes it saved over these calls.
 
-    The two alternate call by call, in-process first and last, and each figure is a median over its
-    calls: whatever drifts over the run (the machine's other load) weighs on both alike.
+    They alternate call by call, in-process first and last, and each figure is a median over its
+    calls: whatever drifts over the run (the machine's other load) weighs on all alike.
     """
     max_new_tokens, repeats = preset["max_new_tokens"], preset["repeats"]
+    local = runtimes[IN_PROCESS]
     device = local.model.embed.weight.device
     prompts = batch_prompts(local, batch)
     # One decode step's row ids: the first prompt token's n-grams, one position per row.
     firsts = local.compressor.compress(np.array([prompt[:1] for prompt in prompts]))
     row_ids = {layer: torch.from_numpy(ids) for layer, ids in local.hasher.row_ids(firsts).items()}
-    runtimes = {IN_PROCESS: local, REMOTE: remote}
+    stats_before = {name: cache_stats(runtime) for name, runtime in runtimes.items()}
     generators = {name: Generator(rt.model, rt.compressor, rt.hasher) for name, rt in runtimes.items()}
     tokens = {name: generator.generate_ids(prompts, max_new_tokens, stop_at_eos=False)  # untimed: warms up
               for name, generator in generators.items()}
@@ -104,7 +113,7 @@ def compare(local: EngramRuntime, remote: EngramRuntime, batch: int, preset: dic
             torch.cuda.synchronize(device)
 
     times = {name: {"generate": [], "prefill": [], "lookup": []} for name in runtimes}
-    for name in [IN_PROCESS, REMOTE] * repeats + [IN_PROCESS]:
+    for name in list(runtimes) * repeats + [IN_PROCESS]:
         generator, measured = generators[name], times[name]
         measured["generate"].append(seconds_of(
             lambda: generator.generate_ids(prompts, max_new_tokens, stop_at_eos=False)))
@@ -118,15 +127,32 @@ def compare(local: EngramRuntime, remote: EngramRuntime, batch: int, preset: dic
                         "tokens_per_s": batch * max_new_tokens / seconds, "prefill_ms": 1e3 * prefill_s,
                         "decode_step_ms": 1e3 * (seconds - prefill_s) / (max_new_tokens - 1),
                         "lookup_ms": 1e3 * statistics.median(measured["lookup"]), "seconds_each": measured["generate"]})
-    in_process, remote_record = records
+    in_process = records[0]
     for record in records:
         record["vs_in_process"] = record["tokens_per_s"] / in_process["tokens_per_s"]
-    same = [a == b for ra, rb in zip(tokens[IN_PROCESS], tokens[REMOTE]) for a, b in zip(ra, rb)]
-    remote_record["identical_tokens"] = sum(same) / len(same)
+        name = record["tables"]
+        if name != IN_PROCESS:
+            same = [a == b for ra, rb in zip(tokens[IN_PROCESS], tokens[name]) for a, b in zip(ra, rb)]
+            record["identical_tokens"] = sum(same) / len(same)
+        stats = cache_stats(runtimes[name])
+        if stats is not None:
+            rows, hits, saved, admitted = (after - before for after, before in zip(stats, stats_before[name]))
+            record.update(cache_hit_rate=hits / rows, cache_bytes_saved=saved, cache_bytes_admitted=admitted)
     for r in records:
-        print(f"  {r['tables']:<10} batch {batch:>3}: {r['tokens_per_s']:8.1f} tokens/s ({r['vs_in_process']:.3f}x), "
-              f"decode step {r['decode_step_ms']:6.2f} ms, lookup {r['lookup_ms']:5.2f} ms", flush=True)
+        cache = f", {100 * r['cache_hit_rate']:.0f}% of rows from the cache" if "cache_hit_rate" in r else ""
+        print(f"  {r['tables']:<14} batch {batch:>3}: {r['tokens_per_s']:8.1f} tokens/s ({r['vs_in_process']:.3f}x), "
+              f"decode step {r['decode_step_ms']:6.2f} ms, lookup {r['lookup_ms']:5.2f} ms{cache}", flush=True)
     return records
+
+
+def cache_stats(runtime: EngramRuntime) -> tuple[int, int, int, int] | None:
+    """Rows looked up, rows served by the cache, wire bytes saved and wire bytes of admitted rows, over a cached
+    runtime's tables."""
+    tables = [table for table in runtime.tables.values() if isinstance(table, CachedRowTable)]
+    if not tables:
+        return None
+    return tuple(sum(getattr(t.stats, field) for t in tables) for field in ("rows", "hits", "bytes_saved",
+                                                                             "bytes_admitted"))
 
 
 def main() -> None:
@@ -134,6 +160,8 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--address", help="a Ray cluster to run on (default: an embedded local one)")
+    parser.add_argument("--cache-share", type=float, default=0.1,
+                        help="rows of each table the cached variant keeps on the device, as a share (default 0.1)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     preset = PRESETS[args.preset]
@@ -148,37 +176,46 @@ def main() -> None:
     config = TrainConfig(model=preset["model"], engram=preset["engram"], data=preset["data"],
                          memory=MemoryConfig(shards=args.shards))
     local, remote, handle = serving_runtimes(config, device, args.shards)
+    runtimes = {IN_PROCESS: local, REMOTE: remote}
     try:
-        records = [record for batch in preset["batches"] for record in compare(local, remote, batch, preset)]
+        cache_rows = int(args.cache_share * max(spec.rows for spec in engram_table_specs(config)))
+        runtimes[CACHED] = build_runtime(remote.config.replace(memory__cache=CacheConfig(rows=cache_rows)), device,
+                                         handle)
+        runtimes[CACHED].model.eval()
+        records = [record for batch in preset["batches"] for record in compare(runtimes, batch, preset)]
     finally:
-        for runtime in (local, remote):
+        for runtime in runtimes.values():
             runtime.close()
         handle.stop()
     report(records, args, preset, device_name, host_cpu)
 
 
 def report(records: list[dict], args, preset: dict, device_name: str, host_cpu: str) -> None:
-    print(f"\n{'tables':<12}{'batch':>6}{'tokens/s':>11}{'vs local':>10}{'step ms':>9}{'prefill ms':>12}"
-          f"{'lookup ms':>11}{'same tokens':>13}")
+    print(f"\n{'tables':<16}{'batch':>6}{'tokens/s':>11}{'vs local':>10}{'step ms':>9}{'prefill ms':>12}"
+          f"{'lookup ms':>11}{'same tokens':>13}{'cache hits':>12}{'MB saved':>10}{'MB admitted':>13}")
     for r in records:
         same = f"{100 * r['identical_tokens']:.1f}%" if "identical_tokens" in r else ""
-        print(f"{r['tables']:<12}{r['batch']:>6}{r['tokens_per_s']:>11.1f}{r['vs_in_process']:>9.3f}x"
-              f"{r['decode_step_ms']:>9.2f}{r['prefill_ms']:>12.1f}{r['lookup_ms']:>11.2f}{same:>13}")
+        hits = f"{100 * r['cache_hit_rate']:.1f}%" if "cache_hit_rate" in r else ""
+        saved = f"{r['cache_bytes_saved'] / 1e6:.2f}" if "cache_bytes_saved" in r else ""
+        admitted = f"{r['cache_bytes_admitted'] / 1e6:.2f}" if "cache_bytes_admitted" in r else ""
+        print(f"{r['tables']:<16}{r['batch']:>6}{r['tokens_per_s']:>11.1f}{r['vs_in_process']:>9.3f}x"
+              f"{r['decode_step_ms']:>9.2f}{r['prefill_ms']:>12.1f}{r['lookup_ms']:>11.2f}{same:>13}{hits:>12}"
+              f"{saved:>10}{admitted:>13}")
     stem = "generate" if args.preset == "cpu" else "generate_gpu"
     meta = {"command": " ".join(["python -m bench.generate", *sys.argv[1:]]), "preset": args.preset,
             "device_name": device_name, "host_cpu": host_cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "shards": args.shards, "max_new_tokens": preset["max_new_tokens"], "repeats": preset["repeats"],
+            "shards": args.shards, "cache_share": args.cache_share, "max_new_tokens": preset["max_new_tokens"], "repeats": preset["repeats"],
             "model": {"hidden_size": preset["model"].hidden_size, "num_layers": preset["model"].num_layers,
                       "engram_vocab_size": list(preset["engram"].engram_vocab_size),
                       "engram_layer_ids": list(preset["engram"].layer_ids)}}
     write_json(stem, {**meta, "results": records})
     with figure(stem, figsize=(7, 3.8)) as (fig, ax):
-        for tables, style in ((IN_PROCESS, "--"), (REMOTE, "-")):
+        for tables, style in ((IN_PROCESS, "--"), (REMOTE, "-"), (CACHED, ":")):
             rows = [r for r in records if r["tables"] == tables]
             ax.plot([r["batch"] for r in rows], [r["tokens_per_s"] for r in rows], style, marker="o",
                     label=f"{tables} tables")
         ax.set(xscale="log", xlabel="batch (prompts per generate call)", ylabel="tokens/s",
-               title=f"greedy generation: remote rows vs in-process tables ({device_name})")
+               title=f"greedy generation: remote rows, cached or not, vs in-process tables ({device_name})")
         ax.legend(fontsize=8)
 
 

@@ -10,13 +10,14 @@ import torch
 from compute.config import EngramModelConfig
 from compute.hashing.ngram_hash import NgramHasher
 from compute.hashing.tokenizer_compression import TokenizerCompressor
+from compute.memory.cached_table import CachedRowTable
 from compute.memory.client import MemoryClient
 from compute.memory.local_table import service_initialised_table
 from compute.memory.remote_table import RemoteRowTable
 from compute.memory.row_table import RowTable
 from compute.memory.service import open_client
 from compute.model.engram_moe import EngramMoEModel
-from compute.train.config import TrainConfig, table_name
+from compute.train.config import CacheConfig, MemoryConfig, TrainConfig, table_name
 from compute.train.tables import engram_table_specs
 from memory_service.deploy import MemoryHandle
 
@@ -57,6 +58,14 @@ class EngramRuntime:
             self.client.close()
 
 
+def remote_table(client: MemoryClient, name: str, memory: MemoryConfig, device: torch.device) -> RemoteRowTable:
+    """The table ``name`` on the memory service, behind a hot-row cache on ``device`` if ``memory.cache`` asks."""
+    if memory.cache.enabled:
+        return CachedRowTable(client, name, memory.cache.capacity(client.table_dim(name)), memory.cache.readmit_every,
+                              device, memory.wire_torch_dtype)
+    return RemoteRowTable(client, name, device, memory.wire_torch_dtype, grad_wire_dtype=memory.grad_wire_torch_dtype)
+
+
 def build_runtime(config: TrainConfig, device: torch.device, memory: MemoryHandle | None) -> EngramRuntime:
     """The model (seeded by ``config.seed``) on remote tables through ``memory``, or on in-process ones."""
     torch.manual_seed(config.seed)
@@ -67,8 +76,7 @@ def build_runtime(config: TrainConfig, device: torch.device, memory: MemoryHandl
         if memory is None:
             raise ValueError("memory: remote tables need a memory service (deploy one or use memory.tables: local)")
         client = open_client(memory)
-        tables = {layer: RemoteRowTable(client, table_name(layer), device, config.memory.wire_torch_dtype,
-                                         grad_wire_dtype=config.memory.grad_wire_torch_dtype)
+        tables = {layer: remote_table(client, table_name(layer), config.memory, device)
                   for layer in config.engram.layer_ids}
     else:
         specs = engram_table_specs(config, {layer: hasher.table_rows(layer) for layer in config.engram.layer_ids})
@@ -80,15 +88,17 @@ def build_runtime(config: TrainConfig, device: torch.device, memory: MemoryHandl
 
 
 def load_runtime(checkpoint: str | Path, device: torch.device, memory: MemoryHandle | None,
-                 wire_dtype: str | None = None) -> EngramRuntime:
+                 wire_dtype: str | None = None, cache: CacheConfig | None = None) -> EngramRuntime:
     """The model of a training checkpoint, its weights loaded (remote tables: restored by the caller);
-    ``wire_dtype`` replaces the run's dtype of remote rows on the wire."""
+    ``wire_dtype`` and ``cache`` replace the run's dtype of remote rows on the wire and its hot-row cache."""
     from compute.train.checkpoints import load_trainer_state
 
     state = load_trainer_state(checkpoint, map_location=device)
     config = state.train_config()
     if wire_dtype is not None and config.memory.tables == "remote":
         config = config.replace(memory__wire_dtype=wire_dtype)
+    if cache is not None and config.memory.tables == "remote":
+        config = config.replace(memory__cache=cache)
     runtime = build_runtime(config, device, memory)
     runtime.model.load_state_dict(state.model)
     return runtime

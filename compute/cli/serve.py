@@ -9,6 +9,7 @@ import threading
 from compute.cli.train import add_cluster_arguments
 from compute.generate import sampling_from_args
 from compute.train.checkpoints import load_trainer_state, resolve_checkpoint
+from compute.train.config import CacheConfig
 from compute.train.job import connect_ray
 
 
@@ -47,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=int, help="memory shards for the serving tables (default: the run's)")
+    parser.add_argument("--cache-rows", type=int, default=0,
+                        help="rows of each table kept on the device by a hot-row cache, the most looked-up ones "
+                             "(default 0: none)")
     add_cluster_arguments(parser, "where the model runs (default: cuda if available; cuda asks one GPU per replica)")
 
 
@@ -81,7 +85,7 @@ def run_serve(args: argparse.Namespace) -> int:
         app = build_app(checkpoint, memory.handle, device=args.device, replicas=args.replicas, autoscale=autoscale,
                         replica_cpus=args.replica_cpus, gpus_per_replica=args.gpus_per_replica,
                         max_batch_size=args.max_batch_size,
-                        batch_wait_s=args.batch_wait_ms / 1000)
+                        batch_wait_s=args.batch_wait_ms / 1000, cache=CacheConfig(rows=args.cache_rows))
         url = start_serving(app, args.host, args.port)
         scaling = (f"{autoscale[0]}..{autoscale[1]} replicas (autoscaled)" if autoscale
                    else f"{args.replicas} replica(s)")
@@ -106,7 +110,7 @@ def run_generate_batch(args: argparse.Namespace) -> int:
         summary = generate_batch(
             checkpoint, args.input, args.output, memory=memory.handle, workers=args.workers,
             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, sampling=sampling, device=args.device,
-            worker_cpus=args.worker_cpus,
+            worker_cpus=args.worker_cpus, cache=CacheConfig(rows=args.cache_rows),
             on_chunk=lambda s: print(f"{s['skipped'] + s['generated']}/{s['prompts']} prompts done", flush=True))
     finally:
         memory.stop()

@@ -98,21 +98,38 @@ class RemoteRowTable(RowTable):
 
     def _to_device(self, rows_future: concurrent.futures.Future, inverse: torch.Tensor) -> EngramRows:
         rows = rows_future.result()
+        return self._engram_rows(lambda: self._on_device(rows), inverse)
+
+    def _on_device(self, wire_rows: torch.Tensor) -> torch.Tensor:
+        """Host ``wire_rows`` as values in ``compute_dtype`` on the device; float8_e4m3 rows cross as E4M3
+        bytes and scales and are dequantised there. On a GPU, call it on the copy stream."""
+        return self._wire.values(wire_rows.to(self.device, non_blocking=True), self.compute_dtype)
+
+    def _engram_rows(self, build: Callable[[], torch.Tensor], inverse: torch.Tensor) -> EngramRows:
+        """The ``EngramRows`` of the unique rows that ``build()`` makes on the device; on a GPU with the
+        backward's grouping by row built beside them, so the step does not sort."""
         if self._copy_stream is None:
-            return EngramRows(self._wire.values(rows, self.compute_dtype).requires_grad_(True), inverse)
+            return EngramRows(build().requires_grad_(True), inverse)
+
+        def rows_and_segments() -> tuple[torch.Tensor, ...]:
+            unique_rows = build()
+            on_device = inverse.to(self.device, non_blocking=True)
+            return unique_rows, on_device, *kernels.row_segments(on_device, len(unique_rows))
+
+        unique_rows, inverse, *segments = self._on_copy_stream(rows_and_segments)
+        return EngramRows(unique_rows.requires_grad_(True), inverse, kernels.RowSegments(*segments))
+
+    def _on_copy_stream(self, build: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        """The tensors ``build()`` makes on the GPU, on the copy stream: ready when this returns (it blocks the
+        calling copier thread only), and kept alive until the training thread's stream is done with them."""
         with self._copy_lock, torch.cuda.stream(self._copy_stream):
-            # float8_e4m3 rows cross as E4M3 bytes and scales and are dequantised here, on the device.
-            unique_rows = self._wire.values(rows.to(self.device, non_blocking=True), self.compute_dtype)
-            inverse = inverse.to(self.device, non_blocking=True)
-            # The backward's grouping by row, built here so the step does not sort.
-            segments = kernels.row_segments(inverse, len(unique_rows))
+            tensors = build()
             done = torch.cuda.Event()
             done.record(self._copy_stream)
-        done.synchronize()  # blocks this copier thread only; the rows are ready when the future is
-        # The training thread uses them on the default stream: keep their memory until it is done.
-        for tensor in (unique_rows, inverse, *segments):
+        done.synchronize()
+        for tensor in tensors:
             tensor.record_stream(torch.cuda.default_stream(self.device))
-        return EngramRows(unique_rows.requires_grad_(True), inverse, segments)
+        return tensors
 
     def _merged_to_device(self, across: "_PulledAcrossUpdate", pushed: concurrent.futures.Future) -> EngramRows:
         """The next step's rows from the ones looked up ahead and the ones the push pulled, on the device."""

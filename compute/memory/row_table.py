@@ -36,10 +36,9 @@ class RowTable(abc.ABC):
 
     Trainer, runtime and generator hold tables only through these methods and never ask which kind
     they hold. The kinds today: ``LocalRowTable`` (``compute.memory.local_table``: rows in this
-    process, stepped by the service's sparse optimizer) and ``RemoteRowTable``
-    (``compute.memory.remote_table``: rows on the memory service's shards). Room is left for more
-    behind the same methods: a cached table (hot rows kept on the device in front of a remote one) and
-    a tiered one (rows spread over device, host and shards).
+    process, stepped by the service's sparse optimizer), ``RemoteRowTable``
+    (``compute.memory.remote_table``: rows on the memory service's shards) and ``CachedRowTable``
+    (``compute.memory.cached_table``: a remote serving table with its hottest rows kept on the device).
 
     Row ids are deduplicated once: a training batch arrives deduplicated by the loader and goes to
     ``prefetch``; ``lookup``, for paths that start from raw ids (generation, evaluation), dedups them.

@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from compute.serve.engine import BadRequest, PromptItem, completion_record, parse_request
 from compute.serve.runtime import load_serving_runtime, placement_options, serving_engine
+from compute.train.config import CacheConfig
 from memory_service.deploy import MemoryHandle
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,10 @@ class EngramGenerator:
     """One model replica: its own client on the shared memory service, requests batched across clients."""
 
     def __init__(self, checkpoint: str, device: str, memory: MemoryHandle | None, max_batch_size: int = 16,
-                 batch_wait_s: float = 0.01, torch_threads: int | None = None):
+                 batch_wait_s: float = 0.01, torch_threads: int | None = None, cache: CacheConfig = CacheConfig()):
         torch.set_num_threads(torch_threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.checkpoint = checkpoint
-        self.runtime = load_serving_runtime(checkpoint, device, memory)
+        self.runtime = load_serving_runtime(checkpoint, device, memory, cache)
         self.engine = serving_engine(self.runtime)
         self.generator = self.engine.generator
         self._keys = itertools.count()
@@ -155,7 +156,8 @@ def parse_autoscale(text: str) -> tuple[int, int]:
 
 def build_app(checkpoint: str | Path, memory: MemoryHandle | None, *, device: str = "cpu", replicas: int = 1,
               autoscale: tuple[int, int] | None = None, replica_cpus: float = 1.0, max_batch_size: int = 16,
-              batch_wait_s: float = 0.01, target_ongoing_requests: float = 4.0, gpus_per_replica: float = 1.0):
+              batch_wait_s: float = 0.01, target_ongoing_requests: float = 4.0, gpus_per_replica: float = 1.0,
+              cache: CacheConfig = CacheConfig()):
     """The Serve application: ``replicas`` fixed replicas, or between ``autoscale``'s MIN and MAX replicas
     as Serve's policy decides from the requests each replica has in flight (``target_ongoing_requests``)."""
     if replicas < 1:
@@ -170,7 +172,7 @@ def build_app(checkpoint: str | Path, memory: MemoryHandle | None, *, device: st
                                          "target_ongoing_requests": target_ongoing_requests}
     threads = max(1, int(replica_cpus))
     return serve.deployment(EngramGenerator, **options).bind(
-        str(Path(checkpoint).resolve()), device, memory, max_batch_size, batch_wait_s, threads)
+        str(Path(checkpoint).resolve()), device, memory, max_batch_size, batch_wait_s, threads, cache)
 
 
 def start_serving(app, host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 300.0) -> str:

@@ -27,6 +27,7 @@ from ray.util import ActorPool
 from compute.generate import SamplingParams
 from compute.serve.engine import BadRequest, GenerationRequest, completion_record
 from compute.serve.runtime import load_serving_runtime, placement_options, serving_engine
+from compute.train.config import CacheConfig
 from memory_service.deploy import MemoryHandle
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,10 @@ def completed_records(path: str | Path, prompts: list[dict[str, Any]]) -> int:
 class BatchWorker:
     """One worker: the model loaded once, chunks of prompts generated as one batch each."""
 
-    def __init__(self, checkpoint: str, device: str, memory: MemoryHandle | None, torch_threads: int = 1):
+    def __init__(self, checkpoint: str, device: str, memory: MemoryHandle | None, torch_threads: int = 1,
+                 cache: CacheConfig = CacheConfig()):
         torch.set_num_threads(torch_threads)
-        self.runtime = load_serving_runtime(checkpoint, device, memory)
+        self.runtime = load_serving_runtime(checkpoint, device, memory, cache)
         self.engine = serving_engine(self.runtime)
 
     def generate(self, start: int, prompts: list[dict[str, Any]], max_new_tokens: int,
@@ -114,7 +116,7 @@ def _chunks(prompts: list[dict[str, Any]], start: int, size: int) -> Iterator[tu
 def generate_batch(checkpoint: str | Path, input_path: str | Path, output_path: str | Path, *,
                    memory: MemoryHandle | None, workers: int = 2, batch_size: int = 8, max_new_tokens: int = 32,
                    sampling: SamplingParams = SamplingParams(), device: str = "cpu", worker_cpus: float = 1.0,
-                   on_chunk=None) -> dict[str, Any]:
+                   cache: CacheConfig = CacheConfig(), on_chunk=None) -> dict[str, Any]:
     """Generate every prompt of ``input_path`` not yet in ``output_path``; a summary of what was done."""
     started = time.perf_counter()
     prompts = read_prompts(input_path)
@@ -128,7 +130,7 @@ def generate_batch(checkpoint: str | Path, input_path: str | Path, output_path: 
         raise ValueError("workers and batch_size: must be >= 1")
     actor_class = ray.remote(BatchWorker).options(**placement_options(device, worker_cpus))
     chunks = list(_chunks(prompts, skipped, batch_size))
-    actors = [actor_class.remote(str(Path(checkpoint).resolve()), device, memory, max(1, int(worker_cpus)))
+    actors = [actor_class.remote(str(Path(checkpoint).resolve()), device, memory, max(1, int(worker_cpus)), cache)
               for _ in range(min(workers, len(chunks)))]
     sampling_fields = dataclasses.asdict(sampling)
     try:

@@ -20,6 +20,7 @@ from compute.generate import Generator
 from compute.runtime import EngramRuntime, load_runtime
 from compute.serve.engine import ServingEngine
 from compute.train.checkpoints import load_trainer_state, memory_checkpoint, resolve_checkpoint
+from compute.train.config import CacheConfig
 from compute.train.job import COMPUTE_RESOURCE  # what compute nodes advertise; training workers ask for it too
 from memory_service.core.table_spec import TableSpec
 from memory_service.deploy import MemoryHandle, deploy_from_checkpoint, describe_table_memory, get_controller
@@ -67,13 +68,14 @@ def open_serving_memory(checkpoint: str | Path, shards: int | None = None,
     return ServingMemory(handle, specs)
 
 
-def load_serving_runtime(checkpoint: str | Path, device: torch.device | str,
-                         memory: MemoryHandle | None) -> EngramRuntime:
-    """The checkpoint's model in eval mode on ``device``; remote rows come from ``memory``'s serving tables.
+def load_serving_runtime(checkpoint: str | Path, device: torch.device | str, memory: MemoryHandle | None,
+                         cache: CacheConfig = CacheConfig()) -> EngramRuntime:
+    """The checkpoint's model in eval mode on ``device``; remote rows come from ``memory``'s serving tables,
+    through a hot-row cache on ``device`` if ``cache`` sizes one.
 
     Serving tables hold bfloat16 rows, so rows travel as bfloat16 whatever the run's wire dtype
     (the same values as a float32 wire would carry, in half the bytes)."""
-    runtime = load_runtime(checkpoint, torch.device(device), memory, wire_dtype="bfloat16")
+    runtime = load_runtime(checkpoint, torch.device(device), memory, wire_dtype="bfloat16", cache=cache)
     runtime.model.eval()
     return runtime
 

@@ -8,6 +8,7 @@ import torch
 
 from compute.config import EngramConfig, ModelConfig, dataclass_from_mapping, load_yaml
 from compute.data.config import DataConfig
+from memory_service.core.table_spec import TierSpec
 from protos.wire import GRAD_WIRE_DTYPES, WIRE_DTYPE_BY_NAME
 
 TABLE_KINDS = ("remote", "local")
@@ -34,6 +35,58 @@ class OptimConfig:
             raise ValueError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
 
 
+def _check_sizes(section: str, **sizes: int) -> None:
+    """A section's ``sizes`` are integers >= 0 (0: unset), at most one of them set."""
+    for field, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{section}.{field} must be an integer >= 0, got {value!r}")
+    if sum(bool(value) for value in sizes.values()) > 1:
+        raise ValueError(f"{section}: give its size in one of {list(sizes)}, not several")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """A hot-row cache on the compute device in front of each remote table (``CachedRowTable``): serving
+    tables only for now. Its size is ``rows`` a table, or ``bytes`` a table of device rows (compute dtype, 4
+    bytes a value); neither: no cache."""
+
+    rows: int = 0
+    bytes: int = 0
+    readmit_every: int = 64  # lookups between choices of the cached rows by their lookup counts
+
+    def __post_init__(self):
+        _check_sizes("memory.cache", rows=self.rows, bytes=self.bytes)
+        if isinstance(self.readmit_every, bool) or not isinstance(self.readmit_every, int) or self.readmit_every < 1:
+            raise ValueError(f"memory.cache.readmit_every must be >= 1, got {self.readmit_every}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rows or self.bytes)
+
+    def capacity(self, dim: int) -> int:
+        """Rows of ``dim`` float32 values the cache holds a table."""
+        return self.rows or self.bytes // (4 * dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class TierConfig:
+    """Remote tables on the shards' SSD tier (docs/memory-service.md, "The SSD tier"): each shard keeps
+    ``dram_rows`` rows of each table in DRAM, or as many as ``dram_bytes`` holds (rows with their optimizer
+    state), and the rest in files on its disk; neither: every row in DRAM."""
+
+    dram_rows: int = 0
+    dram_bytes: int = 0
+
+    def __post_init__(self):
+        _check_sizes("memory.tier", dram_rows=self.dram_rows, dram_bytes=self.dram_bytes)
+
+    def spec(self) -> TierSpec | None:
+        """The tables' ``TierSpec``, or None for all rows in DRAM."""
+        if self.dram_rows:
+            return TierSpec(dram_rows=self.dram_rows)
+        return TierSpec(dram_bytes=self.dram_bytes) if self.dram_bytes else None
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryConfig:
     """Where the Engram tables live and how rows reach the model."""
@@ -48,8 +101,8 @@ class MemoryConfig:
     grad_wire_dtype: str = "float32"  # row gradients on the wire; bfloat16 halves the push's bytes
     prefetch: bool = True  # issue the next step's lookup before this step's compute
     staleness: int = 0  # 0: lookups see every earlier step's update; 1: may miss the last one (overlapped)
-    tier_dram_rows: int | None = None  # remote tables on the shards' SSD tier: rows of each table a shard keeps in
-    # DRAM, the rest in files on its disk (docs/memory-service.md, "The SSD tier"); None: all rows in DRAM
+    cache: CacheConfig = CacheConfig()  # hot rows kept on the device (serving tables)
+    tier: TierConfig = TierConfig()  # remote tables on the shards' SSD tier
 
     def __post_init__(self):
         if self.tables not in TABLE_KINDS:
@@ -64,12 +117,10 @@ class MemoryConfig:
             raise ValueError(f"memory.shards must be >= 1, got {self.shards}")
         if self.replicas < 1:
             raise ValueError(f"memory.replicas must be >= 1 (1: no copy), got {self.replicas}")
-        if self.tier_dram_rows is not None:
-            if isinstance(self.tier_dram_rows, bool) or not isinstance(self.tier_dram_rows, int) \
-                    or self.tier_dram_rows < 1:
-                raise ValueError(f"memory.tier_dram_rows must be an integer >= 1, got {self.tier_dram_rows!r}")
-            if self.tables != "remote":
-                raise ValueError("memory.tier_dram_rows: only remote tables (on memory shards) have an SSD tier")
+        if self.cache.enabled and self.tables != "remote":
+            raise ValueError("memory.cache: caches rows of remote tables; in-process tables are on the device already")
+        if self.tier.spec() is not None and self.tables != "remote":
+            raise ValueError("memory.tier: only remote tables (on memory shards) have an SSD tier")
 
     @property
     def wire_torch_dtype(self) -> torch.dtype:
@@ -129,10 +180,14 @@ class TrainConfig:
     def replace(self, **sections) -> "TrainConfig":
         """A copy with whole fields or ``section__field`` values replaced (e.g. ``memory__staleness=1``)."""
         top = {k: v for k, v in sections.items() if "__" not in k}
+        fields_by_section: dict[str, dict] = {}
         for key, value in sections.items():
             if "__" in key:
                 section, field = key.split("__", 1)
-                top[section] = dataclasses.replace(top.get(section, getattr(self, section)), **{field: value})
+                fields_by_section.setdefault(section, {})[field] = value
+        # A section's fields change together: each may be valid only with the others (memory.tables and cache).
+        for section, fields in fields_by_section.items():
+            top[section] = dataclasses.replace(top.get(section, getattr(self, section)), **fields)
         return dataclasses.replace(self, **top)
 
 

@@ -88,6 +88,9 @@ def run_training(config: TrainConfig, *, resume: str | Path | None = None, memor
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    if config.memory.cache.enabled:
+        raise ValueError("memory.cache: the hot-row cache serves read-only serving tables (engram serve, "
+                         "generate-batch); a cache that stays exact while training updates its rows is not built yet")
     resume_path = resolve_checkpoint(resume) if resume else None
     output_dir = Path(config.output_dir).resolve()
     config = config.replace(output_dir=str(output_dir))  # workers run in Ray Train's own folder

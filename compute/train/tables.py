@@ -4,12 +4,12 @@ from __future__ import annotations
 from compute.hashing.ngram_hash import NgramHasher
 from compute.hashing.tokenizer_compression import TokenizerCompressor
 from compute.train.config import TrainConfig, table_name
-from memory_service.core.table_spec import OptimizerSpec, TableSpec, TierSpec
+from memory_service.core.table_spec import OptimizerSpec, TableSpec
 
 
 def engram_table_specs(config: TrainConfig, table_rows: dict[int, int] | None = None) -> list[TableSpec]:
     """One table per Engram layer; rows train with the shards' optimizer at ``engram_lr_mult`` x lr, on the
-    shards' SSD tier where ``memory.tier_dram_rows`` is set.
+    shards' SSD tier where ``memory.tier`` sizes one.
 
     ``table_rows`` (layer -> rows) comes from the run's ``NgramHasher``; without it one is built.
     """
@@ -19,11 +19,9 @@ def engram_table_specs(config: TrainConfig, table_rows: dict[int, int] | None = 
         table_rows = {layer: hasher.table_rows(layer) for layer in config.engram.layer_ids}
     optimizer = OptimizerSpec(kind=config.optim.engram_optimizer, lr=config.optim.lr * config.optim.engram_lr_mult,
                               beta1=config.optim.beta1, beta2=config.optim.beta2, weight_decay=0.0)
-    dram_rows = config.memory.tier_dram_rows
-    tier = TierSpec(dram_rows=dram_rows) if dram_rows is not None else None
     return [
         TableSpec(name=table_name(layer), rows=rows, dim=config.engram.row_dim, optimizer=optimizer,
                   init_std=config.memory.init_std, seed=config.seed + layer, num_slots=config.memory.num_slots,
-                  tier=tier)
+                  tier=config.memory.tier.spec())
         for layer, rows in sorted(table_rows.items())
     ]

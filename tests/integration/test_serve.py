@@ -206,13 +206,14 @@ def test_batch_generation_keeps_input_order_and_resumes_after_an_interruption(ra
     for record, prompt in zip(records, prompts):
         assert record["prompt"] == prompt and record["token_ids"] == reference(prompt, 4).token_ids
 
-    # Interrupted after 4 records, halfway through the 5th: the CLI keeps the 4, drops the torn line, does the rest.
+    # Interrupted after 4 records, halfway through the 5th: the CLI keeps the 4, drops the torn line, does the rest
+    # (its workers behind a hot-row cache, which changes no token).
     lines = full.read_text().splitlines(keepends=True)
     partial = tmp_path / "partial.jsonl"
     partial.write_text("".join(lines[:4]) + lines[4][:10])
     assert engram_main(["generate-batch", "--checkpoint", str(checkpoint), "--input", str(source), "--output",
                         str(partial), "--workers", "2", "--batch-size", "2", "--max-new-tokens", "4",
-                        "--worker-cpus", "0.5", "--address", ray_cluster, "--device", "cpu"]) == 0
+                        "--worker-cpus", "0.5", "--cache-rows", "64", "--address", ray_cluster, "--device", "cpu"]) == 0
     assert partial.read_text() == full.read_text()
 
 
@@ -221,7 +222,7 @@ def test_the_engram_serve_command_serves_until_interrupted_and_then_stops_its_me
     stop_serving()  # the module's server: one Serve per Ray cluster, and the command starts its own
     port = free_port()
     command = [sys.executable, "-m", "compute.cli", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
-               "--replica-cpus", "0.5", "--address", ray_cluster, "--device", "cpu"]
+               "--replica-cpus", "0.5", "--cache-rows", "64", "--address", ray_cluster, "--device", "cpu"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         output = []

@@ -1,0 +1,74 @@
+"""The hot-row cache in front of remote serving tables: lookups give the rows the shards hold whether they hit or
+miss, the cache fills with the most looked-up rows within its capacity, generation keeps its tokens, and a table
+that trains is refused."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from bench.generate import serving_runtimes
+from compute.generate import Generator
+from compute.memory.cached_table import CachedRowTable
+from compute.memory.service import open_client
+from compute.train.config import CacheConfig, table_name
+from compute.train.tables import engram_table_specs
+from memory_service.deploy import deploy
+from tests.integration.tiny_runs import tiny_run
+
+CAPACITY = 24
+
+
+def wait_for_cache(table: CachedRowTable, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not len(table.cached_ids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@pytest.mark.ray
+def test_cached_rows_equal_the_shards_rows_hit_or_miss_and_generation_keeps_its_tokens(ray_cluster, tmp_path):
+    config = tiny_run(tmp_path, memory__cache=CacheConfig(rows=CAPACITY, readmit_every=3))
+    local, cached, handle = serving_runtimes(config, torch.device("cpu"), shards=2)
+    try:
+        layer = config.engram.layer_ids[0]
+        table, in_process = cached.tables[layer], local.tables[layer]
+        assert isinstance(table, CachedRowTable)
+        generator = torch.Generator().manual_seed(0)
+        hot = torch.randperm(table.num_rows, generator=generator)[:CAPACITY // 2]
+        for batch in range(12):
+            # Mostly hot rows, some of the rest: both hits and misses once the cache holds the hot ones.
+            ids = torch.where(torch.rand(2, 8, 3, generator=generator) < 0.8,
+                              hot[torch.randint(len(hot), (2, 8, 3), generator=generator)],
+                              torch.randint(table.num_rows, (2, 8, 3), generator=generator))
+            rows, expected = table.lookup(ids).result(), in_process.lookup(ids).result()
+            assert torch.equal(rows.unique_rows[rows.inverse], expected.unique_rows[expected.inverse]), batch
+            if batch == 2:
+                wait_for_cache(table)
+        cached_ids = table.cached_ids
+        assert 0 < len(cached_ids) <= CAPACITY
+        assert set(hot.tolist()) <= set(cached_ids.tolist())  # the most looked-up rows
+        assert table.stats.hits > 0 and table.stats.rows > table.stats.hits
+        assert table.stats.bytes_saved == table.stats.hits * table.dim * 2  # bfloat16 rows on the wire
+
+        prompts = [[5, 17, 99, 3, 42], [7, 8, 9, 10, 11, 12]]
+        tokens = [Generator(runtime.model, runtime.compressor, runtime.hasher).generate_ids(
+            prompts, 8, stop_at_eos=False) for runtime in (local, cached)]
+        assert tokens[0] == tokens[1]
+    finally:
+        local.close()
+        cached.close()
+        handle.stop()
+
+
+@pytest.mark.ray
+def test_a_table_that_trains_is_refused_a_cache(ray_cluster, tmp_path):
+    config = tiny_run(tmp_path)
+    handle = deploy(engram_table_specs(config), 1)
+    client = open_client(handle)
+    try:
+        with pytest.raises(ValueError, match="serves read-only serving tables only"):
+            CachedRowTable(client, table_name(config.engram.layer_ids[0]), capacity=8)
+    finally:
+        client.close()
+        handle.stop()
