@@ -59,10 +59,11 @@ class MemoryHandle:
 
 
 def deploy(specs: list[TableSpec], shards: int, namespace: str = NAMESPACE,
-           data_root: str | Path | None = None, replicas: int = 1) -> MemoryHandle:
+           data_root: str | Path | None = None, replicas: int = 1, tier_dir: str | None = None) -> MemoryHandle:
     """A new memory service (controller and ``shards`` groups of ``replicas`` shards) holding ``specs``'
-    tables, whose checkpoints go under ``data_root`` (default: ``default_data_root()``)."""
-    actor, name = _new_controller(namespace, data_root)
+    tables, whose checkpoints go under ``data_root`` (default: ``default_data_root()``) and whose tiered tables'
+    files under ``tier_dir`` on each shard's node (default: ``engram-tier`` in its temporary folder)."""
+    actor, name = _new_controller(namespace, data_root, tier_dir)
     ray.get(actor.deploy.remote([spec.to_dict() for spec in specs], shards, replicas))
     log.info("deployed %d tables on %d memory shards x %d copies (controller %s)", len(specs), shards, replicas, name)
     for spec in specs:
@@ -83,21 +84,22 @@ def join(controller: str, specs: list[TableSpec], namespace: str = NAMESPACE) ->
 
 
 def deploy_or_join(specs: list[TableSpec], shards: int, controller: str | None, namespace: str = NAMESPACE,
-                   data_root: str | Path | None = None, replicas: int = 1) -> tuple[MemoryHandle, bool]:
+                   data_root: str | Path | None = None, replicas: int = 1,
+                   tier_dir: str | None = None) -> tuple[MemoryHandle, bool]:
     """Join ``controller`` if named, else deploy on ``shards`` x ``replicas``; also whether this call deployed
     (and owns) it."""
     if controller is not None:
         return join(controller, specs, namespace), False
-    return deploy(specs, shards, namespace, data_root, replicas), True
+    return deploy(specs, shards, namespace, data_root, replicas, tier_dir), True
 
 
 def deploy_from_checkpoint(directory: str | Path, shards: int, namespace: str = NAMESPACE,
                            data_root: str | Path | None = None, read_only: bool = False,
-                           replicas: int = 1) -> MemoryHandle:
+                           replicas: int = 1, tier_dir: str | None = None) -> MemoryHandle:
     """A new memory service holding the tables of the checkpoint in ``directory`` (inside ``data_root``),
     on ``shards`` groups of ``replicas`` shards; ``read_only``: as serving tables (bfloat16 rows, no
-    optimizer state)."""
-    actor, name = _new_controller(namespace, data_root)
+    optimizer state); tiered tables' files under ``tier_dir`` (as ``deploy``)."""
+    actor, name = _new_controller(namespace, data_root, tier_dir)
     ray.get(actor.restore.remote(str(directory), shards, read_only, replicas))
     specs = [TableSpec.from_dict(spec) for spec in ray.get(actor.table_specs.remote())]
     log.info("restored the tables of %s onto %d memory shards (controller %s): %s", directory, shards, name,
@@ -156,10 +158,10 @@ def start_local_head() -> tuple[int, str]:
     return holder.pid, address
 
 
-def _new_controller(namespace: str, data_root: str | Path | None) -> tuple[Any, str]:
+def _new_controller(namespace: str, data_root: str | Path | None, tier_dir: str | None) -> tuple[Any, str]:
     """A new controller of a job's own, under a fresh name; returns it and its name."""
     name = f"engram-run-{uuid.uuid4().hex[:8]}"
-    options = ControllerOptions(data_root=str(Path(data_root or default_data_root()).resolve()))
+    options = ControllerOptions(data_root=str(Path(data_root or default_data_root()).resolve()), tier_dir=tier_dir)
     return start_controller(options, name=name, namespace=namespace), name
 
 

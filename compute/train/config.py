@@ -76,6 +76,8 @@ class TierConfig:
 
     dram_rows: int = 0
     dram_bytes: int = 0
+    dir: str = ""  # where the files go on each shard's node (a local SSD) when the run deploys its own service;
+    # "": engram-tier in the node's temporary folder
 
     def __post_init__(self):
         _check_sizes("memory.tier", dram_rows=self.dram_rows, dram_bytes=self.dram_bytes)

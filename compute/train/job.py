@@ -72,15 +72,17 @@ def prepare_memory(config: TrainConfig, controller: str | None = None, resume: P
         return RunMemory(None)
     # A service of the run's own keeps its checkpoints beside the run's: in the folder of runs.
     data_root = Path(config.output_dir).resolve().parent
+    tier_dir = config.memory.tier.dir or None
     if resume is not None:
         tables = memory_checkpoint(resume)
         if tables is None:
             raise ValueError(f"resume: {resume} holds no checkpoint of the memory tables")
         data_root = Path(os.path.commonpath([data_root, tables.resolve().parent]))
         return RunMemory(deploy.deploy_from_checkpoint(tables, config.memory.shards, data_root=data_root,
-                                                       replicas=config.memory.replicas), owned=True)
+                                                       replicas=config.memory.replicas, tier_dir=tier_dir),
+                         owned=True)
     return RunMemory(*deploy.deploy_or_join(engram_table_specs(config), config.memory.shards, controller,
-                                            data_root=data_root, replicas=config.memory.replicas))
+                                            data_root=data_root, replicas=config.memory.replicas, tier_dir=tier_dir))
 
 
 def run_training(config: TrainConfig, *, resume: str | Path | None = None, memory: RunMemory | None = None) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Integration: a tiered table on real shards, 4x the DRAM each shard may give it, trains, moves slots, checkpoints
-and restores bit for bit like the same table held all in DRAM."""
+and restores bit for bit like the same table held all in DRAM; a run whose config puts its tables on the tier trains
+like one that does not."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,8 +10,11 @@ import pytest
 import ray
 import torch
 
+from compute.train.config import TierConfig
+from compute.train.job import run_training
 from memory_service.core.table_spec import TierSpec
 from tests.integration.memory_deploy import deployment, spec
+from tests.integration.tiny_runs import tiny_run
 
 pytestmark = pytest.mark.ray
 
@@ -50,3 +54,12 @@ def test_a_tiered_table_trains_moves_and_restores_like_an_all_dram_one(ray_clust
         every_row = np.arange(DRAM.rows)
         assert torch.equal(client.lookup("tiered", every_row, torch.float32).result(timeout=60),
                            client.lookup("dram", every_row, torch.float32).result(timeout=60))
+
+
+def test_a_run_with_its_tables_on_the_tier_trains_like_one_without(ray_cluster, tmp_path):
+    config = tiny_run(tmp_path, final_checkpoint=False)
+    tier_dir = tmp_path / "tier"
+    tiered = config.replace(output_dir=str(tmp_path / "tiered"),
+                            memory__tier=TierConfig(dram_rows=40, dir=str(tier_dir)))  # of ~450 rows a shard
+    assert run_training(tiered)["loss"] == run_training(config)["loss"]
+    assert tier_dir.is_dir() and not list(tier_dir.iterdir())  # the run's shards kept their files there, then removed them
