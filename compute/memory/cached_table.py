@@ -86,6 +86,12 @@ class CachedRowTable(RemoteRowTable):
         """The row ids the cache holds now, sorted."""
         return self._cache.ids
 
+    def describe(self) -> dict:
+        """The cache in figures, for a health or status report."""
+        stats = self.stats
+        return {"capacity": self.capacity, "cached_rows": len(self._cache.ids), "hit_rate": round(stats.hit_rate, 4),
+                "bytes_saved": stats.bytes_saved, "bytes_admitted": stats.bytes_admitted}
+
     def prefetch(self, unique_ids: torch.Tensor, inverse: torch.Tensor,
                  shard_split: ShardSplit | None = None) -> concurrent.futures.Future:
         cache = self._cache

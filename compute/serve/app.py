@@ -7,7 +7,7 @@ Routes (any path prefix the app is mounted under):
 - ``POST /stream`` (or ``/generate?stream=true``, or ``"stream": true`` in the body): newline-delimited
   JSON, one ``{"index", "token_id", "text"}`` line per new token of each prompt as it is chosen, then
   ``{"done": true, "completions": [...]}``.
-- ``GET /health``: ``{"status": "ok", ...}``.
+- ``GET /health``: ``{"status": "ok", ...}``, with each table's hot-row cache in figures when there is one.
 
 A bad body gets 400 and ``{"error": "<field>: <what is wrong>"}``. Non-streamed prompts from all
 clients go through ``@serve.batch``: those that arrive within ``batch_wait_s`` of each other are
@@ -31,6 +31,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
+from compute.memory.cached_table import CachedRowTable
 from compute.serve.engine import BadRequest, PromptItem, completion_record, parse_request
 from compute.serve.runtime import load_serving_runtime, placement_options, serving_engine
 from compute.train.config import CacheConfig
@@ -63,9 +64,11 @@ class EngramGenerator:
         path = request.url.path.rstrip("/")
         if request.method == "GET":
             if path.endswith("/health") or path == "":
+                caches = {table.table: table.describe() for table in self.runtime.tables.values()
+                          if isinstance(table, CachedRowTable)}
                 return JSONResponse({"status": "ok", "checkpoint": self.checkpoint,
                                      "remote_tables": self.runtime.client is not None,
-                                     "recent_batch_sizes": self.batches[-20:]})
+                                     "recent_batch_sizes": self.batches[-20:], **({"cache": caches} if caches else {})})
             return JSONResponse({"error": f"GET {request.url.path}: not found (GET /health, POST /generate, "
                                           f"POST /stream)"}, status_code=404)
         if request.method != "POST":

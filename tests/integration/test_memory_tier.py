@@ -62,4 +62,5 @@ def test_a_run_with_its_tables_on_the_tier_trains_like_one_without(ray_cluster, 
     tiered = config.replace(output_dir=str(tmp_path / "tiered"),
                             memory__tier=TierConfig(dram_rows=40, dir=str(tier_dir)))  # of ~450 rows a shard
     assert run_training(tiered)["loss"] == run_training(config)["loss"]
-    assert tier_dir.is_dir() and not list(tier_dir.iterdir())  # the run's shards kept their files there, then removed them
+    # The run's shards kept the tables' files there, and removed them when it ended.
+    assert tier_dir.is_dir() and not list(tier_dir.iterdir())

@@ -236,6 +236,10 @@ def test_the_engram_serve_command_serves_until_interrupted_and_then_stops_its_me
         status, payload = post(f"http://127.0.0.1:{port}/generate", {"prompt": PROMPTS[1], "max_new_tokens": 4})
         assert status == 200
         assert json.loads(payload)["completions"][0]["token_ids"] == reference(PROMPTS[1], 4).token_ids
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as response:
+            caches = json.loads(response.read())["cache"]
+        assert sorted(caches) == ["engram_layer_0", "engram_layer_1"]
+        assert all(cache["capacity"] == 64 and cache["cached_rows"] <= 64 for cache in caches.values())
         process.send_signal(signal.SIGINT)
         rest, _ = process.communicate(timeout=60)
     finally:
