@@ -554,8 +554,9 @@ class MemoryController:
     async def status(self) -> list[dict[str, Any]]:
         """One record per shard: index, replica group and role, node, address, slots, rows, bytes held and
         reserved, requests/s, p50/p99 lookup ms, its pending synchronous steps (table, step, world_size,
-        reported ranks, age_s) and how many steps it aborted; a shard that does not answer and a lost
-        group's last primary have their ``state`` say so and zeros for the rest."""
+        reported ranks, age_s), how many steps it aborted and its tiered tables' DRAM caches (``TierStats``'
+        fields by table); a shard that does not answer and a lost group's last primary have their ``state``
+        say so and zeros for the rest."""
         shards = list(self._shards)
         stats = await asyncio.gather(*(self._call(s, "Stats", pb.StatsRequest(), timeout=QUICK_CALL_TIMEOUT_S)
                                        for s in shards), return_exceptions=True)
@@ -575,7 +576,9 @@ class MemoryController:
                 "pending_steps": [{"table": p.table, "step": p.step, "world_size": p.world_size,
                                    "reported_ranks": list(p.reported_ranks), "age_s": p.age_s}
                                   for p in st.pending_steps] if answered else [],
-                "aborted_steps": st.aborted_steps if answered else 0})
+                "aborted_steps": st.aborted_steps if answered else 0,
+                "tiers": {t.name: {field.name: getattr(t.tier, field.name) for field in pb.TierStats.DESCRIPTOR.fields}
+                          for t in st.tables if t.HasField("tier")} if answered else {}})
         return records
 
     def failovers(self) -> list[dict[str, Any]]:

@@ -387,12 +387,17 @@ class ShardServicer:
 
     @_handler("stats")
     def Stats(self, request: pb.StatsRequest):
-        tables = [
-            pb.TableStats(name=spec.name, rows=self.store.num_rows(spec.name),
-                          slots=len(self.store.owned_slots(spec.name)),
-                          bytes=self.store.num_rows(spec.name) * spec.bytes_per_row())
-            for spec in self.store.specs()
-        ]
+        tables = []
+        for spec in self.store.specs():
+            table = pb.TableStats(name=spec.name, rows=self.store.num_rows(spec.name),
+                                  slots=len(self.store.owned_slots(spec.name)),
+                                  bytes=self.store.num_rows(spec.name) * spec.bytes_per_row())
+            tier = self.store.tier_stats(spec.name)
+            if tier is not None:
+                table.tier.CopyFrom(pb.TierStats(
+                    capacity_rows=tier.capacity, cached_rows=tier.cached_rows, hits=tier.hits, misses=tier.misses,
+                    rows_read=tier.rows_read, evictions=tier.evictions, written_back=tier.written_back))
+            tables.append(table)
         p50, p99 = self.metrics.lookup_percentiles_ms()
         response = pb.StatsResponse(
             shard_index=self.shard_index, address=self.address, node=self.node, epoch=self.epoch,

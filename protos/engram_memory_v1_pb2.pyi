@@ -125,16 +125,36 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TableStats(_message.Message):
-    __slots__ = ("name", "rows", "slots", "bytes")
+    __slots__ = ("name", "rows", "slots", "bytes", "tier")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     name: str
     rows: int
     slots: int
     bytes: int
-    def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., slots: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+    tier: TierStats
+    def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., slots: _Optional[int] = ..., bytes: _Optional[int] = ..., tier: _Optional[_Union[TierStats, _Mapping]] = ...) -> None: ...
+
+class TierStats(_message.Message):
+    __slots__ = ("capacity_rows", "cached_rows", "hits", "misses", "rows_read", "evictions", "written_back")
+    CAPACITY_ROWS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_READ_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_BACK_FIELD_NUMBER: _ClassVar[int]
+    capacity_rows: int
+    cached_rows: int
+    hits: int
+    misses: int
+    rows_read: int
+    evictions: int
+    written_back: int
+    def __init__(self, capacity_rows: _Optional[int] = ..., cached_rows: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., rows_read: _Optional[int] = ..., evictions: _Optional[int] = ..., written_back: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("shard_index", "address", "node", "epoch", "memory_bytes", "tables", "requests_total", "requests_per_s", "p50_lookup_ms", "p99_lookup_ms", "pending_steps", "aborted_steps", "step_barrier_held", "step_timeout_s")

@@ -163,6 +163,12 @@ def _status(args) -> int:
     for line in (header, *table):
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
     for r in rows:
+        for name, tier in r["tiers"].items():
+            looked_up = tier["hits"] + tier["misses"]
+            hits = f"{tier['hits'] / looked_up:.1%} of ids found in DRAM" if looked_up else "no ids looked up yet"
+            print(f"shard {r['shard']}: table {name} tiered: {tier['cached_rows']:,} of {tier['capacity_rows']:,} "
+                  f"rows cached in DRAM; {hits}; {tier['rows_read']:,} rows read from disk, "
+                  f"{tier['written_back']:,} written back")
         for p in r["pending_steps"]:
             print(f"shard {r['shard']}: table {p['table']} step {p['step']} pending {p['age_s']:.1f} s, "
                   f"ranks {p['reported_ranks']} of {p['world_size']} reported")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,19 +59,26 @@ def test_up_status_scale_checkpoint_restore_down(ray_cluster, tmp_path):
     assert (tmp_path / "home" / "memory.json").stat().st_mode & 0o777 == 0o600
     status = engram("status")
     assert "p99 ms" in status and "pending" in status and "aborted" in status
-    assert len(status.strip().splitlines()) == 3
+    assert len(table_lines(status)) == 3
+    tiered = [line for line in status.splitlines() if " table layer3 tiered: " in line]
+    assert len(tiered) == 2 and all("of 1,000 rows cached in DRAM" in line for line in tiered), status
     assert "scaled to 3" in engram("scale", "--shards", "3")
-    assert len(engram("status").strip().splitlines()) == 4
+    assert len(table_lines(engram("status"))) == 4
     assert f"{data_root / 'ckpt' / 'manifest.json'}" in engram("checkpoint", "ckpt", "--barrier-timeout-s", "10")
     assert (data_root / "ckpt" / "manifest.json").stat().st_mode & 0o777 == 0o600
     assert "restored" in engram("restore", "ckpt", "--shards", "2")
     assert "rotated" in engram("rotate-tokens", "--grace-s", "0")
     rotated = json.loads((tmp_path / "home" / "memory.json").read_text())
     assert rotated["token"] != DATA_TOKEN and rotated["admin_token"] != state["admin_token"]
-    assert len(engram("status").strip().splitlines()) == 3  # the controller uses the new admin token
+    assert len(table_lines(engram("status"))) == 3  # the controller uses the new admin token
     assert "stopped" in engram("down")
     assert not (tmp_path / "home" / "memory.json").exists()
     assert list(tier_dir.iterdir()) == []  # the stopped shards removed their files
+
+
+def table_lines(status: str) -> list[str]:
+    """The lines of `engram memory status`'s table, its header included (the lines after it start "shard N: ")."""
+    return [line for line in status.strip().splitlines() if not re.match(r"shard \d+: ", line)]
 
 
 def alive_shard_pids() -> set[int]:
@@ -109,7 +117,7 @@ def test_operator_mistakes_get_one_line_and_down_works_after_a_shard_died(ray_cl
         assert message.startswith(f"engram memory: error: directory: must lie inside the data root {tmp_path / 'data'}")
     assert not (tmp_path / "outside").exists()
     assert "must be at least 1" in refused("scale", "--shards", "0")
-    assert len(engram("status").stdout.strip().splitlines()) == 3  # the refused commands changed nothing
+    assert len(table_lines(engram("status").stdout)) == 3  # the refused commands changed nothing
 
     os.kill(shards.pop(), signal.SIGKILL)
     down = engram("down")
@@ -142,7 +150,7 @@ def test_up_without_an_address_starts_a_ray_head_of_its_own_and_down_stops_it(tm
     engram("up", "--config", str(config), "--shards", "1", "--host", "127.0.0.1")
     state = json.loads((tmp_path / "home" / "memory.json").read_text())
     os.kill(state["head_pid"], 0)  # the holder of our head runs
-    assert len(engram("status").stdout.strip().splitlines()) == 2
+    assert len(table_lines(engram("status").stdout)) == 2
     down = engram("down").stdout
     assert "memory service stopped" in down and f"holder pid {state['head_pid']}" in down
     deadline = time.monotonic() + 30
