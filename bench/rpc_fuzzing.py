@@ -78,7 +78,7 @@ SERVICES = ("ShardService", "DirectoryService")
 SEMANTIC_CODES = frozenset({"OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED",
                             "OUT_OF_RANGE", "ALREADY_EXISTS"})
 # Methods whose OK answer must leave the tables, slots and epoch as they were.
-READ_ONLY_METHODS = frozenset({"Lookup", "Stats", "Checksum", "ExportSlots", "Checkpoint", "GetRouting",
+READ_ONLY_METHODS = frozenset({"Lookup", "LookupState", "Stats", "Checksum", "ExportSlots", "Checkpoint", "GetRouting",
                                "ListTables"})
 
 DATA_TOKEN = "fuzz-data-token-0123456789abcdef"

@@ -3,7 +3,8 @@
 Variants, side by side in one process on the same model, data and seed: in-process tables (the
 limit, run first and again last; ratios are against the mean of the two); remote rows without
 prefetch; remote rows prefetched with staleness 0 and with staleness 1, then with bfloat16
-gradients on the wire, with FP8 rows on the wire, and with a short GIL switch interval.
+gradients on the wire, with FP8 rows on the wire, behind a hot-row cache of a tenth of each table
+(its hit rate and wire bytes reported), and with a short GIL switch interval.
 Run: ``python -m bench.train_step [--preset cpu|gpu]``; prints a table, writes
 bench/results/train_step[_gpu].json and a PNG.
 """
@@ -23,7 +24,8 @@ from bench.host import cpu_model
 from bench.results_files import figure, write_json
 from compute.config import EngramConfig, ModelConfig
 from compute.data import DataConfig
-from compute.train.config import MemoryConfig, TrainConfig
+from compute.memory.cached_table import CachedRowTable
+from compute.train.config import CacheConfig, MemoryConfig, TrainConfig
 from compute.train.job import connect_ray
 from compute.train.loop import EngramTrainer, WorkerContext
 from compute.train.tables import engram_table_specs
@@ -38,6 +40,9 @@ VARIANTS = {  # name: memory settings
                                                       grad_wire_dtype="bfloat16"),
     "remote, prefetch, staleness 0, fp8 rows": dict(tables="remote", prefetch=True, staleness=0,
                                                     wire_dtype="float8_e4m3"),
+    # A tenth of each table's rows on the device with their Adam state, stepped there as on the shards.
+    "remote, prefetch, staleness 0, hot-row cache 10%": dict(tables="remote", prefetch=True, staleness=0,
+                                                             cache_share=0.1),
     # The training thread may wait up to the interpreter's switch interval (5 ms) for the GIL after
     # each of the MoE's host syncs while the memory client's threads run Python.
     "remote, prefetch, staleness 1, GIL switch 0.1 ms": dict(tables="remote", prefetch=True, staleness=1,
@@ -104,6 +109,9 @@ def main() -> None:
     def run(name: str) -> dict:
         memory_settings = dict(VARIANTS[name])
         switch_interval_ms = memory_settings.pop("switch_interval_ms", None)
+        cache_share = memory_settings.pop("cache_share", None)
+        if cache_share:
+            memory_settings["cache"] = CacheConfig(rows=int(cache_share * max(spec.rows for spec in specs)))
         sys.setswitchinterval(switch_interval_ms / 1e3 if switch_interval_ms else default_switch_interval)
         config = base.replace(**{f"memory__{k}": v for k, v in memory_settings.items()})
         handle = deploy(specs, args.shards) if config.memory.tables == "remote" else None
@@ -112,6 +120,7 @@ def main() -> None:
             times = step_times(trainer, device)[warmup:]
             wait_share = trainer.last_metrics["lookup_wait_share"]
             push_wait_share = trainer.last_metrics["push_wait_share"]
+            cached = [table.stats for table in trainer.tables.values() if isinstance(table, CachedRowTable)]
         finally:
             trainer.close()
             if handle is not None:
@@ -121,7 +130,10 @@ def main() -> None:
         return {"variant": name, "device": device.type, "steps_timed": len(times),
                 "step_ms_median": 1e3 * statistics.median(times), "step_ms_mean": 1e3 * statistics.fmean(times),
                 "lookup_wait_share": wait_share, "push_wait_share": push_wait_share,
-                "tokens_per_step": config.data.batch_size * config.data.seq_len}
+                "tokens_per_step": config.data.batch_size * config.data.seq_len,
+                **({"cache_hit_rate": sum(c.hits for c in cached) / max(1, sum(c.rows for c in cached)),
+                    "cache_bytes_saved": sum(c.bytes_saved for c in cached),
+                    "cache_bytes_admitted": sum(c.bytes_admitted for c in cached)} if cached else {})}
 
     # The in-process baseline runs first and again last, and the ratios are against the mean of the
     # two: whatever drifts over the run (the machine's other load, the process's memory) then weighs
@@ -138,11 +150,13 @@ def main() -> None:
 
 
 def report(records: list[dict], stem: str, device: torch.device) -> None:
-    header = f"{'variant':<50}{'median ms':>11}{'mean ms':>10}{'vs local':>10}{'lookup wait':>13}{'push wait':>11}"
+    header = (f"{'variant':<50}{'median ms':>11}{'mean ms':>10}{'vs local':>10}{'lookup wait':>13}{'push wait':>11}"
+              f"{'cache hits':>12}")
     print(header)
     for r in records:
+        hits = f"{100 * r['cache_hit_rate']:.1f}%" if "cache_hit_rate" in r else ""
         print(f"{r['variant']:<50}{r['step_ms_median']:>11.1f}{r['step_ms_mean']:>10.1f}{r['vs_in_process']:>9.3f}x"
-              f"{100 * r['lookup_wait_share']:>12.1f}%{100 * r['push_wait_share']:>10.1f}%")
+              f"{100 * r['lookup_wait_share']:>12.1f}%{100 * r['push_wait_share']:>10.1f}%{hits:>12}")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {device_name}; host CPU: {cpu_model()} ({os.cpu_count()} cores)")
     meta = {"command": " ".join(["python -m bench.train_step", *sys.argv[1:]]),

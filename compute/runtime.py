@@ -62,7 +62,7 @@ def remote_table(client: MemoryClient, name: str, memory: MemoryConfig, device: 
     """The table ``name`` on the memory service, behind a hot-row cache on ``device`` if ``memory.cache`` asks."""
     if memory.cache.enabled:
         return CachedRowTable(client, name, memory.cache.capacity(client.table_dim(name)), memory.cache.readmit_every,
-                              device, memory.wire_torch_dtype)
+                              device, memory.wire_torch_dtype, grad_wire_dtype=memory.grad_wire_torch_dtype)
     return RemoteRowTable(client, name, device, memory.wire_torch_dtype, grad_wire_dtype=memory.grad_wire_torch_dtype)
 
 

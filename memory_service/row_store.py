@@ -371,6 +371,17 @@ class ShardStore:
             rows = table.rows.index_select(0, positions) if table.tier is None else table.tier.gather("rows", positions)
         return quantize_rows(rows) if wire.scaled else rows.to(wire.torch)
 
+    def gather_state(self, name: str, row_ids) -> dict[str, torch.Tensor]:
+        """The float32 rows ``row_ids`` [n] of an updatable table with their optimizer state, keyed as in an
+        export (``rows``, ``state.<name>``): what a client needs to step copies of them as this shard would."""
+        with self._lock:
+            table = self._updatable_table(name)
+            positions = self._positions(table, self._checked_row_ids(table.spec, row_ids))
+            if table.tier is not None:
+                return {key: table.tier.gather(key, positions) for key in table.tier.layout}
+            return {"rows": table.rows.index_select(0, positions),
+                    **{STATE_PREFIX + key: values.index_select(0, positions) for key, values in table.state.items()}}
+
     def check_servable(self, name: str, row_ids, field: str = "row_ids") -> None:
         """Refuse ``row_ids`` that ``gather`` could not serve (out of range, or on slots not owned here)."""
         with self._lock:

@@ -204,6 +204,24 @@ class ShardServicer:
             self._write_shared_rows(request.shared_rows, rows)
         return (rows, request.dtype, self.epoch, not shared), len(ids), reply_bytes  # see encode_lookup_response
 
+    @_handler("lookup_state")
+    def LookupState(self, request: pb.LookupStateRequest):
+        self._check_primary("LookupState")
+        spec = self._spec(request.table)
+        ids = self._row_ids(request.row_ids)
+        reply_bytes = len(ids) * spec.bytes_per_row()  # float32 rows and state (a serving table is refused below)
+        if reply_bytes > self.max_message_bytes:
+            raise RequestRejected("RESOURCE_EXHAUSTED", "row_ids",
+                                  f"row_ids: {len(ids)} rows of table '{spec.name}' with their optimizer state make a "
+                                  f"{reply_bytes}-byte reply, over max_message_bytes={self.max_message_bytes}; split "
+                                  f"the request")
+        tensors = self.store.gather_state(request.table, ids)
+        response = pb.LookupStateResponse(epoch=self.epoch, tensors=[
+            pb.RowValues(name=key, width=int(np.prod(tensor.shape[1:])),
+                         values=tensor.contiguous().numpy().astype("<f4", copy=False).tobytes())
+            for key, tensor in tensors.items()])
+        return response, len(ids), reply_bytes
+
     def _check_reply_size(self, num_rows: int, spec: TableSpec, dtype: str, field: str) -> int:
         """The bytes of ``num_rows`` rows in ``dtype``; refused if over the message limit."""
         reply_bytes = num_rows * WIRE_DTYPE_BY_NAME[dtype].row_bytes(spec.dim)  # float8_e4m3's scales too

@@ -62,6 +62,32 @@ class SharedRows(_message.Message):
     positions: bytes
     def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., positions: _Optional[bytes] = ...) -> None: ...
 
+class LookupStateRequest(_message.Message):
+    __slots__ = ("table", "row_ids")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    ROW_IDS_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    row_ids: bytes
+    def __init__(self, table: _Optional[str] = ..., row_ids: _Optional[bytes] = ...) -> None: ...
+
+class LookupStateResponse(_message.Message):
+    __slots__ = ("tensors", "epoch")
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[RowValues]
+    epoch: int
+    def __init__(self, tensors: _Optional[_Iterable[_Union[RowValues, _Mapping]]] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class RowValues(_message.Message):
+    __slots__ = ("name", "width", "values")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    width: int
+    values: bytes
+    def __init__(self, name: _Optional[str] = ..., width: _Optional[int] = ..., values: _Optional[bytes] = ...) -> None: ...
+
 class LookupResponse(_message.Message):
     __slots__ = ("rows", "num_rows", "dim", "dtype", "epoch")
     ROWS_FIELD_NUMBER: _ClassVar[int]

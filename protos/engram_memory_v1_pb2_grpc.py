@@ -43,6 +43,11 @@ class ShardServiceStub(object):
                 request_serializer=protos_dot_engram__memory__v1__pb2.LookupRequest.SerializeToString,
                 response_deserializer=protos_dot_engram__memory__v1__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.LookupState = channel.unary_unary(
+                '/engram.memory.v1.ShardService/LookupState',
+                request_serializer=protos_dot_engram__memory__v1__pb2.LookupStateRequest.SerializeToString,
+                response_deserializer=protos_dot_engram__memory__v1__pb2.LookupStateResponse.FromString,
+                _registered_method=True)
         self.Update = channel.unary_unary(
                 '/engram.memory.v1.ShardService/Update',
                 request_serializer=protos_dot_engram__memory__v1__pb2.UpdateRequest.SerializeToString,
@@ -139,6 +144,14 @@ class ShardServiceServicer(object):
 
     def Lookup(self, request, context):
         """Rows of the given ids, in the order asked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LookupState(self, request, context):
+        """A trainable table's rows in float32 with their optimizer state, for a client that steps its own copies of
+        them (a hot-row cache on its device) as the shard would. Ask the primary: it holds every acknowledged step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -266,6 +279,11 @@ def add_ShardServiceServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_engram__memory__v1__pb2.LookupRequest.FromString,
                     response_serializer=protos_dot_engram__memory__v1__pb2.LookupResponse.SerializeToString,
             ),
+            'LookupState': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupState,
+                    request_deserializer=protos_dot_engram__memory__v1__pb2.LookupStateRequest.FromString,
+                    response_serializer=protos_dot_engram__memory__v1__pb2.LookupStateResponse.SerializeToString,
+            ),
             'Update': grpc.unary_unary_rpc_method_handler(
                     servicer.Update,
                     request_deserializer=protos_dot_engram__memory__v1__pb2.UpdateRequest.FromString,
@@ -383,6 +401,33 @@ class ShardService(object):
             '/engram.memory.v1.ShardService/Lookup',
             protos_dot_engram__memory__v1__pb2.LookupRequest.SerializeToString,
             protos_dot_engram__memory__v1__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram.memory.v1.ShardService/LookupState',
+            protos_dot_engram__memory__v1__pb2.LookupStateRequest.SerializeToString,
+            protos_dot_engram__memory__v1__pb2.LookupStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,28 +1,38 @@
-"""A remote serving table with its most looked-up rows kept on the compute device."""
+"""A remote table with its most looked-up rows kept on the compute device, coherent with training."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import json
 import logging
 import threading
+from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from compute.memory.client import MemoryClient
-from compute.memory.remote_table import RemoteRowTable
+from compute.memory.remote_table import RemoteRowTable, _PulledAcrossUpdate
 from compute.memory.row_table import EngramRows, RowsAcrossUpdate, settled
+from memory_service.core.optimizers import make_optimizer
 from memory_service.core.slots import ShardSplit
+from memory_service.core.table_spec import TableSpec
+from protos.wire import quantize_rows
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class _CachedRows:
-    """One choice of cached rows: sorted, distinct ``ids`` [k] (host) and their values ``rows`` [k, dim] on the
-    device. Never changed once made: a new choice is a new ``_CachedRows``."""
+    """One choice of cached rows: sorted, distinct ``ids`` [k] (host); on the device their ``rows`` [k, dim] (a
+    serving table: the values a lookup gives; a table that trains: float32, as the shards hold them) and, for a
+    table that trains, each optimizer ``state`` [k, ...]. A new choice is a new ``_CachedRows``; a training step
+    changes the values of the current one in place."""
 
     ids: torch.Tensor
     rows: torch.Tensor
+    state: dict[str, torch.Tensor]
 
     def slots_of(self, row_ids: torch.Tensor) -> torch.Tensor:
         """Each of ``row_ids``' index into ``ids``, or -1 where it is not cached."""
@@ -48,38 +58,45 @@ class CacheStats:
 
 
 class CachedRowTable(RemoteRowTable):
-    """A read-only (serving) table on the memory service whose ``capacity`` most looked-up rows stay on the
-    device: a lookup fetches only the rows the cache misses, and takes the others from the device.
+    """A table on the memory service whose ``capacity`` most looked-up rows stay on the device: a lookup fetches
+    only the rows the cache misses, and takes the others from the device.
 
     The cached rows are chosen by lookup counts (LFU; the counts are halved at each choice, so that they follow
-    traffic that drifts) every ``readmit_every`` lookups. A choice fetches the rows it admits in the background
-    and then swaps the new cache in whole: a lookup reads one choice from start to end. A serving table's rows
-    never change, so a cached row is always the shard's; a table that trains is refused (a cache coherent with
-    training is not built yet). Costs 4 bytes a table row on the host for the counts.
+    traffic that drifts) every ``readmit_every`` lookups, and a new choice replaces the old one whole: a lookup
+    reads one choice from start to end. Costs 4 bytes a table row on the host for the counts.
+
+    A serving table's rows never change: a choice fetches the rows it admits in the background. A table that
+    trains is written through (one worker only): the cache holds its rows in float32 with their optimizer state,
+    each step applies the step's gradient to the cached rows with the shards' own optimizer, as the shards do
+    (on a CPU bit for bit; on a GPU within the rounding of its arithmetic), and still pushes every row's gradient,
+    so the shards stay authoritative; a lookup serves cached rows as the wire would carry them. A choice waits
+    for the table's pushes and fetches the admitted rows with their state (``MemoryClient.lookup_state``).
+    Lookups of cached rows cross no wire, neither to fetch nor to refresh them.
     """
 
     def __init__(self, client: MemoryClient, table: str, capacity: int, readmit_every: int = 64,
                  device: torch.device | str = "cpu", wire_dtype: torch.dtype = torch.bfloat16,
-                 compute_dtype: torch.dtype = torch.float32):
-        super().__init__(client, table, device, wire_dtype, compute_dtype)
-        storage = {spec.name: spec.storage_dtype for spec in client.tables()}[table]
-        if storage == "float32":
-            self.close()
-            raise ValueError(f"memory.cache: table {table!r} trains (float32 rows with optimizer state); the hot-row "
-                             f"cache serves read-only serving tables only, as a cache coherent with training is "
-                             f"not built yet")
+                 compute_dtype: torch.dtype = torch.float32, grad_wire_dtype: torch.dtype = torch.float32):
+        super().__init__(client, table, device, wire_dtype, compute_dtype, grad_wire_dtype)
         if capacity < 1 or readmit_every < 1:
             self.close()
             raise ValueError(f"memory.cache: capacity and readmit_every must be >= 1, got {capacity} and "
                              f"{readmit_every}")
+        info = {spec.name: spec for spec in client.tables()}[table]
+        spec = TableSpec.from_dict(json.loads(info.spec_json))
+        self.trains = not spec.read_only
+        self._optimizer = make_optimizer(spec.optimizer) if self.trains else None
+        self._state_shapes = self._optimizer.state_shapes(self.dim) if self.trains else {}
+        self._admitted_row_bytes = spec.bytes_per_row() if self.trains else self._wire.row_bytes(self.dim)
         self.capacity, self.readmit_every = min(capacity, self.num_rows), readmit_every
         self.stats = CacheStats()
-        self._cache = _CachedRows(torch.empty(0, dtype=torch.int64),
-                                  torch.empty((0, self.dim), dtype=compute_dtype, device=self.device))
+        self._cache = self._cached_rows(torch.empty(0, dtype=torch.int64))
         self._counts = torch.zeros(self.num_rows, dtype=torch.int32)
         self._counting = threading.Lock()  # counts, stats and the choice in progress
         self._lookups_since_choice = 0
         self._choosing = False
+        self._cache_lock = threading.Lock()  # reads and writes of the cached values
+        self._pushes: list[concurrent.futures.Future] = []  # this table's pushes not known to have settled
 
     @property
     def cached_ids(self) -> torch.Tensor:
@@ -92,23 +109,58 @@ class CachedRowTable(RemoteRowTable):
         return {"capacity": self.capacity, "cached_rows": len(self._cache.ids), "hit_rate": round(stats.hit_rate, 4),
                 "bytes_saved": stats.bytes_saved, "bytes_admitted": stats.bytes_admitted}
 
+    # ----- lookups -----
+
     def prefetch(self, unique_ids: torch.Tensor, inverse: torch.Tensor,
                  shard_split: ShardSplit | None = None) -> concurrent.futures.Future:
-        cache = self._cache
-        slots = cache.slots_of(unique_ids)
-        hit = slots >= 0
-        self._count(unique_ids, int(hit.sum()))
+        cache, hit, hit_slots = self._look_up_in_cache(unique_ids)
         # The loader's shard split is of all of ``unique_ids``: the misses are split afresh.
         missed = self._fetch(unique_ids[~hit]) if not bool(hit.all()) else settled(self._no_rows())
-        return self._copier.submit(self._assemble, cache, hit, slots[hit], missed, inverse)
+        return self._copier.submit(lambda: self._engram_rows(
+            lambda: self._assembled(cache, hit, hit_slots, missed.result()), inverse))
 
     def prefetch_across_update(self, unique_ids: torch.Tensor, inverse: torch.Tensor, updated_ids: torch.Tensor,
                                shard_split: ShardSplit | None = None) -> RowsAcrossUpdate:
-        raise ValueError(f"table {self.table!r}: a cached serving table takes no updates")
+        """Push-and-pull for the rows the cache misses (``RemoteRowTable.prefetch_across_update``); the cached
+        ones are read once the update is in, which has stepped them here too."""
+        cache, hit, hit_slots = self._look_up_in_cache(unique_ids)
+        missed_ids = unique_ids[~hit]
+        changed = torch.from_numpy(np.isin(missed_ids.numpy(), updated_ids.numpy(), assume_unique=True))
+        kept = self._fetch(missed_ids[~changed]) if not bool(changed.all()) else settled(self._no_rows())
 
-    def apply_gradients(self, unique_ids: torch.Tensor, rows: EngramRows, step: int, rank: int = 0,
-                        world_size: int = 1, next_rows: RowsAcrossUpdate | None = None) -> concurrent.futures.Future:
-        raise ValueError(f"table {self.table!r}: a cached serving table takes no updates")
+        def fetch(pushed: concurrent.futures.Future) -> concurrent.futures.Future:
+            return self._copier.submit(lambda: self._engram_rows(
+                lambda: self._assembled(cache, hit, hit_slots, self._merged_rows(across, pushed)), inverse))
+
+        across = _PulledAcrossUpdate(fetch, missed_ids[changed], changed, kept, inverse)
+        return across
+
+    def _look_up_in_cache(self, unique_ids: torch.Tensor) -> tuple[_CachedRows, torch.Tensor, torch.Tensor]:
+        """The current cache, which of ``unique_ids`` it holds and where; counts the lookup, and for a serving
+        table starts a new choice of rows when one is due."""
+        cache = self._cache
+        slots = cache.slots_of(unique_ids)
+        hit = slots >= 0
+        if self._count(unique_ids, int(hit.sum())) and not self.trains:
+            self._copier.submit(self._choose_serving_rows)
+        return cache, hit, slots[hit]
+
+    def _assembled(self, cache: _CachedRows, hit: torch.Tensor, hit_slots: torch.Tensor,
+                   missed_rows: torch.Tensor) -> torch.Tensor:
+        """A lookup's unique rows on the device: the misses from their wire rows, the hits from ``cache``."""
+        rows = torch.empty((len(hit), self.dim), dtype=self.compute_dtype, device=self.device)
+        rows.index_copy_(0, torch.nonzero(~hit)[:, 0].to(self.device), self._on_device(missed_rows))
+        with self._cache_lock:
+            cached = cache.rows.index_select(0, hit_slots.to(self.device))
+        rows.index_copy_(0, torch.nonzero(hit)[:, 0].to(self.device), self._served(cached))
+        return rows
+
+    def _served(self, cached: torch.Tensor) -> torch.Tensor:
+        """Cached rows as a lookup gives them: a training table's float32 rows as the wire would carry them."""
+        if not self.trains:
+            return cached
+        encoded = quantize_rows(cached) if self._wire.scaled else cached.to(self._wire.torch)
+        return self._wire.values(encoded, self.compute_dtype)
 
     def _fetch(self, row_ids: torch.Tensor) -> concurrent.futures.Future:
         return self.client.lookup(self.table, row_ids, dtype=self.wire_dtype, pin_memory=self._copy_stream is not None)
@@ -117,22 +169,55 @@ class CachedRowTable(RemoteRowTable):
         element, width = self._wire.row_layout(self.dim)
         return torch.empty((0, width), dtype=element)
 
-    def _assemble(self, cache: _CachedRows, hit: torch.Tensor, hit_slots: torch.Tensor,
-                  missed: concurrent.futures.Future, inverse: torch.Tensor) -> EngramRows:
-        """The lookup's unique rows: the misses as fetched, the hits from ``cache`` (the choice it looked in)."""
-        fetched = missed.result()
+    # ----- training -----
 
-        def build() -> torch.Tensor:
-            rows = torch.empty((len(hit), self.dim), dtype=self.compute_dtype, device=self.device)
-            rows.index_copy_(0, torch.nonzero(~hit)[:, 0].to(self.device), self._on_device(fetched))
-            rows.index_copy_(0, torch.nonzero(hit)[:, 0].to(self.device),
-                             cache.rows.index_select(0, hit_slots.to(self.device)))
-            return rows
+    def apply_gradients(self, unique_ids: torch.Tensor, rows: EngramRows, step: int, rank: int = 0,
+                        world_size: int = 1, next_rows: RowsAcrossUpdate | None = None) -> concurrent.futures.Future:
+        """Step the cached rows of ``unique_ids`` here as the shards will, then push every row's gradient;
+        every ``readmit_every`` lookups, once the table's pushes are in, choose the cached rows afresh."""
+        if not self.trains:
+            raise ValueError(f"table {self.table!r}: a serving table takes no updates")
+        if world_size != 1:
+            raise ValueError(f"memory.cache: table {self.table!r} is cached on one worker's device, and a cache that "
+                             f"sees other workers' updates is not built yet: train with one worker, or without a cache")
+        cache = self._cache
+        slots = cache.slots_of(unique_ids)
+        hit = slots >= 0
+        if bool(hit.any()):
+            # The gradient as the shards receive it: rounded to the wire's dtype, applied in float32.
+            grads = rows.unique_rows.grad[hit.to(self.device)].to(self.grad_wire_dtype).float()
+            with self._cache_stream():
+                self._optimizer.apply_at(cache.rows, cache.state, slots[hit].to(self.device), grads)
+        pushed = super().apply_gradients(unique_ids, rows, step, rank, world_size, next_rows)
+        pushed.add_done_callback(self._forget_cache_if_lost)
+        self._pushes = [push for push in self._pushes if not push.done()] + [pushed]
+        with self._counting:
+            due = self._lookups_since_choice >= self.readmit_every
+        if due:
+            self._choose_training_rows()
+        return pushed
 
-        return self._engram_rows(build, inverse)
+    def _forget_cache_if_lost(self, pushed: concurrent.futures.Future) -> None:
+        """A push the shards did not take leaves the cached rows a step ahead of theirs: drop them."""
+        if pushed.exception() is not None:
+            self._cache = self._cached_rows(torch.empty(0, dtype=torch.int64))
 
-    def _count(self, unique_ids: torch.Tensor, hits: int) -> None:
-        """Count a lookup's rows; every ``readmit_every`` lookups, choose the cached rows afresh (off this thread)."""
+    @contextlib.contextmanager
+    def _cache_stream(self) -> Iterator[None]:
+        """Change the cached values one at a time, on a GPU on the copy stream (where lookups read them), after
+        the work the calling thread queued (the gradients)."""
+        with self._cache_lock:
+            if self._copy_stream is None:
+                yield
+                return
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._copy_stream):
+                yield
+
+    # ----- choosing the cached rows -----
+
+    def _count(self, unique_ids: torch.Tensor, hits: int) -> bool:
+        """Count a lookup's rows; whether a new choice of cached rows is due (and not already under way)."""
         with self._counting:
             self._counts.index_add_(0, unique_ids, torch.ones(len(unique_ids), dtype=torch.int32))
             self.stats.rows += len(unique_ids)
@@ -140,36 +225,42 @@ class CachedRowTable(RemoteRowTable):
             self.stats.bytes_saved += hits * self._wire.row_bytes(self.dim)
             self._lookups_since_choice += 1
             if self._choosing or self._lookups_since_choice < self.readmit_every:
-                return
-            self._choosing, self._lookups_since_choice = True, 0
-        self._copier.submit(self._choose)
+                return False
+            if not self.trains:
+                self._choosing, self._lookups_since_choice = True, 0
+            return True
 
-    def _choose(self) -> None:
-        """Pick the ``capacity`` most looked-up rows, halve the counts, and fetch the rows the cache lacks; the new
-        cache is swapped in once they are here."""
+    def _chosen_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``capacity`` most looked-up rows, sorted, and those of them the cache lacks; halves the counts."""
+        with self._counting:
+            counts, chosen = self._counts.topk(self.capacity)
+            self._counts.bitwise_right_shift_(1)
+            self._lookups_since_choice = 0
+        chosen = chosen[counts > 0].sort().values
+        admitted = chosen[self._cache.slots_of(chosen) < 0]
+        with self._counting:
+            self.stats.bytes_admitted += len(admitted) * self._admitted_row_bytes
+        return chosen, admitted
+
+    def _choose_serving_rows(self) -> None:
+        """On the copier thread: choose, fetch the admitted rows, and swap the new cache in once they are here."""
         try:
-            with self._counting:
-                counts, chosen = self._counts.topk(self.capacity)
-                self._counts.bitwise_right_shift_(1)
-            chosen = chosen[counts > 0].sort().values
-            cache = self._cache  # only the copier thread swaps caches in: this one stays until the swap
-            admitted = chosen[cache.slots_of(chosen) < 0]
-            with self._counting:
-                self.stats.bytes_admitted += len(admitted) * self._wire.row_bytes(self.dim)
+            cache = self._cache  # only the copier thread swaps a serving table's caches in
+            chosen, admitted = self._chosen_ids()
             fetched = self._fetch(admitted) if len(admitted) else settled(self._no_rows())
         except BaseException:
-            self._chosen()
+            self._done_choosing()
             raise
         fetched.add_done_callback(lambda _: self._swap_in_later(cache, chosen, admitted, fetched))
 
     def _swap_in_later(self, *args) -> None:
         try:
-            self._copier.submit(self._swap_in, *args)
+            self._copier.submit(self._swap_in_serving_rows, *args)
         except RuntimeError:  # the table was closed meanwhile
-            pass
+            self._done_choosing()
 
-    def _swap_in(self, cache: _CachedRows, chosen: torch.Tensor, admitted: torch.Tensor,
-                 fetched: concurrent.futures.Future) -> None:
+    def _swap_in_serving_rows(self, cache: _CachedRows, chosen: torch.Tensor, admitted: torch.Tensor,
+                              fetched: concurrent.futures.Future) -> None:
         """Make the cache of ``chosen`` from the rows ``cache`` holds and the ``admitted`` ones fetched; a failed
         fetch keeps the cache as it is."""
         try:
@@ -177,23 +268,62 @@ class CachedRowTable(RemoteRowTable):
         except Exception as error:  # the lookups go on with the cache they have
             log.warning("table %s: the hot-row cache keeps its rows: fetching %d admitted rows failed: %s",
                         self.table, len(admitted), error)
-            self._chosen()
+            self._done_choosing()
             return
         try:
-            def build() -> tuple[torch.Tensor]:
-                rows = torch.empty((len(chosen), self.dim), dtype=self.compute_dtype, device=self.device)
-                held = cache.slots_of(chosen)
-                kept = held >= 0
-                rows.index_copy_(0, torch.nonzero(kept)[:, 0].to(self.device),
-                                 cache.rows.index_select(0, held[kept].to(self.device)))
-                rows.index_copy_(0, torch.searchsorted(chosen, admitted).to(self.device), self._on_device(new_rows))
-                return (rows,)
-
-            rows, = build() if self._copy_stream is None else self._on_copy_stream(build)
-            self._cache = _CachedRows(chosen, rows)
+            self._cache = self._merged_cache(cache, chosen, admitted, lambda: {"rows": self._on_device(new_rows)})
         finally:
-            self._chosen()
+            self._done_choosing()
 
-    def _chosen(self) -> None:
+    def _choose_training_rows(self) -> None:
+        """On the training thread, once the table's pushes are in: choose, fetch the admitted rows with their
+        optimizer state, and swap the new cache in."""
+        for push in self._pushes:
+            push.result()
+        self._pushes = []
+        cache = self._cache
+        chosen, admitted = self._chosen_ids()
+        fetched = self.client.lookup_state(self.table, admitted).result() if len(admitted) else {}
+
+        def on_device() -> dict[str, torch.Tensor]:
+            return {key: values.to(self.device).view(len(admitted), *self._shape_of(key))
+                    for key, values in fetched.items()}
+
+        self._cache = self._merged_cache(cache, chosen, admitted, on_device)
+
+    def _merged_cache(self, cache: _CachedRows, chosen: torch.Tensor, admitted: torch.Tensor,
+                      admitted_values: Callable[[], dict[str, torch.Tensor]]) -> _CachedRows:
+        """The cache of ``chosen``: what ``cache`` holds of them, and ``admitted_values()`` (the admitted rows' values
+        by key, on the device) for the rest."""
+        new = self._cached_rows(chosen)
+        held = cache.slots_of(chosen)
+        kept = held >= 0
+        with self._cache_stream():
+            incoming = admitted_values() if len(admitted) else {}
+            for key, target in self._tensors(new).items():
+                target.index_copy_(0, torch.nonzero(kept)[:, 0].to(self.device),
+                                   self._tensors(cache)[key].index_select(0, held[kept].to(self.device)))
+                if len(admitted):
+                    target.index_copy_(0, torch.searchsorted(chosen, admitted).to(self.device), incoming[key])
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()
+        return new
+
+    def _cached_rows(self, ids: torch.Tensor) -> _CachedRows:
+        """An empty-valued cache for ``ids``: rows (and, for a table that trains, each state) on the device."""
+        rows_dtype = torch.float32 if self.trains else self.compute_dtype
+        rows = torch.empty((len(ids), self.dim), dtype=rows_dtype, device=self.device)
+        state = {name: torch.empty((len(ids), *shape), dtype=torch.float32, device=self.device)
+                 for name, shape in self._state_shapes.items()}
+        return _CachedRows(ids, rows, state)
+
+    def _shape_of(self, key: str) -> tuple[int, ...]:
+        return (self.dim,) if key == "rows" else self._state_shapes[key[len("state."):]]
+
+    @staticmethod
+    def _tensors(cache: _CachedRows) -> dict[str, torch.Tensor]:
+        return {"rows": cache.rows, **{f"state.{name}": values for name, values in cache.state.items()}}
+
+    def _done_choosing(self) -> None:
         with self._counting:
             self._choosing = False

@@ -130,6 +130,12 @@ class MemoryClient:
         ids = _as_int64(row_ids, "row_ids")
         return self._run(self._lookup(table, ids, dtype, pin_memory and torch.cuda.is_available(), shard_split))
 
+    def lookup_state(self, table: str, row_ids) -> concurrent.futures.Future:
+        """A future of the float32 rows of distinct ``row_ids`` with their optimizer state, by name as an export
+        names them (``rows``, ``state.<name>``), each [n, width] in the caller's order: read from each group's
+        primary, which holds every acknowledged step. What a cache that steps its own copies of rows starts from."""
+        return self._run(self._lookup_state(table, _as_int64(row_ids, "row_ids")))
+
     def push(self, table: str, row_ids, grads, step: int, rank: int = 0, world_size: int = 1,
              synchronous: bool = True, pull_ids=None, pull_dtype: torch.dtype = torch.bfloat16,
              pin_memory: bool = False) -> concurrent.futures.Future:
@@ -335,6 +341,28 @@ class MemoryClient:
             self._segments.release(segment)
         self._metrics.record("lookup", time.perf_counter() - start, len(unique), len(unique) * row_bytes)
         return out
+
+    async def _lookup_state(self, table: str, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        # A row with its state is at most 4 x dim float32 values (Adam: the row, two moments and a step count).
+        per_request = self._rows_per_request(16 * self._route(table).dim)
+
+        async def fetch(shard: int, positions: np.ndarray) -> None:
+            request = pb.LookupStateRequest(table=table, row_ids=ids[positions].tobytes())
+            reply = await self._call_shard(shard, "LookupState", request)
+            for part in reply.tensors:
+                values = torch.frombuffer(bytearray(part.values), dtype=torch.float32).view(len(positions), part.width)
+                if part.name not in tensors:
+                    tensors[part.name] = torch.empty((len(ids), part.width), dtype=torch.float32)
+                tensors[part.name][torch.from_numpy(positions)] = values
+
+        async def attempt(pending: np.ndarray) -> np.ndarray:
+            groups = self._route(table).split(ids, pending)
+            return await gather_parts([(chunk, fetch(shard, chunk)) for shard, positions in groups.items()
+                                       for chunk in _chunks(positions, per_request)])
+
+        await self._with_retries(attempt, np.arange(len(ids)))
+        return tensors
 
     # ---- push -------------------------------------------------------------------------------
 

@@ -133,11 +133,15 @@ class RemoteRowTable(RowTable):
 
     def _merged_to_device(self, across: "_PulledAcrossUpdate", pushed: concurrent.futures.Future) -> EngramRows:
         """The next step's rows from the ones looked up ahead and the ones the push pulled, on the device."""
+        return self._to_device(settled(self._merged_rows(across, pushed)), across.inverse)
+
+    def _merged_rows(self, across: "_PulledAcrossUpdate", pushed: concurrent.futures.Future) -> torch.Tensor:
+        """The wire rows of ``across``'s ids on the host: those looked up ahead, and those the push pulled."""
         element, width = self._wire.row_layout(self.dim)
         rows = torch.empty((len(across.changed), width), dtype=element, pin_memory=self._copy_stream is not None)
         rows[~across.changed] = across.kept.result()
         rows[across.changed] = pushed.result().pulled
-        return self._to_device(settled(rows), across.inverse)
+        return rows
 
     def close(self) -> None:
         self._pusher.shutdown(wait=True)

@@ -1,6 +1,6 @@
 """The hot-row cache in front of remote serving tables: lookups give the rows the shards hold whether they hit or
-miss, the cache fills with the most looked-up rows within its capacity, generation keeps its tokens, and a table
-that trains is refused."""
+miss, the cache fills with the most looked-up rows within its capacity, generation keeps its tokens, and updates are
+refused. (Tables that train behind the cache: tests/integration/test_training.py.)"""
 from __future__ import annotations
 
 import time
@@ -11,10 +11,7 @@ import torch
 from bench.generate import serving_runtimes
 from compute.generate import Generator
 from compute.memory.cached_table import CachedRowTable
-from compute.memory.service import open_client
-from compute.train.config import CacheConfig, table_name
-from compute.train.tables import engram_table_specs
-from memory_service.deploy import deploy
+from compute.train.config import CacheConfig
 from tests.integration.tiny_runs import tiny_run
 
 CAPACITY = 24
@@ -50,6 +47,8 @@ def test_cached_rows_equal_the_shards_rows_hit_or_miss_and_generation_keeps_its_
         assert set(hot.tolist()) <= set(cached_ids.tolist())  # the most looked-up rows
         assert table.stats.hits > 0 and table.stats.rows > table.stats.hits
         assert table.stats.bytes_saved == table.stats.hits * table.dim * 2  # bfloat16 rows on the wire
+        with pytest.raises(ValueError, match="a serving table takes no updates"):
+            table.apply_gradients(torch.arange(3), rows, step=0)
 
         prompts = [[5, 17, 99, 3, 42], [7, 8, 9, 10, 11, 12]]
         tokens = [Generator(runtime.model, runtime.compressor, runtime.hasher).generate_ids(
@@ -58,17 +57,4 @@ def test_cached_rows_equal_the_shards_rows_hit_or_miss_and_generation_keeps_its_
     finally:
         local.close()
         cached.close()
-        handle.stop()
-
-
-@pytest.mark.ray
-def test_a_table_that_trains_is_refused_a_cache(ray_cluster, tmp_path):
-    config = tiny_run(tmp_path)
-    handle = deploy(engram_table_specs(config), 1)
-    client = open_client(handle)
-    try:
-        with pytest.raises(ValueError, match="serves read-only serving tables only"):
-            CachedRowTable(client, table_name(config.engram.layer_ids[0]), capacity=8)
-    finally:
-        client.close()
         handle.stop()

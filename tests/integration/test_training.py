@@ -15,7 +15,7 @@ import torch
 
 from compute.memory.service import open_client
 from compute.train.checkpoints import load_trainer_state, memory_checkpoint
-from compute.train.config import TrainConfig, table_name
+from compute.train.config import CacheConfig, TrainConfig, table_name
 from compute.train.job import RunMemory, run_training
 from compute.train.loop import EngramTrainer, WorkerContext
 from compute.train.tables import engram_table_specs
@@ -51,11 +51,14 @@ def all_rows(handle, config: TrainConfig) -> dict[int, torch.Tensor]:
         client.close()
 
 
-def check_remote_rows_train_like_in_process_tables(tmp_path, device: str, rtol: float, rows_atol: float) -> None:
-    config = tiny_run(tmp_path)
+def check_remote_rows_train_like_in_process_tables(tmp_path, device: str, rtol: float, rows_atol: float,
+                                                   cache: CacheConfig = CacheConfig()) -> None:
+    config = tiny_run(tmp_path, memory__cache=cache)
     with memory_service(deploy(engram_table_specs(config), 2, data_root=tmp_path)) as handle:
         remote_losses, remote = train(config, handle, device=device)
         remote_rows = all_rows(handle, config)
+    if cache.enabled:  # the cached rows were stepped in place and served lookups
+        assert all(table.stats.hits > 0 and len(table.cached_ids) for table in remote.tables.values())
     # The loader split each layer's rows by shard under the service's routing, for the client to use.
     epoch, owners = remote.runtime.client.slot_owners()
     first = next(iter(remote.batches(num_steps=1)))
@@ -64,8 +67,8 @@ def check_remote_rows_train_like_in_process_tables(tmp_path, device: str, rtol: 
         shards = owners[table_name(layer)][layer_rows.unique.numpy() % config.memory.num_slots]
         for shard, positions in layer_rows.shard_positions.items():
             assert (shards[positions.numpy()] == shard).all()
-    local_losses, local = train(config.replace(memory__tables="local", output_dir=str(tmp_path / "local")),
-                                device=device)
+    local_losses, local = train(config.replace(memory__tables="local", memory__cache=CacheConfig(),
+                                               output_dir=str(tmp_path / "local")), device=device)
     np.testing.assert_allclose(remote_losses, local_losses, rtol=rtol)
     assert remote_losses[-1] < remote_losses[0]
     for layer, rows in remote_rows.items():
@@ -76,16 +79,24 @@ def test_remote_rows_train_step_for_step_like_in_process_tables(ray_cluster, tmp
     check_remote_rows_train_like_in_process_tables(tmp_path, "cpu", rtol=1e-6, rows_atol=1e-6)
 
 
+def test_remote_rows_behind_a_hot_row_cache_train_step_for_step_like_in_process_tables(ray_cluster, tmp_path):
+    """A tenth of each table cached, chosen afresh every 3 lookups: rows are admitted with their Adam state while
+    the run trains, stepped on the worker and on the shards alike."""
+    check_remote_rows_train_like_in_process_tables(tmp_path, "cpu", rtol=1e-6, rows_atol=1e-6,
+                                                   cache=CacheConfig(rows=90, readmit_every=3))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_the_gpu_remote_rows_train_like_in_process_tables(ray_cluster, tmp_path):
+@pytest.mark.parametrize("cache", [CacheConfig(), CacheConfig(rows=90, readmit_every=3)], ids=["uncached", "cached"])
+def test_on_the_gpu_remote_rows_train_like_in_process_tables(ray_cluster, tmp_path, cache):
     """Rows up on the copy stream, gradients down on the push stream, the Triton kernels in between.
 
     The in-process table's backward sums row gradients with float32 atomics, in another order than
     the remote rows' segment sums; Adam's g / sqrt(v) turns a last-bit difference of a near-zero
     gradient into up to ~1e-5 of a row value (2 of 7,120 values on the H200), hence ``rows_atol``.
     """
-    check_remote_rows_train_like_in_process_tables(tmp_path, "cuda", rtol=1e-5, rows_atol=5e-5)
+    check_remote_rows_train_like_in_process_tables(tmp_path, "cuda", rtol=1e-5, rows_atol=5e-5, cache=cache)
 
 
 def test_a_resumed_run_continues_exactly_where_its_checkpoint_left_off(ray_cluster, tmp_path):

@@ -1,0 +1,53 @@
+"""LookupState, what a hot-row cache of a table that trains admits rows with: a trainable table's float32 rows with
+their optimizer state, as the shards hold them after the pushes they acknowledged; a serving table has none."""
+from __future__ import annotations
+
+import dataclasses
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from compute.memory.calls import MemoryServiceError
+from compute.memory.service import open_client
+from compute.train.tables import engram_table_specs
+from memory_service.deploy import deploy
+from tests.integration.tiny_runs import tiny_run
+
+pytestmark = pytest.mark.ray
+
+
+def test_lookup_state_gives_the_rows_a_lookup_gives_with_their_adam_state(ray_cluster, tmp_path):
+    config = tiny_run(tmp_path)
+    spec = engram_table_specs(config)[0]
+    handle = deploy([spec], 2)
+    client = open_client(handle)
+    try:
+        stepped = np.arange(0, 40, 2)
+        for step in range(3):
+            client.push(spec.name, stepped, torch.full((len(stepped), spec.dim), 0.1), step=step).result(timeout=60)
+        ids = np.arange(0, 60, 3)  # some stepped three times, some never, on both shards
+        state = client.lookup_state(spec.name, ids).result(timeout=60)
+        assert sorted(state) == ["rows", "state.exp_avg", "state.exp_avg_sq", "state.step"]
+        assert torch.equal(state["rows"], client.lookup(spec.name, ids, dtype=torch.float32).result(timeout=60))
+        assert state["state.exp_avg"].shape == (len(ids), spec.dim) and state["state.step"].shape == (len(ids), 1)
+        assert state["state.step"][:, 0].tolist() == [3.0 if i in set(stepped) else 0.0 for i in ids]
+        assert client.lookup_state(spec.name, np.empty(0, dtype=np.int64)).result(timeout=60) == {}
+    finally:
+        client.close()
+        handle.stop()
+
+
+def test_a_serving_table_has_no_state_to_look_up(ray_cluster, tmp_path):
+    spec = engram_table_specs(tiny_run(tmp_path))[0]
+    serving = dataclasses.replace(spec, storage_dtype="bfloat16")
+    handle = deploy([serving], 1)
+    client = open_client(handle)
+    try:
+        with pytest.raises(MemoryServiceError) as refused:
+            client.lookup_state(serving.name, np.arange(4)).result(timeout=60)
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION and "read-only serving" in str(refused.value)
+    finally:
+        client.close()
+        handle.stop()
