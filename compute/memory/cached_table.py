@@ -62,8 +62,9 @@ class CachedRowTable(RemoteRowTable):
     only the rows the cache misses, and takes the others from the device.
 
     The cached rows are chosen by lookup counts (LFU; the counts are halved at each choice, so that they follow
-    traffic that drifts) every ``readmit_every`` lookups, and a new choice replaces the old one whole: a lookup
-    reads one choice from start to end. Costs 4 bytes a table row on the host for the counts.
+    traffic that drifts) after the first lookup and then every ``readmit_every`` lookups, and a new choice replaces
+    the old one whole: a lookup reads one choice from start to end. Costs 4 bytes a table row on the host for the
+    counts.
 
     A serving table's rows never change: a choice fetches the rows it admits in the background. A table that
     trains is written through (one worker only): the cache holds its rows in float32 with their optimizer state,
@@ -94,6 +95,7 @@ class CachedRowTable(RemoteRowTable):
         self._counts = torch.zeros(self.num_rows, dtype=torch.int32)
         self._counting = threading.Lock()  # counts, stats and the choice in progress
         self._lookups_since_choice = 0
+        self._next_choice_after = 1  # lookups; then every readmit_every
         self._choosing = False
         self._cache_lock = threading.Lock()  # reads and writes of the cached values
         self._pushes: list[concurrent.futures.Future] = []  # this table's pushes not known to have settled
@@ -192,7 +194,7 @@ class CachedRowTable(RemoteRowTable):
         pushed.add_done_callback(self._forget_cache_if_lost)
         self._pushes = [push for push in self._pushes if not push.done()] + [pushed]
         with self._counting:
-            due = self._lookups_since_choice >= self.readmit_every
+            due = self._lookups_since_choice >= self._next_choice_after
         if due:
             self._choose_training_rows()
         return pushed
@@ -224,7 +226,7 @@ class CachedRowTable(RemoteRowTable):
             self.stats.hits += hits
             self.stats.bytes_saved += hits * self._wire.row_bytes(self.dim)
             self._lookups_since_choice += 1
-            if self._choosing or self._lookups_since_choice < self.readmit_every:
+            if self._choosing or self._lookups_since_choice < self._next_choice_after:
                 return False
             if not self.trains:
                 self._choosing, self._lookups_since_choice = True, 0
@@ -235,7 +237,7 @@ class CachedRowTable(RemoteRowTable):
         with self._counting:
             counts, chosen = self._counts.topk(self.capacity)
             self._counts.bitwise_right_shift_(1)
-            self._lookups_since_choice = 0
+            self._lookups_since_choice, self._next_choice_after = 0, self.readmit_every
         chosen = chosen[counts > 0].sort().values
         admitted = chosen[self._cache.slots_of(chosen) < 0]
         with self._counting:
