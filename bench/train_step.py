@@ -40,8 +40,7 @@ VARIANTS = {  # name: memory settings
                                                       grad_wire_dtype="bfloat16"),
     "remote, prefetch, staleness 0, fp8 rows": dict(tables="remote", prefetch=True, staleness=0,
                                                     wire_dtype="float8_e4m3"),
-    # A tenth of each table's rows on the device with their Adam state, stepped there as on the shards; chosen
-    # afresh every 8 steps, as the benchmark's runs are short.
+    # A tenth of each table's rows on the device with their Adam state, stepped there as on the shards.
     "remote, prefetch, staleness 0, hot-row cache 10%": dict(tables="remote", prefetch=True, staleness=0,
                                                              cache_share=0.1),
     # The training thread may wait up to the interpreter's switch interval (5 ms) for the GIL after
@@ -112,8 +111,7 @@ def main() -> None:
         switch_interval_ms = memory_settings.pop("switch_interval_ms", None)
         cache_share = memory_settings.pop("cache_share", None)
         if cache_share:
-            memory_settings["cache"] = CacheConfig(rows=int(cache_share * max(spec.rows for spec in specs)),
-                                                   readmit_every=8)
+            memory_settings["cache"] = CacheConfig(rows=int(cache_share * max(spec.rows for spec in specs)))
         sys.setswitchinterval(switch_interval_ms / 1e3 if switch_interval_ms else default_switch_interval)
         config = base.replace(**{f"memory__{k}": v for k, v in memory_settings.items()})
         handle = deploy(specs, args.shards) if config.memory.tables == "remote" else None

@@ -233,12 +233,17 @@ class CachedRowTable(RemoteRowTable):
             return True
 
     def _chosen_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``capacity`` most looked-up rows, sorted, and those of them the cache lacks; halves the counts."""
+        """The ``capacity`` most looked-up rows, sorted, and those of them the cache lacks; halves the counts.
+        A cached row keeps its place against a row looked up as often (admitting costs a fetch, and a table that
+        trains admits rows with their optimizer state)."""
+        cached = self._cache.ids
         with self._counting:
-            counts, chosen = self._counts.topk(self.capacity)
+            score = self._counts.to(torch.int64) * 2
             self._counts.bitwise_right_shift_(1)
             self._lookups_since_choice, self._next_choice_after = 0, self.readmit_every
-        chosen = chosen[counts > 0].sort().values
+        score[cached] += 1
+        scores, chosen = score.topk(self.capacity)
+        chosen = chosen[scores > 1].sort().values  # looked up since the last choice (2 x count, + 1 if cached)
         admitted = chosen[self._cache.slots_of(chosen) < 0]
         with self._counting:
             self.stats.bytes_admitted += len(admitted) * self._admitted_row_bytes
