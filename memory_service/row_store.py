@@ -42,7 +42,7 @@ from memory_service.core.row_init import fill_initial_rows
 from memory_service.core.slots import slot_row_ids
 from memory_service.core.table_spec import TableSpec
 from memory_service.core.tiered_rows import TieredRows, TierStats
-from protos.wire import WIRE_DTYPE_BY_NAME, quantize_rows
+from protos.wire import WIRE_DTYPE_BY_NAME
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +369,7 @@ class ShardStore:
             table = self._table(name)
             positions = self._positions(table, self._checked_row_ids(table.spec, row_ids))
             rows = table.rows.index_select(0, positions) if table.tier is None else table.tier.gather("rows", positions)
-        return quantize_rows(rows) if wire.scaled else rows.to(wire.torch)
+        return wire.encode(rows)
 
     def gather_state(self, name: str, row_ids) -> dict[str, torch.Tensor]:
         """The float32 rows ``row_ids`` [n] of an updatable table with their optimizer state, keyed as in an

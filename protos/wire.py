@@ -39,6 +39,10 @@ class WireDtype:
         as uint8 bytes, values then scale."""
         return (torch.uint8, self.row_bytes(dim)) if self.scaled else (self.torch, dim)
 
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows [n, dim] of values as they travel in this wire dtype (``row_layout``); the inverse of ``values``."""
+        return quantize_rows(rows) if self.scaled else rows.to(self.torch)
+
     def values(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Looked-up rows as they came in this wire dtype, as values in ``dtype`` on their device."""
         return dequantize_rows(rows, dtype) if self.scaled else rows.to(dtype)

@@ -18,7 +18,6 @@ from compute.memory.row_table import EngramRows, RowsAcrossUpdate, settled
 from memory_service.core.optimizers import make_optimizer
 from memory_service.core.slots import ShardSplit
 from memory_service.core.table_spec import TableSpec
-from protos.wire import quantize_rows
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +160,7 @@ class CachedRowTable(RemoteRowTable):
         """Cached rows as a lookup gives them: a training table's float32 rows as the wire would carry them."""
         if not self.trains:
             return cached
-        encoded = quantize_rows(cached) if self._wire.scaled else cached.to(self._wire.torch)
-        return self._wire.values(encoded, self.compute_dtype)
+        return self._wire.values(self._wire.encode(cached), self.compute_dtype)
 
     def _fetch(self, row_ids: torch.Tensor) -> concurrent.futures.Future:
         return self.client.lookup(self.table, row_ids, dtype=self.wire_dtype, pin_memory=self._copy_stream is not None)

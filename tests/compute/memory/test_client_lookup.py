@@ -43,7 +43,7 @@ def shards(monkeypatch, tmp_path):
     async def shard(self, address, method, request):
         ids = torch.from_numpy(np.frombuffer(request.row_ids, dtype="<i8").copy())
         wire = WIRE_DTYPE_BY_ENUM[request.dtype]
-        rows = quantize_rows(TABLE[ids]) if wire.scaled else TABLE[ids].to(wire.torch)
+        rows = wire.encode(TABLE[ids])
         if request.HasField("shared_rows"):
             segments.write(request.shared_rows.name, request.shared_rows.offset, rows, request.shared_rows.positions)
             return decode_lookup_rows(encode_lookup_response(rows, request.dtype, 1, rows_in_reply=False))
