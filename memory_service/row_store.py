@@ -41,7 +41,7 @@ from memory_service.core.optimizers import SparseOptimizer, make_optimizer
 from memory_service.core.row_init import fill_initial_rows
 from memory_service.core.slots import slot_row_ids
 from memory_service.core.table_spec import TableSpec
-from memory_service.core.tiered_rows import TieredRows, TierStats
+from memory_service.core.tiered_rows import TieredRows, TierStats, numpy_storage_dtype
 from protos.wire import WIRE_DTYPE_BY_NAME
 
 log = logging.getLogger(__name__)
@@ -216,11 +216,6 @@ def to_tensor(values) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    """How a storage dtype appears in exported arrays."""
-    return np.dtype(np.uint16) if dtype == torch.bfloat16 else np.dtype(np.float32)
-
-
 def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
     """A numpy view; bfloat16 as its uint16 bit patterns."""
     if tensor.dtype == torch.bfloat16:
@@ -238,7 +233,7 @@ def _as_tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 def _empty_rows(num_rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
     """Storage for rows, in transparent huge pages where the kernel offers them on request (numpy advises
     MADV_HUGEPAGE for large arrays): a random lookup in a table of tens of GB then rarely misses the TLB."""
-    return _as_tensor(np.empty((num_rows, dim), dtype=_numpy_dtype(dtype)), dtype)
+    return _as_tensor(np.empty((num_rows, dim), dtype=numpy_storage_dtype(dtype)), dtype)
 
 
 def as_serving_export(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -542,7 +537,7 @@ class ShardStore:
             if key not in data:
                 raise _invalid(key, "missing from the imported data")
             array = np.asarray(data[key])
-            wanted = _numpy_dtype(dtype)
+            wanted = numpy_storage_dtype(dtype)
             if array.dtype != wanted or array.shape != shape:
                 raise _invalid(key, f"must be {wanted} of shape {shape}, got {array.dtype} of shape {array.shape}")
             incoming[key] = _as_tensor(array, dtype)

@@ -1,8 +1,9 @@
 """A table's rows and optimizer state in files on local disk, with a bounded DRAM cache of the hot rows.
 
 Each tensor (``rows``, ``state.<name>``) is one memory-mapped file of ``[num_rows, ...]`` in storage
-position order, its disk space allocated when it is made. The cache holds at most ``capacity`` rows (each with all of its tensors) in DRAM
-tensors; ``_entry_of[position]`` (int32, -1: not cached) says which cache entry holds a position.
+position order, its disk space allocated when it is made. The cache holds at most ``capacity`` rows (each
+with all of its tensors) in DRAM tensors; ``_entry_of[position]`` (int32, -1: not cached) says which cache
+entry holds a position.
 Lookups and updates go through the cache: a missing row is read from its file into a free or evicted
 entry, an updated entry is marked dirty and written back to the files when it is evicted or on
 ``flush``. Eviction is least-frequently-used with aging: each entry counts its accesses, and the
@@ -44,8 +45,9 @@ class TierStats:
     written_back: int = 0    # dirty rows written to the files (on eviction or flush)
 
 
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    """How a tensor dtype is stored in a file: bfloat16 as its uint16 bit patterns (numpy has no bfloat16)."""
+def numpy_storage_dtype(dtype: torch.dtype) -> np.dtype:
+    """How a storage dtype is held as numpy (files, exports): bfloat16 as its uint16 bit patterns (numpy has no
+    bfloat16), float32 as itself."""
     return np.dtype(np.uint16) if dtype == torch.bfloat16 else np.dtype(np.float32)
 
 
@@ -164,13 +166,13 @@ class TieredRows:
         try:
             for key, (dtype, shape) in self.layout.items():
                 if num_rows == 0:  # an empty file cannot be mapped
-                    array = np.zeros((0, *shape), dtype=_numpy_dtype(dtype))
+                    array = np.zeros((0, *shape), dtype=numpy_storage_dtype(dtype))
                 else:
                     paths.append(self._path(key, generation))
                     with open(paths[-1], "wb") as file:
-                        size = num_rows * int(np.prod(shape, dtype=np.int64)) * _numpy_dtype(dtype).itemsize
+                        size = num_rows * int(np.prod(shape, dtype=np.int64)) * numpy_storage_dtype(dtype).itemsize
                         os.posix_fallocate(file.fileno(), 0, size)
-                    array = np.memmap(paths[-1], dtype=_numpy_dtype(dtype), mode="r+", shape=(num_rows, *shape))
+                    array = np.memmap(paths[-1], dtype=numpy_storage_dtype(dtype), mode="r+", shape=(num_rows, *shape))
                 tensor = torch.from_numpy(array)
                 files[key] = tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
         except OSError:
