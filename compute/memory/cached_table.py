@@ -9,7 +9,6 @@ import logging
 import threading
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 
 from compute.memory.client import MemoryClient
@@ -125,16 +124,12 @@ class CachedRowTable(RemoteRowTable):
         """Push-and-pull for the rows the cache misses (``RemoteRowTable.prefetch_across_update``); the cached
         ones are read once the update is in, which has stepped them here too."""
         cache, hit, hit_slots = self._look_up_in_cache(unique_ids)
-        missed_ids = unique_ids[~hit]
-        changed = torch.from_numpy(np.isin(missed_ids.numpy(), updated_ids.numpy(), assume_unique=True))
-        kept = self._fetch(missed_ids[~changed]) if not bool(changed.all()) else settled(self._no_rows())
 
-        def fetch(pushed: concurrent.futures.Future) -> concurrent.futures.Future:
-            return self._copier.submit(lambda: self._engram_rows(
-                lambda: self._assembled(cache, hit, hit_slots, self._merged_rows(across, pushed)), inverse))
+        def to_rows(across: _PulledAcrossUpdate, pushed: concurrent.futures.Future) -> EngramRows:
+            return self._engram_rows(lambda: self._assembled(cache, hit, hit_slots, self._merged_rows(across, pushed)),
+                                     inverse)
 
-        across = _PulledAcrossUpdate(fetch, missed_ids[changed], changed, kept, inverse)
-        return across
+        return self._pulled_across_update(unique_ids[~hit], updated_ids, inverse, to_rows)
 
     def _look_up_in_cache(self, unique_ids: torch.Tensor) -> tuple[_CachedRows, torch.Tensor, torch.Tensor]:
         """The current cache, which of ``unique_ids`` it holds and where; counts the lookup, and for a serving
@@ -161,9 +156,6 @@ class CachedRowTable(RemoteRowTable):
         if not self.trains:
             return cached
         return self._wire.values(self._wire.encode(cached), self.compute_dtype)
-
-    def _fetch(self, row_ids: torch.Tensor) -> concurrent.futures.Future:
-        return self.client.lookup(self.table, row_ids, dtype=self.wire_dtype, pin_memory=self._copy_stream is not None)
 
     def _no_rows(self) -> torch.Tensor:
         element, width = self._wire.row_layout(self.dim)
@@ -303,11 +295,12 @@ class CachedRowTable(RemoteRowTable):
         new = self._cached_rows(chosen)
         held = cache.slots_of(chosen)
         kept = held >= 0
+        old = self._tensors(cache)
         with self._cache_stream():
             incoming = admitted_values() if len(admitted) else {}
             for key, target in self._tensors(new).items():
                 target.index_copy_(0, torch.nonzero(kept)[:, 0].to(self.device),
-                                   self._tensors(cache)[key].index_select(0, held[kept].to(self.device)))
+                                   old[key].index_select(0, held[kept].to(self.device)))
                 if len(admitted):
                     target.index_copy_(0, torch.searchsorted(chosen, admitted).to(self.device), incoming[key])
         if self._copy_stream is not None:

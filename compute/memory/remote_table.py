@@ -44,19 +44,27 @@ class RemoteRowTable(RowTable):
 
     def prefetch(self, unique_ids: torch.Tensor, inverse: torch.Tensor,
                  shard_split: ShardSplit | None = None) -> concurrent.futures.Future:
-        rows = self.client.lookup(self.table, unique_ids, dtype=self.wire_dtype,
-                                  pin_memory=self._copy_stream is not None, shard_split=shard_split)
-        return self._copier.submit(self._to_device, rows, inverse)
+        return self._copier.submit(self._to_device, self._fetch(unique_ids, shard_split), inverse)
 
     def prefetch_across_update(self, unique_ids: torch.Tensor, inverse: torch.Tensor, updated_ids: torch.Tensor,
                                shard_split: ShardSplit | None = None) -> RowsAcrossUpdate:
         """Push-and-pull: the rows the update leaves alone are looked up now; the ones it changes come back
         in the update's own push, from the shards that apply it (see ``MemoryClient.push``)."""
-        changed = torch.from_numpy(np.isin(unique_ids.numpy(), updated_ids.numpy(), assume_unique=True))
-        kept = self.client.lookup(self.table, unique_ids[~changed], dtype=self.wire_dtype,
-                                  pin_memory=self._copy_stream is not None)
-        across = _PulledAcrossUpdate(lambda pushed: self._copier.submit(self._merged_to_device, across, pushed),
-                                     unique_ids[changed], changed, kept, inverse)
+        return self._pulled_across_update(unique_ids, updated_ids, inverse, self._merged_to_device)
+
+    def _fetch(self, row_ids: torch.Tensor, shard_split: ShardSplit | None = None) -> concurrent.futures.Future:
+        """Start looking ``row_ids`` up in the wire dtype, into page-locked memory when the rows go on to a GPU."""
+        return self.client.lookup(self.table, row_ids, dtype=self.wire_dtype, pin_memory=self._copy_stream is not None,
+                                  shard_split=shard_split)
+
+    def _pulled_across_update(self, row_ids: torch.Tensor, updated_ids: torch.Tensor, inverse: torch.Tensor,
+                              to_rows: Callable[["_PulledAcrossUpdate", concurrent.futures.Future], EngramRows]
+                              ) -> "_PulledAcrossUpdate":
+        """Push-and-pull for ``row_ids``: those the update of ``updated_ids`` leaves alone are looked up now, its push
+        pulls the others; once it is in, ``to_rows(across, pushed)`` makes the rows on the copier thread."""
+        changed = torch.from_numpy(np.isin(row_ids.numpy(), updated_ids.numpy(), assume_unique=True))
+        across = _PulledAcrossUpdate(lambda pushed: self._copier.submit(to_rows, across, pushed), row_ids[changed],
+                                     changed, self._fetch(row_ids[~changed]), inverse)
         return across
 
     def apply_gradients(self, unique_ids: torch.Tensor, rows: EngramRows, step: int, rank: int = 0,
