@@ -197,7 +197,7 @@ class ShardServicer:
         spec = self._spec(request.table)
         dtype = self._dtype(request.dtype, "dtype")
         ids = self._row_ids(request.row_ids)
-        reply_bytes = self._check_reply_size(len(ids), spec, dtype, "row_ids")
+        reply_bytes = self._check_reply_size(len(ids), WIRE_DTYPE_BY_NAME[dtype].row_bytes(spec.dim), "row_ids")
         rows = self.store.gather(request.table, ids, dtype)
         shared = request.HasField("shared_rows")
         if shared:
@@ -209,12 +209,8 @@ class ShardServicer:
         self._check_primary("LookupState")
         spec = self._spec(request.table)
         ids = self._row_ids(request.row_ids)
-        reply_bytes = len(ids) * spec.bytes_per_row()  # float32 rows and state (a serving table is refused below)
-        if reply_bytes > self.max_message_bytes:
-            raise RequestRejected("RESOURCE_EXHAUSTED", "row_ids",
-                                  f"row_ids: {len(ids)} rows of table '{spec.name}' with their optimizer state make a "
-                                  f"{reply_bytes}-byte reply, over max_message_bytes={self.max_message_bytes}; split "
-                                  f"the request")
+        # float32 rows with their state (a serving table is refused below)
+        reply_bytes = self._check_reply_size(len(ids), spec.bytes_per_row(), "row_ids")
         tensors = self.store.gather_state(request.table, ids)
         response = pb.LookupStateResponse(epoch=self.epoch, tensors=[
             pb.RowValues(name=key, width=int(np.prod(tensor.shape[1:])),
@@ -222,9 +218,9 @@ class ShardServicer:
             for key, tensor in tensors.items()])
         return response, len(ids), reply_bytes
 
-    def _check_reply_size(self, num_rows: int, spec: TableSpec, dtype: str, field: str) -> int:
-        """The bytes of ``num_rows`` rows in ``dtype``; refused if over the message limit."""
-        reply_bytes = num_rows * WIRE_DTYPE_BY_NAME[dtype].row_bytes(spec.dim)  # float8_e4m3's scales too
+    def _check_reply_size(self, num_rows: int, row_bytes: int, field: str) -> int:
+        """The bytes of ``num_rows`` rows of ``row_bytes`` each; refused if over the message limit."""
+        reply_bytes = num_rows * row_bytes
         if reply_bytes > self.max_message_bytes:
             raise RequestRejected(
                 "RESOURCE_EXHAUSTED", field,
@@ -263,7 +259,7 @@ class ShardServicer:
         """A push-and-pull's row ids and dtype, refused (before the push is taken) if they could not be served."""
         pull_ids = self._row_ids(request.pull_row_ids, "pull_row_ids")
         dtype = self._dtype(request.pull_dtype, "pull_dtype") if len(pull_ids) else "float32"
-        self._check_reply_size(len(pull_ids), spec, dtype, "pull_row_ids")
+        self._check_reply_size(len(pull_ids), WIRE_DTYPE_BY_NAME[dtype].row_bytes(spec.dim), "pull_row_ids")
         self.store.check_servable(request.table, pull_ids, "pull_row_ids")
         return pull_ids, dtype
 
