@@ -77,7 +77,7 @@ def step_every_row(store: ShardStore, rows: int) -> None:
     """One zero-gradient Adam step on every row: all pages of rows and state touched, as after long training."""
     for start in range(0, rows, 1 << 16):
         ids = np.arange(start, min(rows, start + (1 << 16)))
-        store.apply_update("t", store.check_update("t", ids, np.zeros((len(ids), DIM), dtype=np.float32)))
+        update(store, ids, np.zeros((len(ids), DIM), dtype=np.float32))
 
 
 def main() -> None:
