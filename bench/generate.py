@@ -32,7 +32,7 @@ import torch
 
 from bench.host import cpu_model
 from bench.results_files import figure, write_json
-from bench.serve import PROMPTS
+from bench.prompts import PROMPTS
 from bench.train_step import PRESETS as TRAIN_PRESETS
 from compute.generate import Generator
 from compute.memory.cached_table import CachedRowTable

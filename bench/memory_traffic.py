@@ -6,7 +6,8 @@ but the model: the same tables (two 3.2M-row x 64 layers on two shards), the sam
 real loader (8 x 1024 tokens, their unique rows and shard splits), the same training loop
 (``EngramTrainer``: prefetch, staleness, pushes, their waits), and in place of the model a stand-in
 that waits for each Engram layer's rows where the model would and "computes" for the measured step
-time: a share of it holding the GIL in Python (as the model's kernel launches do), the rest asleep
+time, forward and then backward layer by layer, the rows' gradients appearing as the backward passes
+their layers: a share of it holding the GIL in Python (as the model's kernel launches do), the rest asleep
 (as the training thread is while it waits for the GPU). Gradients are random, of the real shapes.
 
 A remote step's ratio is its median step time over the compute alone (``--compute-ms``), which is what
@@ -59,12 +60,27 @@ def compute(seconds: float, python_share: float) -> None:
         time.sleep(max(0.0, min(end - time.perf_counter(), 1e-3 * (1 - python_share))))
 
 
+class _BackwardCompute(torch.autograd.Function):
+    """The identity, whose backward stands in for one layer's share of the backward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, seconds: float, python_share: float) -> torch.Tensor:
+        ctx.seconds, ctx.python_share = seconds, python_share
+        return hidden.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        compute(ctx.seconds, ctx.python_share)
+        return grad, None, None
+
+
 class StandInModel:
-    """Called as the trainer calls its model: waits for each Engram layer's rows in layer order, computes in
-    between, and leaves a gradient of the rows' shape on them; the loss is a constant."""
+    """Called as the trainer calls its model: the forward waits for each Engram layer's rows in layer order and
+    computes in between; the backward computes layer by layer from the last, and each Engram layer's rows get
+    their gradient (of the rows' shape) when the backward reaches that layer, as the model's do. The loss is 0."""
 
     def __init__(self, engram_layers: list[int], num_layers: int, compute_s: float, python_share: float):
-        self.engram_layers, self.num_layers = sorted(engram_layers), num_layers
+        self.engram_layers, self.num_layers = set(engram_layers), num_layers
         self.compute_s, self.python_share = compute_s, python_share
         self.forward_share = 1 / 3  # forward:backward as 1:2, as the GPU profile measured
         # Gradients are slices of one random block: drawing them anew each step would cost the training thread
@@ -72,15 +88,17 @@ class StandInModel:
         self._gradients = torch.randn((0, 0))
 
     def __call__(self, input_ids, engram_rows, labels):
-        done_layers = 0
-        for layer in self.engram_layers:  # the forward up to each Engram layer, then its rows
-            compute(self.compute_s * self.forward_share * (layer - done_layers) / self.num_layers, self.python_share)
-            done_layers = layer
-            rows = engram_rows[layer].result()
-            rows.unique_rows.grad = self._gradients_for(rows.unique_rows)
-        compute(self.compute_s * (1 - self.forward_share * done_layers / self.num_layers), self.python_share)
-        loss = torch.zeros(())
-        return SimpleNamespace(loss=SimpleNamespace(backward=lambda: None), lm_loss=loss)
+        layer_forward_s = self.compute_s * self.forward_share / self.num_layers
+        layer_backward_s = self.compute_s * (1 - self.forward_share) / self.num_layers
+        hidden = torch.zeros((), requires_grad=True)
+        for layer in range(self.num_layers):
+            hidden = _BackwardCompute.apply(hidden, layer_backward_s, self.python_share)
+            if layer in self.engram_layers:
+                rows = engram_rows[layer].result().unique_rows
+                hidden = hidden + (rows * self._gradients_for(rows)).sum()
+            compute(layer_forward_s, self.python_share)
+        loss = hidden - hidden.detach()  # 0, with the graph behind it
+        return SimpleNamespace(loss=loss, lm_loss=loss.detach())
 
     def _gradients_for(self, rows: torch.Tensor) -> torch.Tensor:
         if self._gradients.shape[0] < rows.shape[0] or self._gradients.shape[1] != rows.shape[1]:

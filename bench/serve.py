@@ -27,6 +27,7 @@ import torch
 from ray import serve
 
 from bench.host import cpu_model
+from bench.prompts import PROMPTS
 from bench.results_files import figure, write_json
 from bench.train_step import PRESETS as TRAIN_PRESETS
 from compute.data import DataConfig
@@ -37,9 +38,6 @@ from compute.train.job import connect_ray
 from compute.train.loop import EngramTrainer, WorkerContext
 from compute.train.tables import engram_table_specs
 from memory_service.deploy import deploy
-
-PROMPTS = ["def main(", "import os\nimport sys\n", "class Config:\n    def __init__(self", "for i in range(",
-           "return self.", "with open(path) as f:", "if __name__ == ", "raise ValueError("]
 
 PRESETS = {
     # Runs in under 3 minutes on 2 cores: bench.train_step's CPU model, short requests.

@@ -135,17 +135,26 @@ def main() -> None:
                     "cache_bytes_saved": sum(c.bytes_saved for c in cached),
                     "cache_bytes_admitted": sum(c.bytes_admitted for c in cached)} if cached else {})}
 
+    def run_or_record_failure(name: str) -> dict:
+        """A remote variant that fails is reported as failed; the others and the baseline's second run go on."""
+        try:
+            return run(name)
+        except Exception as error:  # noqa: BLE001 - the benchmark reports it and goes on
+            logging.exception("variant %r failed", name)
+            return {"variant": name, "error": f"{type(error).__name__}: {error}"}
+
     # The in-process baseline runs first and again last, and the ratios are against the mean of the
     # two: whatever drifts over the run (the machine's other load, the process's memory) then weighs
     # on the baseline as on the variants between.
     first = run(names[0])
-    records = [first, *(run(name) for name in chosen)]
+    records = [first, *(run_or_record_failure(name) for name in chosen)]
     last = run(names[0])
     first["variant"], last["variant"] = f"{names[0]}, first", f"{names[0]}, last"
     records.append(last)
     baseline = (first["step_ms_median"] + last["step_ms_median"]) / 2
     for record in records:
-        record["vs_in_process"] = record["step_ms_median"] / baseline
+        if "error" not in record:
+            record["vs_in_process"] = record["step_ms_median"] / baseline
     report(records, "train_step" if device.type == "cpu" else "train_step_gpu", device)
 
 
@@ -154,6 +163,9 @@ def report(records: list[dict], stem: str, device: torch.device) -> None:
               f"{'cache hits':>12}")
     print(header)
     for r in records:
+        if "error" in r:
+            print(f"{r['variant']:<50} failed: {r['error']}")
+            continue
         hits = f"{100 * r['cache_hit_rate']:.1f}%" if "cache_hit_rate" in r else ""
         print(f"{r['variant']:<50}{r['step_ms_median']:>11.1f}{r['step_ms_mean']:>10.1f}{r['vs_in_process']:>9.3f}x"
               f"{100 * r['lookup_wait_share']:>12.1f}%{100 * r['push_wait_share']:>10.1f}%{hits:>12}")
@@ -163,7 +175,8 @@ def report(records: list[dict], stem: str, device: torch.device) -> None:
             "device": device_name, "host_cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__}
     write_json(stem, {**meta, "results": records})
     with figure(stem, figsize=(8, 3.6)) as (fig, ax):
-        ax.barh([r["variant"] for r in records][::-1], [r["step_ms_median"] for r in records][::-1], color="#4c72b0")
+        measured = [r for r in records if "error" not in r][::-1]
+        ax.barh([r["variant"] for r in measured], [r["step_ms_median"] for r in measured], color="#4c72b0")
         ax.set_xlabel(f"median step time, ms ({device_name})")
         ax.set_title("Engram training step: remote rows vs in-process tables")
 

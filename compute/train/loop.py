@@ -2,8 +2,8 @@
 
 Step s: the rows of step s were requested earlier (``RowTable.prefetch``) and are awaited only at the
 first Engram layer; backward yields each unique row's gradient, which each table applies
-(``apply_gradients``: remote tables push it to the shards without waiting); the dense optimizer steps
-meanwhile. With ``staleness=0`` the next step's rows are exact: on one rank, the rows this step does not
+(``apply_gradients``: remote tables push it to the shards without waiting) as soon as backward has
+passed its layer; the rest of backward and the dense optimizer step run meanwhile. With ``staleness=0`` the next step's rows are exact: on one rank, the rows this step does not
 touch are fetched once the previous step's update is in, and the ones it updates come back with its push
 (push-and-pull); with several ranks, the next prefetch is issued once this step's updates are applied
 everywhere. With ``staleness=1`` it is issued as soon as the previous step's updates are in, so it overlaps this step's
@@ -250,12 +250,30 @@ class EngramTrainer:
         for group in self.dense_optimizer.param_groups:
             group["lr"] = learning_rate(self.config, self.step)
         output = self.forward_model(batch.input_ids.to(device), engram_rows=rows, labels=batch.labels.to(device))
-        output.loss.backward()
+        pushes: dict[int, concurrent.futures.Future] = {}
+
+        def apply(layer: int) -> None:
+            pushes[layer] = self.tables[layer].apply_gradients(
+                batch.layers[layer].unique, rows[layer].result(), self.step, self.ctx.rank, self.ctx.world_size,
+                next_rows=across[layer].result() if across else None)
+
+        # A layer's rows that are a leaf of the graph have their whole gradient once backward has passed that
+        # layer: their update starts then, while backward goes on through the layers below it and the dense
+        # optimizer steps, so an exact next step waits less for its pulled rows. (An in-process table's
+        # gradient lands in its weight instead, and is applied after backward.)
+        leaves = {layer: rows[layer].result().unique_rows for layer in rows}
+        hooks = [leaf.register_post_accumulate_grad_hook(lambda _leaf, layer=layer: apply(layer))
+                 for layer, leaf in leaves.items() if leaf.is_leaf and leaf.requires_grad]
+        try:
+            output.loss.backward()
+        finally:
+            for hook in hooks:
+                hook.remove()
         torch.nn.utils.clip_grad_norm_(self.dense_params, self.config.optim.grad_clip)
-        for layer, future in rows.items():
-            pending_updates.append(self.tables[layer].apply_gradients(
-                batch.layers[layer].unique, future.result(), self.step, self.ctx.rank, self.ctx.world_size,
-                next_rows=across[layer].result() if across else None))
+        for layer in rows:
+            if layer not in pushes:
+                apply(layer)
+            pending_updates.append(pushes[layer])
         self.dense_optimizer.step()
         self.dense_optimizer.zero_grad(set_to_none=True)
         return output.lm_loss.item()
