@@ -65,12 +65,14 @@ class CachedRowTable(RemoteRowTable):
     counts.
 
     A serving table's rows never change: a choice fetches the rows it admits in the background. A table that
-    trains is written through (one worker only): the cache holds its rows in float32 with their optimizer state,
+    trains is written through: the cache holds its rows in float32 with their optimizer state,
     each step applies the step's gradient to the cached rows with the shards' own optimizer, as the shards do
     (on a CPU bit for bit; on a GPU within the rounding of its arithmetic), and still pushes every row's gradient,
     so the shards stay authoritative; a lookup serves cached rows as the wire would carry them. A choice waits
     for the table's pushes and fetches the admitted rows with their state (``MemoryClient.lookup_state``).
-    Lookups of cached rows cross no wire, neither to fetch nor to refresh them.
+    Lookups of cached rows cross no wire, neither to fetch nor to refresh them. With several workers (staleness
+    0), each steps its cached rows with its own share of the gradient, and at the step's end, after the barrier,
+    drops those that another worker updated too (``step_applied_everywhere``); choices are made there.
     """
 
     def __init__(self, client: MemoryClient, table: str, capacity: int, readmit_every: int = 64,
@@ -169,25 +171,41 @@ class CachedRowTable(RemoteRowTable):
         every ``readmit_every`` lookups, once the table's pushes are in, choose the cached rows afresh."""
         if not self.trains:
             raise ValueError(f"table {self.table!r}: a serving table takes no updates")
-        if world_size != 1:
-            raise ValueError(f"memory.cache: table {self.table!r} is cached on one worker's device, and a cache that "
-                             f"sees other workers' updates is not built yet: train with one worker, or without a cache")
         cache = self._cache
         slots = cache.slots_of(unique_ids)
         hit = slots >= 0
         if bool(hit.any()):
-            # The gradient as the shards receive it: rounded to the wire's dtype, applied in float32.
-            grads = rows.unique_rows.grad[hit.to(self.device)].to(self.grad_wire_dtype).float()
+            # This worker's gradient as the shards receive it: divided by the workers, rounded to the wire's dtype,
+            # applied in float32. (A row other workers also stepped is forgotten at the step's end.)
+            grads = (rows.unique_rows.grad[hit.to(self.device)] / world_size).to(self.grad_wire_dtype).float()
             with self._cache_stream():
                 self._optimizer.apply_at(cache.rows, cache.state, slots[hit].to(self.device), grads)
         pushed = super().apply_gradients(unique_ids, rows, step, rank, world_size, next_rows)
         pushed.add_done_callback(self._forget_cache_if_lost)
         self._pushes = [push for push in self._pushes if not push.done()] + [pushed]
-        with self._counting:
-            due = self._lookups_since_choice >= self._next_choice_after
-        if due:
+        if world_size == 1 and self._choice_due():  # with several workers, once the step is in everywhere
             self._choose_training_rows()
         return pushed
+
+    def _choice_due(self) -> bool:
+        with self._counting:
+            return self._lookups_since_choice >= self._next_choice_after
+
+    @property
+    def keeps_row_copies(self) -> bool:
+        return self.trains
+
+    def step_applied_everywhere(self, updated_elsewhere: torch.Tensor) -> None:
+        """Drop the cached rows that other workers updated this step (the shards applied the workers' summed
+        gradient, this cache only its own worker's): lookups fetch them until a choice admits them again, with the
+        shards' values. Then make a choice if one is due: only now are the step's rows final on the shards (a push
+        is answered before the other workers' pushes of its step have arrived)."""
+        cache = self._cache
+        stale = torch.isin(cache.ids, updated_elsewhere)
+        if bool(stale.any()):
+            self._cache = self._merged_cache(cache, cache.ids[~stale], torch.empty(0, dtype=torch.int64), dict)
+        if self._choice_due():
+            self._choose_training_rows()
 
     def _forget_cache_if_lost(self, pushed: concurrent.futures.Future) -> None:
         """A push the shards did not take leaves the cached rows a step ahead of theirs: drop them."""

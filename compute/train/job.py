@@ -90,9 +90,9 @@ def run_training(config: TrainConfig, *, resume: str | Path | None = None, memor
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if config.memory.cache.enabled and config.num_workers > 1:
-        raise ValueError("memory.cache: a hot-row cache sees only its own worker's updates; a cache that sees every "
-                         "worker's is not built yet: train with one worker, or without a cache")
+    if config.memory.cache.enabled and config.num_workers > 1 and config.memory.staleness != 0:
+        raise ValueError("memory.cache with several workers needs memory.staleness: 0: the caches learn of the other "
+                         "workers' updates at each step's barrier, which staleness 1 does not wait for")
     resume_path = resolve_checkpoint(resume) if resume else None
     output_dir = Path(config.output_dir).resolve()
     config = config.replace(output_dir=str(output_dir))  # workers run in Ray Train's own folder

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from compute.data import HashedBatch, hashed_batches
+from compute.memory.cached_table import CachedRowTable
 from compute.memory.futures import follow
 from compute.runtime import build_runtime
 from compute.train.checkpoints import TrainerState, load_trainer_state, save_checkpoint
@@ -227,6 +228,7 @@ class EngramTrainer:
             losses.append(loss)
             if (config.memory.staleness == 0 and across is None) or next_batch is None:
                 self._settle(pending_updates, barrier=config.memory.staleness == 0)
+            self._tell_tables_the_step_is_applied(batch)
             if next_batch is not None and config.memory.prefetch and next_rows is None:
                 next_rows = self.prefetch(next_batch)
             self.step += 1
@@ -305,6 +307,27 @@ class EngramTrainer:
         dist.all_reduce(total)
         return total.item() / self.ctx.world_size
 
+    def _tell_tables_the_step_is_applied(self, batch: HashedBatch) -> None:
+        """With several ranks, after the step's barrier and before the next lookups: tell each table that keeps
+        copies of rows which rows the other ranks updated (``RowTable.step_applied_everywhere``)."""
+        keeping = [layer for layer, table in self.tables.items() if table.keeps_row_copies]
+        if self.ctx.world_size == 1 or not keeping:
+            return
+        for layer in keeping:
+            self.tables[layer].step_applied_everywhere(self._ids_of_other_ranks(batch.layers[layer].unique))
+
+    def _ids_of_other_ranks(self, ids: torch.Tensor) -> torch.Tensor:
+        """Every other rank's ``ids`` (int64, one dimension), gathered from all ranks."""
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.ctx.world_size)]
+        dist.all_gather(sizes, torch.tensor([len(ids)], dtype=torch.int64))
+        longest = max(int(size) for size in sizes)
+        padded = torch.full((longest,), -1, dtype=torch.int64)
+        padded[:len(ids)] = ids
+        gathered = [torch.empty(longest, dtype=torch.int64) for _ in range(self.ctx.world_size)]
+        dist.all_gather(gathered, padded)
+        return torch.cat([rank_ids[:int(size)] for rank, (rank_ids, size) in enumerate(zip(gathered, sizes))
+                          if rank != self.ctx.rank])
+
     def _barrier(self) -> None:
         if self.ctx.world_size > 1:
             dist.barrier()
@@ -315,7 +338,12 @@ class EngramTrainer:
                 "tokens_per_s": totals["tokens"] / max(totals["compute_s"], 1e-9),
                 "lookup_wait_share": totals["wait_s"] / max(totals["compute_s"], 1e-9),
                 "push_wait_share": totals["push_wait_s"] / max(totals["compute_s"], 1e-9),
-                "rows_looked_up": totals["rows"], "bytes_moved": totals["bytes"]}
+                "rows_looked_up": totals["rows"], "bytes_moved": totals["bytes"], **self._cache_metrics()}
+
+    def _cache_metrics(self) -> dict:
+        """The hot-row caches' rows served from the device and looked up, over every cached table (if any)."""
+        caches = [table.stats for table in self.tables.values() if isinstance(table, CachedRowTable)]
+        return {"cache_hits": sum(c.hits for c in caches), "cache_rows": sum(c.rows for c in caches)} if caches else {}
 
     # ---- evaluation -------------------------------------------------------------------------
 

@@ -49,10 +49,10 @@ def test_the_cache_is_sized_in_rows_or_bytes_and_only_in_front_of_remote_tables(
         MemoryConfig(tables="local", cache=CacheConfig(rows=10))
 
 
-def test_a_run_of_several_workers_with_a_cache_is_refused_before_it_starts(tmp_path):
+def test_a_run_of_several_workers_with_a_cache_and_staleness_1_is_refused_before_it_starts(tmp_path):
     from compute.train.job import run_training
     from tests.integration.tiny_runs import tiny_run
 
-    with pytest.raises(ValueError, match="memory.cache: a hot-row cache sees only its own worker's updates"):
-        run_training(tiny_run(tmp_path, num_workers=2, memory__cache=CacheConfig(rows=8)))
+    with pytest.raises(ValueError, match="memory.cache with several workers needs memory.staleness: 0"):
+        run_training(tiny_run(tmp_path, num_workers=2, memory__staleness=1, memory__cache=CacheConfig(rows=8)))
     assert not (tmp_path / "run").exists()
