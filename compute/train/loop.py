@@ -3,10 +3,11 @@
 Step s: the rows of step s were requested earlier (``RowTable.prefetch``) and are awaited only at the
 first Engram layer; backward yields each unique row's gradient, which each table applies
 (``apply_gradients``: remote tables push it to the shards without waiting) as soon as backward has
-passed its layer; the rest of backward and the dense optimizer step run meanwhile. With ``staleness=0`` the next step's rows are exact: on one rank, the rows this step does not
-touch are fetched once the previous step's update is in, and the ones it updates come back with its push
-(push-and-pull); with several ranks, the next prefetch is issued once this step's updates are applied
-everywhere. With ``staleness=1`` it is issued as soon as the previous step's updates are in, so it overlaps this step's
+passed its layer; the rest of backward and the dense optimizer step run meanwhile. With ``staleness=0``
+the next step's rows are exact: on one rank, the rows this step does not touch are fetched once the
+previous step's update is in, and the ones it updates come back with its push (push-and-pull); with
+several ranks, the next prefetch is issued once this step's updates are applied everywhere. With
+``staleness=1`` it is issued as soon as the previous step's updates are in, so it overlaps this step's
 compute but may miss this step's update.
 """
 from __future__ import annotations
