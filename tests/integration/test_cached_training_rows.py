@@ -51,3 +51,32 @@ def test_a_serving_table_has_no_state_to_look_up(ray_cluster, tmp_path):
     finally:
         client.close()
         handle.stop()
+
+
+def test_a_cache_drops_the_rows_other_workers_updated_and_keeps_the_rest(ray_cluster, tmp_path):
+    """``step_applied_everywhere``: after the step's barrier, the cached rows another worker stepped are dropped
+    (looked up from the shards again), the others stay; a due choice is made there, with the step applied."""
+    from compute.memory.cached_table import CachedRowTable
+
+    spec = engram_table_specs(tiny_run(tmp_path))[0]
+    handle = deploy([spec], 2)
+    client = open_client(handle)
+    table = CachedRowTable(client, spec.name, capacity=16, readmit_every=1, wire_dtype=torch.float32)
+    try:
+        ids = torch.arange(0, 24, 3)
+        table.lookup(ids.view(1, -1, 1)).result(timeout=60)
+        table.step_applied_everywhere(torch.empty(0, dtype=torch.int64))  # the first choice is due: it admits them
+        assert torch.equal(table.cached_ids, ids)
+        client.push(spec.name, ids[[1, 4]].numpy(), torch.full((2, spec.dim), 0.5), step=0).result(timeout=60)
+        table.step_applied_everywhere(ids[[1, 4]])  # as if another worker had pushed them
+        kept = ids[[0, 2, 3, 5, 6, 7]]
+        assert torch.equal(table.cached_ids, kept)
+        hits = table.stats.hits
+        rows = table.lookup(ids.view(1, -1, 1)).result(timeout=60)
+        assert table.stats.hits == hits + len(kept)
+        shards = client.lookup(spec.name, ids.numpy(), dtype=torch.float32).result(timeout=60)
+        assert torch.equal(rows.unique_rows.detach(), shards)
+    finally:
+        table.close()
+        client.close()
+        handle.stop()
