@@ -304,9 +304,14 @@ class EngramTrainer:
     def _mean_over_ranks(self, value: float) -> float:
         if self.ctx.world_size == 1:
             return value
-        total = torch.tensor([value], dtype=torch.float64)
+        total = torch.tensor([value], dtype=torch.float64, device=self._collective_device())
         dist.all_reduce(total)
         return total.item() / self.ctx.world_size
+
+    def _collective_device(self) -> torch.device:
+        """Where this rank's tensors for collectives live: NCCL (Ray Train's backend on GPUs) takes CUDA tensors
+        only, gloo CPU ones."""
+        return self.ctx.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
     def _tell_tables_the_step_is_applied(self, batch: HashedBatch) -> None:
         """With several ranks, after the step's barrier and before the next lookups: tell each table that keeps
@@ -319,15 +324,16 @@ class EngramTrainer:
 
     def _ids_of_other_ranks(self, ids: torch.Tensor) -> torch.Tensor:
         """Every other rank's ``ids`` (int64, one dimension), gathered from all ranks."""
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.ctx.world_size)]
-        dist.all_gather(sizes, torch.tensor([len(ids)], dtype=torch.int64))
+        device = self._collective_device()
+        sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(self.ctx.world_size)]
+        dist.all_gather(sizes, torch.tensor([len(ids)], dtype=torch.int64, device=device))
         longest = max(int(size) for size in sizes)
-        padded = torch.full((longest,), -1, dtype=torch.int64)
-        padded[:len(ids)] = ids
-        gathered = [torch.empty(longest, dtype=torch.int64) for _ in range(self.ctx.world_size)]
+        padded = torch.full((longest,), -1, dtype=torch.int64, device=device)
+        padded[:len(ids)] = ids.to(device)
+        gathered = [torch.empty(longest, dtype=torch.int64, device=device) for _ in range(self.ctx.world_size)]
         dist.all_gather(gathered, padded)
         return torch.cat([rank_ids[:int(size)] for rank, (rank_ids, size) in enumerate(zip(gathered, sizes))
-                          if rank != self.ctx.rank])
+                          if rank != self.ctx.rank]).cpu()
 
     def _barrier(self) -> None:
         if self.ctx.world_size > 1:
