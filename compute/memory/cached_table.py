@@ -244,14 +244,15 @@ class CachedRowTable(RemoteRowTable):
         """The ``capacity`` most looked-up rows, sorted, and those of them the cache lacks; halves the counts.
         A cached row keeps its place against a row looked up as often (admitting costs a fetch, and a table that
         trains admits rows with their optimizer state)."""
-        cached = self._cache.ids
         with self._counting:
-            score = self._counts.to(torch.int64) * 2
-            self._counts.bitwise_right_shift_(1)
+            # Only rows with a count are candidates: a pass over the table's counts, then work on the few looked up
+            # lately (a top-k over every row of a 3.2M-row table took 80 ms, on the thread that makes lookups).
+            candidates = torch.nonzero(self._counts)[:, 0]
+            counts = self._counts[candidates]
+            self._counts[candidates] = counts >> 1
             self._lookups_since_choice, self._next_choice_after = 0, self.readmit_every
-        score[cached] += 1
-        scores, chosen = score.topk(self.capacity)
-        chosen = chosen[scores > 1].sort().values  # looked up since the last choice (2 x count, + 1 if cached)
+        score = counts.to(torch.int64) * 2 + torch.isin(candidates, self._cache.ids)  # a cached row wins a tie
+        chosen = candidates[score.topk(min(self.capacity, len(candidates))).indices].sort().values
         admitted = chosen[self._cache.slots_of(chosen) < 0]
         with self._counting:
             self.stats.bytes_admitted += len(admitted) * self._admitted_row_bytes
