@@ -35,7 +35,7 @@ from bench.results_files import figure, write_json
 from bench.prompts import PROMPTS
 from bench.train_step import PRESETS as TRAIN_PRESETS
 from compute.generate import Generator
-from compute.memory.cached_table import CachedRowTable
+from compute.memory.cached_table import CacheStats
 from compute.runtime import EngramRuntime, build_runtime
 from compute.train.config import CacheConfig, MemoryConfig, TrainConfig
 from compute.train.job import connect_ray
@@ -101,7 +101,7 @@ def compare(runtimes: dict[str, EngramRuntime], batch: int, preset: dict) -> lis
     # One decode step's row ids: the first prompt token's n-grams, one position per row.
     firsts = local.compressor.compress(np.array([prompt[:1] for prompt in prompts]))
     row_ids = {layer: torch.from_numpy(ids) for layer, ids in local.hasher.row_ids(firsts).items()}
-    stats_before = {name: cache_stats(runtime) for name, runtime in runtimes.items()}
+    stats_before = {name: CacheStats.of_tables(runtime.tables.values()) for name, runtime in runtimes.items()}
     generators = {name: Generator(rt.model, rt.compressor, rt.hasher) for name, rt in runtimes.items()}
     tokens = {name: generator.generate_ids(prompts, max_new_tokens, stop_at_eos=False)  # untimed: warms up
               for name, generator in generators.items()}
@@ -134,25 +134,16 @@ def compare(runtimes: dict[str, EngramRuntime], batch: int, preset: dict) -> lis
         if name != IN_PROCESS:
             same = [a == b for ra, rb in zip(tokens[IN_PROCESS], tokens[name]) for a, b in zip(ra, rb)]
             record["identical_tokens"] = sum(same) / len(same)
-        stats = cache_stats(runtimes[name])
+        stats = CacheStats.of_tables(runtimes[name].tables.values())
         if stats is not None:
-            rows, hits, saved, admitted = (after - before for after, before in zip(stats, stats_before[name]))
+            rows, hits, saved, admitted = (after - before for after, before in
+                                           zip(dataclasses.astuple(stats), dataclasses.astuple(stats_before[name])))
             record.update(cache_hit_rate=hits / rows, cache_bytes_saved=saved, cache_bytes_admitted=admitted)
     for r in records:
         cache = f", {100 * r['cache_hit_rate']:.0f}% of rows from the cache" if "cache_hit_rate" in r else ""
         print(f"  {r['tables']:<14} batch {batch:>3}: {r['tokens_per_s']:8.1f} tokens/s ({r['vs_in_process']:.3f}x), "
               f"decode step {r['decode_step_ms']:6.2f} ms, lookup {r['lookup_ms']:5.2f} ms{cache}", flush=True)
     return records
-
-
-def cache_stats(runtime: EngramRuntime) -> tuple[int, int, int, int] | None:
-    """Rows looked up, rows served by the cache, wire bytes saved and wire bytes of admitted rows, over a cached
-    runtime's tables."""
-    tables = [table for table in runtime.tables.values() if isinstance(table, CachedRowTable)]
-    if not tables:
-        return None
-    return tuple(sum(getattr(t.stats, field) for t in tables) for field in ("rows", "hits", "bytes_saved",
-                                                                             "bytes_admitted"))
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from bench.host import cpu_model
 from bench.results_files import figure, write_json
 from compute.config import EngramConfig, ModelConfig
 from compute.data import DataConfig
-from compute.memory.cached_table import CachedRowTable
+from compute.memory.cached_table import CacheStats
 from compute.train.config import CacheConfig, MemoryConfig, TrainConfig
 from compute.train.job import connect_ray
 from compute.train.loop import EngramTrainer, WorkerContext
@@ -120,7 +120,7 @@ def main() -> None:
             times = step_times(trainer, device)[warmup:]
             wait_share = trainer.last_metrics["lookup_wait_share"]
             push_wait_share = trainer.last_metrics["push_wait_share"]
-            cached = [table.stats for table in trainer.tables.values() if isinstance(table, CachedRowTable)]
+            cached = CacheStats.of_tables(trainer.tables.values())
         finally:
             trainer.close()
             if handle is not None:
@@ -131,9 +131,8 @@ def main() -> None:
                 "step_ms_median": 1e3 * statistics.median(times), "step_ms_mean": 1e3 * statistics.fmean(times),
                 "lookup_wait_share": wait_share, "push_wait_share": push_wait_share,
                 "tokens_per_step": config.data.batch_size * config.data.seq_len,
-                **({"cache_hit_rate": sum(c.hits for c in cached) / max(1, sum(c.rows for c in cached)),
-                    "cache_bytes_saved": sum(c.bytes_saved for c in cached),
-                    "cache_bytes_admitted": sum(c.bytes_admitted for c in cached)} if cached else {})}
+                **({"cache_hit_rate": cached.hit_rate, "cache_bytes_saved": cached.bytes_saved,
+                    "cache_bytes_admitted": cached.bytes_admitted} if cached else {})}
 
     def run_or_record_failure(name: str) -> dict:
         """A remote variant that fails is reported as failed; the others and the baseline's second run go on."""

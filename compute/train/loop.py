@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from compute.data import HashedBatch, hashed_batches
-from compute.memory.cached_table import CachedRowTable
+from compute.memory.cached_table import CacheStats
 from compute.memory.futures import follow
 from compute.runtime import build_runtime
 from compute.train.checkpoints import TrainerState, load_trainer_state, save_checkpoint
@@ -349,8 +349,8 @@ class EngramTrainer:
 
     def _cache_metrics(self) -> dict:
         """The hot-row caches' rows served from the device and looked up, over every cached table (if any)."""
-        caches = [table.stats for table in self.tables.values() if isinstance(table, CachedRowTable)]
-        return {"cache_hits": sum(c.hits for c in caches), "cache_rows": sum(c.rows for c in caches)} if caches else {}
+        stats = CacheStats.of_tables(self.tables.values())
+        return {"cache_hits": stats.hits, "cache_rows": stats.rows} if stats else {}
 
     # ---- evaluation -------------------------------------------------------------------------
 
