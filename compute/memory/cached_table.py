@@ -68,9 +68,11 @@ class CachedRowTable(RemoteRowTable):
     only the rows the cache misses, and takes the others from the device.
 
     The cached rows are chosen by lookup counts (LFU; the counts are halved at each choice, so that they follow
-    traffic that drifts) after the first lookup and then every ``readmit_every`` lookups, and a new choice replaces
-    the old one whole: a lookup reads one choice from start to end. Costs 4 bytes a table row on the host for the
-    counts.
+    traffic that drifts) after 2, 4, 8, ... lookups and then every ``readmit_every``, and a new choice replaces the
+    old one whole: a lookup reads one choice from start to end. A row the cache lacks is admitted only where it
+    pays its admission back: looked up twice or more, at a rate that would serve it from the device, before the
+    next choice, as many times as fetching it costs in looked-up rows (``payback_lookups``). Costs 4 bytes a table
+    row on the host for the counts.
 
     A serving table's rows never change: a choice fetches the rows it admits in the background. A table that
     trains is written through: the cache holds its rows in float32 with their optimizer state,
@@ -102,11 +104,18 @@ class CachedRowTable(RemoteRowTable):
         self._cache = self._cached_rows(torch.empty(0, dtype=torch.int64))
         self._counts = torch.zeros(self.num_rows, dtype=torch.int32)
         self._counting = threading.Lock()  # counts, stats and the choice in progress
+        self._lookups_counted = 0.0  # the counts' window: lookups since the start, halved with the counts
         self._lookups_since_choice = 0
-        self._next_choice_after = 1  # lookups; then every readmit_every
+        self._next_choice_after = min(2, readmit_every)  # lookups; doubled up to readmit_every
         self._choosing = False
         self._cache_lock = threading.Lock()  # reads and writes of the cached values
         self._pushes: list[concurrent.futures.Future] = []  # this table's pushes not known to have settled
+
+    @property
+    def payback_lookups(self) -> float:
+        """What admitting a row costs on the wire, in lookups of that row: 1 for a serving table, more for a table
+        that trains, whose rows come with their optimizer state in float32."""
+        return self._admitted_row_bytes / self._wire.row_bytes(self.dim)
 
     @property
     def cached_ids(self) -> torch.Tensor:
@@ -242,6 +251,7 @@ class CachedRowTable(RemoteRowTable):
             self.stats.hits += hits
             self.stats.bytes_saved += hits * self._wire.row_bytes(self.dim)
             self._lookups_since_choice += 1
+            self._lookups_counted += 1
             if self._choosing or self._lookups_since_choice < self._next_choice_after:
                 return False
             if not self.trains:
@@ -249,17 +259,22 @@ class CachedRowTable(RemoteRowTable):
             return True
 
     def _chosen_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``capacity`` most looked-up rows, sorted, and those of them the cache lacks; halves the counts.
-        A cached row keeps its place against a row looked up as often (admitting costs a fetch, and a table that
-        trains admits rows with their optimizer state)."""
+        """The ``capacity`` most looked-up rows among those cached or worth admitting, sorted, and those of them the
+        cache lacks; halves the counts. A cached row keeps its place against a row looked up as often."""
         with self._counting:
             # Only rows with a count are candidates: a pass over the table's counts, then work on the few looked up
             # lately (a top-k over every row of a 3.2M-row table took 63-64 ms, on the thread that makes lookups).
             candidates = torch.nonzero(self._counts)[:, 0]
             counts = self._counts[candidates]
             self._counts[candidates] = counts >> 1
-            self._lookups_since_choice, self._next_choice_after = 0, self.readmit_every
-        score = counts.to(torch.int64) * 2 + torch.isin(candidates, self._cache.ids)  # a cached row wins a tie
+            window, self._lookups_counted = self._lookups_counted, self._lookups_counted / 2
+            self._lookups_since_choice = 0
+            self._next_choice_after = min(2 * self._next_choice_after, self.readmit_every)
+        cached = torch.isin(candidates, self._cache.ids)
+        # Looked up `counts` times in the last `window` lookups: the hits it would give before the next choice.
+        pays_back = (counts >= 2) & (counts * self._next_choice_after >= self.payback_lookups * window)
+        candidates, counts, cached = (values[cached | pays_back] for values in (candidates, counts, cached))
+        score = counts.to(torch.int64) * 2 + cached  # a cached row wins a tie
         chosen = candidates[score.topk(min(self.capacity, len(candidates))).indices].sort().values
         admitted = chosen[self._cache.slots_of(chosen) < 0]
         with self._counting:

@@ -46,13 +46,13 @@ def _check_sizes(section: str, **sizes: int) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
-    """A hot-row cache on the compute device in front of each remote table (``CachedRowTable``): serving
-    tables only for now. Its size is ``rows`` a table, or ``bytes`` a table of device rows (compute dtype, 4
-    bytes a value); neither: no cache."""
+    """A hot-row cache on the compute device in front of each remote table (``CachedRowTable``), serving or
+    training. Its size is ``rows`` a table, or ``bytes`` a table of device rows (compute dtype, 4 bytes a value);
+    neither: no cache."""
 
     rows: int = 0
     bytes: int = 0
-    readmit_every: int = 64  # lookups between choices of the cached rows by their lookup counts
+    readmit_every: int = 64  # lookups between choices of the cached rows by their lookup counts, once warmed up
 
     def __post_init__(self):
         _check_sizes("memory.cache", rows=self.rows, bytes=self.bytes)

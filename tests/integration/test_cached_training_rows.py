@@ -53,20 +53,25 @@ def test_a_serving_table_has_no_state_to_look_up(ray_cluster, tmp_path):
         handle.stop()
 
 
-def test_a_cache_drops_the_rows_other_workers_updated_and_keeps_the_rest(ray_cluster, tmp_path):
-    """``step_applied_everywhere``: after the step's barrier, the cached rows another worker stepped are dropped
-    (looked up from the shards again), the others stay; a due choice is made there, with the step applied."""
+def test_a_cache_admits_rows_that_pay_back_and_drops_those_other_workers_updated(ray_cluster, tmp_path):
+    """A choice admits the rows looked up again, not those looked up once (fetching a row with its Adam state costs
+    ~3 lookups of it here). ``step_applied_everywhere``: after the step's barrier, the cached rows another worker
+    stepped are dropped (looked up from the shards again), the others stay; a due choice is made there, with the
+    step applied."""
     from compute.memory.cached_table import CachedRowTable
 
     spec = engram_table_specs(tiny_run(tmp_path))[0]
     handle = deploy([spec], 2)
     client = open_client(handle)
-    table = CachedRowTable(client, spec.name, capacity=16, readmit_every=1, wire_dtype=torch.float32)
+    table = CachedRowTable(client, spec.name, capacity=16, readmit_every=4, wire_dtype=torch.float32)
     try:
-        ids = torch.arange(0, 24, 3)
+        ids, once = torch.arange(0, 24, 3), torch.arange(100, 110)
+        assert 2 < table.payback_lookups < 4
+        table.lookup(torch.cat([ids, once]).view(1, -1, 1)).result(timeout=60)
         table.lookup(ids.view(1, -1, 1)).result(timeout=60)
-        table.step_applied_everywhere(torch.empty(0, dtype=torch.int64))  # the first choice is due: it admits them
+        table.step_applied_everywhere(torch.empty(0, dtype=torch.int64))  # the first choice is due (2 lookups)
         assert torch.equal(table.cached_ids, ids)
+        assert table.stats.bytes_admitted == len(ids) * spec.bytes_per_row()
         client.push(spec.name, ids[[1, 4]].numpy(), torch.full((2, spec.dim), 0.5), step=0).result(timeout=60)
         table.step_applied_everywhere(ids[[1, 4]])  # as if another worker had pushed them
         kept = ids[[0, 2, 3, 5, 6, 7]]

@@ -80,15 +80,15 @@ def test_remote_rows_train_step_for_step_like_in_process_tables(ray_cluster, tmp
 
 
 def test_remote_rows_behind_a_hot_row_cache_train_step_for_step_like_in_process_tables(ray_cluster, tmp_path):
-    """A tenth of each table cached, chosen afresh every 3 lookups: rows are admitted with their Adam state while
-    the run trains, stepped on the worker and on the shards alike."""
+    """Up to 90 rows of each table cached, chosen after 2 lookups, then every 4: rows are admitted with their Adam
+    state while the run trains, stepped on the worker and on the shards alike."""
     check_remote_rows_train_like_in_process_tables(tmp_path, "cpu", rtol=1e-6, rows_atol=1e-6,
-                                                   cache=CacheConfig(rows=90, readmit_every=3))
+                                                   cache=CacheConfig(rows=90, readmit_every=4))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("cache", [CacheConfig(), CacheConfig(rows=90, readmit_every=3)], ids=["uncached", "cached"])
+@pytest.mark.parametrize("cache", [CacheConfig(), CacheConfig(rows=90, readmit_every=4)], ids=["uncached", "cached"])
 def test_on_the_gpu_remote_rows_train_like_in_process_tables(ray_cluster, tmp_path, cache):
     """Rows up on the copy stream, gradients down on the push stream, the Triton kernels in between.
 
@@ -120,7 +120,7 @@ def test_two_workers_on_half_batches_equal_one_worker_on_the_whole_batch(ray_clu
     with memory_service(deploy(engram_table_specs(config), 1, data_root=tmp_path)) as handle:
         initial_rows = all_rows(handle, config)
     runs = {"1 worker": (1, CacheConfig()), "2 workers": (2, CacheConfig()),
-            "2 workers, cached": (2, CacheConfig(rows=90, readmit_every=3))}
+            "2 workers, cached": (2, CacheConfig(rows=90, readmit_every=4))}
     for name, (workers, cache) in runs.items():
         config = tiny_run(tmp_path, num_workers=workers, steps=3, memory__cache=cache,
                           output_dir=str(tmp_path / name.replace(" ", "_").replace(",", "")))
