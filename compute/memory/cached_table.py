@@ -194,7 +194,9 @@ class CachedRowTable(RemoteRowTable):
         if bool(hit.any()):
             # This worker's gradient as the shards receive it: divided by the workers, rounded to the wire's dtype,
             # applied in float32. (A row other workers also stepped is forgotten at the step's end.)
-            grads = (rows.unique_rows.grad[hit.to(self.device)] / world_size).to(self.grad_wire_dtype).float()
+            # Hit positions from the host: a boolean mask on the device would wait for the GPU to catch up.
+            hit_positions = torch.nonzero(hit)[:, 0].to(self.device, non_blocking=True)
+            grads = (rows.unique_rows.grad.index_select(0, hit_positions) / world_size).to(self.grad_wire_dtype).float()
             with self._cache_stream():
                 self._optimizer.apply_at(cache.rows, cache.state, slots[hit].to(self.device), grads)
         pushed = super().apply_gradients(unique_ids, rows, step, rank, world_size, next_rows)
