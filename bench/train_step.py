@@ -48,6 +48,8 @@ VARIANTS = {  # name: memory settings
     "remote, prefetch, staleness 1, GIL switch 0.1 ms": dict(tables="remote", prefetch=True, staleness=1,
                                                              switch_interval_ms=0.1),
 }
+# The client's calls that bring rows: lookups, the rows a push pulls back (exact mode), a cache's admissions.
+ROW_FETCHES = ("lookup", "pull", "lookup_state")
 PRESETS = {
     # A CPU-sized model: a few hundred ms a step on 2 cores.
     "cpu": dict(model=ModelConfig(hidden_size=64, num_layers=4, num_attention_heads=4, hc_mult=4, max_seq_len=128,
@@ -121,6 +123,7 @@ def main() -> None:
             wait_share = trainer.last_metrics["lookup_wait_share"]
             push_wait_share = trainer.last_metrics["push_wait_share"]
             cached = CacheStats.of_tables(trainer.tables.values())
+            moved = trainer.runtime.client.moved() if trainer.runtime.client else {}
         finally:
             trainer.close()
             if handle is not None:
@@ -130,7 +133,8 @@ def main() -> None:
         return {"variant": name, "device": device.type, "steps_timed": len(times),
                 "step_ms_median": 1e3 * statistics.median(times), "step_ms_mean": 1e3 * statistics.fmean(times),
                 "lookup_wait_share": wait_share, "push_wait_share": push_wait_share,
-                "tokens_per_step": config.data.batch_size * config.data.seq_len,
+                "tokens_per_step": config.data.batch_size * config.data.seq_len, "wire": moved,
+                "row_bytes_fetched": sum(moved.get(method, {}).get("bytes", 0) for method in ROW_FETCHES),
                 **({"cache_hit_rate": cached.hit_rate, "cache_bytes_saved": cached.bytes_saved,
                     "cache_bytes_admitted": cached.bytes_admitted} if cached else {})}
 
@@ -159,15 +163,17 @@ def main() -> None:
 
 def report(records: list[dict], stem: str, device: torch.device) -> None:
     header = (f"{'variant':<50}{'median ms':>11}{'mean ms':>10}{'vs local':>10}{'lookup wait':>13}{'push wait':>11}"
-              f"{'cache hits':>12}")
+              f"{'cache hits':>12}{'MB fetched':>12}")
     print(header)
     for r in records:
         if "error" in r:
             print(f"{r['variant']:<50} failed: {r['error']}")
             continue
         hits = f"{100 * r['cache_hit_rate']:.1f}%" if "cache_hit_rate" in r else ""
+        fetched = f"{r['row_bytes_fetched'] / 1e6:.1f}" if r["wire"] else ""
         print(f"{r['variant']:<50}{r['step_ms_median']:>11.1f}{r['step_ms_mean']:>10.1f}{r['vs_in_process']:>9.3f}x"
-              f"{100 * r['lookup_wait_share']:>12.1f}%{100 * r['push_wait_share']:>10.1f}%{hits:>12}")
+              f"{100 * r['lookup_wait_share']:>12.1f}%{100 * r['push_wait_share']:>10.1f}%{hits:>12}{fetched:>12}")
+    report_cache_bytes(records)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {device_name}; host CPU: {cpu_model()} ({os.cpu_count()} cores)")
     meta = {"command": " ".join(["python -m bench.train_step", *sys.argv[1:]]),
@@ -178,6 +184,21 @@ def report(records: list[dict], stem: str, device: torch.device) -> None:
         ax.barh([r["variant"] for r in measured], [r["step_ms_median"] for r in measured], color="#4c72b0")
         ax.set_xlabel(f"median step time, ms ({device_name})")
         ax.set_title("Engram training step: remote rows vs in-process tables")
+
+
+def report_cache_bytes(records: list[dict]) -> None:
+    """For a cached variant run beside the uncached one of its staleness: the row bytes it fetched (lookups, rows
+    pulled by pushes, admissions with their optimizer state) against those, on the same data, and its hit rate."""
+    uncached = {r["variant"]: r for r in records if "cache_hit_rate" not in r and "error" not in r}
+    for r in records:
+        base = uncached.get(r["variant"].split(", hot-row cache")[0]) if "cache_hit_rate" in r else None
+        if base is None or not base["row_bytes_fetched"]:
+            continue
+        cut = 1 - r["row_bytes_fetched"] / base["row_bytes_fetched"]
+        r["row_bytes_cut"] = cut
+        print(f"{r['variant']}: fetched {r['row_bytes_fetched'] / 1e6:.1f} MB of rows (admissions "
+              f"{r['wire'].get('lookup_state', {}).get('bytes', 0) / 1e6:.1f} MB) against {base['row_bytes_fetched'] / 1e6:.1f}"
+              f" MB uncached: cut by {100 * cut:.1f}%, hit rate {100 * r['cache_hit_rate']:.1f}%")
 
 
 if __name__ == "__main__":

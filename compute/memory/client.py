@@ -107,6 +107,11 @@ class MemoryClient:
         """The shared-memory segments (``/dev/shm/<name>``) kept for the next calls; ``close`` removes them."""
         return self._segments.names
 
+    def moved(self) -> dict[str, dict[str, int]]:
+        """What this client moved since it was made, by method (``lookup``, ``pull``: rows pushes brought back,
+        ``lookup_state``, ``push``): ``{"calls", "rows", "bytes"}`` of rows and gradients on the wire."""
+        return self._metrics.totals()
+
     def table_dim(self, table: str) -> int:
         return self._route(table).dim
 
@@ -361,7 +366,10 @@ class MemoryClient:
             return await gather_parts([(chunk, fetch(shard, chunk)) for shard, positions in groups.items()
                                        for chunk in _chunks(positions, per_request)])
 
+        start = time.perf_counter()
         await self._with_retries(attempt, np.arange(len(ids)))
+        self._metrics.record("lookup_state", time.perf_counter() - start, len(ids),
+                             sum(values.numel() * values.element_size() for values in tensors.values()))
         return tensors
 
     # ---- push -------------------------------------------------------------------------------
@@ -447,6 +455,9 @@ class MemoryClient:
         if segment:
             self._segments.release(segment)
         self._metrics.record("push", time.perf_counter() - start, len(ids), grads.numel() * grads.element_size())
+        if pull is not None:
+            answered = len(pull) - int(unanswered.sum())
+            self._metrics.record("pull", 0.0, answered, answered * WIRE_DTYPE_BY_TORCH[pull_dtype].row_bytes(self._route(table).dim))
         if unanswered.any():  # pending elsewhere, over a reply's size, or an asynchronous push: look them up
             late = np.flatnonzero(unanswered)
             rows = await self._lookup(table, pull[late], pull_dtype, False, None)

@@ -1,19 +1,25 @@
-"""The client's side of the memory service as Ray metrics: call latency, rows and row bytes per method.
+"""The client's side of the memory service: rows and row bytes per method, and as Ray metrics call latency too.
 
-Recorded only in processes where Ray is initialised (training and serving workers), whose metrics
-Ray's dashboard exports to Prometheus next to the shards' (cluster/grafana/ draws both).
+The Ray metrics are recorded only in processes where Ray is initialised (training and serving workers),
+whose metrics Ray's dashboard exports to Prometheus next to the shards' (cluster/grafana/ draws both);
+the totals are kept in every process, for a job's own report and the benchmarks.
 """
 from __future__ import annotations
 
+import collections
 import sys
+import threading
 
 LATENCY_BOUNDARIES_S = [1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 5.0]
 
 
 class ClientMetrics:
-    """Counts one client's lookups and pushes; does nothing outside Ray."""
+    """Counts one client's rows and row bytes by method (``lookup``, ``pull``: rows a push brought back,
+    ``lookup_state``, ``push``: gradients); outside Ray only in ``totals``."""
 
     def __init__(self):
+        self._totals: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self._lock = threading.Lock()
         ray = sys.modules.get("ray")
         self._enabled = ray is not None and ray.is_initialized()
         if not self._enabled:
@@ -26,7 +32,14 @@ class ClientMetrics:
         self._wire_bytes = metrics.Counter("engram_client_wire_bytes", "row and gradient bytes a client moved",
                                            tag_keys=("method",))
 
+    def totals(self) -> dict[str, dict[str, int]]:
+        """``{method: {"calls", "rows", "bytes"}}`` since the client was made."""
+        with self._lock:
+            return {method: dict(counts) for method, counts in self._totals.items()}
+
     def record(self, method: str, seconds: float, rows: int, wire_bytes: int) -> None:
+        with self._lock:
+            self._totals[method].update(calls=1, rows=rows, bytes=wire_bytes)
         if not self._enabled:
             return
         tags = {"method": method}

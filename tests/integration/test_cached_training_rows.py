@@ -33,6 +33,14 @@ def test_lookup_state_gives_the_rows_a_lookup_gives_with_their_adam_state(ray_cl
         assert torch.equal(state["rows"], client.lookup(spec.name, ids, dtype=torch.float32).result(timeout=60))
         assert state["state.exp_avg"].shape == (len(ids), spec.dim) and state["state.step"].shape == (len(ids), 1)
         assert state["state.step"][:, 0].tolist() == [3.0 if i in set(stepped) else 0.0 for i in ids]
+        # What the client moved, by method: a benchmark's bytes on the wire come from these counts.
+        client.push(spec.name, stepped, torch.zeros((len(stepped), spec.dim)), step=3, pull_ids=ids[:7],
+                    pull_dtype=torch.bfloat16).result(timeout=60)
+        moved = client.moved()
+        assert moved["push"] == {"calls": 4, "rows": 4 * len(stepped), "bytes": 4 * len(stepped) * spec.dim * 4}
+        assert moved["lookup_state"] == {"calls": 1, "rows": len(ids), "bytes": len(ids) * spec.bytes_per_row()}
+        assert moved["lookup"] == {"calls": 1, "rows": len(ids), "bytes": len(ids) * spec.dim * 4}
+        assert moved["pull"] == {"calls": 1, "rows": 7, "bytes": 7 * spec.dim * 2}
         assert client.lookup_state(spec.name, np.empty(0, dtype=np.int64)).result(timeout=60) == {}
     finally:
         client.close()
