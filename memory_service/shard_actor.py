@@ -19,6 +19,7 @@ import ray
 import torch
 
 from memory_service.auth import AccessTokens, TlsFiles
+from memory_service.core.leftovers import pid_tagged, remove_leftovers
 from memory_service.metrics import RayMetricsExporter, ShardMetrics
 from memory_service.replication import Replicas
 from memory_service.server import start_liveness_server, start_server
@@ -30,6 +31,7 @@ from protos.wire import DEFAULT_MAX_MESSAGE_BYTES, ClientTls, bearer_metadata, o
 log = logging.getLogger(__name__)
 
 
+SOCKET_DIR_PREFIX = "engram-shard-"  # a shard's folder for its Unix socket, in the temporary folder
 SWEEP_INTERVAL_S = 1.0  # how often a shard looks for synchronous steps pending past the step timeout
 
 # glibc mallopt parameters: serve large buffers from the heap and keep freed ones there.
@@ -73,7 +75,9 @@ class ShardActor:
         self._servicer.step_timeout_s = step_timeout_s
         self._server = self._liveness = None
         self._sweep: asyncio.Task | None = None
-        self._socket_dir = None if tls else tempfile.mkdtemp(prefix="engram-shard-")  # mode 0700
+        if not tls:  # a killed shard's socket folder stays behind until the next shard on this machine starts
+            remove_leftovers(tempfile.gettempdir(), SOCKET_DIR_PREFIX)
+        self._socket_dir = None if tls else tempfile.mkdtemp(prefix=pid_tagged(SOCKET_DIR_PREFIX))  # mode 0700
 
     async def start(self) -> dict[str, str]:
         """Start serving; return this shard's ``address``, ``local_address`` ('' with TLS), ``liveness_address``

@@ -28,12 +28,13 @@ from compute.memory.calls import (SHARD_LOST, CallDeadlines, Channels, MemorySer
                                   RetryPolicy, gather_parts, with_retries)
 from compute.memory.client_metrics import ClientMetrics
 from compute.memory.routing import Routing, TableRoute, connection_info_from_controller
-from compute.memory.shared_segments import SharedSegmentPool, remove_orphaned_segments
+from compute.memory.shared_segments import SharedSegmentPool
 from memory_service.core import push_checks
+from memory_service.core.leftovers import remove_leftovers
 from memory_service.core.slots import ShardSplit, slot_of
 from protos import engram_memory_v1_pb2 as pb
 from protos.wire import (CONTROLLER_NAME, DEFAULT_MAX_MESSAGE_BYTES, GRAD_WIRE_DTYPES, NAMESPACE, SHARED_SEGMENT_DIR,
-                         WIRE_DTYPE_BY_TORCH, ClientTls, as_row_words, tensor_to_bytes)
+                         SHARED_SEGMENT_PREFIX, WIRE_DTYPE_BY_TORCH, ClientTls, as_row_words, tensor_to_bytes)
 
 __all__ = ["MemoryClient", "MemoryServiceError", "PushResult", "RetryPolicy"]
 
@@ -67,7 +68,7 @@ class MemoryClient:
         self._failed_at: dict[int, float] = {}  # shard -> when a call to it last failed
         self._use_local_transport = use_local_transport and tls is None and os.path.isdir(SHARED_SEGMENT_DIR)
         if self._use_local_transport:
-            remove_orphaned_segments()
+            remove_leftovers(SHARED_SEGMENT_DIR, SHARED_SEGMENT_PREFIX)  # those of clients that were killed
         self._segments = SharedSegmentPool()
         self._metrics = ClientMetrics()
         self._loop = asyncio.new_event_loop()
@@ -457,7 +458,8 @@ class MemoryClient:
         self._metrics.record("push", time.perf_counter() - start, len(ids), grads.numel() * grads.element_size())
         if pull is not None:
             answered = len(pull) - int(unanswered.sum())
-            self._metrics.record("pull", 0.0, answered, answered * WIRE_DTYPE_BY_TORCH[pull_dtype].row_bytes(self._route(table).dim))
+            row_bytes = WIRE_DTYPE_BY_TORCH[pull_dtype].row_bytes(self._route(table).dim)
+            self._metrics.record("pull", 0.0, answered, answered * row_bytes)
         if unanswered.any():  # pending elsewhere, over a reply's size, or an asynchronous push: look them up
             late = np.flatnonzero(unanswered)
             rows = await self._lookup(table, pull[late], pull_dtype, False, None)

@@ -1,21 +1,18 @@
 """The client's side of the co-located transport: POSIX shared-memory segments that shards on this
-machine write looked-up rows into and read pushed gradients from, a pool reusing them across calls,
-and a sweeper for the segments of clients that died before removing theirs.
+machine write looked-up rows into and read pushed gradients from, and a pool reusing them across calls.
+Their names carry the client's process id: ``remove_leftovers`` sweeps those of clients that died.
 """
 from __future__ import annotations
 
-import logging
 import mmap
 import os
-import re
 import uuid
 import weakref
 
 import torch
 
+from memory_service.core.leftovers import pid_tagged
 from protos.wire import SHARED_SEGMENT_DIR, SHARED_SEGMENT_PREFIX
-
-log = logging.getLogger(__name__)
 
 
 class SharedRowSegment:
@@ -23,7 +20,7 @@ class SharedRowSegment:
     else when collected or at exit: a client never closed leaves no file behind."""
 
     def __init__(self, nbytes: int):
-        self.name = f"{SHARED_SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.name = f"{pid_tagged(SHARED_SEGMENT_PREFIX)}{uuid.uuid4().hex[:12]}"
         fd = os.open(f"{SHARED_SEGMENT_DIR}/{self.name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             os.ftruncate(fd, nbytes)
@@ -72,35 +69,3 @@ class SharedSegmentPool:
         for segment in self._free:
             segment.close()
         self._free.clear()
-
-
-_ORPHAN_CANDIDATE = re.compile(re.escape(SHARED_SEGMENT_PREFIX) + r"(\d+)-[0-9a-f]+")
-
-
-def remove_orphaned_segments(directory: str = SHARED_SEGMENT_DIR) -> list[str]:
-    """Unlink this user's ``engram-rows-<pid>-*`` segments whose process is gone (a client killed
-    before it could remove them, by SIGKILL say); return their names. Live processes' stay."""
-    removed = []
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            match = _ORPHAN_CANDIDATE.fullmatch(entry.name)
-            if not match or entry.stat(follow_symlinks=False).st_uid != os.getuid() or _alive(int(match[1])):
-                continue
-            try:
-                os.unlink(entry.path)
-                removed.append(entry.name)
-            except FileNotFoundError:  # another client swept it first
-                pass
-    if removed:
-        log.info("removed %d shared-memory segments left by ended processes: %s", len(removed), removed)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True

@@ -29,6 +29,9 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from memory_service.core.leftovers import pid_tagged, remove_leftovers
+
+TABLE_DIR_PREFIX = "table-"  # a table's folder under the tier's directory: table-<pid>-<name>-<random>
 COPY_BATCH_ROWS = 1 << 16  # rows copied at a time when the files are rewritten
 
 
@@ -63,7 +66,8 @@ class TieredRows:
         if capacity < 1:
             raise ValueError(f"capacity: must be >= 1, got {capacity}")
         self.layout = dict(layout)
-        self.directory = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=directory))
+        remove_leftovers(directory, TABLE_DIR_PREFIX)  # the files of tables whose shard was killed
+        self.directory = Path(tempfile.mkdtemp(prefix=f"{pid_tagged(TABLE_DIR_PREFIX)}{prefix}-", dir=directory))
         # The files go with the table: on close, or once nothing refers to it (a store replaced by a restore).
         self._remove_files = weakref.finalize(self, shutil.rmtree, self.directory, True)
         self.capacity = capacity

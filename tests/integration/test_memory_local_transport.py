@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from compute.memory.client import MemoryClient
-from compute.memory.shared_segments import SharedRowSegment, remove_orphaned_segments
+from compute.memory.shared_segments import SharedRowSegment
+from memory_service.core.leftovers import remove_leftovers
 from memory_service.shared_rows import SegmentError, SharedRowSegments
 from protos import engram_memory_v1_pb2 as pb
-from protos.wire import quantize_rows
+from protos.wire import SHARED_SEGMENT_DIR, SHARED_SEGMENT_PREFIX, quantize_rows
 from tests.integration.memory_deploy import TOKEN, deployment, reference_rows, shard_stub, spec
 
 TABLE = spec("local", dim=16)
@@ -95,7 +96,7 @@ def test_segments_of_a_killed_client_are_swept_and_live_ones_kept():
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     left_behind = killed.stdout.strip()
     assert os.path.exists(f"/dev/shm/{left_behind}")
-    assert left_behind in remove_orphaned_segments()
+    assert left_behind in remove_leftovers(SHARED_SEGMENT_DIR, SHARED_SEGMENT_PREFIX)
     assert not os.path.exists(f"/dev/shm/{left_behind}") and os.path.exists(f"/dev/shm/{ours.name}")
     ours.close()
 

@@ -38,7 +38,8 @@ def test_a_tiered_table_trains_moves_and_restores_like_an_all_dram_one(ray_clust
     data_root.mkdir()
     rng = np.random.default_rng(0)
     with deployment([DRAM, TIERED], shards=2, data_root=str(data_root), tier_dir=str(tier_dir)) as (controller, client):
-        assert sorted(path.name.rsplit("-", 1)[0] for path in tier_dir.iterdir()) == ["tiered", "tiered"]
+        tables = sorted(path.name.split("-", 2)[2].rsplit("-", 1)[0] for path in tier_dir.iterdir())  # table-<pid>-
+        assert tables == ["tiered", "tiered"]
         _train_both(client, rng, first_step=0, steps=4)
         ray.get(controller.checkpoint.remote("saved"))
         ray.get(controller.scale.remote(3))  # slots move between shards: exported from and imported into files

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import resource
 import signal
 import tempfile
@@ -147,7 +148,7 @@ def test_each_table_has_its_own_files_which_go_with_it(tmp_path):
     second.add_table(TIERED, range(8))  # another shard, same table, same folder
     first.add_table(dataclasses.replace(TIERED, name="layer3"), range(SPEC.num_slots))
     folders = sorted(path.name.rsplit("-", 1)[0] for path in tmp_path.iterdir())
-    assert folders == ["layer1", "layer1", "layer3"]
+    assert folders == [f"table-{os.getpid()}-{name}" for name in ("layer1", "layer1", "layer3")]
     _train([first, second], "layer1", np.random.default_rng(5), steps=2, batch=300, rows=8)  # rows on slots 0-7
     first.release_slots("layer1", range(8, 16))
     assert first.checksum("layer1") == second.checksum("layer1")
@@ -198,7 +199,7 @@ def test_no_room_for_the_files_is_refused_and_changes_nothing(tmp_path):
             tiered.import_slots("layer1", source.export_slots("layer1", range(8, 16)))
     assert (caught.value.code, caught.value.field) == ("RESOURCE_EXHAUSTED", "tier")
     assert tiered.owned_slots("layer1") == list(range(8)) and tiered.checksum("layer1") == before
-    assert len(list(next(tmp_path.glob("layer1-*")).iterdir())) == 4  # rows and Adam's 3 states, no new files
+    assert len(list(next(tmp_path.glob("table-*-layer1-*")).iterdir())) == 4  # rows and Adam's 3 states, no new files
 
 
 def test_reading_a_tiered_tables_checkpoint_file_makes_no_files(tmp_path, monkeypatch):
