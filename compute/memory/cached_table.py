@@ -80,9 +80,9 @@ class CachedRowTable(RemoteRowTable):
     (on a CPU bit for bit; on a GPU within the rounding of its arithmetic), and still pushes every row's gradient,
     so the shards stay authoritative; a lookup serves cached rows as the wire would carry them. A choice waits
     for the table's pushes and fetches the admitted rows with their state (``MemoryClient.lookup_state``).
-    Lookups of cached rows cross no wire, neither to fetch nor to refresh them. With several workers (staleness
-    0), each steps its cached rows with its own share of the gradient, and at the step's end, after the barrier,
-    drops those that another worker updated too (``step_applied_everywhere``); choices are made there.
+    Lookups of cached rows cross no wire, neither to fetch nor to refresh them. Choices are made at the step's end
+    (``step_applied_everywhere``). With several workers (staleness 0), each steps its cached rows with its own share
+    of the gradient, and at the step's end, after the barrier, drops those that another worker updated too.
     """
 
     def __init__(self, client: MemoryClient, table: str, capacity: int, readmit_every: int = 64,
@@ -184,8 +184,8 @@ class CachedRowTable(RemoteRowTable):
 
     def apply_gradients(self, unique_ids: torch.Tensor, rows: EngramRows, step: int, rank: int = 0,
                         world_size: int = 1, next_rows: RowsAcrossUpdate | None = None) -> concurrent.futures.Future:
-        """Step the cached rows of ``unique_ids`` here as the shards will, then push every row's gradient;
-        every ``readmit_every`` lookups, once the table's pushes are in, choose the cached rows afresh."""
+        """Step the cached rows of ``unique_ids`` here as the shards will, then push every row's gradient (the
+        cached rows are chosen afresh at the step's end, ``step_applied_everywhere``)."""
         if not self.trains:
             raise ValueError(f"table {self.table!r}: a serving table takes no updates")
         cache = self._cache
@@ -202,8 +202,6 @@ class CachedRowTable(RemoteRowTable):
         pushed = super().apply_gradients(unique_ids, rows, step, rank, world_size, next_rows)
         pushed.add_done_callback(self._forget_cache_if_lost)
         self._pushes = [push for push in self._pushes if not push.done()] + [pushed]
-        if world_size == 1 and self._choice_due():  # with several workers, once the step is in everywhere
-            self._choose_training_rows()
         return pushed
 
     def _choice_due(self) -> bool:
@@ -217,8 +215,9 @@ class CachedRowTable(RemoteRowTable):
     def step_applied_everywhere(self, updated_elsewhere: torch.Tensor) -> None:
         """Drop the cached rows that other workers updated this step (the shards applied the workers' summed
         gradient, this cache only its own worker's): lookups fetch them until a choice admits them again, with the
-        shards' values. Then make a choice if one is due: only now are the step's rows final on the shards (a push
-        is answered before the other workers' pushes of its step have arrived)."""
+        shards' values. Then make a choice if one is due: with several workers, only now are the step's rows final
+        on the shards (a push is answered before the other workers' pushes of its step have arrived); with one, the
+        step's end keeps the choice's waits out of its backward."""
         cache = self._cache
         stale = torch.isin(cache.ids, updated_elsewhere)
         if bool(stale.any()):
@@ -317,8 +316,8 @@ class CachedRowTable(RemoteRowTable):
             self._done_choosing()
 
     def _choose_training_rows(self) -> None:
-        """Where the gradients are applied (one worker) or at the step's end (several), once the table's pushes are
-        in: choose, fetch the admitted rows with their optimizer state, and swap the new cache in."""
+        """At the step's end, once the table's pushes are in: choose, fetch the admitted rows with their optimizer
+        state, and swap the new cache in."""
         for push in self._pushes:
             push.result()
         self._pushes = []

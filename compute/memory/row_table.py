@@ -74,14 +74,14 @@ class RowTable(abc.ABC):
         of this ``rank`` among ``world_size``; a future that settles once the update is in. ``next_rows``
         (from ``prefetch_across_update``) then settles with the next step's rows."""
 
-    #: Whether the table keeps copies of rows that its own steps update (a training cache): with several workers,
-    #: it must then hear of each step through ``step_applied_everywhere``.
+    #: Whether the table keeps copies of rows that its own steps update (a training cache): it must then hear of
+    #: each step's end through ``step_applied_everywhere``.
     keeps_row_copies: bool = False
 
     def step_applied_everywhere(self, updated_elsewhere: torch.Tensor) -> None:
-        """With several workers, once a step's updates from every worker are in (after the step's barrier):
-        ``updated_elsewhere`` are the rows the other workers updated, which copies kept here missed. Nothing to do
-        by default."""
+        """At a step's end (with several workers, after the step's barrier, once every worker's updates are sent):
+        ``updated_elsewhere`` are the rows the other workers updated, which copies kept here missed (none with one
+        worker). Nothing to do by default."""
 
     def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """The table's optimizer state kept in this process, by layer, for a checkpoint; none by default

@@ -314,13 +314,12 @@ class EngramTrainer:
         return self.ctx.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
     def _tell_tables_the_step_is_applied(self, batch: HashedBatch) -> None:
-        """With several ranks, after the step's barrier and before the next lookups: tell each table that keeps
-        copies of rows which rows the other ranks updated (``RowTable.step_applied_everywhere``)."""
-        keeping = [layer for layer, table in self.tables.items() if table.keeps_row_copies]
-        if self.ctx.world_size == 1 or not keeping:
-            return
-        for layer in keeping:
-            self.tables[layer].step_applied_everywhere(self._ids_of_other_ranks(batch.layers[layer].unique))
+        """At the step's end (with several ranks after its barrier): tell each table that keeps copies of rows which
+        rows the other ranks updated (``RowTable.step_applied_everywhere``; none with one rank)."""
+        for layer, table in self.tables.items():
+            if table.keeps_row_copies:
+                table.step_applied_everywhere(self._ids_of_other_ranks(batch.layers[layer].unique)
+                                              if self.ctx.world_size > 1 else torch.empty(0, dtype=torch.int64))
 
     def _ids_of_other_ranks(self, ids: torch.Tensor) -> torch.Tensor:
         """Every other rank's ``ids`` (int64, one dimension), gathered from all ranks."""
