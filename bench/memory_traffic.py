@@ -12,15 +12,18 @@ their layers: a share of it holding the GIL in Python (as the model's kernel lau
 
 A remote step's ratio is its median step time over the compute alone (``--compute-ms``), which is what
 the step would take if rows cost nothing; on a GPU host that is the in-process step. So the cause of a
-slow remote step can be found, and guarded, on a machine without a GPU.
-Run: ``python -m bench.memory_traffic [--compute-ms 380] [--python-share 0.3]``; prints a table and
-writes bench/results/memory_traffic.json and a PNG.
+slow remote step can be found, and guarded, on a machine without a GPU. Each variant's row bytes fetched
+(lookups, rows pulled back by pushes, a hot-row cache's admissions) are as the client counted them: they do
+not depend on the host, so a long run here says what a cache saves on the GPU preset's traffic.
+Run: ``python -m bench.memory_traffic [--compute-ms 380] [--python-share 0.3] [--variants I ...] [--stem NAME]``;
+prints a table and writes bench/results/memory_traffic.json (or NAME.json) and a PNG.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import statistics
+import sys
 import tempfile
 import time
 from types import SimpleNamespace
@@ -29,7 +32,7 @@ import torch
 
 from bench.host import cpu_model
 from bench.results_files import figure, write_json
-from bench.train_step import PRESETS, step_times
+from bench.train_step import PRESETS, memory_overrides, report_cache_bytes, rows_fetched, step_times
 from compute.config import ModelConfig
 from compute.train.config import MemoryConfig, TrainConfig
 from compute.train.job import connect_ray
@@ -42,6 +45,8 @@ VARIANTS = {  # name: memory settings
     "remote, prefetch, staleness 0": dict(prefetch=True, staleness=0),
     "remote, prefetch, staleness 1": dict(prefetch=True, staleness=1),
     "remote, prefetch, staleness 1, bf16 grads": dict(prefetch=True, staleness=1, grad_wire_dtype="bfloat16"),
+    # A tenth of each table's rows with their Adam state on the compute side: its rows fetched against variant 1's.
+    "remote, prefetch, staleness 0, hot-row cache 10%": dict(prefetch=True, staleness=0, cache_share=0.1),
 }
 # The GPU preset's tables, batches and loader; a model just big enough to own its Engram layers.
 STAND_IN_MODEL = ModelConfig(hidden_size=32, num_layers=PRESETS["gpu"]["model"].num_layers, num_attention_heads=2,
@@ -118,6 +123,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--variants", nargs="+", type=int, metavar="INDEX",
                         help=f"run only these variants (default: all): {dict(enumerate(VARIANTS))}")
+    parser.add_argument("--stem", default="memory_traffic", help="name of the results' JSON and PNG in bench/results")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     preset = PRESETS["gpu"]
@@ -136,28 +142,28 @@ def main() -> None:
         alone.append(time.perf_counter() - start)
     reference_ms = 1e3 * statistics.median(alone)
     started = time.perf_counter()
-    handle = deploy(engram_table_specs(base), args.shards)
+    specs = engram_table_specs(base)
+    handle = deploy(specs, args.shards)
     print(f"tables deployed in {time.perf_counter() - started:.1f} s", flush=True)
     records = []
     try:
         for index, name in enumerate(names):
             # One deployment serves every variant: each continues the shards' step count where the last ended.
-            config = base.replace(steps=(index + 1) * args.steps,
-                                  **{f"memory__{k}": v for k, v in VARIANTS[name].items()})
+            config = base.replace(steps=(index + 1) * args.steps, **memory_overrides(VARIANTS[name], specs))
             trainer = EngramTrainer(config, WorkerContext(memory=handle))
             trainer.step = index * args.steps
             trainer.forward_model = StandInModel(list(config.engram.layer_ids), config.model.num_layers, compute_s,
                                                  args.python_share)
             try:
                 times = step_times(trainer, torch.device("cpu"))[args.warmup:]
-                metrics = trainer.last_metrics
+                metrics, fetched = trainer.last_metrics, rows_fetched(trainer)
             finally:
                 trainer.close()
             median_ms = 1e3 * statistics.median(times)
             records.append({"variant": name, "steps_timed": len(times), "step_ms_median": median_ms,
                             "vs_compute": median_ms / reference_ms, "lookup_wait_share": metrics["lookup_wait_share"],
                             "push_wait_share": metrics["push_wait_share"],
-                            "rows_per_step": metrics["rows_looked_up"] / args.steps})
+                            "rows_per_step": metrics["rows_looked_up"] / args.steps, **fetched})
             print(f"{name}: median step {median_ms:.1f} ms ({median_ms / reference_ms:.3f}x the compute)", flush=True)
     finally:
         handle.stop()
@@ -167,15 +173,18 @@ def main() -> None:
 def report(records: list[dict], reference_ms: float, args) -> None:
     print(f"\ncompute alone: {reference_ms:.1f} ms a step ({args.python_share:.0%} of it holding the GIL); "
           f"host CPU: {cpu_model()}")
-    print(f"{'variant':<46}{'median ms':>11}{'vs compute':>12}{'lookup wait':>13}{'push wait':>11}{'rows/step':>11}")
+    print(f"{'variant':<50}{'median ms':>11}{'vs compute':>12}{'lookup wait':>13}{'push wait':>11}{'rows/step':>11}"
+          f"{'MB fetched':>12}{'cache hits':>12}")
     for r in records:
-        print(f"{r['variant']:<46}{r['step_ms_median']:>11.1f}{r['vs_compute']:>11.3f}x"
-              f"{r['lookup_wait_share']:>12.1%}{r['push_wait_share']:>11.1%}{r['rows_per_step']:>11.0f}")
-    write_json("memory_traffic", {"command": "python -m bench.memory_traffic " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "variants"),
+        hits = f"{r['cache_hit_rate']:.1%}" if "cache_hit_rate" in r else ""
+        print(f"{r['variant']:<50}{r['step_ms_median']:>11.1f}{r['vs_compute']:>11.3f}x"
+              f"{r['lookup_wait_share']:>12.1%}{r['push_wait_share']:>11.1%}{r['rows_per_step']:>11.0f}"
+              f"{r['row_bytes_fetched'] / 1e6:>12.1f}{hits:>12}")
+    report_cache_bytes(records)
+    write_json(args.stem, {"command": " ".join(["python -m bench.memory_traffic", *sys.argv[1:]]),
         "host_cpu": cpu_model(), "compute_ms": reference_ms, "python_share": args.python_share,
         "results": records})
-    with figure("memory_traffic") as (_, ax):
+    with figure(args.stem) as (_, ax):
         ax.barh([r["variant"] for r in records][::-1], [r["vs_compute"] for r in records][::-1], color="#4c72b0")
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xlabel("median step / compute alone (1.0 = rows cost nothing)")

@@ -70,6 +70,26 @@ PRESETS = {
 }
 
 
+def memory_overrides(settings: dict, specs) -> dict:
+    """A variant's memory settings as ``TrainConfig.replace`` arguments; ``cache_share`` becomes a cache of that
+    share of the largest table's rows."""
+    settings = dict(settings)
+    cache_share = settings.pop("cache_share", None)
+    if cache_share:
+        settings["cache"] = CacheConfig(rows=int(cache_share * max(spec.rows for spec in specs)))
+    return {f"memory__{key}": value for key, value in settings.items()}
+
+
+def rows_fetched(trainer: EngramTrainer) -> dict:
+    """What a run's rows cost on the wire, as its client counted (``wire``: by method; ``row_bytes_fetched``: lookups,
+    pulls and admissions), and its hot-row caches' hit rate and bytes, where it has any."""
+    moved = trainer.runtime.client.moved() if trainer.runtime.client else {}
+    cached = CacheStats.of_tables(trainer.tables.values())
+    return {"wire": moved, "row_bytes_fetched": sum(moved.get(method, {}).get("bytes", 0) for method in ROW_FETCHES),
+            **({"cache_hit_rate": cached.hit_rate, "cache_bytes_saved": cached.bytes_saved,
+                "cache_bytes_admitted": cached.bytes_admitted} if cached else {})}
+
+
 def step_times(trainer: EngramTrainer, device: torch.device) -> list[float]:
     """Wall seconds of every step (synchronised with the device), from the trainer's step callback."""
     times, last = [], [time.perf_counter()]
@@ -111,19 +131,15 @@ def main() -> None:
     def run(name: str) -> dict:
         memory_settings = dict(VARIANTS[name])
         switch_interval_ms = memory_settings.pop("switch_interval_ms", None)
-        cache_share = memory_settings.pop("cache_share", None)
-        if cache_share:
-            memory_settings["cache"] = CacheConfig(rows=int(cache_share * max(spec.rows for spec in specs)))
         sys.setswitchinterval(switch_interval_ms / 1e3 if switch_interval_ms else default_switch_interval)
-        config = base.replace(**{f"memory__{k}": v for k, v in memory_settings.items()})
+        config = base.replace(**memory_overrides(memory_settings, specs))
         handle = deploy(specs, args.shards) if config.memory.tables == "remote" else None
         trainer = EngramTrainer(config, WorkerContext(device=device, memory=handle))
         try:
             times = step_times(trainer, device)[warmup:]
             wait_share = trainer.last_metrics["lookup_wait_share"]
             push_wait_share = trainer.last_metrics["push_wait_share"]
-            cached = CacheStats.of_tables(trainer.tables.values())
-            moved = trainer.runtime.client.moved() if trainer.runtime.client else {}
+            fetched = rows_fetched(trainer)
         finally:
             trainer.close()
             if handle is not None:
@@ -133,10 +149,7 @@ def main() -> None:
         return {"variant": name, "device": device.type, "steps_timed": len(times),
                 "step_ms_median": 1e3 * statistics.median(times), "step_ms_mean": 1e3 * statistics.fmean(times),
                 "lookup_wait_share": wait_share, "push_wait_share": push_wait_share,
-                "tokens_per_step": config.data.batch_size * config.data.seq_len, "wire": moved,
-                "row_bytes_fetched": sum(moved.get(method, {}).get("bytes", 0) for method in ROW_FETCHES),
-                **({"cache_hit_rate": cached.hit_rate, "cache_bytes_saved": cached.bytes_saved,
-                    "cache_bytes_admitted": cached.bytes_admitted} if cached else {})}
+                "tokens_per_step": config.data.batch_size * config.data.seq_len, **fetched}
 
     def run_or_record_failure(name: str) -> dict:
         """A remote variant that fails is reported as failed; the others and the baseline's second run go on."""
@@ -196,9 +209,10 @@ def report_cache_bytes(records: list[dict]) -> None:
             continue
         cut = 1 - r["row_bytes_fetched"] / base["row_bytes_fetched"]
         r["row_bytes_cut"] = cut
-        print(f"{r['variant']}: fetched {r['row_bytes_fetched'] / 1e6:.1f} MB of rows (admissions "
-              f"{r['wire'].get('lookup_state', {}).get('bytes', 0) / 1e6:.1f} MB) against {base['row_bytes_fetched'] / 1e6:.1f}"
-              f" MB uncached: cut by {100 * cut:.1f}%, hit rate {100 * r['cache_hit_rate']:.1f}%")
+        admitted = r["wire"].get("lookup_state", {}).get("bytes", 0)
+        print(f"{r['variant']}: fetched {r['row_bytes_fetched'] / 1e6:.1f} MB of rows (admissions {admitted / 1e6:.1f} MB)"
+              f" against {base['row_bytes_fetched'] / 1e6:.1f} MB uncached: cut by {100 * cut:.1f}%, hit rate "
+              f"{100 * r['cache_hit_rate']:.1f}%")
 
 
 if __name__ == "__main__":
