@@ -459,7 +459,7 @@ class MemoryClient:
         if pull is not None:
             answered = len(pull) - int(unanswered.sum())
             row_bytes = WIRE_DTYPE_BY_TORCH[pull_dtype].row_bytes(self._route(table).dim)
-            self._metrics.record("pull", 0.0, answered, answered * row_bytes)
+            self._metrics.record("pull", None, answered, answered * row_bytes)  # their time is the push's
         if unanswered.any():  # pending elsewhere, over a reply's size, or an asynchronous push: look them up
             late = np.flatnonzero(unanswered)
             rows = await self._lookup(table, pull[late], pull_dtype, False, None)

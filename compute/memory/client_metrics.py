@@ -37,13 +37,15 @@ class ClientMetrics:
         with self._lock:
             return {method: dict(counts) for method, counts in self._totals.items()}
 
-    def record(self, method: str, seconds: float, rows: int, wire_bytes: int) -> None:
+    def record(self, method: str, seconds: float | None, rows: int, wire_bytes: int) -> None:
+        """One call of ``method``; ``seconds`` None where it was no call of its own (rows a push brought back)."""
         with self._lock:
             self._totals[method].update(calls=1, rows=rows, bytes=wire_bytes)
         if not self._enabled:
             return
         tags = {"method": method}
-        self._latency.observe(seconds, tags)
+        if seconds is not None:
+            self._latency.observe(seconds, tags)
         if rows:  # Ray's counters take only positive increments; an empty call moves none
             self._rows.inc(rows, tags)
             self._wire_bytes.inc(wire_bytes, tags)
