@@ -75,9 +75,10 @@ class ShardActor:
         self._servicer.step_timeout_s = step_timeout_s
         self._server = self._liveness = None
         self._sweep: asyncio.Task | None = None
+        self._socket_dir = None
         if not tls:  # a killed shard's socket folder stays behind until the next shard on this machine starts
             remove_leftovers(tempfile.gettempdir(), SOCKET_DIR_PREFIX)
-        self._socket_dir = None if tls else tempfile.mkdtemp(prefix=pid_tagged(SOCKET_DIR_PREFIX))  # mode 0700
+            self._socket_dir = tempfile.mkdtemp(prefix=pid_tagged(SOCKET_DIR_PREFIX))  # mode 0700
 
     async def start(self) -> dict[str, str]:
         """Start serving; return this shard's ``address``, ``local_address`` ('' with TLS), ``liveness_address``
