@@ -171,6 +171,10 @@ SEGMENT_NAMES = ["", "engram-rows-absent", "engram-rows-../../etc/passwd", "../e
                  "engram-rows-", "engram-rows-x\x00"]  # plus the real segment, added by the target
 FLOATS = [0.0, -0.0, 1e-3, -1.0, 1e38, -3.4e38, float("nan"), float("inf"), float("-inf"), 1e-45]
 
+# The strategies map through named functions (with functools.partial for what they close over), never lambdas:
+# Hypothesis describes a lambda by parsing its source, and on CPython 3.11 that parse has failed in
+# make test-floors, once with a SystemError (gh-106905) and once on a lambda continued on a second line
+# ("unmatched ')'"), which made the draws of two runs differ (FlakyStrategyDefinition).
 
 def ints(bounds: tuple[int, int], small: tuple[int, int] = (-3, 1100)) -> st.SearchStrategy[int]:
     low, high = bounds
@@ -180,21 +184,33 @@ def ints(bounds: tuple[int, int], small: tuple[int, int] = (-3, 1100)) -> st.Sea
 
 
 def int64_bytes(values: st.SearchStrategy[int] = ints(INT64), max_size: int = 12) -> st.SearchStrategy[bytes]:
-    arrays = st.lists(values, max_size=max_size).map(lambda v: np.asarray(v, dtype="<i8").tobytes())
+    arrays = st.lists(values, max_size=max_size).map(_int64_array_bytes)
     return st.one_of(arrays, st.binary(max_size=40))
 
 
 def float_bytes(dtype: str = "<f4") -> st.SearchStrategy[bytes]:
     """``n * DIM`` floats for n in 0..4 (the size a grad of n rows needs), mostly tame, some hostile."""
     value = st.one_of(st.floats(-1, 1, width=32), st.sampled_from(FLOATS))
-    arrays = st.integers(0, 4).flatmap(lambda n: st.lists(value, min_size=n * DIM, max_size=n * DIM)).map(
-        lambda v: _float_array(v, dtype).tobytes())
+    arrays = st.integers(0, 4).flatmap(functools.partial(_rows_of, value)).map(
+        functools.partial(_float_array_bytes, dtype))
     return st.one_of(arrays, st.binary(max_size=64))
+
+
+def _int64_array_bytes(values: list[int]) -> bytes:
+    return np.asarray(values, dtype="<i8").tobytes()
+
+
+def _rows_of(value: st.SearchStrategy[float], rows: int) -> st.SearchStrategy[list[float]]:
+    return st.lists(value, min_size=rows * DIM, max_size=rows * DIM)
 
 
 def _float_array(values, dtype) -> np.ndarray:
     with np.errstate(over="ignore"):  # 1e38 as float16 is meant to be inf
         return np.asarray(values, dtype=dtype)
+
+
+def _float_array_bytes(dtype: str, values: list[float]) -> bytes:
+    return _float_array(values, dtype).tobytes()
 
 
 def spec_json() -> st.SearchStrategy[str]:
@@ -221,14 +237,12 @@ def spec_json() -> st.SearchStrategy[str]:
     near_valid = st.fixed_dictionaries({"name": fields["name"], "rows": fields["rows"], "dim": fields["dim"]},
                                        optional={k: v for k, v in fields.items() if k not in ("name", "rows", "dim")})
     valid = st.builds(_valid_spec, st.sampled_from(["fuzzed", "adam"]), st.sampled_from(["sgd", "adam", "adagrad"]))
-    as_json = st.one_of(near_valid, valid).map(lambda d: json.dumps(d))
+    as_json = st.one_of(near_valid, valid).map(json.dumps)
     weird = st.sampled_from(["", "{", "null", "[]", "7", '"adam"', "NaN", "[" * 100_000, '{"a":' * 50_000,
                              '{"name": "x", "name": "y"}', "\x00", '{"rows": 1e999}'])
     return st.one_of(as_json, weird, st.text(max_size=40))
 
 
-# Strategies build with named functions, never lambdas: Hypothesis describes a lambda by parsing its source, and
-# CPython 3.11's parser can fail that with "AST constructor recursion depth mismatch" (a flaky SystemError).
 def _valid_spec(name: str, kind: str) -> dict:
     return {"name": name, "rows": 1000, "dim": DIM, "num_slots": NUM_SLOTS, "optimizer": {"kind": kind}}
 
@@ -365,10 +379,14 @@ def message_strategy(descriptor, target: "FuzzTarget | None" = None, depth: int 
         if _repeated(field):
             value = st.lists(value, max_size=6)
         fields[field.name] = value
-    built = st.fixed_dictionaries({}, optional=fields).map(lambda values: cls(**values))
+    built = st.fixed_dictionaries({}, optional=fields).map(functools.partial(_message_from_fields, cls))
     if descriptor.name == "ImportSlotsRequest":
         return st.one_of(built, mutated_import())
     return built
+
+
+def _message_from_fields(cls: type, values: dict):
+    return cls(**values)
 
 
 def _varint(value: int) -> bytes:
@@ -414,22 +432,20 @@ def wrong_wire_types(draw, request: type) -> bytes:
 
 def case_strategy(method: Method, kind: str, target: "FuzzTarget | None" = None) -> st.SearchStrategy[Case]:
     """Cases of ``kind`` for ``method``."""
-    hostile = message_strategy(method.request.DESCRIPTOR, target).map(lambda m: m.SerializeToString())
+    hostile = message_strategy(method.request.DESCRIPTOR, target).map(_serialized)
     if kind == "random":
         payload = st.binary(max_size=512)
     elif kind == "truncated":
         # with an unknown field after it, so that a message without fields has bytes to cut too
-        extra = st.binary(max_size=16).map(lambda b: _varint(1000 << 3 | 2) + _varint(len(b)) + b)
-        whole = st.tuples(hostile, st.one_of(st.just(b""), extra)).map(lambda t: (t[0] + t[1]) or b"\x0a")
-        payload = st.tuples(whole, st.floats(0, 1, exclude_max=True)).map(
-            lambda pair: pair[0][:int(len(pair[0]) * pair[1])])
+        whole = st.builds(_joined, hostile, st.one_of(st.just(b""), st.binary(max_size=16).map(_unknown_field)))
+        payload = st.builds(_cut, whole, st.floats(0, 1, exclude_max=True))
     elif kind == "oversized":
         limit = target.max_message_bytes if target else FUZZ_MAX_MESSAGE_BYTES
-        payload = st.tuples(hostile, st.integers(1, 64 * 1024), st.booleans(), st.integers(0, 2**32)).map(
-            lambda t: _oversized(t[0], limit + t[1], t[2], t[3]))
+        payload = st.builds(_oversized, hostile, st.integers(limit + 1, limit + 64 * 1024), st.booleans(),
+                            st.integers(0, 2**32))
     elif kind == "confused":
         others = st.sampled_from([cls for cls in REQUEST_TYPES if cls is not method.request]).flatmap(
-            lambda cls: message_strategy(cls.DESCRIPTOR, target)).map(lambda m: m.SerializeToString())
+            functools.partial(_messages_of_type, target)).map(_serialized)
         payload = st.one_of(others, wrong_wire_types(method.request))
     elif kind == "hostile":
         payload = hostile
@@ -437,6 +453,27 @@ def case_strategy(method: Method, kind: str, target: "FuzzTarget | None" = None)
         raise ValueError(f"kind: one of {KINDS}, got {kind!r}")
     tokens = st.sampled_from(["admin"] * 6 + ["data"] * 2 + ["wrong", "none"])
     return st.builds(functools.partial(Case, method, kind), payload, tokens)
+
+
+def _serialized(message) -> bytes:
+    return message.SerializeToString()
+
+
+def _messages_of_type(target: "FuzzTarget | None", cls: type) -> st.SearchStrategy:
+    return message_strategy(cls.DESCRIPTOR, target)
+
+
+def _unknown_field(body: bytes) -> bytes:
+    """``body`` as field 1000, length-delimited: a field no request of ours has."""
+    return _varint(1000 << 3 | 2) + _varint(len(body)) + body
+
+
+def _joined(message: bytes, extra: bytes) -> bytes:
+    return (message + extra) or b"\x0a"
+
+
+def _cut(whole: bytes, fraction: float) -> bytes:
+    return whole[:int(len(whole) * fraction)]
 
 
 def _oversized(message: bytes, size: int, garbage: bool, seed: int) -> bytes:
