@@ -9,6 +9,11 @@ An update is validated once, by ``check_update``, into a ``RowUpdate`` that also
 storage positions; ``apply_update`` steps the optimizer at those positions, resolving them again only
 if slots moved in or out since (a synchronous step can wait across a move).
 
+A table holding more than ``fill_at_once_rows`` rows on the shard is filled lazily, so that it serves at once:
+its rows get their deterministic initial values on first use (lookup, state lookup, update) and from a
+background thread a chunk at a time, computed outside the lock and stored only where a row has none yet;
+anything that reads the table as a whole (exports, checksums, slot moves) fills the rest first.
+
 A table whose spec has a ``tier`` keeps its rows and state in files under the store's ``tier_dir``
 with only its hot rows in DRAM (``core.tiered_rows``); lookups and updates go through that cache, and
 anything that reads the table as a whole (exports, checksums, slot moves) first writes the cache back.
@@ -31,7 +36,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -39,7 +44,6 @@ import torch
 from memory_service.core import push_checks
 from memory_service.core.optimizers import SparseOptimizer, make_optimizer
 from memory_service.core.row_init import fill_initial_rows
-from memory_service.core.slots import slot_row_ids
 from memory_service.core.table_spec import TableSpec
 from memory_service.core.tiered_rows import TieredRows, TierStats, numpy_storage_dtype
 from protos.wire import WIRE_DTYPE_BY_NAME
@@ -83,20 +87,40 @@ def default_tier_dir() -> Path:
     return Path(tempfile.gettempdir()) / "engram-tier"
 
 
-_INIT_BATCH_ROWS = 1 << 20  # rows initialised per batch of slots (at least one slot): their ids take 8 MiB
+_FILL_CHUNK_ROWS = 1 << 16  # rows given their initial values per chunk: 16 MiB of float32 rows at dim 64
+# A table holding more rows than this on a shard is filled lazily: its rows get their initial values on first
+# use and from a background thread, so that it serves at once (a 50M-row share takes a minute or more to fill).
+FILL_AT_ONCE_ROWS = 1 << 22
+
+
+def _storage_chunks(spec: TableSpec, slots: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first storage position, row ids)`` of consecutive pieces of the storage of ``slots`` (stored slot after
+    slot), at most ``_FILL_CHUNK_ROWS`` rows each: small slots share a chunk, a large one spans several, and the
+    row ids of a large table are never all in memory."""
+    start, pieces, held = 0, [], 0
+    for slot in slots:
+        rows = spec.rows_in_slot(slot)
+        for first in range(0, rows, _FILL_CHUNK_ROWS):
+            count = min(rows - first, _FILL_CHUNK_ROWS)
+            if held + count > _FILL_CHUNK_ROWS:
+                yield start, np.concatenate(pieces)
+                start, pieces, held = start + held, [], 0
+            pieces.append(slot + spec.num_slots * np.arange(first, first + count, dtype=np.int64))
+            held += count
+    if pieces:
+        yield start, np.concatenate(pieces)
 
 
 def _fill_initial_slots(rows: torch.Tensor, spec: TableSpec, slots: list[int]) -> None:
-    """The initial values of ``slots``' rows into ``rows``, stored slot after slot, a batch of slots at a time so
-    that the row ids of a large table are never all in memory (only one slot's, where a slot has more rows than
-    a batch)."""
-    per_batch = max(1, _INIT_BATCH_ROWS // -(-spec.rows // spec.num_slots))
-    offset = 0
-    for start in range(0, len(slots), per_batch):
-        row_ids = np.concatenate([slot_row_ids(slot, spec.rows_in_slot(slot), spec.num_slots)
-                                  for slot in slots[start:start + per_batch]])
-        fill_initial_rows(rows[offset:offset + len(row_ids)], spec.seed, row_ids, spec.init_std)
-        offset += len(row_ids)
+    """The initial values of ``slots``' rows into ``rows``, stored slot after slot."""
+    for start, row_ids in _storage_chunks(spec, slots):
+        fill_initial_rows(rows[start:start + len(row_ids)], spec.seed, row_ids, spec.init_std)
+
+
+def _initial_values(spec: TableSpec, row_ids: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    values = torch.empty(len(row_ids), spec.dim, dtype=dtype)
+    fill_initial_rows(values, spec.seed, row_ids, spec.init_std)
+    return values
 
 
 def physical_memory_bytes() -> int:
@@ -151,6 +175,8 @@ class _TableShard:
     rows: torch.Tensor  # with a tier: views of its files, current after tier.flush()
     state: dict[str, torch.Tensor]
     tier: TieredRows | None = None
+    # bool [rows]: True where a row has no values yet (a lazily filled table); None once every row has them
+    unfilled: torch.Tensor | None = None
     slot_base: torch.Tensor = dataclasses.field(init=False)  # int64 [num_slots]; -1 where not owned
     layout: int = dataclasses.field(init=False)  # stamp of this storage order, for RowUpdate.positions
 
@@ -174,8 +200,38 @@ class _TableShard:
     def rows_of(self, slot: int) -> int:
         return self.spec.rows_in_slot(slot)
 
+    def fill_rows(self, row_ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """Give the rows ``row_ids`` (at storage ``positions``) their initial values where they have none yet."""
+        if self.unfilled is None:
+            return
+        missing = self.unfilled.index_select(0, positions)
+        if bool(missing.any()):
+            positions = positions[missing]
+            self.rows.index_copy_(0, positions, _initial_values(self.spec, row_ids[missing].numpy(), self.rows.dtype))
+            self.unfilled.index_fill_(0, positions, False)
+
+    def fill_chunk(self, start: int, values: torch.Tensor) -> None:
+        """Store the initial ``values`` of the rows from storage position ``start`` on, where they have none yet."""
+        unfilled = self.unfilled.narrow(0, start, len(values))
+        rows = self.rows.narrow(0, start, len(values))
+        if bool(unfilled.all()):
+            rows.copy_(values)
+        else:
+            rows[unfilled] = values[unfilled]
+        unfilled.fill_(False)
+
+    def fill_all(self) -> None:
+        """Give every row that has no values yet its initial values."""
+        if self.unfilled is None:
+            return
+        for start, row_ids in _storage_chunks(self.spec, self.slots):
+            if bool(self.unfilled.narrow(0, start, len(row_ids)).any()):
+                self.fill_chunk(start, _initial_values(self.spec, row_ids, self.rows.dtype))
+        self.unfilled = None
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Rows and each state, keyed as in an export; a tiered table's cache is written back first."""
+        """Rows and each state, keyed as in an export: every row filled, a tiered table's cache written back."""
+        self.fill_all()
         if self.tier is not None:
             self.tier.flush()
         return {"rows": self.rows, **{STATE_PREFIX + name: tensor for name, tensor in self.state.items()}}
@@ -246,10 +302,14 @@ def as_serving_export(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
 class ShardStore:
     """Many tables' rows for the slots this shard owns: lookup, sparse updates and slot moves."""
 
-    def __init__(self, tier_dir: str | Path | None = None):
+    def __init__(self, tier_dir: str | Path | None = None, fill_at_once_rows: int = FILL_AT_ONCE_ROWS,
+                 fill_in_background: bool = True):
+        """``fill_at_once_rows``: a table holding more rows here is filled lazily, on first use of each row and
+        (with ``fill_in_background``) by a thread of its own."""
         self._tables: dict[str, _TableShard] = {}
         self._lock = threading.Lock()
         self.tier_dir = Path(tier_dir) if tier_dir else default_tier_dir()  # tiered tables' files, a folder each
+        self.fill_at_once_rows, self.fill_in_background = fill_at_once_rows, fill_in_background
 
     # ----- tables -----
 
@@ -272,16 +332,37 @@ class ShardStore:
                     table = self._new_tiered_table(spec, optimizer, slots, num_rows)
                 else:
                     rows = _empty_rows(num_rows, spec.dim, _STORAGE_DTYPES[spec.storage_dtype])
-                    _fill_initial_slots(rows, spec, slots)
                     state = optimizer.initial_state(num_rows, spec.dim) if optimizer else {}
                     table = _TableShard(spec, optimizer, slots, rows, state)
+                    if num_rows > self.fill_at_once_rows:
+                        table.unfilled = torch.ones(num_rows, dtype=torch.bool)
+                    else:
+                        _fill_initial_slots(rows, spec, slots)
             except MemoryError as error:  # within the machine's memory, but not free now
                 raise RowStoreError("RESOURCE_EXHAUSTED", "rows",
                                     f"table {spec.name!r}: cannot allocate {needed} bytes ({error})") from None
             self._tables[spec.name] = table
-            log.info("table %s: holding %d slots, %d rows, %.2f GiB at %d B/row, initialised in %.1f s", spec.name,
-                     len(slots), num_rows, num_rows * spec.bytes_per_row() / 2**30, spec.bytes_per_row(),
-                     time.perf_counter() - started)
+            log.info("table %s: holding %d slots, %d rows, %.2f GiB at %d B/row, %s in %.1f s", spec.name, len(slots),
+                     num_rows, num_rows * spec.bytes_per_row() / 2**30, spec.bytes_per_row(),
+                     "initialised" if table.unfilled is None else "allocated (rows fill on first use and in the "
+                     "background)", time.perf_counter() - started)
+        if table.unfilled is not None and self.fill_in_background:
+            threading.Thread(target=self._fill_in_background, args=(table, started), name=f"fill-{spec.name}",
+                             daemon=True).start()
+
+    def _fill_in_background(self, table: _TableShard, started: float) -> None:
+        """Give a lazily filled table's rows their initial values chunk by chunk, each computed outside the lock;
+        stop where the table was dropped or filled otherwise (a slot move or an export fills it at once)."""
+        for start, row_ids in _storage_chunks(table.spec, table.slots):
+            values = _initial_values(table.spec, row_ids, table.rows.dtype)
+            with self._lock:
+                if table.unfilled is None or self._tables.get(table.spec.name) is not table:
+                    return
+                table.fill_chunk(start, values)
+        with self._lock:
+            table.unfilled = None
+        log.info("table %s: all %d rows initialised, %.1f s after it was added", table.spec.name, len(table.rows),
+                 time.perf_counter() - started)
 
     def _new_tiered_table(self, spec: TableSpec, optimizer: SparseOptimizer | None, slots: list[int],
                           num_rows: int) -> _TableShard:
@@ -347,6 +428,12 @@ class ShardStore:
         with self._lock:
             return len(self._table(name).rows)
 
+    def unfilled_rows(self, name: str) -> int:
+        """Rows of a lazily filled table still without their initial values (0 once every row has them)."""
+        with self._lock:
+            unfilled = self._table(name).unfilled
+            return 0 if unfilled is None else int(unfilled.sum())
+
     def memory_bytes(self) -> int:
         """Bytes of DRAM held by rows and optimizer state (a tiered table's cache and index, not its files)."""
         with self._lock:
@@ -362,7 +449,9 @@ class ShardStore:
         wire = WIRE_DTYPE_BY_NAME[dtype]
         with self._lock:
             table = self._table(name)
-            positions = self._positions(table, self._checked_row_ids(table.spec, row_ids))
+            ids = self._checked_row_ids(table.spec, row_ids)
+            positions = self._positions(table, ids)
+            table.fill_rows(ids, positions)
             rows = table.rows.index_select(0, positions) if table.tier is None else table.tier.gather("rows", positions)
         return wire.encode(rows)
 
@@ -371,7 +460,9 @@ class ShardStore:
         export (``rows``, ``state.<name>``): what a client needs to step copies of them as this shard would."""
         with self._lock:
             table = self._updatable_table(name)
-            positions = self._positions(table, self._checked_row_ids(table.spec, row_ids))
+            ids = self._checked_row_ids(table.spec, row_ids)
+            positions = self._positions(table, ids)
+            table.fill_rows(ids, positions)
             if table.tier is not None:
                 return {key: table.tier.gather(key, positions) for key in table.tier.layout}
             return {"rows": table.rows.index_select(0, positions),
@@ -401,6 +492,7 @@ class ShardStore:
         with self._lock:
             table = self._updatable_table(name)
             positions = update.positions if update.layout == table.layout else self._positions(table, update.row_ids)
+            table.fill_rows(update.row_ids, positions)
             if table.tier is None:
                 table.optimizer.apply_at(table.rows, table.state, positions, update.grads)
             else:

@@ -405,7 +405,8 @@ class ShardServicer:
         for spec in self.store.specs():
             table = pb.TableStats(name=spec.name, rows=self.store.num_rows(spec.name),
                                   slots=len(self.store.owned_slots(spec.name)),
-                                  bytes=self.store.num_rows(spec.name) * spec.bytes_per_row())
+                                  bytes=self.store.num_rows(spec.name) * spec.bytes_per_row(),
+                                  unfilled_rows=self.store.unfilled_rows(spec.name))
             tier = self.store.tier_stats(spec.name)
             if tier is not None:
                 table.tier.CopyFrom(pb.TierStats(
@@ -599,7 +600,8 @@ class ShardServicer:
         """Make the staged tables the live ones (the others go), their step counters with them."""
         if self._staged is None:
             raise RequestRejected("FAILED_PRECONDITION", "phase", "phase: nothing is staged to commit")
-        self.store, self._staged = self._staged, None
+        replaced, self.store, self._staged = self.store, self._staged, None
+        replaced.drop_all_tables()  # frees its memory now, stops its background fills, removes its tier files
         self._frozen, self._aggregators, self._hold = {}, {}, None
         for table, counters in self._staged_counters.items():
             self._aggregator(table, True).start_after({0: counters["synchronous"]})

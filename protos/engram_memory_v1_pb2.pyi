@@ -151,18 +151,20 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TableStats(_message.Message):
-    __slots__ = ("name", "rows", "slots", "bytes", "tier")
+    __slots__ = ("name", "rows", "slots", "bytes", "tier", "unfilled_rows")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
+    UNFILLED_ROWS_FIELD_NUMBER: _ClassVar[int]
     name: str
     rows: int
     slots: int
     bytes: int
     tier: TierStats
-    def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., slots: _Optional[int] = ..., bytes: _Optional[int] = ..., tier: _Optional[_Union[TierStats, _Mapping]] = ...) -> None: ...
+    unfilled_rows: int
+    def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., slots: _Optional[int] = ..., bytes: _Optional[int] = ..., tier: _Optional[_Union[TierStats, _Mapping]] = ..., unfilled_rows: _Optional[int] = ...) -> None: ...
 
 class TierStats(_message.Message):
     __slots__ = ("capacity_rows", "cached_rows", "hits", "misses", "rows_read", "evictions", "written_back")

@@ -163,6 +163,9 @@ def _status(args) -> int:
     for line in (header, *table):
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
     for r in rows:
+        if r["unfilled_rows"]:
+            print(f"shard {r['shard']}: {r['unfilled_rows']:,} rows still to get their initial values (in the "
+                  f"background; a row looked up or updated first gets them at once)")
         for name, tier in r["tiers"].items():
             looked_up = tier["hits"] + tier["misses"]
             hits = f"{tier['hits'] / looked_up:.1%} of ids found in DRAM" if looked_up else "no ids looked up yet"

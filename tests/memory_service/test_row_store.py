@@ -2,6 +2,9 @@
 slots move between stores exactly."""
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -16,8 +19,9 @@ from memory_service.row_store import RowStoreError, ShardStore, SlotNotOwned
 SPEC = TableSpec("layer1", rows=1000, dim=8, optimizer=OptimizerSpec(kind="adam", lr=0.01), seed=3, num_slots=16)
 
 
-def _store(spec: TableSpec = SPEC, slots=None) -> ShardStore:
-    store = ShardStore()
+def _store(spec: TableSpec = SPEC, slots=None, lazy: bool = False) -> ShardStore:
+    """A store holding ``slots`` of ``spec`` (all by default); ``lazy``: its rows are filled on first use only."""
+    store = ShardStore(fill_at_once_rows=0, fill_in_background=False) if lazy else ShardStore()
     store.add_table(spec, range(spec.num_slots) if slots is None else slots)
     return store
 
@@ -57,13 +61,14 @@ def test_content_does_not_depend_on_the_shard_count():
     assert sum(store.num_rows("layer1") for store in shards) == SPEC.rows
 
 
-def test_rows_initialised_a_batch_of_slots_at_a_time_equal_the_deterministic_init(monkeypatch):
-    """Slot batches of a few rows (some slots empty: fewer rows than slots) fill every owned row with its
-    own initial values; optimizer state starts at zero."""
-    monkeypatch.setattr(row_store, "_INIT_BATCH_ROWS", 5)
-    spec = TableSpec("t", rows=90, dim=6, seed=4, num_slots=128)
-    slots = list(range(127, 0, -2))  # storage order is the given order
-    store = _store(spec, slots)
+@pytest.mark.parametrize("num_slots, chunk_rows, lazy", [(128, 5, False), (4, 7, False), (4, 7, True)])
+def test_rows_initialised_a_chunk_at_a_time_equal_the_deterministic_init(monkeypatch, num_slots, chunk_rows, lazy):
+    """Chunks of a few rows, holding several small slots (some slots empty: fewer rows than slots) or a piece
+    of a large one, fill every owned row with its own initial values; optimizer state starts at zero."""
+    monkeypatch.setattr(row_store, "_FILL_CHUNK_ROWS", chunk_rows)
+    spec = TableSpec("t", rows=90, dim=6, seed=4, num_slots=num_slots)
+    slots = list(range(num_slots - 1, 0, -2))  # storage order is the given order
+    store = _store(spec, slots, lazy)
     row_ids = np.flatnonzero(np.isin(np.arange(spec.rows) % spec.num_slots, slots))
     assert store.num_rows("t") == len(row_ids) == 45
     expected = torch.from_numpy(init_rows(spec.seed, row_ids, spec.dim, spec.init_std))
@@ -71,6 +76,47 @@ def test_rows_initialised_a_batch_of_slots_at_a_time_equal_the_deterministic_ini
     exported = store.export_slots("t", slots)
     assert [key for key in exported if key.startswith("state.")] == ["state.exp_avg", "state.exp_avg_sq", "state.step"]
     assert all(not exported[key].any() for key in exported if key.startswith("state."))
+
+
+def test_a_lazily_filled_table_fills_the_rows_it_serves_or_updates_and_equals_a_filled_one():
+    lazy, filled = _store(lazy=True), _store()
+    assert lazy.unfilled_rows("layer1") == SPEC.rows and filled.unfilled_rows("layer1") == 0
+    looked_up = np.array([999, 0, 17, 17, 512])
+    assert torch.equal(lazy.gather("layer1", looked_up), filled.gather("layer1", looked_up))
+    assert lazy.unfilled_rows("layer1") == SPEC.rows - 4
+    updated = np.array([0, 3, 512, 700])  # some rows already filled by the lookup, some not
+    for store in (lazy, filled):
+        _apply(store, "layer1", updated, _grads(4))
+    assert lazy.unfilled_rows("layer1") == SPEC.rows - 6
+    state = lazy.gather_state("layer1", [3, 5, 999])
+    assert all(torch.equal(value, filled.gather_state("layer1", [3, 5, 999])[key]) for key, value in state.items())
+    assert lazy.unfilled_rows("layer1") == SPEC.rows - 7
+    # Whatever reads the table whole fills it first.
+    assert lazy.checksum("layer1") == filled.checksum("layer1")
+    assert lazy.unfilled_rows("layer1") == 0
+
+
+def test_the_background_fill_never_overwrites_an_update_and_stops_with_its_table(monkeypatch):
+    """Updates race the background fill chunk by chunk; the filled table equals one filled at once."""
+    monkeypatch.setattr(row_store, "_FILL_CHUNK_ROWS", 3)
+    spec = TableSpec("big", rows=20_000, dim=8, optimizer=OptimizerSpec(kind="adam", lr=0.01), seed=5, num_slots=16)
+    lazy, filled = ShardStore(fill_at_once_rows=100), _store(spec)
+    lazy.add_table(spec, range(spec.num_slots))
+    lazy.add_table(TableSpec("dropped", rows=20_000, dim=8), range(16))
+    lazy.drop_table("dropped")
+    for step in range(5):
+        row_ids = np.sort(np.random.default_rng(step).choice(spec.rows, 500, replace=False))
+        for store in (lazy, filled):
+            _apply(store, "big", row_ids, _grads(500, spec.dim, seed=step))
+    deadline = time.monotonic() + 60
+    while lazy.unfilled_rows("big") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lazy.unfilled_rows("big") == 0
+    assert lazy.checksum("big") == filled.checksum("big")
+    fills = [thread for thread in threading.enumerate() if thread.name in ("fill-big", "fill-dropped")]
+    for thread in fills:
+        thread.join(timeout=10)
+    assert not any(thread.is_alive() for thread in fills)
 
 
 @pytest.mark.parametrize(
@@ -100,9 +146,10 @@ def test_slot_not_owned_lists_the_slots():
     assert caught.value.slots == [9, 10]
 
 
-def test_updates_equal_the_optimizer_on_the_reference_rows():
+@pytest.mark.parametrize("lazy", [False, True], ids=["filled", "lazy"])
+def test_updates_equal_the_optimizer_on_the_reference_rows(lazy):
     spec = TableSpec("t", rows=500, dim=4, optimizer=OptimizerSpec(kind="adam", lr=0.05), num_slots=8)
-    store = _store(spec)
+    store = _store(spec, lazy=lazy)
     reference = torch.from_numpy(init_rows(spec.seed, np.arange(spec.rows), spec.dim, spec.init_std))
     optimizer = make_optimizer(spec.optimizer)
     state = optimizer.initial_state(spec.rows, spec.dim)
@@ -180,8 +227,9 @@ def test_read_only_tables_serve_but_refuse_updates():
 @pytest.mark.parametrize("spec", [SPEC, TableSpec("frozen", rows=301, dim=8, storage_dtype="bfloat16", num_slots=16),
                                   TableSpec("ada", rows=100, dim=3, optimizer=OptimizerSpec(kind="adagrad"), num_slots=16)],
                          ids=lambda s: s.name)
-def test_slot_moves_round_trip_exactly(spec):
-    source, target = _store(spec, slots=range(10)), _store(spec, slots=range(10, 16))
+@pytest.mark.parametrize("lazy", [False, True], ids=["filled", "lazy"])
+def test_slot_moves_round_trip_exactly(spec, lazy):
+    source, target = _store(spec, slots=range(10), lazy=lazy), _store(spec, slots=range(10, 16), lazy=lazy)
     if not spec.read_only:
         touched = np.arange(0, spec.rows, 3)
         touched = touched[touched % 16 < 10]  # the source's slots
