@@ -6,8 +6,8 @@ GPU) and remote rows, from the same tables deployed as serving tables (bfloat16 
 shards, bfloat16 on the wire), read directly and through a ``CachedRowTable`` holding ``--cache-share``
 of each table's rows, alternate call by call at each batch size, in-process first and last;
 each figure is a median over its calls. The cache starts empty and is kept from one batch size to
-the next; its hit rate and wire bytes (saved, and spent fetching the rows it admits) are over each
-batch size's calls, the warm-up call included. Every call at a batch size repeats the same prompts, so
+the next; its hit rate, the row bytes each remote runtime fetched (counted by its client) and the cached
+one's cut against the uncached one's are over each batch size's calls, the warm-up call included. Every call at a batch size repeats the same prompts, so
 the cache soon holds nearly every row they touch: a best case for its hit rate (``bench.row_skew``
 measures fresh text's). The in-process tables hold the serving tables' rows rounded
 to bfloat16, so all sides compute on the same values and greedy decoding must give the same tokens:
@@ -33,7 +33,7 @@ import torch
 from bench.host import cpu_model
 from bench.results_files import figure, write_json
 from bench.prompts import PROMPTS
-from bench.train_step import PRESETS as TRAIN_PRESETS
+from bench.train_step import PRESETS as TRAIN_PRESETS, row_bytes_fetched
 from compute.generate import Generator
 from compute.memory.cached_table import CacheStats
 from compute.runtime import EngramRuntime, build_runtime
@@ -102,6 +102,7 @@ def compare(runtimes: dict[str, EngramRuntime], batch: int, preset: dict) -> lis
     firsts = local.compressor.compress(np.array([prompt[:1] for prompt in prompts]))
     row_ids = {layer: torch.from_numpy(ids) for layer, ids in local.hasher.row_ids(firsts).items()}
     stats_before = {name: CacheStats.of_tables(runtime.tables.values()) for name, runtime in runtimes.items()}
+    fetched_before = {name: row_bytes_fetched(runtime.client) for name, runtime in runtimes.items()}
     generators = {name: Generator(rt.model, rt.compressor, rt.hasher) for name, rt in runtimes.items()}
     tokens = {name: generator.generate_ids(prompts, max_new_tokens, stop_at_eos=False)  # untimed: warms up
               for name, generator in generators.items()}
@@ -126,7 +127,8 @@ def compare(runtimes: dict[str, EngramRuntime], batch: int, preset: dict) -> lis
                         len(measured["generate"]), "seconds": seconds,
                         "tokens_per_s": batch * max_new_tokens / seconds, "prefill_ms": 1e3 * prefill_s,
                         "decode_step_ms": 1e3 * (seconds - prefill_s) / (max_new_tokens - 1),
-                        "lookup_ms": 1e3 * statistics.median(measured["lookup"]), "seconds_each": measured["generate"]})
+                        "lookup_ms": 1e3 * statistics.median(measured["lookup"]), "seconds_each": measured["generate"],
+                        "row_bytes_fetched": row_bytes_fetched(runtimes[name].client) - fetched_before[name]})
     in_process = records[0]
     for record in records:
         record["vs_in_process"] = record["tokens_per_s"] / in_process["tokens_per_s"]
@@ -139,6 +141,9 @@ def compare(runtimes: dict[str, EngramRuntime], batch: int, preset: dict) -> lis
             rows, hits, saved, admitted = (after - before for after, before in
                                            zip(dataclasses.astuple(stats), dataclasses.astuple(stats_before[name])))
             record.update(cache_hit_rate=hits / rows, cache_bytes_saved=saved, cache_bytes_admitted=admitted)
+            # The same calls on the same tokens as the uncached remote runtime: the same rows looked up.
+            uncached = next(r for r in records if r["tables"] == REMOTE)["row_bytes_fetched"]
+            record["row_bytes_cut"] = 1 - record["row_bytes_fetched"] / uncached if uncached else 0.0
     for r in records:
         cache = f", {100 * r['cache_hit_rate']:.0f}% of rows from the cache" if "cache_hit_rate" in r else ""
         print(f"  {r['tables']:<14} batch {batch:>3}: {r['tokens_per_s']:8.1f} tokens/s ({r['vs_in_process']:.3f}x), "
@@ -183,15 +188,16 @@ def main() -> None:
 
 def report(records: list[dict], args, preset: dict, device_name: str, host_cpu: str) -> None:
     print(f"\n{'tables':<16}{'batch':>6}{'tokens/s':>11}{'vs local':>10}{'step ms':>9}{'prefill ms':>12}"
-          f"{'lookup ms':>11}{'same tokens':>13}{'cache hits':>12}{'MB saved':>10}{'MB admitted':>13}")
+          f"{'lookup ms':>11}{'same tokens':>13}{'cache hits':>12}{'MB fetched':>12}{'cut':>7}{'MB admitted':>13}")
     for r in records:
         same = f"{100 * r['identical_tokens']:.1f}%" if "identical_tokens" in r else ""
         hits = f"{100 * r['cache_hit_rate']:.1f}%" if "cache_hit_rate" in r else ""
-        saved = f"{r['cache_bytes_saved'] / 1e6:.2f}" if "cache_bytes_saved" in r else ""
+        fetched = f"{r['row_bytes_fetched'] / 1e6:.2f}" if r["tables"] != IN_PROCESS else ""
+        cut = f"{100 * r['row_bytes_cut']:.1f}%" if "row_bytes_cut" in r else ""
         admitted = f"{r['cache_bytes_admitted'] / 1e6:.2f}" if "cache_bytes_admitted" in r else ""
         print(f"{r['tables']:<16}{r['batch']:>6}{r['tokens_per_s']:>11.1f}{r['vs_in_process']:>9.3f}x"
               f"{r['decode_step_ms']:>9.2f}{r['prefill_ms']:>12.1f}{r['lookup_ms']:>11.2f}{same:>13}{hits:>12}"
-              f"{saved:>10}{admitted:>13}")
+              f"{fetched:>12}{cut:>7}{admitted:>13}")
     stem = "generate" if args.preset == "cpu" else "generate_gpu"
     meta = {"command": " ".join(["python -m bench.generate", *sys.argv[1:]]), "preset": args.preset,
             "device_name": device_name, "host_cpu": host_cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,

@@ -25,6 +25,7 @@ from bench.results_files import figure, write_json
 from compute.config import EngramConfig, ModelConfig
 from compute.data import DataConfig
 from compute.memory.cached_table import CacheStats
+from compute.memory.client import MemoryClient
 from compute.train.config import CacheConfig, MemoryConfig, TrainConfig
 from compute.train.job import connect_ray
 from compute.train.loop import EngramTrainer, WorkerContext
@@ -80,12 +81,18 @@ def memory_overrides(settings: dict, specs) -> dict:
     return {f"memory__{key}": value for key, value in settings.items()}
 
 
+def row_bytes_fetched(client: MemoryClient | None) -> int:
+    """Bytes of rows ``client`` fetched since it was made: lookups, rows pulled back by pushes, admissions."""
+    moved = client.moved() if client else {}
+    return sum(moved.get(method, {}).get("bytes", 0) for method in ROW_FETCHES)
+
+
 def rows_fetched(trainer: EngramTrainer) -> dict:
     """What a run's rows cost on the wire, as its client counted (``wire``: by method; ``row_bytes_fetched``: lookups,
     pulls and admissions), and its hot-row caches' hit rate and bytes, where it has any."""
-    moved = trainer.runtime.client.moved() if trainer.runtime.client else {}
+    client = trainer.runtime.client
     cached = CacheStats.of_tables(trainer.tables.values())
-    return {"wire": moved, "row_bytes_fetched": sum(moved.get(method, {}).get("bytes", 0) for method in ROW_FETCHES),
+    return {"wire": client.moved() if client else {}, "row_bytes_fetched": row_bytes_fetched(client),
             **({"cache_hit_rate": cached.hit_rate, "cache_bytes_saved": cached.bytes_saved,
                 "cache_bytes_admitted": cached.bytes_admitted} if cached else {})}
 

@@ -5,7 +5,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import json
-import logging
 import threading
 from typing import Callable, Iterable, Iterator
 
@@ -18,26 +17,31 @@ from memory_service.core.optimizers import make_optimizer
 from memory_service.core.slots import ShardSplit
 from memory_service.core.table_spec import TableSpec
 
-log = logging.getLogger(__name__)
-
-
 @dataclasses.dataclass(frozen=True)
 class _CachedRows:
     """One choice of cached rows: sorted, distinct ``ids`` [k] (host); on the device their ``rows`` [k, dim] (a
     serving table: the values a lookup gives; a table that trains: float32, as the shards hold them) and, for a
-    table that trains, each optimizer ``state`` [k, ...]. A new choice is a new ``_CachedRows``; a training step
-    changes the values of the current one in place."""
+    table that trains, each optimizer ``state`` [k, ...]. A serving table's choice holds its admitted rows once a
+    lookup has fetched them: ``held`` (host, bool [k]) says which rows are in. A new choice is a new
+    ``_CachedRows``; a training step, or a serving row's first fetch, changes the values of the current one in
+    place."""
 
     ids: torch.Tensor
     rows: torch.Tensor
     state: dict[str, torch.Tensor]
+    held: torch.Tensor
 
     def slots_of(self, row_ids: torch.Tensor) -> torch.Tensor:
-        """Each of ``row_ids``' index into ``ids``, or -1 where it is not cached."""
+        """Each of ``row_ids``' index into ``ids``, or -1 where it is not chosen."""
         if not len(self.ids):
             return torch.full(row_ids.shape, -1, dtype=torch.int64)
         slots = torch.searchsorted(self.ids, row_ids).clamp_(max=len(self.ids) - 1)
         return torch.where(self.ids[slots] == row_ids, slots, -1)
+
+    def held_slots_of(self, row_ids: torch.Tensor) -> torch.Tensor:
+        """Each of ``row_ids``' index into ``ids``, or -1 where the cache does not hold its row."""
+        slots = self.slots_of(row_ids)
+        return torch.where(self.held[slots.clamp(min=0)], slots, -1) if len(self.ids) else slots
 
 
 @dataclasses.dataclass
@@ -74,8 +78,9 @@ class CachedRowTable(RemoteRowTable):
     next choice, as many times as fetching it costs in looked-up rows (``payback_lookups``). Costs 4 bytes a table
     row on the host for the counts.
 
-    A serving table's rows never change: a choice fetches the rows it admits in the background. A table that
-    trains is written through: the cache holds its rows in float32 with their optimizer state,
+    A serving table's rows never change: a choice fetches nothing, the rows it admits are taken from the next
+    lookup that fetches them anyway (so admissions cost no bytes on the wire, and the bytes fetched drop by the
+    hit rate exactly). A table that trains is written through: the cache holds its rows in float32 with their optimizer state,
     each step applies the step's gradient to the cached rows with the shards' own optimizer, as the shards do
     (on a CPU bit for bit; on a GPU within the rounding of its arithmetic), and still pushes every row's gradient,
     so the shards stay authoritative; a lookup serves cached rows as the wire would carry them. A choice waits
@@ -98,7 +103,7 @@ class CachedRowTable(RemoteRowTable):
         self.trains = not spec.read_only
         self._optimizer = make_optimizer(spec.optimizer) if self.trains else None
         self._state_shapes = self._optimizer.state_shapes(self.dim) if self.trains else {}
-        self._admitted_row_bytes = spec.bytes_per_row() if self.trains else self._wire.row_bytes(self.dim)
+        self._admitted_row_bytes = spec.bytes_per_row() if self.trains else 0
         self.capacity, self.readmit_every = min(capacity, self.num_rows), readmit_every
         self.stats = CacheStats()
         self._cache = self._cached_rows(torch.empty(0, dtype=torch.int64))
@@ -113,19 +118,20 @@ class CachedRowTable(RemoteRowTable):
 
     @property
     def payback_lookups(self) -> float:
-        """What admitting a row costs on the wire, in lookups of that row: 1 for a serving table, more for a table
-        that trains, whose rows come with their optimizer state in float32."""
+        """What admitting a row costs on the wire, in lookups of that row: nothing for a serving table (a lookup
+        brings it), about 6 for a table that trains (its row and optimizer state in float32; Adam, dim 64)."""
         return self._admitted_row_bytes / self._wire.row_bytes(self.dim)
 
     @property
     def cached_ids(self) -> torch.Tensor:
         """The row ids the cache holds now, sorted."""
-        return self._cache.ids
+        cache = self._cache
+        return cache.ids[cache.held]
 
     def describe(self) -> dict:
         """The cache in figures, for a health or status report."""
         stats = self.stats
-        return {"capacity": self.capacity, "cached_rows": len(self._cache.ids), "hit_rate": round(stats.hit_rate, 4),
+        return {"capacity": self.capacity, "cached_rows": len(self.cached_ids), "hit_rate": round(stats.hit_rate, 4),
                 "bytes_saved": stats.bytes_saved, "bytes_admitted": stats.bytes_admitted}
 
     # ----- lookups -----
@@ -134,9 +140,16 @@ class CachedRowTable(RemoteRowTable):
                  shard_split: ShardSplit | None = None) -> concurrent.futures.Future:
         cache, hit, hit_slots = self._look_up_in_cache(unique_ids)
         # The loader's shard split is of all of ``unique_ids``: the misses are split afresh.
-        missed = self._fetch(unique_ids[~hit]) if not bool(hit.all()) else settled(self._no_rows())
-        return self._copier.submit(lambda: self._engram_rows(
-            lambda: self._assembled(cache, hit, hit_slots, missed.result()), inverse))
+        missed_ids = unique_ids[~hit]
+        missed = self._fetch(missed_ids) if len(missed_ids) else settled(self._no_rows())
+
+        def assembled() -> torch.Tensor:
+            rows = self._assembled(cache, hit, hit_slots, missed.result())
+            if not self.trains:
+                self._hold_admitted(missed_ids, rows, torch.nonzero(~hit)[:, 0])
+            return rows
+
+        return self._copier.submit(lambda: self._engram_rows(assembled, inverse))
 
     def prefetch_across_update(self, unique_ids: torch.Tensor, inverse: torch.Tensor, updated_ids: torch.Tensor,
                                shard_split: ShardSplit | None = None) -> RowsAcrossUpdate:
@@ -154,11 +167,26 @@ class CachedRowTable(RemoteRowTable):
         """The current cache, which of ``unique_ids`` it holds and where; counts the lookup, and for a serving
         table starts a new choice of rows when one is due."""
         cache = self._cache
-        slots = cache.slots_of(unique_ids)
+        slots = cache.held_slots_of(unique_ids)
         hit = slots >= 0
         if self._count(unique_ids, int(hit.sum())) and not self.trains:
             self._copier.submit(self._choose_serving_rows)
         return cache, hit, slots[hit]
+
+    def _hold_admitted(self, row_ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> None:
+        """On the copier thread: of a lookup's missed ``row_ids`` (at ``positions`` of its ``rows`` on the device),
+        those that the current choice admitted and does not hold yet go into it."""
+        cache = self._cache  # only the copier thread swaps a serving table's caches in
+        if not len(cache.ids):
+            return
+        slots = cache.slots_of(row_ids)
+        wanted = slots >= 0
+        wanted &= ~cache.held[slots.clamp(min=0)]
+        if bool(wanted.any()):
+            with self._cache_stream():
+                cache.rows.index_copy_(0, slots[wanted].to(self.device),
+                                       rows.index_select(0, positions[wanted].to(self.device)))
+            cache.held[slots[wanted]] = True  # after the copy was queued on the stream that lookups read on
 
     def _assembled(self, cache: _CachedRows, hit: torch.Tensor, hit_slots: torch.Tensor,
                    missed_rows: torch.Tensor) -> torch.Tensor:
@@ -283,35 +311,11 @@ class CachedRowTable(RemoteRowTable):
         return chosen, admitted
 
     def _choose_serving_rows(self) -> None:
-        """On the copier thread: choose, fetch the admitted rows, and swap the new cache in once they are here."""
+        """On the copier thread: choose, and swap in the cache of the chosen rows, holding those it held; the
+        admitted ones come with the lookups that fetch them next (``_hold_admitted``)."""
         try:
-            cache = self._cache  # only the copier thread swaps a serving table's caches in
             chosen, admitted = self._chosen_ids()
-            fetched = self._fetch(admitted) if len(admitted) else settled(self._no_rows())
-        except BaseException:
-            self._done_choosing()
-            raise
-        fetched.add_done_callback(lambda _: self._swap_in_later(cache, chosen, admitted, fetched))
-
-    def _swap_in_later(self, *args) -> None:
-        try:
-            self._copier.submit(self._swap_in_serving_rows, *args)
-        except RuntimeError:  # the table was closed meanwhile
-            self._done_choosing()
-
-    def _swap_in_serving_rows(self, cache: _CachedRows, chosen: torch.Tensor, admitted: torch.Tensor,
-                              fetched: concurrent.futures.Future) -> None:
-        """Make the cache of ``chosen`` from the rows ``cache`` holds and the ``admitted`` ones fetched; a failed
-        fetch keeps the cache as it is."""
-        try:
-            new_rows = fetched.result()
-        except Exception as error:  # the lookups go on with the cache they have
-            log.warning("table %s: the hot-row cache keeps its rows: fetching %d admitted rows failed: %s",
-                        self.table, len(admitted), error)
-            self._done_choosing()
-            return
-        try:
-            self._cache = self._merged_cache(cache, chosen, admitted, lambda: {"rows": self._on_device(new_rows)})
+            self._cache = self._merged_cache(self._cache, chosen, admitted, None)
         finally:
             self._done_choosing()
 
@@ -332,31 +336,34 @@ class CachedRowTable(RemoteRowTable):
         self._cache = self._merged_cache(cache, chosen, admitted, on_device)
 
     def _merged_cache(self, cache: _CachedRows, chosen: torch.Tensor, admitted: torch.Tensor,
-                      admitted_values: Callable[[], dict[str, torch.Tensor]]) -> _CachedRows:
+                      admitted_values: Callable[[], dict[str, torch.Tensor]] | None) -> _CachedRows:
         """The cache of ``chosen``: what ``cache`` holds of them, and ``admitted_values()`` (the admitted rows' values
-        by key, on the device) for the rest."""
+        by key, on the device) for the rest; without ``admitted_values``, those are not held yet."""
         new = self._cached_rows(chosen)
-        held = cache.slots_of(chosen)
+        held = cache.held_slots_of(chosen)
         kept = held >= 0
         old = self._tensors(cache)
         with self._cache_stream():
-            incoming = admitted_values() if len(admitted) else {}
+            incoming = admitted_values() if len(admitted) and admitted_values else {}
             for key, target in self._tensors(new).items():
                 target.index_copy_(0, torch.nonzero(kept)[:, 0].to(self.device),
                                    old[key].index_select(0, held[kept].to(self.device)))
-                if len(admitted):
+                if incoming:
                     target.index_copy_(0, torch.searchsorted(chosen, admitted).to(self.device), incoming[key])
         if self._copy_stream is not None:
             self._copy_stream.synchronize()
+        if admitted_values is None:
+            new.held.copy_(kept)
         return new
 
     def _cached_rows(self, ids: torch.Tensor) -> _CachedRows:
-        """An empty-valued cache for ``ids``: rows (and, for a table that trains, each state) on the device."""
+        """An empty-valued cache for ``ids``, every row held: rows (and, for a table that trains, each state) on the
+        device."""
         rows_dtype = torch.float32 if self.trains else self.compute_dtype
         rows = torch.empty((len(ids), self.dim), dtype=rows_dtype, device=self.device)
         state = {name: torch.empty((len(ids), *shape), dtype=torch.float32, device=self.device)
                  for name, shape in self._state_shapes.items()}
-        return _CachedRows(ids, rows, state)
+        return _CachedRows(ids, rows, state, torch.ones(len(ids), dtype=torch.bool))
 
     def _shape_of(self, key: str) -> tuple[int, ...]:
         return (self.dim,) if key == "rows" else self._state_shapes[key[len("state."):]]

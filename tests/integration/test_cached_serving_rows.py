@@ -1,6 +1,6 @@
 """The hot-row cache in front of remote serving tables: lookups give the rows the shards hold whether they hit or
-miss, the cache fills with the most looked-up rows within its capacity, generation keeps its tokens, and updates are
-refused. (Tables that train behind the cache: tests/integration/test_training.py.)"""
+miss, the cache fills with the most looked-up rows within its capacity from the lookups' own misses (no fetch of its
+own), generation keeps its tokens, and updates are refused. (Tables that train behind the cache: tests/integration/test_training.py.)"""
 from __future__ import annotations
 
 import time
@@ -33,6 +33,7 @@ def test_cached_rows_equal_the_shards_rows_hit_or_miss_and_generation_keeps_its_
         assert isinstance(table, CachedRowTable)
         generator = torch.Generator().manual_seed(0)
         hot = torch.randperm(table.num_rows, generator=generator)[:CAPACITY // 2]
+        fetched_before = table.client.moved().get("lookup", {}).get("rows", 0)
         for batch in range(12):
             # Mostly hot rows, some of the rest: both hits and misses once the cache holds the hot ones.
             ids = torch.where(torch.rand(2, 8, 3, generator=generator) < 0.8,
@@ -47,6 +48,9 @@ def test_cached_rows_equal_the_shards_rows_hit_or_miss_and_generation_keeps_its_
         assert set(hot.tolist()) <= set(cached_ids.tolist())  # the most looked-up rows
         assert table.stats.hits > 0 and table.stats.rows > table.stats.hits
         assert table.stats.bytes_saved == table.stats.hits * table.dim * 2  # bfloat16 rows on the wire
+        # Admitted rows come with the lookups that miss them: the rows fetched are the misses, no more.
+        assert table.client.moved()["lookup"]["rows"] - fetched_before == table.stats.rows - table.stats.hits
+        assert table.stats.bytes_admitted == 0
         with pytest.raises(ValueError, match="a serving table takes no updates"):
             table.apply_gradients(torch.arange(3), rows, step=0)
 
