@@ -1,17 +1,19 @@
-"""Batched greedy generation, tokens/s: remote rows (read-only serving tables on memory shards), with and without a
-hot-row cache on the device, vs in-process tables.
+"""Batched greedy generation, tokens/s: remote rows (read-only serving tables on memory shards), read out of the
+shards' shared memory, asked for, and asked for behind a hot-row cache on the device, vs in-process tables.
 
 One process, one model (seed 0), the same prompts. In-process tables (on a GPU host, resident on the
 GPU) and remote rows, from the same tables deployed as serving tables (bfloat16 rows on the CPU
-shards, bfloat16 on the wire), read directly and through a ``CachedRowTable`` holding ``--cache-share``
-of each table's rows, alternate call by call at each batch size, in-process first and last;
-each figure is a median over its calls. The cache starts empty and is kept from one batch size to
-the next; its hit rate, the row bytes each remote runtime fetched (counted by its client) and the cached
-one's cut against the uncached one's are over each batch size's calls, the warm-up call included. Every call at a batch size repeats the same prompts, so
-the cache soon holds nearly every row they touch: a best case for its hit rate (``bench.row_skew``
-measures fresh text's). The in-process tables hold the serving tables' rows rounded
-to bfloat16, so all sides compute on the same values and greedy decoding must give the same tokens:
-the benchmark reports the share that do. It times whole ``generate_ids`` calls (prefill plus
+shards, bfloat16 on the wire): ``remote`` reads them itself out of the co-located shards' shared memory
+(``memory.read_shared_rows``, the default on the shards' machine), ``remote, asked`` asks the shards for
+them, and ``remote, asked, cached`` does so through a ``CachedRowTable`` holding ``--cache-share`` of each
+table's rows. They alternate call by call at each batch size, in-process first and last; each figure is a
+median over its calls. The cache starts empty and is kept from one batch size to the next; its hit rate,
+the row bytes each remote runtime fetched over the wire (counted by its client) and the cached one's cut
+against the uncached one that asks are over each batch size's calls, the warm-up call included. Every call
+at a batch size repeats the same prompts, so the cache soon holds nearly every row they touch: a best case
+for its hit rate (``bench.row_skew`` measures fresh text's). The in-process tables hold the serving tables'
+rows rounded to bfloat16, so all sides compute on the same values and greedy decoding must give the same
+tokens: the benchmark reports the share that do. It times whole ``generate_ids`` calls (prefill plus
 ``max_new_tokens`` tokens, no stop at EOS), a prefill alone (one new token), whence a decode step's
 time, and one decode step's lookups of every Engram layer, awaited alone.
 Run: ``python -m bench.generate [--preset cpu|gpu]``; prints a table, writes
@@ -52,7 +54,7 @@ PRESETS = {
                 data=TRAIN_PRESETS["gpu"]["data"], device="cuda",
                 batches=(1, 8, 32), max_new_tokens=64, repeats=3),
 }
-IN_PROCESS, REMOTE, CACHED = "in-process", "remote", "remote, cached"
+IN_PROCESS, REMOTE, ASKED, CACHED = "in-process", "remote", "remote, asked", "remote, asked, cached"
 
 
 def serving_runtimes(config: TrainConfig, device: torch.device, shards: int) -> tuple[EngramRuntime, EngramRuntime,
@@ -141,12 +143,12 @@ def compare(runtimes: dict[str, EngramRuntime], batch: int, preset: dict) -> lis
             rows, hits, saved, admitted = (after - before for after, before in
                                            zip(dataclasses.astuple(stats), dataclasses.astuple(stats_before[name])))
             record.update(cache_hit_rate=hits / rows, cache_bytes_saved=saved, cache_bytes_admitted=admitted)
-            # The same calls on the same tokens as the uncached remote runtime: the same rows looked up.
-            uncached = next(r for r in records if r["tables"] == REMOTE)["row_bytes_fetched"]
+            # The same calls on the same tokens as the uncached runtime that asks: the same rows looked up.
+            uncached = next(r for r in records if r["tables"] == ASKED)["row_bytes_fetched"]
             record["row_bytes_cut"] = 1 - record["row_bytes_fetched"] / uncached if uncached else 0.0
     for r in records:
         cache = f", {100 * r['cache_hit_rate']:.0f}% of rows from the cache" if "cache_hit_rate" in r else ""
-        print(f"  {r['tables']:<14} batch {batch:>3}: {r['tokens_per_s']:8.1f} tokens/s ({r['vs_in_process']:.3f}x), "
+        print(f"  {r['tables']:<21} batch {batch:>3}: {r['tokens_per_s']:8.1f} tokens/s ({r['vs_in_process']:.3f}x), "
               f"decode step {r['decode_step_ms']:6.2f} ms, lookup {r['lookup_ms']:5.2f} ms{cache}", flush=True)
     return records
 
@@ -175,9 +177,10 @@ def main() -> None:
     runtimes = {IN_PROCESS: local, REMOTE: remote}
     try:
         cache_rows = int(args.cache_share * max(spec.rows for spec in engram_table_specs(config)))
-        runtimes[CACHED] = build_runtime(remote.config.replace(memory__cache=CacheConfig(rows=cache_rows)), device,
-                                         handle)
-        runtimes[CACHED].model.eval()
+        asked = remote.config.replace(memory__read_shared_rows=False)
+        for name, variant in ((ASKED, asked), (CACHED, asked.replace(memory__cache=CacheConfig(rows=cache_rows)))):
+            runtimes[name] = build_runtime(variant, device, handle)
+            runtimes[name].model.eval()
         records = [record for batch in preset["batches"] for record in compare(runtimes, batch, preset)]
     finally:
         for runtime in runtimes.values():
@@ -187,7 +190,7 @@ def main() -> None:
 
 
 def report(records: list[dict], args, preset: dict, device_name: str, host_cpu: str) -> None:
-    print(f"\n{'tables':<16}{'batch':>6}{'tokens/s':>11}{'vs local':>10}{'step ms':>9}{'prefill ms':>12}"
+    print(f"\n{'tables':<23}{'batch':>6}{'tokens/s':>11}{'vs local':>10}{'step ms':>9}{'prefill ms':>12}"
           f"{'lookup ms':>11}{'same tokens':>13}{'cache hits':>12}{'MB fetched':>12}{'cut':>7}{'MB admitted':>13}")
     for r in records:
         same = f"{100 * r['identical_tokens']:.1f}%" if "identical_tokens" in r else ""
@@ -195,7 +198,7 @@ def report(records: list[dict], args, preset: dict, device_name: str, host_cpu: 
         fetched = f"{r['row_bytes_fetched'] / 1e6:.2f}" if r["tables"] != IN_PROCESS else ""
         cut = f"{100 * r['row_bytes_cut']:.1f}%" if "row_bytes_cut" in r else ""
         admitted = f"{r['cache_bytes_admitted'] / 1e6:.2f}" if "cache_bytes_admitted" in r else ""
-        print(f"{r['tables']:<16}{r['batch']:>6}{r['tokens_per_s']:>11.1f}{r['vs_in_process']:>9.3f}x"
+        print(f"{r['tables']:<23}{r['batch']:>6}{r['tokens_per_s']:>11.1f}{r['vs_in_process']:>9.3f}x"
               f"{r['decode_step_ms']:>9.2f}{r['prefill_ms']:>12.1f}{r['lookup_ms']:>11.2f}{same:>13}{hits:>12}"
               f"{fetched:>12}{cut:>7}{admitted:>13}")
     stem = "generate" if args.preset == "cpu" else "generate_gpu"
@@ -207,7 +210,7 @@ def report(records: list[dict], args, preset: dict, device_name: str, host_cpu: 
                       "engram_layer_ids": list(preset["engram"].layer_ids)}}
     write_json(stem, {**meta, "results": records})
     with figure(stem, figsize=(7, 3.8)) as (fig, ax):
-        for tables, style in ((IN_PROCESS, "--"), (REMOTE, "-"), (CACHED, ":")):
+        for tables, style in ((IN_PROCESS, "--"), (REMOTE, "-"), (ASKED, "-."), (CACHED, ":")):
             rows = [r for r in records if r["tables"] == tables]
             ax.plot([r["batch"] for r in rows], [r["tokens_per_s"] for r in rows], style, marker="o",
                     label=f"{tables} tables")

@@ -1,13 +1,16 @@
 """Lookup throughput: in-process index_select vs MemoryClient on 1/2/4 shards vs a naive Ray actor.
 
 MemoryClient runs twice per shard count: as a co-located client (Unix socket, rows through shared
-memory; the default on one machine) and forced onto TCP (what a remote client gets). Every system
-also runs, at the target batch, on sorted unique ids: what the training path sends.
+memory; the default on one machine) and forced onto TCP (what a remote client gets); and a third time on
+the same rows as a serving table (read-only, bfloat16 on the shards), which a co-located client reads out
+of the shards' shared memory without a request. Every system also runs, at the target batch, on sorted
+unique ids: what the training path sends.
 Run: ``python -m bench.lookup`` (prints a table, writes bench/results/lookup.json and lookup.png).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import time
@@ -117,6 +120,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
 
     spec = TableSpec(name="bench", rows=args.rows, dim=args.dim, optimizer=OptimizerSpec(kind="sgd"), seed=1)
+    serving = dataclasses.replace(spec, name="bench_serving", storage_dtype="bfloat16")
     rng = np.random.default_rng(0)
     cases = [("random", batch, [rng.integers(0, spec.rows, size=batch) for _ in range(4)]) for batch in args.batches]
     cases += [("sorted_unique", batch, [np.unique(i) for i in batches]) for kind, batch, batches in cases
@@ -136,11 +140,12 @@ def main() -> None:
              resources={"engram_memory": 16})
     for shards in args.shards:
         controller = start_controller(ControllerOptions(host="127.0.0.1"), name="bench-lookup")
-        directory = ray.get(controller.deploy.remote([spec.to_dict()], shards))
+        directory = ray.get(controller.deploy.remote([spec.to_dict(), serving.to_dict()], shards))
         token = ray.get(controller.connection_info.remote())["token"]
-        for system, local in (("memory_client", True), ("memory_client_tcp", False)):
+        for system, table, local in (("memory_client", spec.name, True), ("memory_client_tcp", spec.name, False),
+                                     ("memory_client_serving", serving.name, True)):
             with MemoryClient(directory, token, use_local_transport=local) as client:
-                run(system, shards, lambda i: client.lookup("bench", i, dtype=torch.bfloat16).result(), bf16_row_bytes)
+                run(system, shards, lambda i: client.lookup(table, i, dtype=torch.bfloat16).result(), bf16_row_bytes)
         stop_controller("bench-lookup")
 
     naive = NaiveTableActor.remote(spec.rows, spec.dim, spec.seed, spec.init_std)
@@ -164,16 +169,16 @@ def main() -> None:
 
 def report(records: list[dict]) -> None:
     write_json("lookup", records)
-    print(f"{'system':>17} {'shards':>6} {'ids':>13} {'batch':>7} {'rows/s':>12} {'GB/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'system':>21} {'shards':>6} {'ids':>13} {'batch':>7} {'rows/s':>12} {'GB/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
     for r in records:
-        print(f"{r['system']:>17} {r['shards']:>6} {r['ids']:>13} {r['batch_rows']:>7} {r['rows_per_s']:>12.0f} "
+        print(f"{r['system']:>21} {r['shards']:>6} {r['ids']:>13} {r['batch_rows']:>7} {r['rows_per_s']:>12.0f} "
               f"{r['gbytes_per_s']:>7.2f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
     for ids in ("random", "sorted_unique"):
         at = {(r["system"], r["shards"]): r["rows_per_s"] for r in records
               if r["batch_rows"] == TARGET_BATCH and r["ids"] == ids}
         if not at:
             continue
-        for system in ("memory_client", "memory_client_tcp"):
+        for system in ("memory_client", "memory_client_tcp", "memory_client_serving"):
             best = max(v for (name, _), v in at.items() if name == system)
             print(f"at {TARGET_BATCH} {ids} ids: best {system} = {best / at[('index_select', 0)]:.2f}x index_select "
                   f"(target >= 0.5x), {best / at[('naive_ray_actor', 1)]:.2f}x the naive Ray actor (target >= 3x)")

@@ -78,8 +78,8 @@ SERVICES = ("ShardService", "DirectoryService")
 SEMANTIC_CODES = frozenset({"OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED",
                             "OUT_OF_RANGE", "ALREADY_EXISTS"})
 # Methods whose OK answer must leave the tables, slots and epoch as they were.
-READ_ONLY_METHODS = frozenset({"Lookup", "LookupState", "Stats", "Checksum", "ExportSlots", "Checkpoint", "GetRouting",
-                               "ListTables"})
+READ_ONLY_METHODS = frozenset({"Lookup", "LookupState", "MapRows", "Stats", "Checksum", "ExportSlots", "Checkpoint",
+                               "GetRouting", "ListTables"})
 
 DATA_TOKEN = "fuzz-data-token-0123456789abcdef"
 ADMIN_TOKEN = "fuzz-admin-token-0123456789abcdef"

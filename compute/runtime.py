@@ -75,7 +75,7 @@ def build_runtime(config: TrainConfig, device: torch.device, memory: MemoryHandl
     if config.memory.tables == "remote":
         if memory is None:
             raise ValueError("memory: remote tables need a memory service (deploy one or use memory.tables: local)")
-        client = open_client(memory)
+        client = open_client(memory, read_shared_rows=config.memory.read_shared_rows)
         tables = {layer: remote_table(client, table_name(layer), config.memory, device)
                   for layer in config.engram.layer_ids}
     else:

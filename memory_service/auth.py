@@ -30,8 +30,8 @@ DEFAULT_GRACE_S = 60.0
 _SHARD = pb.DESCRIPTOR.services_by_name["ShardService"].full_name
 _DIRECTORY = pb.DESCRIPTOR.services_by_name["DirectoryService"].full_name
 # What the data token allows; any other method (present or future) needs the admin token.
-DATA_METHODS = frozenset({f"/{_SHARD}/Lookup", f"/{_SHARD}/LookupState", f"/{_SHARD}/Update", f"/{_SHARD}/Stats", f"/{_SHARD}/Checksum",
-                          f"/{_SHARD}/AbortStep",
+DATA_METHODS = frozenset({f"/{_SHARD}/Lookup", f"/{_SHARD}/LookupState", f"/{_SHARD}/MapRows", f"/{_SHARD}/Update",
+                          f"/{_SHARD}/Stats", f"/{_SHARD}/Checksum", f"/{_SHARD}/AbortStep",
                           f"/{_DIRECTORY}/GetRouting", f"/{_DIRECTORY}/ListTables"})
 
 

@@ -14,6 +14,10 @@ its rows get their deterministic initial values on first use (lookup, state look
 background thread a chunk at a time, computed outside the lock and stored only where a row has none yet;
 anything that reads the table as a whole (exports, checksums, slot moves) fills the rest first.
 
+A read-only table's rows are kept in a shared-memory file (``shared_table``) where the store is made with
+``share_read_only``: clients on the machine read them without a request. A slot move writes them to a new
+file and retires the old one.
+
 A table whose spec has a ``tier`` keeps its rows and state in files under the store's ``tier_dir``
 with only its hot rows in DRAM (``core.tiered_rows``); lookups and updates go through that cache, and
 anything that reads the table as a whole (exports, checksums, slot moves) first writes the cache back.
@@ -44,8 +48,10 @@ import torch
 from memory_service.core import push_checks
 from memory_service.core.optimizers import SparseOptimizer, make_optimizer
 from memory_service.core.row_init import fill_initial_rows
+from memory_service.core.slots import slot_and_local
 from memory_service.core.table_spec import TableSpec
 from memory_service.core.tiered_rows import TieredRows, TierStats, numpy_storage_dtype
+from memory_service.shared_table import SharedTableRows
 from protos.wire import WIRE_DTYPE_BY_NAME
 
 log = logging.getLogger(__name__)
@@ -177,6 +183,7 @@ class _TableShard:
     tier: TieredRows | None = None
     # bool [rows]: True where a row has no values yet (a lazily filled table); None once every row has them
     unfilled: torch.Tensor | None = None
+    shared: SharedTableRows | None = None  # where a read-only table's ``rows`` are, for readers on this machine
     slot_base: torch.Tensor = dataclasses.field(init=False)  # int64 [num_slots]; -1 where not owned
     layout: int = dataclasses.field(init=False)  # stamp of this storage order, for RowUpdate.positions
 
@@ -260,6 +267,14 @@ class _TableShard:
         self.index_slots()
 
 
+def _release_files(table: _TableShard) -> None:
+    """Remove a dropped table's tier files, and retire its shared rows."""
+    if table.tier is not None:
+        table.tier.close()
+    if table.shared is not None:
+        table.shared.retire()
+
+
 def to_tensor(values) -> torch.Tensor:
     """A tensor sharing memory with ``values``; read-only arrays (from wire bytes) are never written."""
     if isinstance(values, torch.Tensor):
@@ -303,13 +318,15 @@ class ShardStore:
     """Many tables' rows for the slots this shard owns: lookup, sparse updates and slot moves."""
 
     def __init__(self, tier_dir: str | Path | None = None, fill_at_once_rows: int = FILL_AT_ONCE_ROWS,
-                 fill_in_background: bool = True):
+                 fill_in_background: bool = True, share_read_only: bool = False):
         """``fill_at_once_rows``: a table holding more rows here is filled lazily, on first use of each row and
-        (with ``fill_in_background``) by a thread of its own."""
+        (with ``fill_in_background``) by a thread of its own. ``share_read_only``: read-only tables' rows go in
+        shared memory (filled at once), where there is room for them."""
         self._tables: dict[str, _TableShard] = {}
         self._lock = threading.Lock()
         self.tier_dir = Path(tier_dir) if tier_dir else default_tier_dir()  # tiered tables' files, a folder each
         self.fill_at_once_rows, self.fill_in_background = fill_at_once_rows, fill_in_background
+        self.share_read_only = share_read_only
 
     # ----- tables -----
 
@@ -331,10 +348,11 @@ class ShardStore:
                 if spec.tier is not None:
                     table = self._new_tiered_table(spec, optimizer, slots, num_rows)
                 else:
-                    rows = _empty_rows(num_rows, spec.dim, _STORAGE_DTYPES[spec.storage_dtype])
+                    shared = self._shared_storage(spec, num_rows)
+                    rows = shared.rows if shared else _empty_rows(num_rows, spec.dim, _STORAGE_DTYPES[spec.storage_dtype])
                     state = optimizer.initial_state(num_rows, spec.dim) if optimizer else {}
-                    table = _TableShard(spec, optimizer, slots, rows, state)
-                    if num_rows > self.fill_at_once_rows:
+                    table = _TableShard(spec, optimizer, slots, rows, state, shared=shared)
+                    if num_rows > self.fill_at_once_rows and shared is None:
                         table.unfilled = torch.ones(num_rows, dtype=torch.bool)
                     else:
                         _fill_initial_slots(rows, spec, slots)
@@ -349,6 +367,17 @@ class ShardStore:
         if table.unfilled is not None and self.fill_in_background:
             threading.Thread(target=self._fill_in_background, args=(table, started), name=f"fill-{spec.name}",
                              daemon=True).start()
+
+    def _shared_storage(self, spec: TableSpec, num_rows: int) -> SharedTableRows | None:
+        """Shared-memory storage for a read-only table's rows, where this store shares them and there is room."""
+        if not (self.share_read_only and spec.read_only and num_rows):
+            return None
+        try:
+            return SharedTableRows(num_rows, spec.dim, _STORAGE_DTYPES[spec.storage_dtype])
+        except OSError as error:
+            log.warning("table %s: rows kept in private memory, readers on this machine will ask for them: no room "
+                        "for %d rows in shared memory (%s)", spec.name, num_rows, error)
+            return None
 
     def _fill_in_background(self, table: _TableShard, started: float) -> None:
         """Give a lazily filled table's rows their initial values chunk by chunk, each computed outside the lock;
@@ -392,18 +421,27 @@ class ShardStore:
 
     def drop_table(self, name: str) -> None:
         with self._lock:
-            table = self._table(name)
+            _release_files(self._table(name))
             del self._tables[name]
-            if table.tier is not None:
-                table.tier.close()
 
     def drop_all_tables(self) -> None:
-        """Drop every table (a shard that stops): tiered tables' files go with them."""
+        """Drop every table (a shard that stops): tiered tables' files and shared rows go with them."""
         with self._lock:
             for table in self._tables.values():
-                if table.tier is not None:
-                    table.tier.close()
+                _release_files(table)
             self._tables = {}
+
+    def shared_rows(self, name: str) -> tuple[SharedTableRows, torch.Tensor]:
+        """A read-only table's shared-memory rows and its slot bases (int64 [num_slots], -1 where not owned)."""
+        with self._lock:
+            table = self._table(name)
+            if table.optimizer is not None:
+                raise RowStoreError("FAILED_PRECONDITION", "table", f"table {name!r} trains: only read-only tables' "
+                                    "rows are shared")
+            if table.shared is None:
+                raise RowStoreError("FAILED_PRECONDITION", "table", f"table {name!r}: its rows are not in shared "
+                                    "memory on this shard")
+            return table.shared, table.slot_base.clone()
 
     def tier_stats(self, name: str) -> TierStats | None:
         """A tiered table's cache: rows held, hits, misses, evictions, rows written back; None without a tier."""
@@ -574,11 +612,7 @@ class ShardStore:
     @staticmethod
     def _positions(table: _TableShard, ids: torch.Tensor, field: str = "row_ids") -> torch.Tensor:
         """Storage positions of in-range ``ids``; SlotNotOwned if any slot is not here."""
-        num_slots = table.spec.num_slots
-        if num_slots & (num_slots - 1) == 0:  # a power of two (the default): masks and shifts beat division
-            slots, local = ids & (num_slots - 1), ids >> (num_slots.bit_length() - 1)
-        else:
-            slots, local = ids % num_slots, ids // num_slots
+        slots, local = slot_and_local(ids, table.spec.num_slots)
         base = table.slot_base.index_select(0, slots)
         if len(base) and int(base.min()) < 0:
             raise SlotNotOwned(table.spec.name, torch.unique(slots[base < 0]).tolist(), field)
@@ -635,9 +669,15 @@ class ShardStore:
             incoming[key] = _as_tensor(array, dtype)
         return incoming
 
-    @staticmethod
-    def _replace_storage(table: _TableShard, slots: list[int], tensors: dict[str, torch.Tensor]) -> None:
+    def _replace_storage(self, table: _TableShard, slots: list[int], tensors: dict[str, torch.Tensor]) -> None:
+        rows = tensors["rows"]
+        shared = self._shared_storage(table.spec, len(rows))
+        if shared is not None:
+            rows = shared.rows.copy_(rows)
+        if table.shared is not None:  # readers keep the old file's rows until they see it retired
+            table.shared.retire()
+        table.shared = shared
         table.slots = slots
-        table.rows = tensors["rows"]
+        table.rows = rows
         table.state = {key[len(STATE_PREFIX):]: tensor for key, tensor in tensors.items() if key != "rows"}
         table.index_slots()

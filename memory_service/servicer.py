@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -32,8 +33,8 @@ from memory_service.core.push_checks import InvalidPush
 from memory_service.core.slots import slot_of
 from memory_service.step_aggregator import StepAggregator
 from memory_service.core.table_spec import SpecError, TableSpec
-from protos.wire import (DEFAULT_MAX_MESSAGE_BYTES, GRAD_WIRE_DTYPES, ROUTING_EPOCH_KEY, WIRE_DTYPE_BY_ENUM,
-                         WIRE_DTYPE_BY_NAME, WIRE_DTYPES, WireDtype, WireError, arrays_from_proto, arrays_to_proto,
+from protos.wire import (DEFAULT_MAX_MESSAGE_BYTES, GRAD_WIRE_DTYPES, ROUTING_EPOCH_KEY, SHARED_SEGMENT_DIR,
+                         WIRE_DTYPE_BY_ENUM, WIRE_DTYPE_BY_NAME, WIRE_DTYPE_BY_TORCH, WIRE_DTYPES, WireDtype, WireError, arrays_from_proto, arrays_to_proto,
                          encode_lookup_response, pending_from_arrays, pending_to_arrays, tensor_from_bytes,
                          tensor_to_bytes)
 from protos import engram_memory_v1_pb2 as pb
@@ -129,7 +130,7 @@ class ShardServicer:
         self.address = ""
         self.node = ""
         self.tier_dir = tier_dir  # tiered tables' files go under it (None: row_store.default_tier_dir())
-        self.store = ShardStore(tier_dir)
+        self.store = self._new_store()
         self.metrics = metrics or ShardMetrics()
         self.max_message_bytes = max_message_bytes
         self._frozen: dict[str, _FrozenSlots] = {}
@@ -146,6 +147,11 @@ class ShardServicer:
         self._hold: _StepHold | None = None
         self._staged: ShardStore | None = None  # a restore's tables, read and checked, not yet live
         self._staged_counters: dict[str, dict] = {}  # table -> step counters of the staged checkpoint
+
+    def _new_store(self) -> ShardStore:
+        """A store for this shard's tables: read-only ones in shared memory, where clients on this machine can
+        read them (``MapRows``)."""
+        return ShardStore(self.tier_dir, share_read_only=os.path.isdir(SHARED_SEGMENT_DIR))
 
     def drop_all_tables(self) -> None:
         """Drop the live and any staged tables, files of tiered ones included (the shard stops)."""
@@ -189,11 +195,14 @@ class ShardServicer:
 
     # ---- data plane -----------------------------------------------------------------------
 
-    @_handler("lookup")
-    def Lookup(self, request: pb.LookupRequest):
+    def _check_readable(self) -> None:
         if self.copying:
             raise RequestRejected("FAILED_PRECONDITION", "table", "this replica's copy of its primary is being "
                                   "made; read another copy", routing=True)
+
+    @_handler("lookup")
+    def Lookup(self, request: pb.LookupRequest):
+        self._check_readable()
         spec = self._spec(request.table)
         dtype = self._dtype(request.dtype, "dtype")
         ids = self._row_ids(request.row_ids)
@@ -217,6 +226,16 @@ class ShardServicer:
                          values=tensor.contiguous().numpy().astype("<f4", copy=False).tobytes())
             for key, tensor in tensors.items()])
         return response, len(ids), reply_bytes
+
+    @_handler("map_rows")
+    def MapRows(self, request: pb.MapRowsRequest):
+        self._check_readable()
+        spec = self._spec(request.table)
+        shared, slot_base = self.store.shared_rows(request.table)
+        return pb.MapRowsResponse(segment=shared.name, rows=len(shared.rows), dim=spec.dim,
+                                  dtype=WIRE_DTYPE_BY_TORCH[shared.rows.dtype].enum,
+                                  slot_base=slot_base.numpy().astype("<i8", copy=False).tobytes(),
+                                  epoch=self.epoch), 0, 0
 
     def _check_reply_size(self, num_rows: int, row_bytes: int, field: str) -> int:
         """The bytes of ``num_rows`` rows of ``row_bytes`` each; refused if over the message limit."""
@@ -579,7 +598,7 @@ class ShardServicer:
                                   f"table: {request.table!r} is not the spec's {spec.name!r}")
         parts = checkpoint.read_slots(directory, spec, list(request.paths), list(request.slots))
         if self._staged is None:
-            self._staged = ShardStore(self.tier_dir)
+            self._staged = self._new_store()
         if spec.name in {staged.name for staged in self._staged.specs()}:
             self._staged.drop_table(spec.name)  # staged again: a retry
         self._staged.add_table(spec, [])

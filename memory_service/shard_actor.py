@@ -26,7 +26,8 @@ from memory_service.server import start_liveness_server, start_server
 from memory_service.servicer import ShardServicer
 from protos import engram_memory_v1_pb2 as pb
 from protos import engram_memory_v1_pb2_grpc as pb_grpc
-from protos.wire import DEFAULT_MAX_MESSAGE_BYTES, ClientTls, bearer_metadata, open_channel, transport_options
+from protos.wire import (DEFAULT_MAX_MESSAGE_BYTES, SHARED_SEGMENT_DIR, SHARED_TABLE_PREFIX, ClientTls, bearer_metadata,
+                         open_channel, transport_options)
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,9 @@ class ShardActor:
         self._server = self._liveness = None
         self._sweep: asyncio.Task | None = None
         self._socket_dir = None
-        if not tls:  # a killed shard's socket folder stays behind until the next shard on this machine starts
+        # A killed shard's shared rows, and its socket folder, stay behind until the next shard on this machine starts.
+        remove_leftovers(SHARED_SEGMENT_DIR, SHARED_TABLE_PREFIX)
+        if not tls:
             remove_leftovers(tempfile.gettempdir(), SOCKET_DIR_PREFIX)
             self._socket_dir = tempfile.mkdtemp(prefix=pid_tagged(SOCKET_DIR_PREFIX))  # mode 0700
 

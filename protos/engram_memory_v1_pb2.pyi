@@ -78,6 +78,28 @@ class LookupStateResponse(_message.Message):
     epoch: int
     def __init__(self, tensors: _Optional[_Iterable[_Union[RowValues, _Mapping]]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
+class MapRowsRequest(_message.Message):
+    __slots__ = ("table",)
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    def __init__(self, table: _Optional[str] = ...) -> None: ...
+
+class MapRowsResponse(_message.Message):
+    __slots__ = ("segment", "rows", "dim", "dtype", "slot_base", "epoch")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SLOT_BASE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    rows: int
+    dim: int
+    dtype: DType
+    slot_base: bytes
+    epoch: int
+    def __init__(self, segment: _Optional[str] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., slot_base: _Optional[bytes] = ..., epoch: _Optional[int] = ...) -> None: ...
+
 class RowValues(_message.Message):
     __slots__ = ("name", "width", "values")
     NAME_FIELD_NUMBER: _ClassVar[int]

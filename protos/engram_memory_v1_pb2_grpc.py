@@ -48,6 +48,11 @@ class ShardServiceStub(object):
                 request_serializer=protos_dot_engram__memory__v1__pb2.LookupStateRequest.SerializeToString,
                 response_deserializer=protos_dot_engram__memory__v1__pb2.LookupStateResponse.FromString,
                 _registered_method=True)
+        self.MapRows = channel.unary_unary(
+                '/engram.memory.v1.ShardService/MapRows',
+                request_serializer=protos_dot_engram__memory__v1__pb2.MapRowsRequest.SerializeToString,
+                response_deserializer=protos_dot_engram__memory__v1__pb2.MapRowsResponse.FromString,
+                _registered_method=True)
         self.Update = channel.unary_unary(
                 '/engram.memory.v1.ShardService/Update',
                 request_serializer=protos_dot_engram__memory__v1__pb2.UpdateRequest.SerializeToString,
@@ -152,6 +157,15 @@ class ShardServiceServicer(object):
     def LookupState(self, request, context):
         """A trainable table's rows in float32 with their optimizer state, for a client that steps its own copies of
         them (a hot-row cache on its device) as the shard would. Ask the primary: it holds every acknowledged step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MapRows(self, request, context):
+        """Where a read-only table's rows are in this shard's shared memory, for a client on the same machine to read
+        them without a request (compute/memory/mapped_rows.py). FAILED_PRECONDITION for a table that trains or whose
+        rows are not shared here.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -283,6 +297,11 @@ def add_ShardServiceServicer_to_server(servicer, server):
                     servicer.LookupState,
                     request_deserializer=protos_dot_engram__memory__v1__pb2.LookupStateRequest.FromString,
                     response_serializer=protos_dot_engram__memory__v1__pb2.LookupStateResponse.SerializeToString,
+            ),
+            'MapRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.MapRows,
+                    request_deserializer=protos_dot_engram__memory__v1__pb2.MapRowsRequest.FromString,
+                    response_serializer=protos_dot_engram__memory__v1__pb2.MapRowsResponse.SerializeToString,
             ),
             'Update': grpc.unary_unary_rpc_method_handler(
                     servicer.Update,
@@ -428,6 +447,33 @@ class ShardService(object):
             '/engram.memory.v1.ShardService/LookupState',
             protos_dot_engram__memory__v1__pb2.LookupStateRequest.SerializeToString,
             protos_dot_engram__memory__v1__pb2.LookupStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MapRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram.memory.v1.ShardService/MapRows',
+            protos_dot_engram__memory__v1__pb2.MapRowsRequest.SerializeToString,
+            protos_dot_engram__memory__v1__pb2.MapRowsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -74,6 +74,9 @@ MAX_FRAME_BYTES = (1 << 24) - 1
 # Co-located clients' shared-memory segments: ``<dir>/<prefix><pid>-<hex>``; shards open only such names.
 SHARED_SEGMENT_DIR = "/dev/shm"
 SHARED_SEGMENT_PREFIX = "engram-rows-"
+# Shards' read-only tables in shared memory (``MapRows``): ``<dir>/<prefix><shard pid>-<hex>``, a header, then rows.
+SHARED_TABLE_PREFIX = "engram-table-"
+SHARED_TABLE_HEADER_BYTES = 64
 
 # The controller actor's Ray name and namespace: clients inside Ray find the directory through it.
 CONTROLLER_NAME = "engram-memory-controller"
@@ -158,6 +161,13 @@ def dequantize_rows(wire_rows: torch.Tensor, dtype: torch.dtype = torch.float32)
     dim = wire_rows.shape[1] - SCALE_BYTES
     scales = wire_rows[:, dim:].clone(memory_format=torch.contiguous_format).view(torch.float32)
     return (wire_rows[:, :dim].view(torch.float8_e4m3fn).float() * scales).to(dtype)
+
+
+def as_row_records(rows: torch.Tensor) -> np.ndarray:
+    """Contiguous CPU rows [n, ...] as a numpy array of n opaque records, a view: numpy gathers and scatters those
+    with one memcpy each, two to three times faster than torch's index_select and index_copy_ on one thread."""
+    row_bytes = rows[0].numel() * rows.element_size() if len(rows) else 1
+    return rows.view(torch.uint8).numpy().view(np.dtype((np.void, row_bytes))).reshape(len(rows))
 
 
 def as_row_words(rows: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ routing (slot -> shard, with an epoch), the shards serve rows. Calls run on a pr
 thread and return ``concurrent.futures.Future``s, so a training step can overlap them with compute.
 Shards on the client's own machine are reached through their Unix socket, write looked-up rows
 straight into the client's shared memory and read pushed gradients from it, instead of sending them
-through the socket. Lookups go to any live copy of a slot's rows (its primary or a replica, in turn);
+through the socket; their read-only tables' rows the client reads itself, out of the shard's shared memory,
+without a request (``mapped_rows``). Lookups go to any live copy of a slot's rows (its primary or a replica, in turn);
 a copy that fails or times out is passed over for a while, and the lookup goes to another at once.
 Pushes go to the slot's primary.
 """
@@ -27,6 +28,7 @@ import torch
 from compute.memory.calls import (SHARD_LOST, CallDeadlines, Channels, MemoryServiceError, ResendAfterRefresh,
                                   RetryPolicy, gather_parts, with_retries)
 from compute.memory.client_metrics import ClientMetrics
+from compute.memory.mapped_rows import MappedRows
 from compute.memory.routing import Routing, TableRoute, connection_info_from_controller
 from compute.memory.shared_segments import SharedSegmentPool
 from memory_service.core import push_checks
@@ -34,7 +36,8 @@ from memory_service.core.leftovers import remove_leftovers
 from memory_service.core.slots import ShardSplit, slot_of
 from protos import engram_memory_v1_pb2 as pb
 from protos.wire import (CONTROLLER_NAME, DEFAULT_MAX_MESSAGE_BYTES, GRAD_WIRE_DTYPES, NAMESPACE, SHARED_SEGMENT_DIR,
-                         SHARED_SEGMENT_PREFIX, WIRE_DTYPE_BY_TORCH, ClientTls, as_row_words, tensor_to_bytes)
+                         SHARED_SEGMENT_PREFIX, WIRE_DTYPE_BY_TORCH, ClientTls, as_row_records, as_row_words,
+                         tensor_to_bytes)
 
 __all__ = ["MemoryClient", "MemoryServiceError", "PushResult", "RetryPolicy"]
 
@@ -57,7 +60,9 @@ class MemoryClient:
 
     def __init__(self, directory: str, token: str | None = None, *, tls: ClientTls | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_rows_per_request: int = 65536,
-                 retry: RetryPolicy = RetryPolicy(), use_local_transport: bool = True):
+                 retry: RetryPolicy = RetryPolicy(), use_local_transport: bool = True, read_shared_rows: bool = True):
+        """``use_local_transport``: reach shards on this machine through their Unix socket and shared memory;
+        ``read_shared_rows``: and read their read-only tables' rows without a request."""
         self._directory_address = directory
         self._calls = Channels(token, tls, max_message_bytes, CallDeadlines(retry.call_timeout_s))
         self._max_message_bytes = max_message_bytes
@@ -70,6 +75,8 @@ class MemoryClient:
         if self._use_local_transport:
             remove_leftovers(SHARED_SEGMENT_DIR, SHARED_SEGMENT_PREFIX)  # those of clients that were killed
         self._segments = SharedSegmentPool()
+        self._read_shared_rows = read_shared_rows
+        self._mapped: dict[tuple[str, int], MappedRows | None] = {}  # (table, shard): None where it has no shared rows
         self._metrics = ClientMetrics()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._serve_calls, name="memory-client", daemon=True)
@@ -110,7 +117,8 @@ class MemoryClient:
 
     def moved(self) -> dict[str, dict[str, int]]:
         """What this client moved since it was made, by method (``lookup``, ``pull``: rows pushes brought back,
-        ``lookup_state``, ``push``): ``{"calls", "rows", "bytes"}`` of rows and gradients on the wire."""
+        ``lookup_state``, ``push``): ``{"calls", "rows", "bytes"}`` of rows and gradients on the wire; and
+        ``read_shared``: rows of lookups read from co-located shards' shared memory, which crossed no wire."""
         return self._metrics.totals()
 
     def table_dim(self, table: str) -> int:
@@ -242,6 +250,7 @@ class MemoryClient:
         reply = await self._calls.directory(self._directory_address, "GetRouting", pb.GetRoutingRequest())
         if reply.epoch != self._routing.epoch:
             log.debug("routing epoch %d -> %d", self._routing.epoch, reply.epoch)
+            self._mapped = {}
         self._routing = Routing.from_reply(reply, self._use_local_transport)
 
     def _route(self, table: str) -> TableRoute:
@@ -282,6 +291,19 @@ class MemoryClient:
         candidates = healthy or sorted(copies, key=lambda copy: self._failed_at.get(copy, 0.0))[:1]
         return candidates[next(self._turn) % len(candidates)]
 
+    async def _mapping(self, table: str, shard: int) -> MappedRows | None:
+        """Co-located ``shard``'s rows of ``table`` mapped, or None where it keeps them in no shared memory (a table
+        that trains, a shard whose shared memory is full, or one that does not know ``MapRows``)."""
+        key = (table, shard)
+        if key not in self._mapped:
+            try:
+                reply = await self._call_shard(shard, "MapRows", pb.MapRowsRequest(table=table))
+                self._mapped[key] = MappedRows(reply, self._route(table).num_slots)
+            except (MemoryServiceError, ResendAfterRefresh, ValueError, OSError) as error:
+                log.debug("table %s on shard %d: rows asked for, not read from shared memory: %s", table, shard, error)
+                self._mapped[key] = None
+        return self._mapped[key]
+
     async def _with_retries(self, attempt, pending: np.ndarray) -> None:
         await with_retries(attempt, pending, self._retry, self._refresh_routing)
 
@@ -291,24 +313,40 @@ class MemoryClient:
                       shard_split: ShardSplit | None) -> torch.Tensor:
         start = time.perf_counter()
         route = self._route(table)
-        unique, inverse = (ids, None) if _sorted_unique(ids) else np.unique(ids, return_inverse=True)
-        # `received` holds the rows of `unique` in its order: co-located shards write theirs in place,
-        # the others' arrive as bytes and are copied in. Without a segment to copy out of nor an order
-        # to restore, `received` is the result, allocated pinned when asked. Scaled (float8_e4m3) rows stay
-        # wire rows: uint8, each row's values then its scale.
+        # Where every shard's rows will be read out of its shared memory, duplicates cost no more than other ids
+        # (nothing is sent) and no segment is needed for shards to write into.
+        read_all_shared = self._read_shared_rows and all(self._mapped.get((table, shard))
+                                                         for shard in route.all_shards())
+        unique, inverse = (ids, None) if read_all_shared or _sorted_unique(ids) else np.unique(ids, return_inverse=True)
+        # `received` holds the rows of `unique` in its order: co-located shards write theirs in place (or the client
+        # reads them out of the shards' shared memory), the others' arrive as bytes and are copied in. Without a
+        # segment to copy out of nor an order to restore, `received` is the result, allocated pinned when asked.
+        # Scaled (float8_e4m3) rows stay wire rows: uint8, each row's values then its scale.
         wire = WIRE_DTYPE_BY_TORCH[dtype]
         row_bytes = wire.row_bytes(route.dim)
         element, width = wire.row_layout(route.dim)
-        segment = self._segments.acquire(len(unique) * row_bytes) if self._routing.co_located else None
+        segment = self._segments.acquire(len(unique) * row_bytes) if self._routing.co_located and not read_all_shared \
+            else None
         if segment:
             received = segment.rows(len(unique), width, element)
         else:
             received = torch.empty((len(unique), width), dtype=element, pin_memory=pinned and inverse is None)
         wire_dtype = wire.enum
         per_request = self._rows_per_request(row_bytes)
+        read_shared = 0  # rows read out of co-located shards' shared memory
 
         async def fetch(primary: int, positions: np.ndarray) -> None:
+            nonlocal read_shared
             shard = self._lookup_copy(primary)
+            if self._read_shared_rows and shard in self._routing.co_located:
+                mapped = await self._mapping(table, shard)
+                rows = mapped.read(unique[positions]) if mapped else None
+                if rows is not None:
+                    as_row_records(received)[positions] = as_row_records(wire.encode(rows))
+                    read_shared += len(positions)
+                    return
+                if mapped:  # no longer the table's rows: map them again next time, ask for them now
+                    self._mapped.pop((table, shard), None)
             request = pb.LookupRequest(table=table, row_ids=unique[positions].tobytes(), dtype=wire_dtype)
             if segment and shard in self._routing.co_located:
                 request.shared_rows.name = segment.name
@@ -345,7 +383,11 @@ class MemoryClient:
             raise
         if segment:
             self._segments.release(segment)
-        self._metrics.record("lookup", time.perf_counter() - start, len(unique), len(unique) * row_bytes)
+        asked = len(unique) - read_shared
+        if asked or not read_shared:
+            self._metrics.record("lookup", time.perf_counter() - start, asked, asked * row_bytes)
+        if read_shared:
+            self._metrics.record("read_shared", None, read_shared, 0)
         return out
 
     async def _lookup_state(self, table: str, ids: np.ndarray) -> dict[str, torch.Tensor]:

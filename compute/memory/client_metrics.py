@@ -15,7 +15,8 @@ LATENCY_BOUNDARIES_S = [1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 5.0]
 
 class ClientMetrics:
     """Counts one client's rows and row bytes by method (``lookup``, ``pull``: rows a push brought back,
-    ``lookup_state``, ``push``: gradients); outside Ray only in ``totals``."""
+    ``lookup_state``, ``push``: gradients, ``read_shared``: rows read from shards' shared memory, no wire bytes);
+    outside Ray only in ``totals``."""
 
     def __init__(self):
         self._totals: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -48,4 +49,5 @@ class ClientMetrics:
             self._latency.observe(seconds, tags)
         if rows:  # Ray's counters take only positive increments; an empty call moves none
             self._rows.inc(rows, tags)
+        if wire_bytes:  # rows read out of shared memory cross no wire
             self._wire_bytes.inc(wire_bytes, tags)

@@ -102,6 +102,8 @@ class MemoryConfig:
     # (E4M3 and a float32 scale a row) about halves bfloat16's bytes
     grad_wire_dtype: str = "float32"  # row gradients on the wire; bfloat16 halves the push's bytes
     prefetch: bool = True  # issue the next step's lookup before this step's compute
+    # read serving (read-only) tables' rows out of the shared memory of shards on this machine, without a request
+    read_shared_rows: bool = True
     staleness: int = 0  # 0: lookups see every earlier step's update; 1: may miss the last one (overlapped)
     cache: CacheConfig = CacheConfig()  # hot rows kept on the device (serving tables)
     tier: TierConfig = TierConfig()  # remote tables on the shards' SSD tier

@@ -1,6 +1,6 @@
 """What a killed process leaves behind: files and folders it named after its process id and had no chance to
 remove (SIGKILL, a crashed node). A name made with ``pid_tagged`` is swept by ``remove_leftovers`` once its
-process is gone: a shard's socket folder, a tiered table's files, a client's shared-memory segments."""
+process is gone: a shard's socket folder and shared rows, a tiered table's files, a client's shared-memory segments."""
 from __future__ import annotations
 
 import logging

@@ -25,6 +25,14 @@ def slot_local_index(row_ids, num_slots: int) -> np.ndarray:
     return np.asarray(row_ids, dtype=np.int64) // num_slots
 
 
+def slot_and_local(row_ids, num_slots: int):
+    """Each of ``row_ids``' slot and index inside its slot's storage (int64 numpy arrays or torch tensors alike);
+    a power-of-two slot count (the default) takes a mask and a shift, which beat division."""
+    if num_slots & (num_slots - 1) == 0:
+        return row_ids & (num_slots - 1), row_ids >> (num_slots.bit_length() - 1)
+    return row_ids % num_slots, row_ids // num_slots
+
+
 def slot_row_ids(slot: int, rows_in_slot: int, num_slots: int) -> np.ndarray:
     """The row ids of ``slot`` in local-index order."""
     return slot + num_slots * np.arange(rows_in_slot, dtype=np.int64)

@@ -25,7 +25,9 @@ def wait_for_cache(table: CachedRowTable, timeout_s: float = 10.0) -> None:
 
 @pytest.mark.ray
 def test_cached_rows_equal_the_shards_rows_hit_or_miss_and_generation_keeps_its_tokens(ray_cluster, tmp_path):
-    config = tiny_run(tmp_path, memory__cache=CacheConfig(rows=CAPACITY, readmit_every=3))
+    # Asking the shards for the rows the cache misses (not reading them out of the shards' shared memory): what a
+    # cache on another machine than the shards does, and the wire bytes it saves.
+    config = tiny_run(tmp_path, memory__cache=CacheConfig(rows=CAPACITY, readmit_every=3), memory__read_shared_rows=False)
     local, cached, handle = serving_runtimes(config, torch.device("cpu"), shards=2)
     try:
         layer = config.engram.layer_ids[0]

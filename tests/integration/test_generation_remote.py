@@ -1,5 +1,6 @@
 """Greedy generation on remote serving tables gives the tokens of in-process tables holding the same rows
-(bench.generate's pairing: bfloat16 rows on the shards and on the wire, the same rows rounded in process)."""
+(bench.generate's pairing: bfloat16 rows on the shards and on the wire, the same rows rounded in process), the
+rows read out of the co-located shards' shared memory."""
 from __future__ import annotations
 
 import pytest
@@ -17,6 +18,9 @@ def test_remote_serving_rows_generate_the_tokens_of_in_process_tables(ray_cluste
         prompts = [[5, 17, 99, 3, 42], [7, 8, 9, 10, 11, 12], [120]]
         generated = [Generator(runtime.model, runtime.compressor, runtime.hasher).generate_ids(
             prompts, 10, stop_at_eos=False) for runtime in (local, remote)]
+        # The shards are on this machine: their serving rows were read out of their shared memory, none asked for.
+        moved = remote.client.moved()
+        assert moved["read_shared"]["rows"] > 0 and "lookup" not in moved
         # The rows did reach the model: generating without them changes the tokens.
         for table in local.tables.values():
             torch.nn.init.zeros_(table.weight)

@@ -1,4 +1,5 @@
-"""Co-located clients: Unix sockets and rows written into the client's shared memory, same results as TCP."""
+"""Co-located clients: Unix sockets, rows written into the client's shared memory and serving rows read out of the
+shards', same results as TCP."""
 from __future__ import annotations
 
 import gc
@@ -12,6 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import ray
 import torch
 
 from compute.memory.client import MemoryClient
@@ -19,7 +21,7 @@ from compute.memory.shared_segments import SharedRowSegment
 from memory_service.core.leftovers import remove_leftovers
 from memory_service.shared_rows import SegmentError, SharedRowSegments
 from protos import engram_memory_v1_pb2 as pb
-from protos.wire import SHARED_SEGMENT_DIR, SHARED_SEGMENT_PREFIX, quantize_rows
+from protos.wire import SHARED_SEGMENT_DIR, SHARED_SEGMENT_PREFIX, SHARED_TABLE_PREFIX, quantize_rows
 from tests.integration.memory_deploy import TOKEN, deployment, reference_rows, shard_stub, spec
 
 TABLE = spec("local", dim=16)
@@ -179,3 +181,40 @@ def test_shard_refuses_a_bad_segment_with_the_field_named_and_changes_nothing(ra
             assert torch.equal(client.lookup("local", np.arange(4), dtype=torch.float32).result(), before)
         written = np.frombuffer(segment_bytes(segment_file), dtype="<f4")[16:16 + 4 * TABLE.dim].reshape(4, TABLE.dim)
         assert torch.equal(torch.from_numpy(written[positions].copy()), reference_rows(TABLE, np.arange(4)))
+
+
+SERVING_TABLE = spec("local_serving", storage_dtype="bfloat16")
+
+
+def shared_table_files(pids) -> list[str]:
+    return [name for name in os.listdir(SHARED_SEGMENT_DIR)
+            if any(name.startswith(f"{SHARED_TABLE_PREFIX}{pid}-") for pid in pids)]
+
+
+@pytest.mark.ray
+def test_a_co_located_client_reads_serving_rows_from_the_shards_shared_memory_as_a_request_would(ray_cluster):
+    with deployment([SERVING_TABLE, SGD_TABLE], shards=2) as (controller, local):
+        pids = [info["pid"] for info in ray.get(controller.shard_pids.remote()).values()]
+        assert len(shared_table_files(pids)) == 2  # the serving table's rows on each shard; not the SGD table's
+        ids = np.random.default_rng(3).integers(0, SERVING_TABLE.rows, size=5000)
+        with MemoryClient(local.directory, TOKEN, use_local_transport=False) as remote:
+            for dtype in (torch.bfloat16, torch.float32, torch.float8_e4m3fn):
+                assert torch.equal(local.lookup("local_serving", ids, dtype=dtype).result(),
+                                   remote.lookup("local_serving", ids, dtype=dtype).result())
+            moved = local.moved()
+            # The first lookup mapped the files (deduplicating its ids first, as for a request); the others read
+            # every id as given.
+            assert moved["read_shared"]["rows"] == len(np.unique(ids)) + 2 * len(ids) and "lookup" not in moved
+            local.lookup("local_sgd", ids).result()  # a table that trains is asked for
+            assert local.moved()["lookup"]["rows"] == len(np.unique(ids))
+
+            # Slots move to a third shard: the old files are retired, the client reads the new ones.
+            assert ray.get(controller.scale.remote(3))["local_serving"] > 0
+            assert torch.equal(local.lookup("local_serving", ids).result(), remote.lookup("local_serving", ids).result())
+            pids = [info["pid"] for info in ray.get(controller.shard_pids.remote()).values()]
+            assert len(shared_table_files(pids)) == 3
+            before = local.moved()["read_shared"]["rows"]
+            assert torch.equal(local.lookup("local_serving", ids).result(), remote.lookup("local_serving", ids).result())
+            assert local.moved()["read_shared"]["rows"] == before + len(ids)
+    assert not shared_table_files(pids)  # the shards removed them as they stopped
+

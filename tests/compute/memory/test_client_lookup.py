@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import socket
 
+import grpc
 import numpy as np
 import pytest
 import torch
 
-from compute.memory.calls import Channels
+from compute.memory.calls import Channels, MemoryServiceError
 from compute.memory.client import MemoryClient
 from compute.memory.remote_table import RemoteRowTable
 from compute.memory.routing import this_node
@@ -41,6 +42,8 @@ def shards(monkeypatch, tmp_path):
                                                node=this_node(), hostname=socket.gethostname()) for i in (0, 1)])
 
     async def shard(self, address, method, request):
+        if method == "MapRows":  # as a shard answers for a table that trains: its rows are asked for
+            raise MemoryServiceError(grpc.StatusCode.FAILED_PRECONDITION, "table 't' trains")
         ids = torch.from_numpy(np.frombuffer(request.row_ids, dtype="<i8").copy())
         wire = WIRE_DTYPE_BY_ENUM[request.dtype]
         rows = wire.encode(TABLE[ids])

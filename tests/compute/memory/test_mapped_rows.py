@@ -1,0 +1,81 @@
+"""A shard's shared table rows as a client maps them: reads give the shard's rows, and a retired file, a slot the
+mapping lacks or a dead shard make the read decline (the client then asks the shard)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from compute.memory.mapped_rows import MappedRows
+from memory_service.core.table_spec import TableSpec
+from memory_service.row_store import RowStoreError, ShardStore
+from memory_service.shared_table import SharedTableRows
+from protos import engram_memory_v1_pb2 as pb
+from protos.wire import SHARED_SEGMENT_DIR, SHARED_TABLE_PREFIX
+
+SPEC = TableSpec("serving", rows=100, dim=8, storage_dtype="bfloat16", num_slots=4, seed=2)
+
+
+def mapping_of(store: ShardStore) -> MappedRows:
+    shared, slot_base = store.shared_rows(SPEC.name)
+    return MappedRows(pb.MapRowsResponse(segment=shared.name, rows=len(shared.rows), dim=SPEC.dim, dtype=pb.BFLOAT16,
+                                         slot_base=slot_base.numpy().astype("<i8").tobytes()), SPEC.num_slots)
+
+
+def test_a_mapped_table_reads_the_rows_the_store_serves_until_its_file_is_retired():
+    store = ShardStore(share_read_only=True)
+    store.add_table(SPEC, [3, 1])
+    mapped = mapping_of(store)
+    ids = np.array([3, 1, 97, 5, 3, 41])  # slots 3 and 1, a duplicate included
+    assert torch.equal(mapped.read(ids), store.gather(SPEC.name, ids, "bfloat16"))
+    assert mapped.read(np.array([1, 2])) is None  # slot 2 is not in this file
+
+    store.release_slots(SPEC.name, [3])  # the rows move to a new file; the old one is retired
+    assert mapped.read(np.array([1])) is None and not os.path.exists(f"{SHARED_SEGMENT_DIR}/{mapped.segment}")
+    remapped = mapping_of(store)
+    assert remapped.segment != mapped.segment
+    assert torch.equal(remapped.read(np.array([1, 97])), store.gather(SPEC.name, [1, 97], "bfloat16"))
+    store.drop_table(SPEC.name)
+    assert remapped.read(np.array([1])) is None
+
+
+def test_a_mapping_of_a_dead_shards_file_declines_to_read():
+    shared = SharedTableRows(4, SPEC.dim, torch.bfloat16)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    name = f"{SHARED_TABLE_PREFIX}{int(dead.stdout)}-0123abcd"
+    os.link(f"{SHARED_SEGMENT_DIR}/{shared.name}", f"{SHARED_SEGMENT_DIR}/{name}")
+    try:
+        mapped = MappedRows(pb.MapRowsResponse(segment=name, rows=4, dim=SPEC.dim, dtype=pb.BFLOAT16,
+                                               slot_base=np.zeros(1, "<i8").tobytes()), 1)
+        assert not mapped.current() and mapped.read(np.array([0])) is None
+    finally:
+        os.unlink(f"{SHARED_SEGMENT_DIR}/{name}")
+        shared.retire()
+
+
+def test_only_read_only_tables_are_shared():
+    store = ShardStore(share_read_only=True)
+    store.add_table(TableSpec("trains", rows=10, dim=4), range(16))
+    store.add_table(SPEC, range(SPEC.num_slots))
+    with pytest.raises(RowStoreError, match="only read-only tables"):
+        store.shared_rows("trains")
+    private = ShardStore()
+    private.add_table(SPEC, range(SPEC.num_slots))
+    with pytest.raises(RowStoreError, match="not in shared memory"):
+        private.shared_rows(SPEC.name)
+
+
+@pytest.mark.parametrize("reply", [
+    pb.MapRowsResponse(segment="../etc/passwd", rows=1, dim=1, dtype=pb.BFLOAT16, slot_base=np.zeros(4, "<i8").tobytes()),
+    pb.MapRowsResponse(segment=f"{SHARED_TABLE_PREFIX}1-ab", rows=1, dim=1, dtype=pb.BFLOAT16,
+                       slot_base=np.zeros(3, "<i8").tobytes()),
+    pb.MapRowsResponse(segment=f"{SHARED_TABLE_PREFIX}1-ab", rows=1, dim=1, dtype=99,
+                       slot_base=np.zeros(4, "<i8").tobytes()),
+])
+def test_a_mapping_refuses_what_is_not_a_shared_table(reply):
+    with pytest.raises(ValueError, match="not a shared table"):
+        MappedRows(reply, num_slots=4)
