@@ -11,8 +11,9 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from compute.memory.client import MemoryClient
+from compute.memory.futures import settled
 from compute.memory.remote_table import RemoteRowTable, _PulledAcrossUpdate
-from compute.memory.row_table import EngramRows, RowsAcrossUpdate, RowTable, settled
+from compute.memory.row_table import EngramRows, RowsAcrossUpdate, RowTable
 from memory_service.core.optimizers import make_optimizer
 from memory_service.core.slots import ShardSplit
 from memory_service.core.table_spec import TableSpec

@@ -28,6 +28,7 @@ import torch
 from compute.memory.calls import (SHARD_LOST, CallDeadlines, Channels, MemoryServiceError, ResendAfterRefresh,
                                   RetryPolicy, gather_parts, with_retries)
 from compute.memory.client_metrics import ClientMetrics
+from compute.memory.futures import settled
 from compute.memory.mapped_rows import MappedRows
 from compute.memory.routing import Routing, TableRoute, connection_info_from_controller
 from compute.memory.shared_segments import SharedSegmentPool
@@ -36,8 +37,8 @@ from memory_service.core.leftovers import remove_leftovers
 from memory_service.core.slots import ShardSplit, slot_of
 from protos import engram_memory_v1_pb2 as pb
 from protos.wire import (CONTROLLER_NAME, DEFAULT_MAX_MESSAGE_BYTES, GRAD_WIRE_DTYPES, NAMESPACE, SHARED_SEGMENT_DIR,
-                         SHARED_SEGMENT_PREFIX, WIRE_DTYPE_BY_TORCH, ClientTls, as_row_records, as_row_words,
-                         tensor_to_bytes)
+                         SHARED_SEGMENT_PREFIX, WIRE_DTYPE_BY_TORCH, ClientTls, WireDtype, as_row_records,
+                         as_row_words, tensor_to_bytes)
 
 __all__ = ["MemoryClient", "MemoryServiceError", "PushResult", "RetryPolicy"]
 
@@ -138,11 +139,16 @@ class MemoryClient:
 
         ``shard_split`` is the caller's split of sorted, distinct ``row_ids`` by owning shard, made
         under a routing epoch (a loader makes it ahead of the step): used while that epoch is current.
+
+        Where every shard's rows of ``table`` are mapped (a serving table on shards of this machine, after its
+        first lookup), the rows are read here, on the calling thread, and the future comes back settled.
         """
         if dtype not in WIRE_DTYPE_BY_TORCH:
             raise ValueError(f"dtype: must be one of {list(WIRE_DTYPE_BY_TORCH)}, got {dtype}")
         ids = _as_int64(row_ids, "row_ids")
-        return self._run(self._lookup(table, ids, dtype, pin_memory and torch.cuda.is_available(), shard_split))
+        pinned = pin_memory and torch.cuda.is_available()
+        rows = self._read_all_shared(table, ids, WIRE_DTYPE_BY_TORCH[dtype], pinned)
+        return settled(rows) if rows is not None else self._run(self._lookup(table, ids, dtype, pinned, shard_split))
 
     def lookup_state(self, table: str, row_ids) -> concurrent.futures.Future:
         """A future of the float32 rows of distinct ``row_ids`` with their optimizer state, by name as an export
@@ -291,6 +297,35 @@ class MemoryClient:
         candidates = healthy or sorted(copies, key=lambda copy: self._failed_at.get(copy, 0.0))[:1]
         return candidates[next(self._turn) % len(candidates)]
 
+    def _read_all_shared(self, table: str, ids: np.ndarray, wire: WireDtype, pinned: bool) -> torch.Tensor | None:
+        """The rows of ``ids`` read out of the shards' shared memory, on the calling thread; None unless every
+        shard's rows of ``table`` are mapped and current (the lookup then takes its course on the event loop)."""
+        route = self._routing.tables.get(table)
+        if not self._read_shared_rows or route is None:
+            return None
+        groups = route.split(ids, np.arange(len(ids)))
+        copies = {primary: self._lookup_copy(primary) for primary in groups}
+        if not all(self._mapped.get((table, copy)) for copy in copies.values()):
+            return None
+        element, width = wire.row_layout(route.dim)
+        rows = torch.empty((len(ids), width), dtype=element, pin_memory=pinned)
+        if not all(self._read_mapped(table, copies[primary], ids[positions], wire, rows, positions)
+                   for primary, positions in groups.items()):
+            return None
+        self._metrics.record("read_shared", None, len(ids), 0)
+        return rows
+
+    def _read_mapped(self, table: str, shard: int, row_ids: np.ndarray, wire: WireDtype, received: torch.Tensor,
+                     positions: np.ndarray) -> bool:
+        """Read the rows of ``row_ids`` out of ``shard``'s shared memory into ``received`` at ``positions``, as
+        ``wire`` carries them; False where its mapping is missing or no longer current (nothing written)."""
+        mapped = self._mapped.get((table, shard))
+        rows = mapped.read(row_ids) if mapped else None
+        if rows is None:
+            return False
+        as_row_records(received)[positions] = as_row_records(wire.encode(rows))
+        return True
+
     async def _mapping(self, table: str, shard: int) -> MappedRows | None:
         """Co-located ``shard``'s rows of ``table`` mapped, or None where it keeps them in no shared memory (a table
         that trains, a shard whose shared memory is full, or one that does not know ``MapRows``)."""
@@ -338,15 +373,11 @@ class MemoryClient:
         async def fetch(primary: int, positions: np.ndarray) -> None:
             nonlocal read_shared
             shard = self._lookup_copy(primary)
-            if self._read_shared_rows and shard in self._routing.co_located:
-                mapped = await self._mapping(table, shard)
-                rows = mapped.read(unique[positions]) if mapped else None
-                if rows is not None:
-                    as_row_records(received)[positions] = as_row_records(wire.encode(rows))
+            if self._read_shared_rows and shard in self._routing.co_located and await self._mapping(table, shard):
+                if self._read_mapped(table, shard, unique[positions], wire, received, positions):
                     read_shared += len(positions)
                     return
-                if mapped:  # no longer the table's rows: map them again next time, ask for them now
-                    self._mapped.pop((table, shard), None)
+                self._mapped.pop((table, shard), None)  # no longer the table's rows: map again next time, ask now
             request = pb.LookupRequest(table=table, row_ids=unique[positions].tobytes(), dtype=wire_dtype)
             if segment and shard in self._routing.co_located:
                 request.shared_rows.name = segment.name

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compute.memory.row_table import EngramRows, RowsAcrossUpdate, RowTable, settled
+from compute.memory.futures import settled
+from compute.memory.row_table import EngramRows, RowsAcrossUpdate, RowTable
 from memory_service.core.optimizers import make_optimizer
 from memory_service.core.row_init import init_rows
 from memory_service.core.slots import ShardSplit

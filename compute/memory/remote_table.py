@@ -10,8 +10,8 @@ import torch
 
 import kernels
 from compute.memory.client import MemoryClient
-from compute.memory.futures import follow
-from compute.memory.row_table import EngramRows, RowsAcrossUpdate, RowTable, settled
+from compute.memory.futures import follow, settled
+from compute.memory.row_table import EngramRows, RowsAcrossUpdate, RowTable
 from memory_service.core.slots import ShardSplit
 from protos.wire import WIRE_DTYPE_BY_TORCH
 

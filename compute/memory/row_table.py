@@ -122,8 +122,3 @@ def check_row_ids(row_ids: torch.Tensor, num_rows: int) -> None:
         )
 
 
-def settled(value=None) -> concurrent.futures.Future:
-    """A future already holding ``value``: what a table returns for work it did in place."""
-    future: concurrent.futures.Future = concurrent.futures.Future()
-    future.set_result(value)
-    return future
