@@ -349,7 +349,8 @@ class ShardStore:
                     table = self._new_tiered_table(spec, optimizer, slots, num_rows)
                 else:
                     shared = self._shared_storage(spec, num_rows)
-                    rows = shared.rows if shared else _empty_rows(num_rows, spec.dim, _STORAGE_DTYPES[spec.storage_dtype])
+                    storage_dtype = _STORAGE_DTYPES[spec.storage_dtype]
+                    rows = shared.rows if shared else _empty_rows(num_rows, spec.dim, storage_dtype)
                     state = optimizer.initial_state(num_rows, spec.dim) if optimizer else {}
                     table = _TableShard(spec, optimizer, slots, rows, state, shared=shared)
                     if num_rows > self.fill_at_once_rows and shared is None:

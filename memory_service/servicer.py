@@ -34,9 +34,9 @@ from memory_service.core.slots import slot_of
 from memory_service.step_aggregator import StepAggregator
 from memory_service.core.table_spec import SpecError, TableSpec
 from protos.wire import (DEFAULT_MAX_MESSAGE_BYTES, GRAD_WIRE_DTYPES, ROUTING_EPOCH_KEY, SHARED_SEGMENT_DIR,
-                         WIRE_DTYPE_BY_ENUM, WIRE_DTYPE_BY_NAME, WIRE_DTYPE_BY_TORCH, WIRE_DTYPES, WireDtype, WireError, arrays_from_proto, arrays_to_proto,
-                         encode_lookup_response, pending_from_arrays, pending_to_arrays, tensor_from_bytes,
-                         tensor_to_bytes)
+                         WIRE_DTYPE_BY_ENUM, WIRE_DTYPE_BY_NAME, WIRE_DTYPE_BY_TORCH, WIRE_DTYPES, WireDtype, WireError,
+                         arrays_from_proto, arrays_to_proto, encode_lookup_response, pending_from_arrays,
+                         pending_to_arrays, tensor_from_bytes, tensor_to_bytes)
 from protos import engram_memory_v1_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -61,4 +61,4 @@ class MappedRows:
         if len(base) and base.min() < 0:
             return None
         records = np.take(self._records, base + local)
-        return torch.from_numpy(records.view(np.uint8).reshape(len(records), -1)).view(self._dtype)
+        return torch.from_numpy(records.view(np.uint8).reshape(len(records), self._records.itemsize)).view(self._dtype)

@@ -33,6 +33,7 @@ def test_a_mapped_table_reads_the_rows_the_store_serves_until_its_file_is_retire
     ids = np.array([3, 1, 97, 5, 3, 41])  # slots 3 and 1, a duplicate included
     assert torch.equal(mapped.read(ids), store.gather(SPEC.name, ids, "bfloat16"))
     assert mapped.read(np.array([1, 2])) is None  # slot 2 is not in this file
+    assert mapped.read(np.empty(0, dtype=np.int64)).shape == (0, SPEC.dim)
 
     store.release_slots(SPEC.name, [3])  # the rows move to a new file; the old one is retired
     assert mapped.read(np.array([1])) is None and not os.path.exists(f"{SHARED_SEGMENT_DIR}/{mapped.segment}")
