@@ -308,7 +308,8 @@ class MemoryClient:
         if not all(self._mapped.get((table, copy)) for copy in copies.values()):
             return None
         element, width = wire.row_layout(route.dim)
-        rows = torch.empty((len(ids), width), dtype=element, pin_memory=pinned)
+        with torch.inference_mode(False):  # the rows go on to other threads, which may not be in inference mode
+            rows = torch.empty((len(ids), width), dtype=element, pin_memory=pinned)
         if not all(self._read_mapped(table, copies[primary], ids[positions], wire, rows, positions)
                    for primary, positions in groups.items()):
             return None

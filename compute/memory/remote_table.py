@@ -44,7 +44,10 @@ class RemoteRowTable(RowTable):
 
     def prefetch(self, unique_ids: torch.Tensor, inverse: torch.Tensor,
                  shard_split: ShardSplit | None = None) -> concurrent.futures.Future:
-        return self._copier.submit(self._to_device, self._fetch(unique_ids, shard_split), inverse)
+        fetched = self._fetch(unique_ids, shard_split)
+        if self._copy_stream is None and fetched.done() and fetched.exception() is None:  # rows here, on the CPU
+            return settled(self._to_device(fetched, inverse))
+        return self._copier.submit(self._to_device, fetched, inverse)
 
     def prefetch_across_update(self, unique_ids: torch.Tensor, inverse: torch.Tensor, updated_ids: torch.Tensor,
                                shard_split: ShardSplit | None = None) -> RowsAcrossUpdate:

@@ -205,6 +205,8 @@ def test_a_co_located_client_reads_serving_rows_from_the_shards_shared_memory_as
             # The first lookup mapped the files (deduplicating its ids first, as for a request); the others read
             # every id as given.
             assert moved["read_shared"]["rows"] == len(np.unique(ids)) + 2 * len(ids) and "lookup" not in moved
+            with torch.inference_mode():  # read on the calling thread, for other threads outside inference mode
+                assert not local.lookup("local_serving", ids).result().is_inference()
             local.lookup("local_sgd", ids).result()  # a table that trains is asked for
             assert local.moved()["lookup"]["rows"] == len(np.unique(ids))
 
