@@ -349,11 +349,7 @@ class MemoryClient:
                       shard_split: ShardSplit | None) -> torch.Tensor:
         start = time.perf_counter()
         route = self._route(table)
-        # Where every shard's rows will be read out of its shared memory, duplicates cost no more than other ids
-        # (nothing is sent) and no segment is needed for shards to write into.
-        read_all_shared = self._read_shared_rows and all(self._mapped.get((table, shard))
-                                                         for shard in route.all_shards())
-        unique, inverse = (ids, None) if read_all_shared or _sorted_unique(ids) else np.unique(ids, return_inverse=True)
+        unique, inverse = (ids, None) if _sorted_unique(ids) else np.unique(ids, return_inverse=True)
         # `received` holds the rows of `unique` in its order: co-located shards write theirs in place (or the client
         # reads them out of the shards' shared memory), the others' arrive as bytes and are copied in. Without a
         # segment to copy out of nor an order to restore, `received` is the result, allocated pinned when asked.
@@ -361,8 +357,7 @@ class MemoryClient:
         wire = WIRE_DTYPE_BY_TORCH[dtype]
         row_bytes = wire.row_bytes(route.dim)
         element, width = wire.row_layout(route.dim)
-        segment = self._segments.acquire(len(unique) * row_bytes) if self._routing.co_located and not read_all_shared \
-            else None
+        segment = self._segments.acquire(len(unique) * row_bytes) if self._routing.co_located else None
         if segment:
             received = segment.rows(len(unique), width, element)
         else:

@@ -41,7 +41,7 @@ class MappedRows:
         finally:
             os.close(fd)
         self.segment, self._shard_pid, self._slot_base = reply.segment, int(match[1]), slot_base
-        self._dtype, self._dim = dtype, reply.dim
+        self._dtype = dtype
         self._header = np.frombuffer(mapped, dtype="<i8", count=1)
         # One opaque record a row (see protos.wire.as_row_records), read-only.
         self._records = np.frombuffer(mapped, dtype=np.dtype((np.void, reply.dim * dtype.itemsize)),
