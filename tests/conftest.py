@@ -6,6 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.local_ray_nodes import RAY_TRAIN_POLLING
+
+# For every Ray Train run of the session: in this process, and in the `engram` commands the tests start.
+os.environ.update(RAY_TRAIN_POLLING)
+
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = Path(os.environ.get("ENGRAM_GOLDEN_DIR", ROOT.parent / "shared" / "golden"))
 
