@@ -109,6 +109,7 @@ def compare(runtimes: dict[str, EngramRuntime], batch: int, preset: dict) -> lis
     tokens = {name: generator.generate_ids(prompts, max_new_tokens, stop_at_eos=False)  # untimed: warms up
               for name, generator in generators.items()}
 
+    @torch.inference_mode()  # as generation runs them
     def lookup(runtime: EngramRuntime) -> None:
         for rows in runtime.model.lookup_rows(row_ids).values():
             rows.result()

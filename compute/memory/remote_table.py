@@ -45,8 +45,8 @@ class RemoteRowTable(RowTable):
     def prefetch(self, unique_ids: torch.Tensor, inverse: torch.Tensor,
                  shard_split: ShardSplit | None = None) -> concurrent.futures.Future:
         fetched = self._fetch(unique_ids, shard_split)
-        if self._copy_stream is None and fetched.done() and fetched.exception() is None:  # rows here, on the CPU
-            return settled(self._to_device(fetched, inverse))
+        if fetched.done() and fetched.exception() is None and (self._copy_stream is None or not torch.is_grad_enabled()):
+            return settled(self._rows_read(fetched.result(), inverse))
         return self._copier.submit(self._to_device, fetched, inverse)
 
     def prefetch_across_update(self, unique_ids: torch.Tensor, inverse: torch.Tensor, updated_ids: torch.Tensor,
@@ -106,6 +106,13 @@ class RemoteRowTable(RowTable):
             copied.record(self._push_stream)
         copied.synchronize()  # ``grads`` stays referenced until here, so its memory is not reused early
         return host
+
+    def _rows_read(self, wire_rows: torch.Tensor, inverse: torch.Tensor) -> EngramRows:
+        """The ``EngramRows`` of rows the lookup read on the calling thread (out of shared memory), made there: on
+        a CPU, or where no backward follows (generation, evaluation), which needs neither the copier thread nor the
+        backward's grouping by row. Their copies queue on the caller's stream, ahead of the kernels that read them."""
+        unique_rows = self._on_device(wire_rows).requires_grad_(torch.is_grad_enabled())
+        return EngramRows(unique_rows, inverse.to(self.device, non_blocking=True))
 
     def _to_device(self, rows_future: concurrent.futures.Future, inverse: torch.Tensor) -> EngramRows:
         rows = rows_future.result()

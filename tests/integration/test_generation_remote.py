@@ -11,9 +11,15 @@ from compute.generate import Generator
 from tests.integration.tiny_runs import tiny_run
 
 
+ON_THE_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                            reason="needs a CUDA GPU")])
+
+
 @pytest.mark.ray
-def test_remote_serving_rows_generate_the_tokens_of_in_process_tables(ray_cluster, tmp_path):
-    local, remote, handle = serving_runtimes(tiny_run(tmp_path), torch.device("cpu"), shards=2)
+@pytest.mark.parametrize("device", ["cpu", ON_THE_GPU])
+def test_remote_serving_rows_generate_the_tokens_of_in_process_tables(ray_cluster, tmp_path, device):
+    """On a GPU the rows read on the calling thread are copied to it on that thread's stream."""
+    local, remote, handle = serving_runtimes(tiny_run(tmp_path), torch.device(device), shards=2)
     try:
         prompts = [[5, 17, 99, 3, 42], [7, 8, 9, 10, 11, 12], [120]]
         generated = [Generator(runtime.model, runtime.compressor, runtime.hasher).generate_ids(
