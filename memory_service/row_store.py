@@ -231,6 +231,9 @@ class _TableShard:
         """Give every row that has no values yet its initial values."""
         if self.unfilled is None:
             return
+        if not bool(self.unfilled.any()):
+            self.unfilled = None
+            return
         for start, row_ids in _storage_chunks(self.spec, self.slots):
             if bool(self.unfilled.narrow(0, start, len(row_ids)).any()):
                 self.fill_chunk(start, _initial_values(self.spec, row_ids, self.rows.dtype))
@@ -381,18 +384,39 @@ class ShardStore:
             return None
 
     def _fill_in_background(self, table: _TableShard, started: float) -> None:
-        """Give a lazily filled table's rows their initial values chunk by chunk, each computed outside the lock;
-        stop where the table was dropped or filled otherwise (a slot move or an export fills it at once)."""
+        """A lazily filled table's thread: give its rows their initial values, unless it goes first."""
+        if self._fill_remaining(table):
+            log.info("table %s: all %d rows initialised, %.1f s after it was added", table.spec.name,
+                     len(table.rows), time.perf_counter() - started)
+
+    def _fill_remaining(self, table: _TableShard) -> bool:
+        """Give a lazily filled table's rows without values their initial values chunk by chunk, each computed
+        outside the lock so that lookups and updates go on meanwhile; chunks already filled are skipped. False
+        where there was nothing left to fill, or the table was dropped or filled by another caller meanwhile."""
         for start, row_ids in _storage_chunks(table.spec, table.slots):
+            unfilled = table.unfilled  # rows only ever gain their values: a chunk seen filled stays filled
+            if unfilled is None:
+                return False
+            if not bool(unfilled.narrow(0, start, len(row_ids)).any()):
+                continue
             values = _initial_values(table.spec, row_ids, table.rows.dtype)
             with self._lock:
                 if table.unfilled is None or self._tables.get(table.spec.name) is not table:
-                    return
+                    return False
                 table.fill_chunk(start, values)
         with self._lock:
+            if table.unfilled is None:
+                return False
             table.unfilled = None
-        log.info("table %s: all %d rows initialised, %.1f s after it was added", table.spec.name, len(table.rows),
-                 time.perf_counter() - started)
+            return True
+
+    def _filled(self, name: str) -> None:
+        """Before a call that needs every row of ``name`` (an export, a checksum, a slot move): fill what a lazily
+        filled table still lacks, outside the lock, so the call's own hold of the lock stays short."""
+        with self._lock:
+            table = self._tables.get(name)
+        if table is not None and table.unfilled is not None:
+            self._fill_remaining(table)
 
     def _new_tiered_table(self, spec: TableSpec, optimizer: SparseOptimizer | None, slots: list[int],
                           num_rows: int) -> _TableShard:
@@ -543,6 +567,7 @@ class ShardStore:
 
     def export_slots(self, name: str, slots: Iterable[int]) -> dict[str, np.ndarray]:
         """Copies of the rows and optimizer state of owned ``slots``, enough to rebuild them exactly."""
+        self._filled(name)
         with self._lock:
             table = self._table(name)
             slots = self._checked_owned_slots(table, slots)
@@ -552,6 +577,7 @@ class ShardStore:
 
     def import_slots(self, name: str, data: Mapping[str, np.ndarray]) -> None:
         """Take over slots exported by another shard's ``export_slots`` (the table must exist here)."""
+        self._filled(name)
         with self._lock:
             table = self._table(name)
             if "slots" not in data:
@@ -566,6 +592,7 @@ class ShardStore:
 
     def release_slots(self, name: str, slots: Iterable[int]) -> None:
         """Forget owned ``slots`` (after they were exported and imported elsewhere)."""
+        self._filled(name)
         with self._lock:
             table = self._table(name)
             released = set(self._checked_owned_slots(table, slots))
@@ -578,6 +605,7 @@ class ShardStore:
 
     def checksum(self, name: str) -> str:
         """sha256 over the owned slots in slot order: each slot's rows, then each optimizer state."""
+        self._filled(name)
         with self._lock:
             table = self._table(name)
             digest = hashlib.sha256()

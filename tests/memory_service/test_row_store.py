@@ -2,6 +2,7 @@
 slots move between stores exactly."""
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 
@@ -117,6 +118,44 @@ def test_the_background_fill_never_overwrites_an_update_and_stops_with_its_table
     for thread in fills:
         thread.join(timeout=10)
     assert not any(thread.is_alive() for thread in fills)
+
+
+def test_an_export_fills_a_lazy_table_outside_the_lock(monkeypatch):
+    """While an export computes the rows a lazy table still lacks, lookups and updates go on; the export and
+    the table then equal those of a table filled at once that took the same update."""
+    monkeypatch.setattr(row_store, "_FILL_CHUNK_ROWS", 100)
+    spec = TableSpec("big", rows=2_000, dim=8, optimizer=OptimizerSpec(kind="adam", lr=0.01), seed=5, num_slots=4)
+    lazy, filled = _store(spec, lazy=True), _store(spec)
+    computing, go_on = threading.Event(), threading.Event()
+    initial_values = row_store._initial_values
+
+    def held_back(*args):  # the export's first chunk waits here, outside the lock, until the lookup is done
+        computing.set()
+        assert go_on.wait(timeout=30)
+        return initial_values(*args)
+
+    monkeypatch.setattr(row_store, "_initial_values", held_back)
+    exported = {}
+    export = threading.Thread(target=lambda: exported.update(lazy.export_slots("big", range(spec.num_slots))))
+    export.start()
+    assert computing.wait(timeout=30)
+    monkeypatch.setattr(row_store, "_initial_values", initial_values)  # lookups fill their own rows as before
+    row_ids = np.array([3, 1500, 42], dtype=np.int64)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as meanwhile:  # a call that waited for the lock would time out
+            assert torch.equal(meanwhile.submit(lazy.gather, "big", row_ids).result(timeout=30),
+                               filled.gather("big", row_ids))
+            for store in (lazy, filled):
+                meanwhile.submit(_apply, store, "big", row_ids, _grads(3, spec.dim)).result(timeout=30)
+    finally:
+        go_on.set()
+    export.join(timeout=30)
+    assert not export.is_alive() and lazy.unfilled_rows("big") == 0
+    assert lazy.checksum("big") == filled.checksum("big")
+    # The export copied the rows once it had filled them, after the update made meanwhile.
+    reference = filled.export_slots("big", range(spec.num_slots))
+    assert exported.keys() == reference.keys()
+    assert all(np.array_equal(exported[key], reference[key]) for key in reference)
 
 
 @pytest.mark.parametrize(
