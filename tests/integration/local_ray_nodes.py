@@ -23,8 +23,13 @@ from pathlib import Path
 RAY = Path(sys.executable).with_name("ray")
 OBJECT_STORE_BYTES = 100 * 1024 * 1024  # the tests move little through Ray's object store
 # Ray Train's controller polls its workers every 2 s by default, and a run waits out several polls between
-# starting its workers and fit()'s return (~10 s of a tiny run's 21 s): the tests' runs poll every 0.2 s.
+# starting its workers and fit()'s return (~10 s of a tiny run's 21 s); a worker's report waits in a queue of
+# one for the poll that takes it, so a run that reports every step makes about a step per poll. The tests'
+# runs poll every 0.2 s, but where a test needs a run's steps paced.
 RAY_TRAIN_POLLING = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+# On SIGTERM a `ray start --block` first drains its node for up to 30 s (for Ray Serve), longer than stop()
+# waits: the tests' nodes stop at once.
+NO_DRAIN = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 
 
 def free_port() -> int:
@@ -53,10 +58,9 @@ class LocalRayNodes:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def environ(self) -> dict[str, str]:
-        """The environment of the nodes: this one with no RAY_ settings of the caller's but the tests' Ray Train
-        polling, $HOME the test's."""
+        """The environment of the nodes: this one with no RAY_ settings of the caller's, $HOME the test's."""
         environ = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        return {**environ, **RAY_TRAIN_POLLING, "HOME": str(self.home), **self.env}
+        return {**environ, **NO_DRAIN, "HOME": str(self.home), **self.env}
 
     def start_head(self, *, num_cpus: int = 1, resources: dict | None = None, dashboard: bool = False) -> None:
         args = ["--head", f"--port={self.port}", "--node-ip-address=127.0.0.1"]

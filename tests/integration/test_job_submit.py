@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.local_ray_nodes import RAY, LocalRayNodes
+from tests.integration.local_ray_nodes import RAY, RAY_TRAIN_POLLING, LocalRayNodes
 from tests.integration.tiny_runs import TINY_RUN_YAML
 
 pytestmark = pytest.mark.ray
@@ -44,7 +44,7 @@ def token_head():
     token = secrets.token_hex(32)
     (home / ".ray").mkdir()
     (home / ".ray" / "auth_token").write_text(token)
-    head = LocalRayNodes(home, token=token)
+    head = LocalRayNodes(home, token=token, env=RAY_TRAIN_POLLING)  # the jobs' runs poll as the session's
     try:
         head.start_head(num_cpus=2, resources={"engram_memory": 4}, dashboard=True)
         head.wait_for_nodes(1)

@@ -23,7 +23,7 @@ import yaml
 
 from compute.train.config import TrainConfig
 from compute.train.tables import engram_table_specs
-from tests.integration.local_ray_nodes import LocalRayNodes
+from tests.integration.local_ray_nodes import RAY_TRAIN_POLLING, LocalRayNodes
 from tests.integration.tiny_runs import TINY_RUN_YAML
 
 pytestmark = pytest.mark.ray
@@ -31,7 +31,9 @@ pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
 MEMORY_NODE = {"engram_memory": 2}
 COMPUTE_NODE = {"engram_compute": 1}
-STEPS = 20  # enough for the two scalings (each a CLI process that joins the cluster) to land mid-job (by step 6 here)
+# Enough for the two scalings (each a CLI process that joins the cluster) to land mid-job (by step 6 here): the
+# scaled job runs at Ray Train's default polling, which paces its steps ~2 s apart; the plain one at the tests'.
+STEPS = 20
 TINY_RUN = {**TINY_RUN_YAML, "steps": STEPS, "num_workers": 2}
 # What a node's state lists, per class of actor, and the resource its node must advertise.
 PLACEMENT = {"ShardActor": "engram_memory", "RayTrainWorker": "engram_compute"}
@@ -70,13 +72,15 @@ def engram(cluster: LocalRayNodes, tmp_path: Path, *args: str, timeout: int = 12
     return done.stdout
 
 
-def start_train(cluster: LocalRayNodes, tmp_path: Path, controller: str, output_dir: Path) -> subprocess.Popen:
+def start_train(cluster: LocalRayNodes, tmp_path: Path, controller: str, output_dir: Path,
+                env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`engram train` of the two-worker job on ``controller``'s tables; ``env``: more environment for it."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen([sys.executable, "-m", "compute.cli", "train", "--address", cluster.address,
                              "--controller", controller, "--workers", "2", "--config", str(tmp_path / "run.yaml"),
                              "--output-dir", str(output_dir)],
-                            cwd=ROOT, env=engram_env(cluster, tmp_path), stdout=open(f"{output_dir}.log", "w"),
-                            stderr=subprocess.STDOUT)
+                            cwd=ROOT, env={**engram_env(cluster, tmp_path), **(env or {})},
+                            stdout=open(f"{output_dir}.log", "w"), stderr=subprocess.STDOUT)
 
 
 def finish(job: subprocess.Popen, output_dir: Path, timeout: int = 180) -> None:
@@ -142,7 +146,7 @@ def test_shards_on_memory_nodes_workers_on_compute_nodes_and_scaling_mid_job_kee
     # The same job on a fresh service that nobody scales.
     memory(cluster, tmp_path, "up", "plain", *up)
     plain_dir = tmp_path / "runs" / "plain"
-    finish(start_train(cluster, tmp_path, "plain", plain_dir), plain_dir)
+    finish(start_train(cluster, tmp_path, "plain", plain_dir, RAY_TRAIN_POLLING), plain_dir)
     memory(cluster, tmp_path, "down", "plain")
 
     scaled, plain = losses(scaled_dir), losses(plain_dir)
