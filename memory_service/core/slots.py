@@ -15,14 +15,8 @@ Move = tuple[int, int, int]  # (slot, from_shard, to_shard)
 
 
 def slot_of(row_ids, num_slots: int) -> np.ndarray:
-    """The slot of each row id; a power-of-two slot count (the default) takes a mask, not a division."""
-    row_ids = np.asarray(row_ids, dtype=np.int64)
-    return row_ids & (num_slots - 1) if num_slots & (num_slots - 1) == 0 else row_ids % num_slots
-
-
-def slot_local_index(row_ids, num_slots: int) -> np.ndarray:
-    """Each row's index inside its slot's dense storage."""
-    return np.asarray(row_ids, dtype=np.int64) // num_slots
+    """The slot of each row id (as ``slot_and_local`` finds it)."""
+    return slot_and_local(np.asarray(row_ids, dtype=np.int64), num_slots)[0]
 
 
 def slot_and_local(row_ids, num_slots: int):

@@ -4,13 +4,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memory_service.core.slots import SlotMap, slot_local_index, slot_of, slot_row_ids, split_by_shard
+from memory_service.core.slots import SlotMap, slot_and_local, slot_of, slot_row_ids, split_by_shard
 
 
-def test_slot_math_inverts():
+@pytest.mark.parametrize("num_slots", [64, 48])
+def test_slot_math_inverts(num_slots):
     rows = np.arange(10_000, dtype=np.int64)
-    slots, local = slot_of(rows, 64), slot_local_index(rows, 64)
-    assert np.array_equal(slots + 64 * local, rows)
+    slots, local = slot_and_local(rows, num_slots)
+    assert np.array_equal(slots, slot_of(rows, num_slots))
+    assert np.array_equal(slots + num_slots * local, rows)
     assert np.array_equal(slot_row_ids(5, 4, 64), [5, 69, 133, 197])
 
 
