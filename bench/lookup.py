@@ -1,10 +1,11 @@
 """Lookup throughput: in-process index_select vs MemoryClient on 1/2/4 shards vs a naive Ray actor.
 
-MemoryClient runs twice per shard count: as a co-located client (Unix socket, rows through shared
-memory; the default on one machine) and forced onto TCP (what a remote client gets); and a third time on
-the same rows as a serving table (read-only, bfloat16 on the shards), which a co-located client reads out
-of the shards' shared memory without a request. Every system also runs, at the target batch, on sorted
-unique ids: what the training path sends.
+MemoryClient runs four times per shard count on a table that trains (SGD, float32 on the shards): as a
+co-located client, which reads the rows out of the shards' shared memory without a request (the default on
+one machine), as one that asks for them (Unix socket, rows written into its shared memory), and forced onto
+TCP (what a remote client gets); and on the same rows as a serving table (read-only, bfloat16 on the
+shards), which it reads out of the shards' shared memory. Every system also runs, at the target batch, on
+sorted unique ids: what the training path sends.
 Run: ``python -m bench.lookup`` (prints a table, writes bench/results/lookup.json and lookup.png).
 """
 from __future__ import annotations
@@ -58,7 +59,7 @@ def measure(fetch, batches: list[np.ndarray], repeats: int, warmup: int = 2) -> 
 
 def where_the_time_goes(spec: TableSpec, batches: list[np.ndarray], shards: int,
                         client_ms: float) -> dict[str, float]:
-    """Milliseconds of each step of one co-located MemoryClient lookup, timed alone; the rest is gRPC.
+    """Milliseconds of each step of one co-located MemoryClient lookup asked for, timed alone; the rest is gRPC.
 
     Steps cycle through the batches as the lookups did: repeating one batch would serve its rows
     from the CPU cache and make the shard's gather look twice as fast.
@@ -142,9 +143,12 @@ def main() -> None:
         controller = start_controller(ControllerOptions(host="127.0.0.1"), name="bench-lookup")
         directory = ray.get(controller.deploy.remote([spec.to_dict(), serving.to_dict()], shards))
         token = ray.get(controller.connection_info.remote())["token"]
-        for system, table, local in (("memory_client", spec.name, True), ("memory_client_tcp", spec.name, False),
-                                     ("memory_client_serving", serving.name, True)):
-            with MemoryClient(directory, token, use_local_transport=local) as client:
+        for system, table, options in (
+                ("memory_client", spec.name, {}),
+                ("memory_client_asked", spec.name, {"read_shared_rows": False}),
+                ("memory_client_tcp", spec.name, {"use_local_transport": False}),
+                ("memory_client_serving", serving.name, {})):
+            with MemoryClient(directory, token, **options) as client:
                 run(system, shards, lambda i: client.lookup(table, i, dtype=torch.bfloat16).result(), bf16_row_bytes)
         stop_controller("bench-lookup")
 
@@ -157,10 +161,10 @@ def main() -> None:
     # Other work on the machine skews every system; the load average says how much there was.
     print(f"\n1-minute load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after ({os.cpu_count()} cores)")
     if TARGET_BATCH in args.batches:
-        client_ms, shards = min((r["p50_ms"], r["shards"]) for r in records if r["system"] == "memory_client"
+        client_ms, shards = min((r["p50_ms"], r["shards"]) for r in records if r["system"] == "memory_client_asked"
                                 and r["batch_rows"] == TARGET_BATCH and r["ids"] == "random")
         steps = where_the_time_goes(spec, cases[args.batches.index(TARGET_BATCH)][2], shards, client_ms)
-        print(f"\nwhere the time of one {TARGET_BATCH}-row co-located MemoryClient lookup on {shards} shard(s) goes "
+        print(f"\nwhere the time of one {TARGET_BATCH}-row co-located MemoryClient request on {shards} shard(s) goes "
               f"(random ids, p50 {client_ms:.1f} ms):")
         for step, step_ms in steps.items():
             print(f"  {step_ms:7.2f} ms  {step}")
@@ -178,7 +182,7 @@ def report(records: list[dict]) -> None:
               if r["batch_rows"] == TARGET_BATCH and r["ids"] == ids}
         if not at:
             continue
-        for system in ("memory_client", "memory_client_tcp", "memory_client_serving"):
+        for system in ("memory_client", "memory_client_asked", "memory_client_tcp", "memory_client_serving"):
             best = max(v for (name, _), v in at.items() if name == system)
             print(f"at {TARGET_BATCH} {ids} ids: best {system} = {best / at[('index_select', 0)]:.2f}x index_select "
                   f"(target >= 0.5x), {best / at[('naive_ray_actor', 1)]:.2f}x the naive Ray actor (target >= 3x)")

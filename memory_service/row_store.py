@@ -14,9 +14,11 @@ its rows get their deterministic initial values on first use (lookup, state look
 background thread a chunk at a time, computed outside the lock and stored only where a row has none yet;
 anything that reads the table as a whole (exports, checksums, slot moves) fills the rest first.
 
-A read-only table's rows are kept in a shared-memory file (``shared_table``) where the store is made with
-``share_read_only``: clients on the machine read them without a request. A slot move writes them to a new
-file and retires the old one.
+Where the store is made with ``share_rows``, a table's rows are kept in a shared-memory file (``shared_table``):
+clients on the machine read them without a request. That holds for every read-only table (filled at once,
+whatever its size) and, on x86-64, for a table that trains and is filled at once (not tiered): its updates
+write inside ``SharedTableRows.writing``, so a read that overlapped one is asked for again. A slot move writes
+the rows to a new file and retires the old one.
 
 A table whose spec has a ``tier`` keeps its rows and state in files under the store's ``tier_dir``
 with only its hot rows in DRAM (``core.tiered_rows``); lookups and updates go through that cache, and
@@ -32,8 +34,10 @@ import dataclasses
 import errno
 import hashlib
 import itertools
+import contextlib
 import logging
 import os
+import platform
 import shutil
 import tempfile
 import threading
@@ -97,6 +101,9 @@ _FILL_CHUNK_ROWS = 1 << 16  # rows given their initial values per chunk: 16 MiB 
 # A table holding more rows than this on a shard is filled lazily: its rows get their initial values on first
 # use and from a background thread, so that it serves at once (a 50M-row share takes a minute or more to fill).
 FILL_AT_ONCE_ROWS = 1 << 22
+# Whether a reader in another process sees a table's write count and its rows in the order written, with no
+# fences (x86-64's memory model): only then are the rows of a table that trains shared (``SharedTableRows``).
+_READERS_SEE_WRITES_IN_ORDER = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _storage_chunks(spec: TableSpec, slots: list[int]) -> Iterator[tuple[int, np.ndarray]]:
@@ -183,7 +190,7 @@ class _TableShard:
     tier: TieredRows | None = None
     # bool [rows]: True where a row has no values yet (a lazily filled table); None once every row has them
     unfilled: torch.Tensor | None = None
-    shared: SharedTableRows | None = None  # where a read-only table's ``rows`` are, for readers on this machine
+    shared: SharedTableRows | None = None  # where ``rows`` are, for readers on this machine
     slot_base: torch.Tensor = dataclasses.field(init=False)  # int64 [num_slots]; -1 where not owned
     layout: int = dataclasses.field(init=False)  # stamp of this storage order, for RowUpdate.positions
 
@@ -321,15 +328,16 @@ class ShardStore:
     """Many tables' rows for the slots this shard owns: lookup, sparse updates and slot moves."""
 
     def __init__(self, tier_dir: str | Path | None = None, fill_at_once_rows: int = FILL_AT_ONCE_ROWS,
-                 fill_in_background: bool = True, share_read_only: bool = False):
+                 fill_in_background: bool = True, share_rows: bool = False):
         """``fill_at_once_rows``: a table holding more rows here is filled lazily, on first use of each row and
-        (with ``fill_in_background``) by a thread of its own. ``share_read_only``: read-only tables' rows go in
-        shared memory (filled at once), where there is room for them."""
+        (with ``fill_in_background``) by a thread of its own. ``share_rows``: tables' rows go in shared memory
+        where there is room for them (read-only tables, filled at once; tables that train, where filled at once
+        and the machine orders memory loads, see the module's docstring)."""
         self._tables: dict[str, _TableShard] = {}
         self._lock = threading.Lock()
         self.tier_dir = Path(tier_dir) if tier_dir else default_tier_dir()  # tiered tables' files, a folder each
         self.fill_at_once_rows, self.fill_in_background = fill_at_once_rows, fill_in_background
-        self.share_read_only = share_read_only
+        self.share_rows = share_rows
 
     # ----- tables -----
 
@@ -373,8 +381,9 @@ class ShardStore:
                              daemon=True).start()
 
     def _shared_storage(self, spec: TableSpec, num_rows: int) -> SharedTableRows | None:
-        """Shared-memory storage for a read-only table's rows, where this store shares them and there is room."""
-        if not (self.share_read_only and spec.read_only and num_rows):
+        """Shared-memory storage for a table's rows, where this store shares them and there is room."""
+        shareable = spec.read_only or (num_rows <= self.fill_at_once_rows and _READERS_SEE_WRITES_IN_ORDER)
+        if not (self.share_rows and shareable and num_rows):
             return None
         try:
             return SharedTableRows(num_rows, spec.dim, _STORAGE_DTYPES[spec.storage_dtype])
@@ -457,12 +466,9 @@ class ShardStore:
             self._tables = {}
 
     def shared_rows(self, name: str) -> tuple[SharedTableRows, torch.Tensor]:
-        """A read-only table's shared-memory rows and its slot bases (int64 [num_slots], -1 where not owned)."""
+        """A table's shared-memory rows and its slot bases (int64 [num_slots], -1 where not owned)."""
         with self._lock:
             table = self._table(name)
-            if table.optimizer is not None:
-                raise RowStoreError("FAILED_PRECONDITION", "table", f"table {name!r} trains: only read-only tables' "
-                                    "rows are shared")
             if table.shared is None:
                 raise RowStoreError("FAILED_PRECONDITION", "table", f"table {name!r}: its rows are not in shared "
                                     "memory on this shard")
@@ -557,7 +563,8 @@ class ShardStore:
             positions = update.positions if update.layout == table.layout else self._positions(table, update.row_ids)
             table.fill_rows(update.row_ids, positions)
             if table.tier is None:
-                table.optimizer.apply_at(table.rows, table.state, positions, update.grads)
+                with table.shared.writing() if table.shared else contextlib.nullcontext():
+                    table.optimizer.apply_at(table.rows, table.state, positions, update.grads)
             else:
                 table.tier.update(positions, lambda cache, entries, part: table.optimizer.apply_at(
                     cache["rows"], {key[len(STATE_PREFIX):]: t for key, t in cache.items() if key != "rows"},

@@ -149,9 +149,9 @@ class ShardServicer:
         self._staged_counters: dict[str, dict] = {}  # table -> step counters of the staged checkpoint
 
     def _new_store(self) -> ShardStore:
-        """A store for this shard's tables: read-only ones in shared memory, where clients on this machine can
-        read them (``MapRows``)."""
-        return ShardStore(self.tier_dir, share_read_only=os.path.isdir(SHARED_SEGMENT_DIR))
+        """A store for this shard's tables, their rows in shared memory where clients on this machine can read
+        them (``MapRows``; which tables, see ``row_store``)."""
+        return ShardStore(self.tier_dir, share_rows=os.path.isdir(SHARED_SEGMENT_DIR))
 
     def drop_all_tables(self) -> None:
         """Drop the live and any staged tables, files of tiered ones included (the shard stops)."""

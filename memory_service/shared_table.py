@@ -1,19 +1,22 @@
-"""A read-only table's rows in a POSIX shared-memory file that clients on the shard's machine map and read
-without a request (``MapRows``; the client's side is ``compute/memory/mapped_rows.py``).
+"""A table's rows in a POSIX shared-memory file that clients on the shard's machine map and read without a
+request (``MapRows``; the client's side is ``compute/memory/mapped_rows.py``).
 
 The file (``/dev/shm/engram-table-<shard pid>-<hex>``, mode 0600) is a header of ``SHARED_TABLE_HEADER_BYTES``
-whose first int64 is 0 while the file holds the table's rows, then the rows as the shard stores them. Its rows
-never change once it is published: a read-only table takes no updates, and a slot move puts the table's rows
-in a new file. ``retire`` sets the header to 1 and removes the name; readers that mapped it see the flag and
-map the new one. The file of a shard that died stays until the next shard on the machine starts
-(``remove_leftovers``).
+whose first int64 is 0 while the file holds the table's rows and whose second counts the shard's writes of
+them (odd while one is under way), then the rows as the shard stores them. A read-only table's rows never
+change; a table that trains changes in place, inside ``writing``, so a reader that sees the count odd or moved
+over its read asks the shard instead. A slot move puts the table's rows in a new file: ``retire`` sets the
+header's flag to 1 and removes the name; readers that mapped it see the flag and map the new one. The file of
+a shard that died stays until the next shard on the machine starts (``remove_leftovers``).
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import uuid
 import weakref
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -40,9 +43,18 @@ class SharedTableRows:
         finally:
             os.close(fd)
         self._remove = weakref.finalize(self, _remove, path)
-        self._header = np.frombuffer(self._map, dtype="<i8", count=1)
+        self._header = np.frombuffer(self._map, dtype="<i8", count=2)  # retired flag, writes
         self.rows = torch.frombuffer(self._map, dtype=dtype, offset=SHARED_TABLE_HEADER_BYTES,
                                      count=num_rows * dim).view(num_rows, dim)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Change rows in place inside this: readers see the write count odd, or moved, and ask the shard."""
+        self._header[1] += 1
+        try:
+            yield
+        finally:
+            self._header[1] += 1
 
     def retire(self) -> None:
         """Tell readers these are no longer the table's rows, and remove the file's name (mappings stay valid)."""

@@ -74,7 +74,8 @@ MAX_FRAME_BYTES = (1 << 24) - 1
 # Co-located clients' shared-memory segments: ``<dir>/<prefix><pid>-<hex>``; shards open only such names.
 SHARED_SEGMENT_DIR = "/dev/shm"
 SHARED_SEGMENT_PREFIX = "engram-rows-"
-# Shards' read-only tables in shared memory (``MapRows``): ``<dir>/<prefix><shard pid>-<hex>``, a header, then rows.
+# Shards' tables in shared memory (``MapRows``): ``<dir>/<prefix><shard pid>-<hex>``, a header (int64s: retired
+# flag, write count), then rows.
 SHARED_TABLE_PREFIX = "engram-table-"
 SHARED_TABLE_HEADER_BYTES = 64
 

@@ -5,9 +5,10 @@ routing (slot -> shard, with an epoch), the shards serve rows. Calls run on a pr
 thread and return ``concurrent.futures.Future``s, so a training step can overlap them with compute.
 Shards on the client's own machine are reached through their Unix socket, write looked-up rows
 straight into the client's shared memory and read pushed gradients from it, instead of sending them
-through the socket; their read-only tables' rows the client reads itself, out of the shard's shared memory,
-without a request (``mapped_rows``). Lookups go to any live copy of a slot's rows (its primary or a replica, in turn);
-a copy that fails or times out is passed over for a while, and the lookup goes to another at once.
+through the socket; the rows of their tables in shared memory the client reads itself, without a request
+(``mapped_rows``; a read that overlapped a shard's write of a table that trains is asked for instead).
+Lookups go to any live copy of a slot's rows (its primary or a replica, in turn); a copy that fails or
+times out is passed over for a while, and the lookup goes to another at once.
 Pushes go to the slot's primary.
 """
 from __future__ import annotations
@@ -63,7 +64,7 @@ class MemoryClient:
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_rows_per_request: int = 65536,
                  retry: RetryPolicy = RetryPolicy(), use_local_transport: bool = True, read_shared_rows: bool = True):
         """``use_local_transport``: reach shards on this machine through their Unix socket and shared memory;
-        ``read_shared_rows``: and read their read-only tables' rows without a request."""
+        ``read_shared_rows``: and read the rows they keep in shared memory without a request."""
         self._directory_address = directory
         self._calls = Channels(token, tls, max_message_bytes, CallDeadlines(retry.call_timeout_s))
         self._max_message_bytes = max_message_bytes
@@ -140,8 +141,9 @@ class MemoryClient:
         ``shard_split`` is the caller's split of sorted, distinct ``row_ids`` by owning shard, made
         under a routing epoch (a loader makes it ahead of the step): used while that epoch is current.
 
-        Where every shard's rows of ``table`` are mapped (a serving table on shards of this machine, after its
-        first lookup), the rows are read here, on the calling thread, and the future comes back settled.
+        Where every shard's rows of ``table`` are mapped (shards of this machine that keep them in shared memory,
+        after the table's first lookup), the rows are read here, on the calling thread, and the future comes back
+        settled.
         """
         if dtype not in WIRE_DTYPE_BY_TORCH:
             raise ValueError(f"dtype: must be one of {list(WIRE_DTYPE_BY_TORCH)}, got {dtype}")
@@ -328,8 +330,8 @@ class MemoryClient:
         return True
 
     async def _mapping(self, table: str, shard: int) -> MappedRows | None:
-        """Co-located ``shard``'s rows of ``table`` mapped, or None where it keeps them in no shared memory (a table
-        that trains, a shard whose shared memory is full, or one that does not know ``MapRows``)."""
+        """Co-located ``shard``'s rows of ``table`` mapped, or None where it keeps them in no shared memory (a lazily
+        filled or tiered table, a shard whose shared memory is full, or one that does not know ``MapRows``)."""
         key = (table, shard)
         if key not in self._mapped:
             try:
@@ -373,7 +375,10 @@ class MemoryClient:
                 if self._read_mapped(table, shard, unique[positions], wire, received, positions):
                     read_shared += len(positions)
                     return
-                self._mapped.pop((table, shard), None)  # no longer the table's rows: map again next time, ask now
+                mapped = self._mapped.get((table, shard))
+                if mapped and not mapped.current():
+                    self._mapped.pop((table, shard))  # no longer the table's rows: map again next time
+                # ask now: the rows moved, or the shard was writing them
             request = pb.LookupRequest(table=table, row_ids=unique[positions].tobytes(), dtype=wire_dtype)
             if segment and shard in self._routing.co_located:
                 request.shared_rows.name = segment.name

@@ -18,6 +18,7 @@ import torch
 
 from compute.memory.client import MemoryClient
 from compute.memory.shared_segments import SharedRowSegment
+from memory_service import row_store
 from memory_service.core.leftovers import remove_leftovers
 from memory_service.shared_rows import SegmentError, SharedRowSegments
 from protos import engram_memory_v1_pb2 as pb
@@ -192,10 +193,11 @@ def shared_table_files(pids) -> list[str]:
 
 
 @pytest.mark.ray
-def test_a_co_located_client_reads_serving_rows_from_the_shards_shared_memory_as_a_request_would(ray_cluster):
+def test_a_co_located_client_reads_table_rows_from_the_shards_shared_memory_as_a_request_would(ray_cluster):
+    tables = 2 if row_store._READERS_SEE_WRITES_IN_ORDER else 1  # a table that trains is shared on x86-64
     with deployment([SERVING_TABLE, SGD_TABLE], shards=2) as (controller, local):
         pids = [info["pid"] for info in ray.get(controller.shard_pids.remote()).values()]
-        assert len(shared_table_files(pids)) == 2  # the serving table's rows on each shard; not the SGD table's
+        assert len(shared_table_files(pids)) == 2 * tables  # each shared table's rows on each shard
         ids = np.random.default_rng(3).integers(0, SERVING_TABLE.rows, size=5000)
         with MemoryClient(local.directory, TOKEN, use_local_transport=False) as remote:
             for dtype in (torch.bfloat16, torch.float32, torch.float8_e4m3fn):
@@ -207,14 +209,18 @@ def test_a_co_located_client_reads_serving_rows_from_the_shards_shared_memory_as
             assert moved["read_shared"]["rows"] == len(np.unique(ids)) + 2 * len(ids) and "lookup" not in moved
             with torch.inference_mode():  # read on the calling thread, for other threads outside inference mode
                 assert not local.lookup("local_serving", ids).result().is_inference()
-            local.lookup("local_sgd", ids).result()  # a table that trains is asked for
-            assert local.moved()["lookup"]["rows"] == len(np.unique(ids))
+            # A table that trains, updated in place: read (or, off x86-64, asked for) with its updates.
+            stepped = np.unique(ids)[::3]
+            local.push("local_sgd", stepped, torch.ones(len(stepped), SGD_TABLE.dim), step=0).result()
+            for _ in range(2):  # the first lookup maps the files, the second reads on the calling thread
+                assert torch.equal(local.lookup("local_sgd", ids).result(), remote.lookup("local_sgd", ids).result())
+            assert ("lookup" in local.moved()) != row_store._READERS_SEE_WRITES_IN_ORDER
 
             # Slots move to a third shard: the old files are retired, the client reads the new ones.
             assert ray.get(controller.scale.remote(3))["local_serving"] > 0
             assert torch.equal(local.lookup("local_serving", ids).result(), remote.lookup("local_serving", ids).result())
             pids = [info["pid"] for info in ray.get(controller.shard_pids.remote()).values()]
-            assert len(shared_table_files(pids)) == 3
+            assert len(shared_table_files(pids)) == 3 * tables
             before = local.moved()["read_shared"]["rows"]
             assert torch.equal(local.lookup("local_serving", ids).result(), remote.lookup("local_serving", ids).result())
             assert local.moved()["read_shared"]["rows"] == before + len(ids)
