@@ -4,6 +4,7 @@ page-locked memory when asked (on CUDA machines)."""
 from __future__ import annotations
 
 import socket
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 
 from compute.memory.calls import Channels, MemoryServiceError
 from compute.memory.client import MemoryClient
+from compute.memory.futures import settled
 from compute.memory.remote_table import RemoteRowTable
 from compute.memory.routing import this_node
 from memory_service.core.slots import ShardSplit
@@ -42,8 +44,8 @@ def shards(monkeypatch, tmp_path):
                                                node=this_node(), hostname=socket.gethostname()) for i in (0, 1)])
 
     async def shard(self, address, method, request):
-        if method == "MapRows":  # as a shard answers for a table that trains: its rows are asked for
-            raise MemoryServiceError(grpc.StatusCode.FAILED_PRECONDITION, "table 't' trains")
+        if method == "MapRows":  # as a shard answers for a table it keeps private: its rows are asked for
+            raise MemoryServiceError(grpc.StatusCode.FAILED_PRECONDITION, "table 't': its rows are not in shared memory")
         ids = torch.from_numpy(np.frombuffer(request.row_ids, dtype="<i8").copy())
         wire = WIRE_DTYPE_BY_ENUM[request.dtype]
         rows = wire.encode(TABLE[ids])
@@ -108,3 +110,31 @@ def test_float8_rows_reach_the_model_dequantised_in_its_compute_dtype(shards):
     assert rows.dtype == torch.float32 and rows.requires_grad
     assert torch.equal(rows.detach(), dequantize_rows(quantize_rows(TABLE[ids])))
     assert ((rows.detach() - TABLE[ids]).abs() <= 2**-4 * TABLE[ids].abs().amax(dim=1, keepdim=True)).all()
+
+
+class StepsOnTheCopier(RemoteRowTable):
+    """A CPU table on a GPU's training path: a step's lookups start on the copier thread."""
+
+    def _steps_on_gpu(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("table_type", [RemoteRowTable, StepsOnTheCopier])
+def test_a_training_steps_rows_are_the_same_wherever_their_lookup_starts(shards, table_type):
+    """Prefetched rows, and the next step's across an update: the rows it leaves alone looked up, the others
+    as the update's push pulled them."""
+    ids = torch.from_numpy(np.unique(np.random.default_rng(4).integers(0, ROWS, size=700)))
+    with MemoryClient("directory:1", use_local_transport=True) as client:
+        table = table_type(client, "t", wire_dtype=torch.float32)
+        try:
+            rows = table.prefetch(ids, torch.arange(len(ids))).result()
+            across = table.prefetch_across_update(ids, torch.arange(len(ids)), updated_ids=ids[::3])
+            pulled = TABLE[ids[::3]] + 1  # as the update left them
+            across.after(settled(SimpleNamespace(pulled=pulled)))
+            next_rows = across.rows.result(timeout=30)
+        finally:
+            table.close()
+    assert torch.equal(rows.unique_rows.detach(), TABLE[ids]) and rows.unique_rows.requires_grad
+    expected = TABLE[ids].clone()
+    expected[::3] = pulled
+    assert torch.equal(next_rows.unique_rows.detach(), expected)
