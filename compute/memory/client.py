@@ -336,7 +336,8 @@ class MemoryClient:
         if key not in self._mapped:
             try:
                 reply = await self._call_shard(shard, "MapRows", pb.MapRowsRequest(table=table))
-                self._mapped[key] = MappedRows(reply, self._route(table).num_slots)
+                route = self._route(table)
+                self._mapped[key] = MappedRows(reply, route.num_slots, route.rows)
             except (MemoryServiceError, ResendAfterRefresh, ValueError, OSError) as error:
                 log.debug("table %s on shard %d: rows asked for, not read from shared memory: %s", table, shard, error)
                 self._mapped[key] = None

@@ -28,7 +28,7 @@ class MappedRows:
     """One shard's rows of one table, as ``MapRows`` described them; ValueError where the reply does
     not describe a file of this machine's shared memory, OSError where it is gone."""
 
-    def __init__(self, reply: pb.MapRowsResponse, num_slots: int):
+    def __init__(self, reply: pb.MapRowsResponse, num_slots: int, table_rows: int):
         match = _SEGMENT.fullmatch(reply.segment)
         slot_base = np.frombuffer(reply.slot_base, dtype="<i8")
         if match is None or reply.dtype not in WIRE_DTYPE_BY_ENUM or len(slot_base) != num_slots:
@@ -44,6 +44,7 @@ class MappedRows:
         finally:
             os.close(fd)
         self.segment, self._shard_pid, self._slot_base = reply.segment, int(match[1]), slot_base
+        self._table_rows = table_rows
         self._dtype = dtype
         self._header = np.frombuffer(mapped, dtype="<i8", count=2)  # retired flag, the shard's writes
         with warnings.catch_warnings():  # torch warns of any read-only buffer: these rows are only ever read
@@ -59,10 +60,12 @@ class MappedRows:
     def read(self, row_ids: np.ndarray) -> torch.Tensor | None:
         """The rows of ``row_ids`` (int64, on this shard's slots) in their storage type; None where the file is no
         longer the table's or a row's slot is not in it (slots moved: map again, or ask the shard), or where the
-        shard wrote rows meanwhile (ask the shard)."""
+        shard wrote rows meanwhile (ask the shard), or where an id is not the table's (the shard names it)."""
         writes = int(self._header[1])
         if writes % 2 or not self.current():
             return None
+        if len(row_ids) and (row_ids.min() < 0 or row_ids.max() >= self._table_rows):
+            return None  # else its slot's local index could reach into another slot's rows
         slots, local = slot_and_local(row_ids, len(self._slot_base))
         base = self._slot_base[slots]
         if len(base) and base.min() < 0:

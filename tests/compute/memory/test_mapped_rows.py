@@ -28,7 +28,8 @@ def mapping_of(store: ShardStore, spec: TableSpec | None = None, dtype: int = pb
     spec = spec or SPEC
     shared, slot_base = store.shared_rows(spec.name)
     return MappedRows(pb.MapRowsResponse(segment=shared.name, rows=len(shared.rows), dim=spec.dim, dtype=dtype,
-                                         slot_base=slot_base.numpy().astype("<i8").tobytes()), spec.num_slots)
+                                         slot_base=slot_base.numpy().astype("<i8").tobytes()), spec.num_slots,
+                      spec.rows)
 
 
 def test_a_mapped_table_reads_the_rows_the_store_serves_until_its_file_is_retired():
@@ -38,6 +39,8 @@ def test_a_mapped_table_reads_the_rows_the_store_serves_until_its_file_is_retire
     ids = np.array([3, 1, 97, 5, 3, 41])  # slots 3 and 1, a duplicate included
     assert torch.equal(mapped.read(ids), store.gather(SPEC.name, ids, "bfloat16"))
     assert mapped.read(np.array([1, 2])) is None  # slot 2 is not in this file
+    for not_the_tables in ([SPEC.rows + 3], [-1]):  # slot 3 and 1 are, but not these rows: the shard says why
+        assert mapped.read(np.array(not_the_tables)) is None
     assert mapped.read(np.empty(0, dtype=np.int64)).shape == (0, SPEC.dim)
 
     store.release_slots(SPEC.name, [3])  # the rows move to a new file; the old one is retired
@@ -56,7 +59,7 @@ def test_a_mapping_of_a_dead_shards_file_declines_to_read():
     os.link(f"{SHARED_SEGMENT_DIR}/{shared.name}", f"{SHARED_SEGMENT_DIR}/{name}")
     try:
         mapped = MappedRows(pb.MapRowsResponse(segment=name, rows=4, dim=SPEC.dim, dtype=pb.BFLOAT16,
-                                               slot_base=np.zeros(1, "<i8").tobytes()), 1)
+                                               slot_base=np.zeros(1, "<i8").tobytes()), 1, 4)
         assert not mapped.current() and mapped.read(np.array([0])) is None
     finally:
         os.unlink(f"{SHARED_SEGMENT_DIR}/{name}")
@@ -126,4 +129,4 @@ def test_which_tables_are_shared():
 ])
 def test_a_mapping_refuses_what_is_not_a_shared_table(reply):
     with pytest.raises(ValueError, match="not a shared table"):
-        MappedRows(reply, num_slots=4)
+        MappedRows(reply, num_slots=4, table_rows=100)
