@@ -30,11 +30,11 @@ their uint16 bit patterns because numpy has no bfloat16.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
 import itertools
-import contextlib
 import logging
 import os
 import platform
