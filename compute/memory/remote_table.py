@@ -44,10 +44,8 @@ class RemoteRowTable(RowTable):
 
     def prefetch(self, unique_ids: torch.Tensor, inverse: torch.Tensor,
                  shard_split: ShardSplit | None = None) -> concurrent.futures.Future:
-        if self._steps_on_gpu():
-            return self._copier.submit(lambda: self._to_device(self._fetch(unique_ids, shard_split), inverse))
-        fetched = self._fetch(unique_ids, shard_split)
-        if fetched.done() and fetched.exception() is None:
+        fetched = self._fetch_for_step(unique_ids, shard_split)
+        if not self._steps_on_gpu() and fetched.done() and fetched.exception() is None:
             return settled(self._rows_read(fetched.result(), inverse))
         return self._copier.submit(self._to_device, fetched, inverse)
 
@@ -58,10 +56,18 @@ class RemoteRowTable(RowTable):
         return self._pulled_across_update(unique_ids, updated_ids, inverse, self._merged_to_device)
 
     def _steps_on_gpu(self) -> bool:
-        """Whether the caller wants a training step's rows on a GPU: their lookup then starts on the copier thread,
-        since a lookup of rows the client reads out of shared memory reads them where it is made, and the training
-        thread must not wait for that; the rows come with the backward's grouping by row."""
+        """Whether the caller wants a training step's rows on a GPU: they come with the backward's grouping by row,
+        made on the copier thread."""
         return self._copy_stream is not None and torch.is_grad_enabled()
+
+    def _fetch_for_step(self, row_ids: torch.Tensor,
+                        shard_split: ShardSplit | None = None) -> concurrent.futures.Future:
+        """``_fetch``, started on the copier thread for a training step on a GPU: a lookup of rows the client reads
+        out of shared memory reads them where it is made, and the training thread must not wait for that (the
+        copier runs its jobs in turn, so a later job of it finds the rows in)."""
+        if self._steps_on_gpu():
+            return self._copier.submit(lambda: self._fetch(row_ids, shard_split).result())
+        return self._fetch(row_ids, shard_split)
 
     def _fetch(self, row_ids: torch.Tensor, shard_split: ShardSplit | None = None) -> concurrent.futures.Future:
         """Start looking ``row_ids`` up in the wire dtype, into page-locked memory when the rows go on to a GPU."""
@@ -75,14 +81,8 @@ class RemoteRowTable(RowTable):
         pulls the others; once it is in, ``to_rows(across, pushed)`` makes the rows on the copier thread."""
         changed = torch.from_numpy(np.isin(row_ids.numpy(), updated_ids.numpy(), assume_unique=True))
         across = _PulledAcrossUpdate(lambda pushed: self._copier.submit(to_rows, across, pushed), row_ids[changed],
-                                     changed, self._kept_fetch(row_ids[~changed]), inverse)
+                                     changed, self._fetch_for_step(row_ids[~changed]), inverse)
         return across
-
-    def _kept_fetch(self, row_ids: torch.Tensor) -> concurrent.futures.Future:
-        """The lookup of the rows an update leaves alone, started off the training thread on a GPU."""
-        if self._steps_on_gpu():
-            return self._copier.submit(lambda: self._fetch(row_ids).result())
-        return self._fetch(row_ids)
 
     def apply_gradients(self, unique_ids: torch.Tensor, rows: EngramRows, step: int, rank: int = 0,
                         world_size: int = 1, next_rows: RowsAcrossUpdate | None = None) -> concurrent.futures.Future:
