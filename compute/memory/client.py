@@ -282,8 +282,11 @@ class MemoryClient:
             raise MemoryServiceError(grpc.StatusCode.UNAVAILABLE, (
                 f"shard {shard}{named} {SHARD_LOST}; the memory service is re-making its slots from the last "
                 f"checkpoint, and the updates since are lost: resume the job from that checkpoint"))
+        address = self._routing.addresses.get(shard)
+        if address is None:  # a scale-down retired it since the caller split its ids by shard: split them anew
+            raise ResendAfterRefresh()
         try:
-            return await self._calls.shard(self._routing.addresses[shard], method, request)
+            return await self._calls.shard(address, method, request)
         except ResendAfterRefresh:
             self._failed_at[shard] = time.monotonic()
             raise

@@ -47,8 +47,9 @@ class Routing:
         return (shard, *self.replicas.get(shard, ()))
 
     def lost(self, shard: int) -> bool:
-        """Whether ``shard`` died with no copy left (its slots are being re-made)."""
-        return not self.addresses.get(shard)
+        """Whether ``shard`` died with no copy left (its slots are being re-made); not one that a scale-down
+        retired, which the routing no longer lists."""
+        return self.addresses.get(shard) == ""
 
     @classmethod
     def from_reply(cls, reply: pb.Routing, local_transport: bool) -> "Routing":

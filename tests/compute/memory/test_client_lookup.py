@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from compute.memory.calls import Channels, MemoryServiceError
+from compute.memory.calls import Channels, MemoryServiceError, ResendAfterRefresh
 from compute.memory.client import MemoryClient
 from compute.memory.futures import settled
 from compute.memory.remote_table import RemoteRowTable
-from compute.memory.routing import this_node
+from compute.memory.routing import Routing, this_node
 from memory_service.core.slots import ShardSplit
 from memory_service.shared_rows import SharedRowSegments
 from protos import engram_memory_v1_pb2 as pb
@@ -138,3 +138,17 @@ def test_a_training_steps_rows_are_the_same_wherever_their_lookup_starts(shards,
     expected = TABLE[ids].clone()
     expected[::3] = pulled
     assert torch.equal(next_rows.unique_rows.detach(), expected)
+
+
+def test_a_shard_a_scale_down_retired_is_not_lost_and_a_call_to_it_is_resent(shards):
+    """A lost shard stays in the routing without an address; a retired one leaves it. A call split by shard under
+    the routing before the scale-down is resent once the routing is refreshed, not failed as if the rows were lost."""
+    routing = Routing.from_reply(pb.Routing(epoch=2, shards=[pb.ShardInfo(index=0, address="shard-0:1"),
+                                                             pb.ShardInfo(index=2)]), local_transport=False)
+    assert (routing.lost(0), routing.lost(1), routing.lost(2)) == (False, False, True)
+    with MemoryClient("directory:1") as client:
+        with pytest.raises(ResendAfterRefresh):
+            client._run(client._call_shard(5, "Lookup", pb.LookupRequest(table="t"))).result(timeout=30)
+        client._routing = routing
+        with pytest.raises(MemoryServiceError, match="died with no replica left"):
+            client._run(client._call_shard(2, "Lookup", pb.LookupRequest(table="t"))).result(timeout=30)
