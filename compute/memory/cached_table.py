@@ -300,7 +300,7 @@ class CachedRowTable(RemoteRowTable):
             window, self._lookups_counted = self._lookups_counted, self._lookups_counted / 2
             self._lookups_since_choice = 0
             self._next_choice_after = min(2 * self._next_choice_after, self.readmit_every)
-        cached = torch.isin(candidates, self._cache.ids)
+        cached = self._cache.slots_of(candidates) >= 0
         # Looked up `counts` times in the last `window` lookups: the hits it would give before the next choice.
         pays_back = (counts >= 2) & (counts * self._next_choice_after >= self.payback_lookups * window)
         candidates, counts, cached = (values[cached | pays_back] for values in (candidates, counts, cached))
