@@ -1,6 +1,6 @@
 """The floor under a lookup over TCP: how long one reply of N bytes takes to cross loopback from another process.
 
-Two ways side by side, each against a server process of its own: a plain TCP socket (the client asks with 8 bytes,
+Two ways side by side, each against a server process of its own: a plain TCP socket (the client asks with a few bytes,
 the server answers with the N bytes, the client reads them into one buffer) and a ``grpc.aio`` unary call with the
 memory service's channel and server options (``protos.wire.transport_options``) whose reply is the N bytes, as
 ``Lookup`` answers a client off the shards' machine. A 64K-row bfloat16 lookup of dim 64 is 8 MiB; what the call
@@ -32,7 +32,7 @@ def _serve_socket(reply_bytes: int, ready) -> None:
         ready.put(server.getsockname()[1])
         connection, _ = server.accept()
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        while connection.recv(len(ASK)):
+        while connection.recv(len(ASK), socket.MSG_WAITALL):  # one whole ask, one reply
             connection.sendall(reply)
 
 
