@@ -77,6 +77,7 @@ class Shard:
     stub: pb_grpc.ShardServiceStub
     channel: grpc.aio.Channel
     liveness_address: str = ""  # its health endpoint, answered from a thread even while its event loop is busy
+    row_stream_address: str = ""  # host:port answering lookups with raw rows (memory_service.row_stream); '' with TLS
     group: int = 0  # its replica group: the shards that hold the same slots
     primary: bool = True  # takes the group's updates and forwards them to the group's live replicas
     live: bool = True  # holds the group's state (a new replica: once its copy is made)
@@ -312,7 +313,8 @@ class MemoryController:
         for group, index in primary_of.items():
             by_group[group] = index
         shards = [pb.ShardInfo(index=s.index, address=s.address, node=s.node, local_address=s.local_address,
-                               hostname=s.hostname, replicas=[r.index for r in self._live_replicas(s)])
+                               hostname=s.hostname, replicas=[r.index for r in self._live_replicas(s)],
+                               row_stream_address=s.row_stream_address)
                   for s in self._shards]
         shards += [pb.ShardInfo(index=s.index, node=s.node, hostname=s.hostname) for s in self._lost.values()]
         return pb.Routing(
@@ -365,7 +367,8 @@ class MemoryController:
         return Shard(index=index, address=info["address"], local_address=info["local_address"], node=info["node"],
                      hostname=info["hostname"], reserved_bytes=info["reserved_bytes"], actor_name=name, actor=actor,
                      stub=pb_grpc.ShardServiceStub(channel), channel=channel,
-                     liveness_address=info["liveness_address"], group=group, primary=primary)
+                     liveness_address=info["liveness_address"], row_stream_address=info["row_stream_address"],
+                     group=group, primary=primary)
 
     # ---- replica groups ---------------------------------------------------------------------
 

@@ -28,7 +28,8 @@ class UndecodableRequest:
         self.message = f"request: not a valid {message_type} ({type(error).__name__}: {error})"
 
 
-def _decoder(message_class) -> Callable[[bytes], object]:
+def decoder(message_class) -> Callable[[bytes], object]:
+    """Decodes ``message_class`` bytes; an UndecodableRequest where they are not one."""
     def decode(data: bytes):
         try:
             return message_class.FromString(data)
@@ -56,7 +57,7 @@ def register_service(server: grpc.aio.Server, service: str, implementation,
     handlers = {
         method.name: grpc.unary_unary_rpc_method_handler(
             _refusing_undecodable(getattr(implementation, method.name)),
-            request_deserializer=_decoder(getattr(pb, method.input_type.name)),
+            request_deserializer=decoder(getattr(pb, method.input_type.name)),
             response_serializer=overrides.get(method.name, getattr(pb, method.output_type.name).SerializeToString))
         for method in descriptor.methods
     }

@@ -26,7 +26,7 @@ from memory_service import checkpoint
 from memory_service.metrics import ShardMetrics
 from memory_service.replication import Replicas
 from memory_service.row_store import RowStoreError, ShardStore, SlotNotOwned, refused_as_invalid
-from memory_service.server import register_service
+from memory_service.server import UndecodableRequest, decoder, register_service
 from memory_service.shared_rows import SegmentError, SharedRowSegments
 from memory_service.core import push_checks
 from memory_service.core.push_checks import InvalidPush
@@ -36,13 +36,15 @@ from memory_service.core.table_spec import SpecError, TableSpec
 from protos.wire import (DEFAULT_MAX_MESSAGE_BYTES, GRAD_WIRE_DTYPES, ROUTING_EPOCH_KEY, SHARED_SEGMENT_DIR,
                          WIRE_DTYPE_BY_ENUM, WIRE_DTYPE_BY_NAME, WIRE_DTYPE_BY_TORCH, WIRE_DTYPES, WireDtype, WireError,
                          arrays_from_proto, arrays_to_proto, encode_lookup_response, pending_from_arrays,
-                         pending_to_arrays, tensor_from_bytes, tensor_to_bytes)
+                         pending_to_arrays, reply_dim, tensor_from_bytes, tensor_to_bytes)
 from protos import engram_memory_v1_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 # Refusals of bad input that carry no status code of their own: answered INVALID_ARGUMENT.
 INVALID_INPUT = (SpecError, checkpoint.PathRefused, WireError, InvalidPush)
+
+decode_lookup_request = decoder(pb.LookupRequest)
 
 # Names under which a slot move carries each aggregator's memory of applied pushes.
 APPLIED_PREFIXES = {True: "applied.synchronous.", False: "applied.asynchronous."}
@@ -167,12 +169,19 @@ class ShardServicer:
     # ---- errors ---------------------------------------------------------------------------
 
     async def _refuse(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
-        code, message = getattr(error, "code", "INVALID_ARGUMENT"), str(error)
-        if isinstance(error, SlotNotOwned) or getattr(error, "routing", False):
-            message = f"{message} (shard {self.shard_index}, routing epoch {self.epoch}); refresh the routing"
+        code, message, routing = self.refusal(error)
+        if routing:
             context.set_trailing_metadata(((ROUTING_EPOCH_KEY, str(self.epoch)),))
-        log.debug("refused with %s: %s", code, message)
         await context.abort(getattr(grpc.StatusCode, code), message)
+
+    def refusal(self, error: Exception) -> tuple[str, str, bool]:
+        """A refused request's status code name, message, and whether the routing refused it."""
+        code, message = getattr(error, "code", "INVALID_ARGUMENT"), str(error)
+        routing = isinstance(error, SlotNotOwned) or getattr(error, "routing", False)
+        if routing:
+            message = f"{message} (shard {self.shard_index}, routing epoch {self.epoch}); refresh the routing"
+        log.debug("refused with %s: %s", code, message)
+        return code, message, routing
 
     def _spec(self, table: str) -> TableSpec:
         if not table:
@@ -202,6 +211,30 @@ class ShardServicer:
 
     @_handler("lookup")
     def Lookup(self, request: pb.LookupRequest):
+        return self._lookup(request)
+
+    def stream_lookup(self, data: bytes) -> tuple[pb.RowStreamReply, memoryview | None]:
+        """A row stream's lookup of ``LookupRequest`` bytes: the reply, and the rows' bytes when answered."""
+        start = time.perf_counter()
+        request = decode_lookup_request(data)
+        if isinstance(request, UndecodableRequest):
+            return pb.RowStreamReply(code="INVALID_ARGUMENT", message=request.message), None
+        try:
+            (rows, dtype, epoch, _), num_rows, wire_bytes = self._lookup(request, rows_in_reply_only=True)
+        except REFUSALS as error:
+            code, message, routing = self.refusal(error)
+            return pb.RowStreamReply(code=code, message=message, refresh_routing=routing), None
+        except Exception as error:  # a bug, not bad input: log it, keep serving, tell the caller plainly
+            log.exception("lookup failed")
+            return pb.RowStreamReply(code="INTERNAL", message=f"lookup: {type(error).__name__}: {error}"), None
+        self.metrics.record("lookup", time.perf_counter() - start, num_rows, wire_bytes)
+        payload = rows.contiguous().view(torch.uint8).numpy().reshape(-1)
+        header = pb.LookupResponse(num_rows=num_rows, dim=reply_dim(rows, dtype), dtype=dtype, epoch=epoch)
+        return pb.RowStreamReply(header=header, row_bytes=payload.nbytes), payload.data
+
+    def _lookup(self, request: pb.LookupRequest, rows_in_reply_only: bool = False):
+        """The rows of a lookup, written to its ``shared_rows`` if it names them (refused ``rows_in_reply_only``,
+        at the point where a write would be refused: both transports refuse a request alike)."""
         self._check_readable()
         spec = self._spec(request.table)
         dtype = self._dtype(request.dtype, "dtype")
@@ -209,6 +242,9 @@ class ShardServicer:
         reply_bytes = self._check_reply_size(len(ids), WIRE_DTYPE_BY_NAME[dtype].row_bytes(spec.dim), "row_ids")
         rows = self.store.gather(request.table, ids, dtype)
         shared = request.HasField("shared_rows")
+        if shared and rows_in_reply_only:
+            raise RequestRejected("INVALID_ARGUMENT", "shared_rows", "shared_rows: not on the row stream (the rows "
+                                  "come back on it); ask over the shard's Unix socket")
         if shared:
             self._write_shared_rows(request.shared_rows, rows)
         return (rows, request.dtype, self.epoch, not shared), len(ids), reply_bytes  # see encode_lookup_response

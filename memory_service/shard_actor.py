@@ -1,7 +1,8 @@
 """A memory shard as a Ray actor: a ShardServicer behind a grpc.aio server on its node's address.
 
 Without TLS the server also listens on a Unix socket in a private temporary directory: clients on
-the same machine skip the TCP stack (same bytes, same token check).
+the same machine skip the TCP stack (same bytes, same token check); and a row stream
+(``memory_service.row_stream``) answers other machines' lookups with raw rows.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from memory_service.auth import AccessTokens, TlsFiles
 from memory_service.core.leftovers import pid_tagged, remove_leftovers
 from memory_service.metrics import RayMetricsExporter, ShardMetrics
 from memory_service.replication import Replicas
+from memory_service.row_stream import RowStreamServer
 from memory_service.server import start_liveness_server, start_server
 from memory_service.servicer import ShardServicer
 from protos import engram_memory_v1_pb2 as pb
@@ -74,7 +76,8 @@ class ShardActor:
                                        Path(data_root), replicas, Path(tier_dir) if tier_dir else None)
         self._servicer.node = ray.get_runtime_context().get_node_id()
         self._servicer.step_timeout_s = step_timeout_s
-        self._server = self._liveness = None
+        self._server = self._liveness = self._row_stream = None
+        self._row_stream_address = ""
         self._sweep: asyncio.Task | None = None
         self._socket_dir = None
         # A killed shard's shared rows, and its socket folder, stay behind until the next shard on this machine starts.
@@ -84,9 +87,9 @@ class ShardActor:
             self._socket_dir = tempfile.mkdtemp(prefix=pid_tagged(SOCKET_DIR_PREFIX))  # mode 0700
 
     async def start(self) -> dict[str, str]:
-        """Start serving; return this shard's ``address``, ``local_address`` ('' with TLS), ``liveness_address``
-        (its health, answered even while a long request holds the event loop), ``node``, ``hostname`` and the
-        Ray ``memory`` it reserved (``reserved_bytes``)."""
+        """Start serving; return this shard's ``address``, ``local_address`` and ``row_stream_address`` ('' with
+        TLS), ``liveness_address`` (its health, answered even while a long request holds the event loop), ``node``,
+        ``hostname`` and the Ray ``memory`` it reserved (``reserved_bytes``)."""
         local_socket = f"{self._socket_dir}/shard-{self._servicer.shard_index}.sock" if self._socket_dir else None
         if self._server is None:
             self._server, self._servicer.address = await start_server(
@@ -95,9 +98,12 @@ class ShardActor:
                 tokens=self._tokens, host=self._host, tls=self._tls, max_message_bytes=self._servicer.max_message_bytes,
                 unix_socket=local_socket, reflection_enabled=self._reflection)
             self._liveness, self._liveness_address = start_liveness_server(self._host, self._tls)
+            if not self._tls:
+                self._row_stream = RowStreamServer(self._servicer, self._tokens)
+                self._row_stream_address = await self._row_stream.start(self._host)
             self._sweep = asyncio.get_running_loop().create_task(self._abort_expired_steps())
         return {"address": self._servicer.address, "local_address": f"unix:{local_socket}" if local_socket else "",
-                "liveness_address": self._liveness_address,
+                "liveness_address": self._liveness_address, "row_stream_address": self._row_stream_address,
                 "node": self._servicer.node, "hostname": socket.gethostname(),
                 "reserved_bytes": int(ray.get_runtime_context().get_assigned_resources().get("memory", 0))}
 
@@ -137,6 +143,9 @@ class ShardActor:
         if self._liveness is not None:
             self._liveness.stop(grace=None)
             self._liveness = None
+        if self._row_stream is not None:
+            await self._row_stream.stop()
+            self._row_stream = None
         self._servicer.drop_all_tables()  # tiered tables' files go now: a stopped shard is killed next
         if self._socket_dir:
             shutil.rmtree(self._socket_dir, ignore_errors=True)

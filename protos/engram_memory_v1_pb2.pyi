@@ -62,6 +62,26 @@ class SharedRows(_message.Message):
     positions: bytes
     def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., positions: _Optional[bytes] = ...) -> None: ...
 
+class RowStreamHello(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    def __init__(self, token: _Optional[str] = ...) -> None: ...
+
+class RowStreamReply(_message.Message):
+    __slots__ = ("code", "message", "refresh_routing", "header", "row_bytes")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_ROUTING_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    ROW_BYTES_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    refresh_routing: bool
+    header: LookupResponse
+    row_bytes: int
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., refresh_routing: bool = ..., header: _Optional[_Union[LookupResponse, _Mapping]] = ..., row_bytes: _Optional[int] = ...) -> None: ...
+
 class LookupStateRequest(_message.Message):
     __slots__ = ("table", "row_ids")
     TABLE_FIELD_NUMBER: _ClassVar[int]
@@ -513,20 +533,22 @@ class GetRoutingRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("index", "address", "node", "local_address", "hostname", "replicas")
+    __slots__ = ("index", "address", "node", "local_address", "hostname", "replicas", "row_stream_address")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     LOCAL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    ROW_STREAM_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     index: int
     address: str
     node: str
     local_address: str
     hostname: str
     replicas: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, index: _Optional[int] = ..., address: _Optional[str] = ..., node: _Optional[str] = ..., local_address: _Optional[str] = ..., hostname: _Optional[str] = ..., replicas: _Optional[_Iterable[int]] = ...) -> None: ...
+    row_stream_address: str
+    def __init__(self, index: _Optional[int] = ..., address: _Optional[str] = ..., node: _Optional[str] = ..., local_address: _Optional[str] = ..., hostname: _Optional[str] = ..., replicas: _Optional[_Iterable[int]] = ..., row_stream_address: _Optional[str] = ...) -> None: ...
 
 class TableRouting(_message.Message):
     __slots__ = ("name", "num_slots", "owners", "rows", "dim")

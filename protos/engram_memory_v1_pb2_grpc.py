@@ -163,9 +163,9 @@ class ShardServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def MapRows(self, request, context):
-        """Where a read-only table's rows are in this shard's shared memory, for a client on the same machine to read
-        them without a request (compute/memory/mapped_rows.py). FAILED_PRECONDITION for a table that trains or whose
-        rows are not shared here.
+        """Where a table's rows are in this shard's shared memory, for a client on the same machine to read them
+        without a request (compute/memory/mapped_rows.py). FAILED_PRECONDITION for a table whose rows are not shared
+        here.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

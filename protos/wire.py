@@ -215,11 +215,16 @@ def encode_lookup_response(rows: torch.Tensor, dtype: int, epoch: int, rows_in_r
     payload = rows.contiguous().view(torch.uint8).numpy().reshape(-1)
     if not rows_in_reply:
         payload = payload[:0]
-    num_rows, dim = rows.shape[0], rows.shape[1] - (SCALE_BYTES if WIRE_DTYPE_BY_ENUM[dtype].scaled else 0)
+    num_rows, dim = rows.shape[0], reply_dim(rows, dtype)
     head = b"\x0a" + _varint(payload.nbytes) if payload.nbytes else b""
     tail = b"".join(tag + _varint(value) for tag, value in
                     ((b"\x10", num_rows), (b"\x18", dim), (b"\x20", dtype), (b"\x28", epoch)) if value)
     return b"".join((head, payload.data, tail))
+
+
+def reply_dim(rows: torch.Tensor, dtype: int) -> int:
+    """The row width a ``LookupResponse`` names for wire ``rows`` of ``dtype`` (a scaled row's scale not counted)."""
+    return rows.shape[1] - (SCALE_BYTES if WIRE_DTYPE_BY_ENUM[dtype].scaled else 0)
 
 
 def decode_lookup_rows(data: bytes) -> memoryview:
