@@ -3,7 +3,8 @@
 Talks to the memory service only through the ``engram.memory.v1`` protos: the directory gives the
 routing (slot -> shard, with an epoch), the shards serve rows. Calls run on a private event loop
 thread and return ``concurrent.futures.Future``s, so a training step can overlap them with compute.
-Shards on the client's own machine are reached through their Unix socket, write looked-up rows
+Shards on other machines answer lookups on their row stream where they offer one (raw rows over TCP,
+``row_streams``). Shards on the client's own machine are reached through their Unix socket, write looked-up rows
 straight into the client's shared memory and read pushed gradients from it, instead of sending them
 through the socket; the rows of their tables in shared memory the client reads itself, without a request
 (``mapped_rows``; a read that overlapped a shard's write of a table that trains is asked for instead).
@@ -21,6 +22,7 @@ import logging
 import os
 import threading
 import time
+from typing import Awaitable, Callable
 
 import grpc
 import numpy as np
@@ -32,14 +34,15 @@ from compute.memory.client_metrics import ClientMetrics
 from compute.memory.futures import settled
 from compute.memory.mapped_rows import MappedRows
 from compute.memory.routing import Routing, TableRoute, connection_info_from_controller
+from compute.memory.row_streams import RowStreams
 from compute.memory.shared_segments import SharedSegmentPool
 from memory_service.core import push_checks
 from memory_service.core.leftovers import remove_leftovers
 from memory_service.core.slots import ShardSplit, slot_of
 from protos import engram_memory_v1_pb2 as pb
 from protos.wire import (CONTROLLER_NAME, DEFAULT_MAX_MESSAGE_BYTES, GRAD_WIRE_DTYPES, NAMESPACE, SHARED_SEGMENT_DIR,
-                         SHARED_SEGMENT_PREFIX, WIRE_DTYPE_BY_TORCH, ClientTls, WireDtype, as_row_records,
-                         as_row_words, tensor_to_bytes)
+                         SHARED_SEGMENT_PREFIX, WIRE_DTYPE_BY_TORCH, ClientTls, WireDtype,
+                         as_row_records, as_row_words, tensor_to_bytes)
 
 __all__ = ["MemoryClient", "MemoryServiceError", "PushResult", "RetryPolicy"]
 
@@ -62,11 +65,16 @@ class MemoryClient:
 
     def __init__(self, directory: str, token: str | None = None, *, tls: ClientTls | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_rows_per_request: int = 65536,
-                 retry: RetryPolicy = RetryPolicy(), use_local_transport: bool = True, read_shared_rows: bool = True):
+                 retry: RetryPolicy = RetryPolicy(), use_local_transport: bool = True, read_shared_rows: bool = True,
+                 use_row_streams: bool = True):
         """``use_local_transport``: reach shards on this machine through their Unix socket and shared memory;
-        ``read_shared_rows``: and read the rows they keep in shared memory without a request."""
+        ``read_shared_rows``: and read the rows they keep in shared memory without a request;
+        ``use_row_streams``: look rows up from other machines' shards on their row streams (raw rows over TCP)
+        where they offer one, instead of over gRPC."""
         self._directory_address = directory
-        self._calls = Channels(token, tls, max_message_bytes, CallDeadlines(retry.call_timeout_s))
+        deadlines = CallDeadlines(retry.call_timeout_s)
+        self._calls = Channels(token, tls, max_message_bytes, deadlines)
+        self._row_streams = RowStreams(token, deadlines) if use_row_streams and tls is None else None
         self._max_message_bytes = max_message_bytes
         self._max_rows_per_request = max_rows_per_request
         self._retry = retry
@@ -229,6 +237,8 @@ class MemoryClient:
     def close(self) -> None:
         async def close_channels():
             await self._calls.close()
+            if self._row_streams is not None:
+                self._row_streams.close()
             self._segments.close()
 
         if self._loop.is_running():
@@ -271,8 +281,9 @@ class MemoryClient:
         """Rows a request may carry at ``row_bytes`` each: half the message limit, and the row cap."""
         return max(1, min(self._max_rows_per_request, self._max_message_bytes // 2 // row_bytes))
 
-    async def _call_shard(self, shard: int, method: str, request):
-        """``method`` on ``shard``; a failure that may pass marks it to be passed over for lookups a while."""
+    async def _call_shard(self, shard: int, method: str, request, call: Callable[[], Awaitable] | None = None):
+        """``method`` on ``shard`` (made by ``call`` if given, else over gRPC); a failure that may pass marks the shard
+        to be passed over for lookups a while."""
         if self._routing.lost(shard):
             route = self._routing.tables.get(request.table)
             ids = np.frombuffer(getattr(request, "row_ids", b""), dtype="<i8")
@@ -286,7 +297,7 @@ class MemoryClient:
         if address is None:  # a scale-down retired it since the caller split its ids by shard: split them anew
             raise ResendAfterRefresh()
         try:
-            return await self._calls.shard(address, method, request)
+            return await (call() if call else self._calls.shard(address, method, request))
         except ResendAfterRefresh:
             self._failed_at[shard] = time.monotonic()
             raise
@@ -387,11 +398,19 @@ class MemoryClient:
             if segment and shard in self._routing.co_located:
                 request.shared_rows.name = segment.name
                 request.shared_rows.positions = positions.astype("<i8", copy=False).tobytes()
+            def place(payload) -> None:
+                rows = torch.frombuffer(payload, dtype=element).view(len(positions), width)
+                as_row_words(received).index_copy_(0, torch.from_numpy(positions), as_row_words(rows))
+
+            stream = self._routing.row_streams.get(shard) if self._row_streams is not None else None
+            if stream:
+                await self._call_shard(shard, "Lookup", request, lambda: self._row_streams.lookup(
+                    stream, request, len(positions) * row_bytes, place))
+                return
             payload = await self._call_shard(shard, "Lookup", request)
             if request.HasField("shared_rows") and not len(payload):
                 return  # the shard wrote the rows into `received` itself
-            rows = torch.frombuffer(payload, dtype=element).view(len(positions), width)
-            as_row_words(received).index_copy_(0, torch.from_numpy(positions), as_row_words(rows))
+            place(payload)
 
         async def attempt(pending: np.ndarray) -> np.ndarray:
             nonlocal shard_split

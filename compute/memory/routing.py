@@ -34,13 +34,15 @@ class TableRoute:
 
 @dataclasses.dataclass(frozen=True)
 class Routing:
-    """One epoch's routing: tables by name, and each shard's address (its Unix socket if co-located)."""
+    """One epoch's routing: tables by name, each shard's address (its Unix socket if co-located), and the row
+    streams of shards on other machines."""
 
     epoch: int = 0
     tables: dict[str, TableRoute] = dataclasses.field(default_factory=dict)
     addresses: dict[int, str] = dataclasses.field(default_factory=dict)  # '' for a lost shard
     co_located: frozenset[int] = frozenset()  # reached by Unix socket, rows through shared memory
     replicas: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # primary -> its live replicas
+    row_streams: dict[int, str] = dataclasses.field(default_factory=dict)  # the others' row streams, where offered
 
     def copies(self, shard: int) -> tuple[int, ...]:
         """The shards holding ``shard``'s rows: itself, then its live replicas."""
@@ -63,7 +65,9 @@ class Routing:
                            for t in reply.tables},
                    addresses={s.index: s.local_address if s.index in co_located else s.address for s in reply.shards},
                    co_located=co_located,
-                   replicas={s.index: tuple(s.replicas) for s in reply.shards if s.replicas})
+                   replicas={s.index: tuple(s.replicas) for s in reply.shards if s.replicas},
+                   row_streams={s.index: s.row_stream_address for s in reply.shards
+                                if s.row_stream_address and s.index not in co_located})
 
 
 def this_node() -> str:
