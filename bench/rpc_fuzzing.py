@@ -30,6 +30,9 @@ The verdict on each example (``FuzzTarget.check``):
   here with the same protobuf) INVALID_ARGUMENT naming the message type, and a request that parses
   OK or a refusal (``SEMANTIC_CODES``);
 * both servers still answer Health (SERVING) and a valid Lookup (and GetRouting) gets its rows;
+* the shard's row stream (``memory_service.row_stream``) answers each Lookup case as gRPC did: the same status
+  (a hello with a wrong or no token refused UNAUTHENTICATED, a frame over ``max_message_bytes`` closing the
+  stream for RESOURCE_EXHAUSTED; the two may swap for a request with both) and, when answered, the same rows;
 * the state did not change unless it legitimately could. The state is every table's
   ``ShardStore.checksum`` (rows and optimizer state of the owned slots), its owned slots, the table
   set and the routing epoch. A refused request (any non-OK status) and an OK answer of a method that
@@ -64,9 +67,11 @@ from memory_service.auth import DATA_METHODS, AccessTokens
 from memory_service.core.table_spec import OptimizerSpec, TableSpec
 from memory_service.directory import DirectoryServicer
 from memory_service.row_store import ShardStore
+from memory_service.row_stream import RowStreamServer
 from memory_service.server import start_server
 from memory_service.servicer import ShardServicer
 from protos import engram_memory_v1_pb2 as pb
+from protos.row_stream import BlockingRowStream
 from protos.wire import (SHARED_SEGMENT_DIR, SHARED_SEGMENT_PREFIX, arrays_to_proto, bearer_metadata,
                          pending_to_arrays)
 
@@ -580,12 +585,15 @@ class FuzzTarget:
             max_message_bytes=self.max_message_bytes))
         self.shard.address = address
         self.shard_channel = self._channel(address)
+        self.row_stream = RowStreamServer(self.shard, self.tokens)
+        self.row_stream_address = self._run(self.row_stream.start("127.0.0.1"))
         self.initial_state = self.state()
 
     def reset(self) -> None:
         """A fresh shard with the initial tables (after a request that legitimately changed state)."""
         self.shard_channel.close()
         self._run(self.shard_server.stop(None))
+        self._run(self.row_stream.stop())
         self.resets += 1
         self._start_shard()
 
@@ -594,6 +602,7 @@ class FuzzTarget:
             channel.close()
         for server in (self.shard_server, self.directory_server):
             self._run(server.stop(None))
+        self._run(self.row_stream.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
         self.loop.close()
@@ -622,6 +631,35 @@ class FuzzTarget:
         except grpc.RpcError as error:
             return Outcome(error.code().name, error.details() or "", None)
 
+    def call_row_stream(self, payload: bytes, token: str | None) -> Outcome:
+        """``payload`` as a Lookup on the shard's row stream, on a new connection; the response is the rows."""
+        try:
+            stream = BlockingRowStream(self.row_stream_address, TOKENS.get(token, token) or "")
+        except ConnectionRefusedError as error:
+            return Outcome("UNAUTHENTICATED", str(error), None)
+        try:
+            reply, rows = stream.lookup(payload)
+        except ConnectionResetError as error:  # what a frame over the limit gets
+            return Outcome("RESOURCE_EXHAUSTED" if len(payload) > self.max_message_bytes else "CLOSED", str(error),
+                           None)
+        finally:
+            stream.close()
+        return Outcome(reply.code or "OK", reply.message, rows if not reply.code else None)
+
+    def row_stream_problems(self, case: Case, outcome: Outcome) -> list[str]:
+        """How the row stream's answer to a Lookup case differs from gRPC's ``outcome``."""
+        streamed = self.call_row_stream(case.payload, case.token)
+        expected = {outcome.code}
+        if outcome.code == "OK" and _names_shared_rows(case.payload):  # rows into shared memory: not on the stream
+            expected = {"INVALID_ARGUMENT"}
+        if len(case.payload) > self.max_message_bytes and outcome.code in ("UNAUTHENTICATED", "RESOURCE_EXHAUSTED"):
+            expected = {"UNAUTHENTICATED", "RESOURCE_EXHAUSTED"}  # gRPC looks at the size first, the stream at the hello
+        if streamed.code not in expected:
+            return [f"the row stream answered {streamed.code} ({streamed.details!r}), gRPC {outcome.code}"]
+        if outcome.code == "OK" and streamed.response != pb.LookupResponse.FromString(outcome.response).rows:
+            return ["the row stream's rows differ from gRPC's"]
+        return []
+
     def state(self) -> dict:
         store = self.shard.store
         return {"epoch": self.shard.epoch,
@@ -641,6 +679,9 @@ class FuzzTarget:
         outcome = self.call(METHODS_BY_LABEL["ShardService/Lookup"], lookup.SerializeToString(), "data")
         if outcome.code != "OK" or pb.LookupResponse.FromString(outcome.response).num_rows != 3:
             problems.append(f"valid Lookup: {outcome.code} {outcome.details}")
+        outcome = self.call_row_stream(lookup.SerializeToString(), "data")
+        if outcome.code != "OK" or len(outcome.response) != 3 * DIM * 4:
+            problems.append(f"valid Lookup on the row stream: {outcome.code} {outcome.details}")
         outcome = self.call(METHODS_BY_LABEL["DirectoryService/GetRouting"], b"", "data")
         if outcome.code != "OK":
             problems.append(f"valid GetRouting: {outcome.code} {outcome.details}")
@@ -703,6 +744,8 @@ class FuzzTarget:
             problems.append(f"{case.method.label}: {outcome.code} details {outcome.details!r} do not name {must_name}")
         if outcome.code == "OK" and case.method.name == "Checkpoint":
             self._allow_checkpoint(case.payload, outcome.response)
+        if case.method.name == "Lookup":
+            problems += self.row_stream_problems(case, outcome)
         changed = self.state() != before
         may_change = outcome.code == "OK" and case.method.name not in READ_ONLY_METHODS
         if changed and not may_change:
@@ -727,6 +770,13 @@ class FuzzTarget:
 
 
 METHODS_BY_LABEL = {m.label: m for m in METHODS}
+
+
+def _names_shared_rows(payload: bytes) -> bool:
+    try:
+        return pb.LookupRequest.FromString(payload).HasField("shared_rows")
+    except (DecodeError, ValueError, RuntimeError):
+        return False
 
 
 def _state_diff(before: dict, after: dict) -> str:

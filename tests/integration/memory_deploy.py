@@ -15,6 +15,9 @@ from compute.memory.client import MemoryClient
 from memory_service.controller import ControllerOptions, start_controller, stop_controller
 from memory_service.core.row_init import init_rows
 from memory_service.core.table_spec import OptimizerSpec, TableSpec
+from protos import engram_memory_v1_pb2 as pb
+from protos import engram_memory_v1_pb2_grpc as pb_grpc
+from protos.wire import bearer_metadata
 
 TOKEN = "test-data-token-0123456789"
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -51,10 +54,16 @@ def deployment(specs: list[TableSpec], shards: int, data_root: str | None = None
 
 def shard_stub(client: MemoryClient, shard: int = 0):
     """A raw ShardService stub on one shard of ``client``'s routing (for malformed requests)."""
-    from protos import engram_memory_v1_pb2_grpc as pb_grpc
-
     channel = grpc.insecure_channel(client.shard_address(shard))
     return pb_grpc.ShardServiceStub(channel), channel
+
+
+def row_streams(directory: str) -> dict[int, str]:
+    """Each shard's row stream address, as the directory routes them."""
+    with grpc.insecure_channel(directory) as channel:
+        routing = pb_grpc.DirectoryServiceStub(channel).GetRouting(pb.GetRoutingRequest(),
+                                                                    metadata=bearer_metadata(TOKEN), timeout=10)
+    return {shard.index: shard.row_stream_address for shard in routing.shards}
 
 
 def process_alive(pid: int) -> bool:

@@ -14,7 +14,8 @@ from compute.memory.client import MemoryClient, MemoryServiceError, RetryPolicy
 
 from memory_service.auth import DATA_METHODS
 from protos import engram_memory_v1_pb2 as pb
-from tests.integration.memory_deploy import ADMIN_TOKEN, TOKEN, deployment, shard_stub, spec
+from protos.row_stream import BlockingRowStream
+from tests.integration.memory_deploy import ADMIN_TOKEN, TOKEN, deployment, row_streams, shard_stub, spec
 
 pytestmark = pytest.mark.ray
 
@@ -120,17 +121,24 @@ def test_checkpoint_files_are_private_and_table_names_cannot_make_paths(memory):
 def test_tokens_rotate_without_a_restart_and_old_ones_expire_after_the_grace(ray_cluster, tmp_path):
     with deployment([TABLE], shards=1, data_root=str(tmp_path), reflection=True) as (controller, client):
         stub, channel = shard_stub(client)
+        stream_address = row_streams(client.directory)[0]
+        stream = BlockingRowStream(stream_address, TOKEN)  # admitted with the token about to be replaced
         new_data, new_admin = "rotated-data-token-000000", "rotated-admin-token-00000"
         info = ray.get(controller.rotate_tokens.remote(new_data, new_admin, 1.5))
         assert info["token"] == new_data
         lookup = pb.LookupRequest(table="access", row_ids=b"\x01" + b"\x00" * 7, dtype=pb.FLOAT32)
+        one_row = lookup.SerializeToString()
         for token in (TOKEN, new_data):  # both, during the grace period
             stub.Lookup(lookup, metadata=bearer(token))
+        assert stream.lookup(one_row)[0].code == ""
         time.sleep(2.0)
         with pytest.raises(grpc.RpcError) as caught:
             stub.Lookup(lookup, metadata=bearer(TOKEN))
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
         stub.Lookup(lookup, metadata=bearer(new_data))
+        # The row stream asks for the token at every lookup: the open connection is refused and closed.
+        assert stream.lookup(one_row)[0].code == "UNAUTHENTICATED" and stream.closed()
+        assert BlockingRowStream(stream_address, new_data).lookup(one_row)[0].code == ""
         assert len(ray.get(controller.status.remote())) == 1  # the controller speaks with the new admin token
 
         from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc

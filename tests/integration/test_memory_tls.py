@@ -179,7 +179,9 @@ def test_over_tls_the_data_token_is_refused_admin_rpcs_and_health_needs_no_token
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
     with raw_channel(info["directory"], trusted) as channel:
         directory = pb_grpc.DirectoryServiceStub(channel)
-        assert directory.GetRouting(pb.GetRoutingRequest(), metadata=bearer_metadata(TOKEN), timeout=10).epoch >= 1
+        routing = directory.GetRouting(pb.GetRoutingRequest(), metadata=bearer_metadata(TOKEN), timeout=10)
+        assert routing.epoch >= 1
+        assert not any(shard.row_stream_address for shard in routing.shards)  # rows travel only over TLS
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     # The refused DropTable changed nothing: the table is still served.
