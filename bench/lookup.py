@@ -1,10 +1,10 @@
 """Lookup throughput: in-process index_select vs MemoryClient on 1/2/4 shards vs a naive Ray actor.
 
-MemoryClient runs four times per shard count on a table that trains (SGD, float32 on the shards): as a
+MemoryClient runs five times per shard count on a table that trains (SGD, float32 on the shards): as a
 co-located client, which reads the rows out of the shards' shared memory without a request (the default on
 one machine), as one that asks for them (Unix socket, rows written into its shared memory), and forced onto
-TCP (what a remote client gets); and on the same rows as a serving table (read-only, bfloat16 on the
-shards), which it reads out of the shards' shared memory. Every system also runs, at the target batch, on
+TCP (what a remote client gets: the shards' row streams, and for comparison gRPC alone); and on the same rows
+as a serving table (read-only, bfloat16 on the shards), which it reads out of the shards' shared memory. Every system also runs, at the target batch, on
 sorted unique ids: what the training path sends.
 Run: ``python -m bench.lookup`` (prints a table, writes bench/results/lookup.json and lookup.png).
 """
@@ -147,6 +147,7 @@ def main() -> None:
                 ("memory_client", spec.name, {}),
                 ("memory_client_asked", spec.name, {"read_shared_rows": False}),
                 ("memory_client_tcp", spec.name, {"use_local_transport": False}),
+                ("memory_client_tcp_grpc", spec.name, {"use_local_transport": False, "use_row_streams": False}),
                 ("memory_client_serving", serving.name, {})):
             with MemoryClient(directory, token, **options) as client:
                 run(system, shards, lambda i: client.lookup(table, i, dtype=torch.bfloat16).result(), bf16_row_bytes)
@@ -173,16 +174,17 @@ def main() -> None:
 
 def report(records: list[dict]) -> None:
     write_json("lookup", records)
-    print(f"{'system':>21} {'shards':>6} {'ids':>13} {'batch':>7} {'rows/s':>12} {'GB/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'system':>22} {'shards':>6} {'ids':>13} {'batch':>7} {'rows/s':>12} {'GB/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
     for r in records:
-        print(f"{r['system']:>21} {r['shards']:>6} {r['ids']:>13} {r['batch_rows']:>7} {r['rows_per_s']:>12.0f} "
+        print(f"{r['system']:>22} {r['shards']:>6} {r['ids']:>13} {r['batch_rows']:>7} {r['rows_per_s']:>12.0f} "
               f"{r['gbytes_per_s']:>7.2f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
     for ids in ("random", "sorted_unique"):
         at = {(r["system"], r["shards"]): r["rows_per_s"] for r in records
               if r["batch_rows"] == TARGET_BATCH and r["ids"] == ids}
         if not at:
             continue
-        for system in ("memory_client", "memory_client_asked", "memory_client_tcp", "memory_client_serving"):
+        for system in ("memory_client", "memory_client_asked", "memory_client_tcp", "memory_client_tcp_grpc",
+                       "memory_client_serving"):
             best = max(v for (name, _), v in at.items() if name == system)
             print(f"at {TARGET_BATCH} {ids} ids: best {system} = {best / at[('index_select', 0)]:.2f}x index_select "
                   f"(target >= 0.5x), {best / at[('naive_ray_actor', 1)]:.2f}x the naive Ray actor (target >= 3x)")
