@@ -191,8 +191,8 @@ def wait_until(condition: Callable[[], Any], timeout_s: float) -> Any:
 class Scenario:
     """A fault when rank 0 finishes step ``at_step``: ``signal`` sent to one shard (``group``, its primary or
     not) or to the controller, (``target`` "worker") the last rank dying, never to push again, or
-    (``target`` "connections") every TCP connection to the shards and the directory dropped, three times
-    0.2 s apart (``ss -K``; the clients then talk TCP, not Unix sockets)."""
+    (``target`` "connections") every TCP connection to the shards (their row streams too) and the directory
+    dropped, three times 0.2 s apart (``ss -K``; the clients then talk TCP, not Unix sockets)."""
 
     name: str
     signal: int
@@ -240,8 +240,9 @@ def run_scenario(scenario: Scenario, workload: Workload, expected: dict[int, str
                   else svc.pid_of(scenario.group, scenario.primary))
         struck: dict[str, float] = {}
         dropped: list[int] = []
-        ports = sorted({int(r["address"].rsplit(":", 1)[1]) for r in ray.get(svc.controller.status.remote())}
-                       | {int(svc.directory.rsplit(":", 1)[1])})
+        addresses = [address for r in ray.get(svc.controller.status.remote())
+                     for address in (r["address"], r["row_stream_address"]) if address]
+        ports = sorted({int(address.rsplit(":", 1)[1]) for address in [*addresses, svc.directory]})
 
         def strike(step: int) -> None:
             if step != scenario.at_step or struck:

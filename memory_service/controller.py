@@ -555,11 +555,11 @@ class MemoryController:
 
     @ray.method(max_task_retries=READ_RETRIES)
     async def status(self) -> list[dict[str, Any]]:
-        """One record per shard: index, replica group and role, node, address, slots, rows (``unfilled_rows``: how
-        many still wait for their initial values), bytes held and reserved, requests/s, p50/p99 lookup ms, its
-        pending synchronous steps (table, step, world_size, reported ranks, age_s), how many steps it aborted and
-        its tiered tables' DRAM caches (``TierStats``' fields by table); a shard that does not answer and a lost
-        group's last primary have their ``state`` say so and zeros for the rest."""
+        """One record per shard: index, replica group and role, node, address (and its row stream's), slots, rows
+        (``unfilled_rows``: how many still wait for their initial values), bytes held and reserved, requests/s,
+        p50/p99 lookup ms, its pending synchronous steps (table, step, world_size, reported ranks, age_s), how many
+        steps it aborted and its tiered tables' DRAM caches (``TierStats``' fields by table); a shard that does not
+        answer and a lost group's last primary have their ``state`` say so and zeros for the rest."""
         shards = list(self._shards)
         stats = await asyncio.gather(*(self._call(s, "Stats", pb.StatsRequest(), timeout=QUICK_CALL_TIMEOUT_S)
                                        for s in shards), return_exceptions=True)
@@ -569,7 +569,8 @@ class MemoryController:
             answered = isinstance(st, pb.StatsResponse)
             records.append({
                 "shard": shard.index, "group": shard.group, "role": role, "node": shard.node,
-                "address": shard.address, "state": "serving" if answered else role if st is None else "unreachable",
+                "address": shard.address, "row_stream_address": shard.row_stream_address,
+                "state": "serving" if answered else role if st is None else "unreachable",
                 "epoch": st.epoch if answered else self._epoch,
                 "slots": sum(t.slots for t in st.tables) if answered else 0,
                 "rows": sum(t.rows for t in st.tables) if answered else 0,
