@@ -83,7 +83,7 @@ class RowStreamServer:
                     await send(connection, reply.SerializeToString(), rows)
         except (FrameError, DecodeError) as error:
             log.info("row stream from %s closed: %s", peer, error)
-        except (ConnectionError, TimeoutError, OSError):
+        except (OSError, asyncio.TimeoutError):
             pass  # the client went away (or never said its token)
 
     async def _admitted(self, connection: socket.socket, token: str, answer_ok: bool = True) -> bool:

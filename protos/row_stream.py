@@ -13,6 +13,7 @@ from protos import engram_memory_v1_pb2 as pb
 
 FRAME_HEAD = struct.Struct("<I")
 HELLO_LIMIT = 4096  # bytes a hello frame may hold
+RECEIVE_PART = 1 << 20  # bytes a frame's message is received in at most, at a time
 
 
 class FrameError(Exception):
@@ -25,20 +26,29 @@ async def receive_into(sock: socket.socket, buffer: memoryview) -> None:
     while filled < len(buffer):
         count = await loop.sock_recv_into(sock, buffer[filled:])
         if not count:
-            raise ConnectionResetError(f"the peer closed the row stream {len(buffer) - filled} bytes early")
+            raise _closed_early(len(buffer) - filled)
         filled += count
 
 
 async def receive_frame(sock: socket.socket, limit: int) -> bytes:
-    """The next frame's message bytes; FrameError for a frame over ``limit`` bytes (none of it is read)."""
+    """The next frame's message bytes; FrameError for a frame over ``limit`` bytes (none of it is read). The
+    message grows as its bytes arrive: a frame that announces many and sends few holds only what it sent."""
     head = bytearray(FRAME_HEAD.size)
     await receive_into(sock, memoryview(head))
     (size,) = FRAME_HEAD.unpack(head)
     if size > limit:
         raise FrameError(f"a {size}-byte frame, over the {limit}-byte limit")
-    message = bytearray(size)
-    await receive_into(sock, memoryview(message))
+    loop, message = asyncio.get_running_loop(), bytearray()
+    while len(message) < size:
+        part = await loop.sock_recv(sock, min(size - len(message), RECEIVE_PART))
+        if not part:
+            raise _closed_early(size - len(message))
+        message += part
     return bytes(message)
+
+
+def _closed_early(missing: int) -> ConnectionResetError:
+    return ConnectionResetError(f"the peer closed the row stream {missing} bytes early")
 
 
 async def send(sock: socket.socket, message: bytes, rows: memoryview | None = None) -> None:
@@ -77,7 +87,7 @@ class BlockingRowStream:
     def receive(self, size: int) -> bytes:
         data = self.socket.recv(size, socket.MSG_WAITALL) if size else b""
         if len(data) != size:
-            raise ConnectionResetError(f"the shard closed the row stream {size - len(data)} bytes early")
+            raise _closed_early(size - len(data))
         return data
 
     def reply(self) -> pb.RowStreamReply:

@@ -41,8 +41,8 @@ from memory_service.core.leftovers import remove_leftovers
 from memory_service.core.slots import ShardSplit, slot_of
 from protos import engram_memory_v1_pb2 as pb
 from protos.wire import (CONTROLLER_NAME, DEFAULT_MAX_MESSAGE_BYTES, GRAD_WIRE_DTYPES, NAMESPACE, SHARED_SEGMENT_DIR,
-                         SHARED_SEGMENT_PREFIX, WIRE_DTYPE_BY_TORCH, ClientTls, WireDtype,
-                         as_row_records, as_row_words, tensor_to_bytes)
+                         SHARED_SEGMENT_PREFIX, WIRE_DTYPE_BY_TORCH, ClientTls, WireDtype, as_row_records,
+                         as_row_words, tensor_to_bytes)
 
 __all__ = ["MemoryClient", "MemoryServiceError", "PushResult", "RetryPolicy"]
 
@@ -398,6 +398,7 @@ class MemoryClient:
             if segment and shard in self._routing.co_located:
                 request.shared_rows.name = segment.name
                 request.shared_rows.positions = positions.astype("<i8", copy=False).tobytes()
+
             def place(payload) -> None:
                 rows = torch.frombuffer(payload, dtype=element).view(len(positions), width)
                 as_row_words(received).index_copy_(0, torch.from_numpy(positions), as_row_words(rows))
