@@ -59,7 +59,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 from google.protobuf import descriptor as pb_descriptor
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, seed as hypothesis_seed, settings, strategies as st
 
@@ -68,7 +67,7 @@ from memory_service.core.table_spec import OptimizerSpec, TableSpec
 from memory_service.directory import DirectoryServicer
 from memory_service.row_store import ShardStore
 from memory_service.row_stream import RowStreamServer
-from memory_service.server import start_server
+from memory_service.server import UndecodableRequest, decoder, start_server
 from memory_service.servicer import ShardServicer
 from protos import engram_memory_v1_pb2 as pb
 from protos.row_stream import BlockingRowStream
@@ -494,12 +493,8 @@ def _oversized(message: bytes, size: int, garbage: bool, seed: int) -> bytes:
 
 
 def _decodes(cls, data: bytes) -> bool:
-    """Whether the server's protobuf parses ``data`` as ``cls`` (the same library, the same errors)."""
-    try:
-        cls.FromString(data)
-        return True
-    except (DecodeError, ValueError, RuntimeError):
-        return False
+    """Whether the server's decoder parses ``data`` as ``cls`` (the same code, the same errors)."""
+    return not isinstance(decoder(cls)(data), UndecodableRequest)
 
 
 def allowed_codes(case: Case, max_message_bytes: int) -> tuple[frozenset[str], str | None]:
@@ -773,10 +768,8 @@ METHODS_BY_LABEL = {m.label: m for m in METHODS}
 
 
 def _names_shared_rows(payload: bytes) -> bool:
-    try:
-        return pb.LookupRequest.FromString(payload).HasField("shared_rows")
-    except (DecodeError, ValueError, RuntimeError):
-        return False
+    request = decoder(pb.LookupRequest)(payload)
+    return not isinstance(request, UndecodableRequest) and request.HasField("shared_rows")
 
 
 def _state_diff(before: dict, after: dict) -> str:

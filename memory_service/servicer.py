@@ -100,13 +100,10 @@ def _handler(method: str):
         @functools.wraps(body)
         async def handler(self: "ShardServicer", request, context: grpc.aio.ServicerContext):
             start = time.perf_counter()
-            try:
-                response, rows, wire_bytes = body(self, request)
-            except REFUSALS as error:
-                await self._refuse(context, error)
-            except Exception as error:  # a bug, not bad input: log it, keep serving, tell the caller plainly
-                log.exception("%s failed", method)
-                await context.abort(grpc.StatusCode.INTERNAL, f"{method}: {type(error).__name__}: {error}")
+            result, refused = self.answer(method, functools.partial(body, self), request)
+            if refused:
+                await self._abort(context, *refused)
+            response, rows, wire_bytes = result
             if method in FORWARDED and self.replicas is not None:
                 # Acknowledged only once every live replica made the change (a duplicate: once they made the original).
                 await self.replicas.wait_applied(self.replicas.seq)
@@ -168,8 +165,19 @@ class ShardServicer:
 
     # ---- errors ---------------------------------------------------------------------------
 
-    async def _refuse(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
-        code, message, routing = self.refusal(error)
+    def answer(self, method: str, body, request):
+        """``body(request)``'s result and None, or None and the refusal it met (``refusal``'s triple); a bug is
+        logged and refused INTERNAL. Both transports (gRPC, the row stream) run a handler body through here."""
+        try:
+            return body(request), None
+        except REFUSALS as error:
+            return None, self.refusal(error)
+        except Exception as error:  # a bug, not bad input: log it, keep serving, tell the caller plainly
+            log.exception("%s failed", method)
+            return None, ("INTERNAL", f"{method}: {type(error).__name__}: {error}", False)
+
+    async def _abort(self, context: grpc.aio.ServicerContext, code: str, message: str, routing: bool) -> None:
+        """End a gRPC call with a refusal; a routing refusal carries this shard's epoch in the trailing metadata."""
         if routing:
             context.set_trailing_metadata(((ROUTING_EPOCH_KEY, str(self.epoch)),))
         await context.abort(getattr(grpc.StatusCode, code), message)
@@ -219,14 +227,11 @@ class ShardServicer:
         request = decode_lookup_request(data)
         if isinstance(request, UndecodableRequest):
             return pb.RowStreamReply(code="INVALID_ARGUMENT", message=request.message), None
-        try:
-            (rows, dtype, epoch, _), num_rows, wire_bytes = self._lookup(request, rows_in_reply_only=True)
-        except REFUSALS as error:
-            code, message, routing = self.refusal(error)
+        result, refused = self.answer("lookup", functools.partial(self._lookup, rows_in_reply_only=True), request)
+        if refused:
+            code, message, routing = refused
             return pb.RowStreamReply(code=code, message=message, refresh_routing=routing), None
-        except Exception as error:  # a bug, not bad input: log it, keep serving, tell the caller plainly
-            log.exception("lookup failed")
-            return pb.RowStreamReply(code="INTERNAL", message=f"lookup: {type(error).__name__}: {error}"), None
+        (rows, dtype, epoch, _), num_rows, wire_bytes = result
         self.metrics.record("lookup", time.perf_counter() - start, num_rows, wire_bytes)
         payload = rows.contiguous().view(torch.uint8).numpy().reshape(-1)
         header = pb.LookupResponse(num_rows=num_rows, dim=reply_dim(rows, dtype), dtype=dtype, epoch=epoch)
@@ -730,7 +735,7 @@ class ShardServicer:
         try:
             link, parts = self._snapshot_for(request.replica)
         except REFUSALS as error:
-            await self._refuse(context, error)
+            await self._abort(context, *self.refusal(error))
         copied = 0
         try:
             stub = self.replicas.stub(request.replica.address)
